@@ -1,0 +1,337 @@
+//! The webhook pipeline, the same for every broker: authenticate, parse, route, publish every
+//! event concurrently, dead-letter what the broker refuses, and answer only once every event is
+//! durable.
+//!
+//! Per webhook: one HMAC over the body, one SHA-256 for the message ids, one borrowed parse, and
+//! all publishes in flight at once (bounded across webhooks by `broker.max_in_flight`), their acks
+//! awaited together within `broker.response_budget`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
+use crate::config::Settings;
+use crate::metrics::{EventLabels, Metrics};
+use crate::routing;
+use crate::webhook::{self, AppKey, AppRegistry};
+
+/// Why a webhook was not accepted; [`crate::http`] maps each to its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// Not a POST.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Content type is not JSON.
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    /// Body over `server.max_body_bytes`.
+    #[error("body too large")]
+    TooLarge,
+    /// The body did not arrive within `server.body_read_timeout`.
+    #[error("body not received in time")]
+    BodyTimeout,
+    /// Key missing or unknown, signature missing or wrong.
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    /// Signed correctly but not a webhook.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The events could not be made durable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What happened to an accepted webhook's events.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Events the broker acknowledged.
+    pub published: usize,
+    /// Events sent to the dead-letter queue.
+    pub dead_lettered: usize,
+    /// Events held on the local spool.
+    pub spooled: usize,
+}
+
+/// Shared state of the webhook pipeline.
+pub struct Bridge {
+    settings: Arc<Settings>,
+    apps: AppRegistry,
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A failed publish: the error and how many attempts were made.
+struct Failure {
+    error: PublishError,
+    attempts: u32,
+    first_failure_ms: u64,
+}
+
+impl Bridge {
+    /// Builds the pipeline around a connected broker.
+    pub fn new(settings: Arc<Settings>, broker: Arc<Broker>, metrics: Arc<Metrics>) -> Self {
+        let apps = AppRegistry::new(&settings.apps);
+        let in_flight = Arc::new(Semaphore::new(settings.broker.max_in_flight));
+        Self {
+            settings,
+            apps,
+            broker,
+            metrics,
+            in_flight,
+        }
+    }
+
+    /// The broker (for readiness and shutdown).
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Whether events can be made durable now (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.broker.is_up()
+    }
+
+    /// The app id configured for `key`, for metric labels of refused webhooks.
+    pub fn app_id_for_key(&self, key: &str) -> Option<String> {
+        self.apps.get(key.trim()).map(|a| a.app_id.to_string())
+    }
+
+    /// Finds the app of `X-Pusher-Key` and checks `X-Pusher-Signature` over the raw body.
+    pub fn authenticate(
+        &self,
+        key: Option<&[u8]>,
+        signature: Option<&[u8]>,
+        body: &[u8],
+    ) -> Result<Arc<AppKey>, WebhookError> {
+        let key = key.ok_or(WebhookError::Unauthorized("X-Pusher-Key missing"))?;
+        let key = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| self.apps.get(k.trim()))
+            .ok_or(WebhookError::Unauthorized("unknown X-Pusher-Key"))?;
+        let signature =
+            signature.ok_or(WebhookError::Unauthorized("X-Pusher-Signature missing"))?;
+        if !key.verify(body, trim_ascii(signature)) {
+            return Err(WebhookError::Unauthorized(
+                "X-Pusher-Signature does not match",
+            ));
+        }
+        Ok(key.clone())
+    }
+
+    /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
+    pub async fn handle(&self, app: &AppKey, body: &Bytes) -> Result<Accepted, WebhookError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.broker.response_budget;
+        let hook = webhook::parse(body).map_err(|e| WebhookError::BadRequest(e.to_string()))?;
+        if let Some(max_age) = self.settings.server.max_webhook_age {
+            let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
+            if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
+                return Err(WebhookError::Unauthorized("webhook time_ms is too old"));
+            }
+        }
+        let (messages, mut dead) = self.prepare(app, &hook, body);
+
+        let results = self.publish_all(&messages, deadline).await;
+        let mut accepted = Accepted::default();
+        let mut pending: Vec<Message> = Vec::new();
+        for (msg, result) in messages.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    accepted.published += 1;
+                    self.metrics
+                        .events_published
+                        .get_or_create(&EventLabels {
+                            app_id: app.app_id.to_string(),
+                            event: msg.event.clone(),
+                        })
+                        .inc();
+                }
+                Err(Failure {
+                    error: PublishError::Refused { reason, detail },
+                    attempts,
+                    first_failure_ms,
+                }) => dead.push(DeadLetter {
+                    message: msg,
+                    reason,
+                    detail,
+                    attempts,
+                    first_failure_ms,
+                }),
+                Err(Failure {
+                    error: PublishError::Unavailable(_),
+                    ..
+                }) => pending.push(msg),
+            }
+        }
+        let dead_results = self.dead_letter_all(&dead, deadline).await;
+        let mut pending_dead = Vec::new();
+        for (dl, result) in dead.into_iter().zip(dead_results) {
+            match result {
+                Ok(()) => {
+                    accepted.dead_lettered += 1;
+                    self.metrics.dead_lettered(&app.app_id, dl.reason.as_str());
+                }
+                Err(_) => pending_dead.push(dl),
+            }
+        }
+        self.metrics
+            .publish_duration
+            .observe(started.elapsed().as_secs_f64());
+        if !pending.is_empty() || !pending_dead.is_empty() {
+            accepted.spooled = self.make_durable(pending, pending_dead)?;
+        }
+        Ok(accepted)
+    }
+
+    /// Turns the webhook's events into messages; unroutable ones become dead letters.
+    fn prepare(
+        &self,
+        app: &AppKey,
+        hook: &webhook::Webhook<'_>,
+        body: &[u8],
+    ) -> (Vec<Message>, Vec<DeadLetter>) {
+        let digest = routing::webhook_digest(&app.app_id, body);
+        let suffix = webhook::body_suffix(app, hook.time_ms);
+        let prefix = &self.settings.broker.subject_prefix;
+        let mut messages = Vec::with_capacity(hook.events.len());
+        let mut dead = Vec::new();
+        for (i, event) in hook.events.iter().enumerate() {
+            let msg_id = routing::message_id(&digest, i);
+            match webhook::event_head(event) {
+                Ok(head) => messages.push(Message {
+                    subject: routing::subject(prefix, &app.app_id, &head.name, &head.channel),
+                    msg_id,
+                    body: Bytes::from(webhook::message_body(event, &head, &suffix)),
+                    app_id: app.app_id.clone(),
+                    event: head.name.into_owned(),
+                    channel: head.channel.into_owned(),
+                    time_ms: hook.time_ms.to_string(),
+                }),
+                Err(detail) => dead.push(DeadLetter {
+                    message: Message {
+                        subject: String::new(),
+                        msg_id,
+                        body: Bytes::copy_from_slice(event.get().as_bytes()),
+                        app_id: app.app_id.clone(),
+                        event: String::new(),
+                        channel: String::new(),
+                        time_ms: hook.time_ms.to_string(),
+                    },
+                    reason: DlqReason::Malformed,
+                    detail,
+                    attempts: 0,
+                    first_failure_ms: now_ms(),
+                }),
+            }
+        }
+        (messages, dead)
+    }
+
+    async fn publish_all(
+        &self,
+        messages: &[Message],
+        deadline: Instant,
+    ) -> Vec<Result<(), Failure>> {
+        join_all(
+            messages
+                .iter()
+                .map(|m| self.with_retries(deadline, |t| self.broker.publish(m, t))),
+        )
+        .await
+    }
+
+    async fn dead_letter_all(
+        &self,
+        dead: &[DeadLetter],
+        deadline: Instant,
+    ) -> Vec<Result<(), Failure>> {
+        join_all(
+            dead.iter()
+                .map(|d| self.with_retries(deadline, |t| self.broker.publish_dead_letter(d, t))),
+        )
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room.
+    /// Unavailable brokers are not retried (their events go to the spool at once); refusals
+    /// that may pass on retry (`Rejected`, `Nacked`) are retried within the deadline.
+    async fn with_retries<F, Fut>(&self, deadline: Instant, attempt: F) -> Result<(), Failure>
+    where
+        F: Fn(Duration) -> Fut,
+        Fut: Future<Output = Result<(), PublishError>>,
+    {
+        let permit = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await;
+        let Ok(Ok(_permit)) = permit else {
+            return Err(Failure {
+                error: PublishError::Unavailable("too many publishes in flight".into()),
+                attempts: 0,
+                first_failure_ms: now_ms(),
+            });
+        };
+        let mut attempts = 0;
+        let mut first_failure_ms = 0;
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let timeout = remaining.min(self.settings.broker.publish_timeout);
+            attempts += 1;
+            let error = match attempt(timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if first_failure_ms == 0 {
+                first_failure_ms = now_ms();
+            }
+            let retry = match &error {
+                PublishError::Unavailable(_) => self.broker.is_up(),
+                PublishError::Refused { reason, .. } => {
+                    matches!(reason, DlqReason::Rejected | DlqReason::Nacked)
+                }
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if !retry || remaining <= backoff + Duration::from_millis(10) {
+                return Err(Failure {
+                    error,
+                    attempts,
+                    first_failure_ms,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(400));
+        }
+    }
+
+    /// Makes events the broker could not take durable elsewhere. Without a spool nothing can
+    /// hold them: the webhook is refused and Pusher retries (ids are deterministic, so events
+    /// already published are deduplicated).
+    fn make_durable(
+        &self,
+        pending: Vec<Message>,
+        pending_dead: Vec<DeadLetter>,
+    ) -> Result<usize, WebhookError> {
+        Err(WebhookError::Unavailable(format!(
+            "{} events could not be made durable",
+            pending.len() + pending_dead.len()
+        )))
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}

@@ -1,0 +1,235 @@
+//! The brokers behind one small enum: NATS JetStream ([`nats`]) and RabbitMQ ([`amqp`]).
+//!
+//! The webhook pipeline ([`crate::bridge`]) only sees [`Broker`], [`Message`], [`DeadLetter`] and
+//! [`PublishError`]; each broker folder holds its connection, topology, publishing and
+//! dead-letter storage. Errors say whether retrying can help ([`PublishError::is_retryable`]).
+
+pub mod amqp;
+pub mod nats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::config::{BrokerKind, Settings};
+use crate::metrics::Metrics;
+
+/// One event, ready to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// NATS subject and AMQP routing key (`<prefix>.<app>.<event>.<channel>`, escaped).
+    pub subject: String,
+    /// Deterministic id (`Nats-Msg-Id` / AMQP `message_id`).
+    pub msg_id: String,
+    /// JSON body: the event plus `app_id` and `time_ms`.
+    pub body: Bytes,
+    /// App id, also sent as a header.
+    pub app_id: Arc<str>,
+    /// Event name, also sent as a header (and the metric label).
+    pub event: String,
+    /// Channel, also sent as a header.
+    pub channel: String,
+    /// The webhook's `time_ms` as sent.
+    pub time_ms: String,
+}
+
+/// Why an event went to the dead-letter queue (the `reason` label and header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DlqReason {
+    /// The event has no string `name` / `channel` or is not an object.
+    Malformed,
+    /// NATS: no stream takes the subject.
+    NoStream,
+    /// The message is larger than the broker accepts.
+    TooLarge,
+    /// The broker refused the message for another lasting reason.
+    Rejected,
+    /// AMQP: the broker nacked the message, even after retries.
+    Nacked,
+    /// AMQP: no queue is bound for the routing key (returned by `mandatory`).
+    Unroutable,
+}
+
+impl DlqReason {
+    /// Label / header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqReason::Malformed => "malformed",
+            DlqReason::NoStream => "no_stream",
+            DlqReason::TooLarge => "too_large",
+            DlqReason::Rejected => "rejected",
+            DlqReason::Nacked => "nacked",
+            DlqReason::Unroutable => "unroutable",
+        }
+    }
+
+    /// Parses a label / header value back.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "malformed" => DlqReason::Malformed,
+            "no_stream" => DlqReason::NoStream,
+            "too_large" => DlqReason::TooLarge,
+            "rejected" => DlqReason::Rejected,
+            "nacked" => DlqReason::Nacked,
+            "unroutable" => DlqReason::Unroutable,
+            _ => return None,
+        })
+    }
+}
+
+/// An event that could not be delivered to its subject, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event. For a malformed event `subject` is empty (none could be made) and `body` is the
+    /// event's raw JSON text; otherwise both are what would have been published.
+    pub message: Message,
+    /// Why it is here.
+    pub reason: DlqReason,
+    /// Human-readable detail (a parse error, the broker's answer).
+    pub detail: String,
+    /// Publish attempts made before giving up (0 for malformed events).
+    pub attempts: u32,
+    /// Unix milliseconds of the first failure.
+    pub first_failure_ms: u64,
+}
+
+/// Header names the bridge sets on messages and dead letters (NATS headers, AMQP headers).
+pub mod headers {
+    /// The app id.
+    pub const APP_ID: &str = "Pusher-App-Id";
+    /// The event name.
+    pub const EVENT: &str = "Pusher-Event";
+    /// The channel.
+    pub const CHANNEL: &str = "Pusher-Channel";
+    /// The webhook's `time_ms`.
+    pub const TIME_MS: &str = "Pusher-Time-Ms";
+    /// Dead letters: the subject / routing key the event was meant for.
+    pub const DLQ_SUBJECT: &str = "Pusher-Bridge-Subject";
+    /// Dead letters: the event's message id.
+    pub const DLQ_MSG_ID: &str = "Pusher-Bridge-Msg-Id";
+    /// Dead letters: the reason.
+    pub const DLQ_REASON: &str = "Pusher-Bridge-Reason";
+    /// Dead letters: the detail.
+    pub const DLQ_DETAIL: &str = "Pusher-Bridge-Detail";
+    /// Dead letters: attempts made.
+    pub const DLQ_ATTEMPTS: &str = "Pusher-Bridge-Attempts";
+    /// Dead letters: unix ms of the first failure.
+    pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
+}
+
+/// A publish that did not get an ack.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// The broker is unreachable or did not answer in time: retry, then spool.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered and refused the message for good: dead-letter it.
+    #[error("broker refused the message ({}): {detail}", reason.as_str())]
+    Refused {
+        /// Which kind of refusal.
+        reason: DlqReason,
+        /// The broker's words.
+        detail: String,
+    },
+}
+
+impl PublishError {
+    /// Whether the same publish may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PublishError::Unavailable(_))
+    }
+}
+
+/// A broker could not be set up (bad URL, topology refused).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Connecting failed.
+    #[error("cannot connect to the broker: {0}")]
+    Connect(String),
+    /// Declaring streams / exchanges / queues failed.
+    #[error("cannot declare the broker topology: {0}")]
+    Topology(String),
+    /// Reading or changing stored messages (dead letters, retention) failed.
+    #[error("broker operation failed: {0}")]
+    Operation(String),
+}
+
+/// The configured broker.
+pub enum Broker {
+    /// NATS JetStream.
+    Nats(Box<nats::NatsBroker>),
+    /// RabbitMQ.
+    Amqp(Box<amqp::AmqpBroker>),
+}
+
+impl Broker {
+    /// Connects the broker of `settings.broker.kind`. Does not wait for the broker to be
+    /// reachable: the connection (and topology) comes up in the background and reconnects.
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
+        Ok(match settings.broker.kind {
+            BrokerKind::Nats => Broker::Nats(Box::new(
+                nats::NatsBroker::connect(settings, metrics).await?,
+            )),
+            BrokerKind::Amqp => Broker::Amqp(Box::new(
+                amqp::AmqpBroker::connect(settings, metrics).await?,
+            )),
+        })
+    }
+
+    /// Whether the broker is connected (and its topology declared) right now.
+    pub fn is_up(&self) -> bool {
+        match self {
+            Broker::Nats(b) => b.is_up(),
+            Broker::Amqp(b) => b.is_up(),
+        }
+    }
+
+    /// Publishes one event and waits up to `timeout` for the broker's ack.
+    pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
+        match self {
+            Broker::Nats(b) => b.publish(msg, timeout).await,
+            Broker::Amqp(b) => b.publish(msg, timeout).await,
+        }
+    }
+
+    /// Publishes one dead letter to the dead-letter stream / queue and waits for the ack.
+    pub async fn publish_dead_letter(
+        &self,
+        dl: &DeadLetter,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        match self {
+            Broker::Nats(b) => b.publish_dead_letter(dl, timeout).await,
+            Broker::Amqp(b) => b.publish_dead_letter(dl, timeout).await,
+        }
+    }
+
+    /// Waits until the broker is up or `timeout` passes; true when up.
+    pub async fn wait_up(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Flushes and closes the connection (on shutdown).
+    pub async fn close(&self) {
+        match self {
+            Broker::Nats(b) => b.close().await,
+            Broker::Amqp(b) => b.close().await,
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

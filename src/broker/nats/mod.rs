@@ -1,0 +1,352 @@
+//! NATS JetStream: connection (auth, TLS, reconnect), the events and dead-letter streams, and
+//! publishing with `Nats-Msg-Id` so JetStream drops a redelivered webhook's duplicates.
+//!
+//! The client connects in the background (`retry_on_initial_connect`), so the bridge serves
+//! `/healthz` before NATS is reachable. Every time the connection comes up, the topology task
+//! makes sure both streams exist; the broker counts as up only once they do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use async_nats::{ConnectOptions, Event, HeaderMap};
+use tokio::sync::Notify;
+
+use super::{BrokerError, DeadLetter, Message, PublishError, headers};
+use crate::config::{NatsSettings, Settings};
+use crate::metrics::Metrics;
+use crate::routing;
+
+/// The NATS JetStream broker.
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The connection is established (set by the client's event callback).
+    connected: Arc<AtomicBool>,
+    /// Both streams exist (or `declare = false`) since the last (re)connect.
+    topology_ready: Arc<AtomicBool>,
+    prefix: String,
+    settings: NatsSettings,
+    topology_task: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the connect options (auth and TLS) from `[broker.nats]`.
+pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerError> {
+    let mut opts = ConnectOptions::new()
+        .name("pusher-bridge")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .ping_interval(Duration::from_secs(10))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            // Fast first retries (a broker restart), capped at 2 s.
+            Duration::from_millis((50u64 << attempts.min(6)).min(2000))
+        });
+    if let Some(path) = &s.creds_file {
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            BrokerError::Connect(format!("cannot read creds file {}: {e}", path.display()))
+        })?;
+    }
+    if let (Some(user), Some(pass)) = (&s.user, &s.password) {
+        opts = opts.user_and_password(user.clone(), pass.expose().to_string());
+    }
+    if let Some(token) = &s.token {
+        opts = opts.token(token.expose().to_string());
+    }
+    if let Some(ca) = &s.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if s.tls_required {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts)
+}
+
+/// Stream settings the bridge owns: name, subjects, duplicate window, replicas.
+fn stream_config(name: &str, subjects: String, s: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![subjects],
+        duplicate_window: s.duplicate_window,
+        num_replicas: s.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or updates its subjects and duplicate window if it exists; every other
+/// setting (limits an operator added) is left as it is.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+) -> Result<(), BrokerError> {
+    match js.get_stream(&want.name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+            let mut cfg = info.config.clone();
+            if cfg.subjects != want.subjects || cfg.duplicate_window != want.duplicate_window {
+                cfg.subjects = want.subjects;
+                cfg.duplicate_window = want.duplicate_window;
+                js.update_stream(cfg)
+                    .await
+                    .map_err(|e| BrokerError::Topology(e.to_string()))?;
+            }
+            Ok(())
+        }
+        Err(_) => js
+            .create_stream(want)
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::Topology(e.to_string())),
+    }
+}
+
+impl NatsBroker {
+    /// Starts connecting; returns at once.
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
+        let s = settings.broker.nats.clone();
+        let connected = Arc::new(AtomicBool::new(false));
+        let topology_ready = Arc::new(AtomicBool::new(!settings.broker.declare));
+        let reconnected = Arc::new(Notify::new());
+        let opts = {
+            let connected = connected.clone();
+            let topology_ready = topology_ready.clone();
+            let reconnected = reconnected.clone();
+            let metrics = metrics.clone();
+            let declare = settings.broker.declare;
+            connect_options(&s).await?.event_callback(move |event| {
+                let connected = connected.clone();
+                let topology_ready = topology_ready.clone();
+                let reconnected = reconnected.clone();
+                let metrics = metrics.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            connected.store(true, Ordering::SeqCst);
+                            reconnected.notify_one();
+                            metrics.set_broker_up(topology_ready.load(Ordering::SeqCst));
+                        }
+                        Event::Disconnected | Event::Closed => {
+                            connected.store(false, Ordering::SeqCst);
+                            if declare {
+                                topology_ready.store(false, Ordering::SeqCst);
+                            }
+                            metrics.set_broker_up(false);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+        let client = opts
+            .connect(s.url.expose())
+            .await
+            .map_err(|e| BrokerError::Connect(e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(settings.broker.publish_timeout)
+            .max_ack_inflight(settings.broker.max_in_flight.max(1))
+            .build(client.clone());
+        let prefix = settings.broker.subject_prefix.clone();
+        let topology_task = tokio::spawn(topology_loop(
+            js.clone(),
+            settings.broker.declare,
+            prefix.clone(),
+            s.clone(),
+            connected.clone(),
+            topology_ready.clone(),
+            reconnected,
+            metrics,
+        ));
+        Ok(Self {
+            client,
+            js,
+            connected,
+            topology_ready,
+            prefix,
+            settings: s,
+            topology_task,
+        })
+    }
+
+    /// Connected and both streams known to exist.
+    pub fn is_up(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+            && self.client.connection_state() == async_nats::connection::State::Connected
+            && self.topology_ready.load(Ordering::SeqCst)
+    }
+
+    /// The JetStream context (dead-letter tools and the sweeper use it).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The core client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// `[broker.nats]` as configured.
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    /// The subject prefix of events.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Publishes one event; `Ok` once JetStream has stored it (or recognised a duplicate).
+    pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
+        let mut h = HeaderMap::new();
+        h.insert(async_nats::header::NATS_MESSAGE_ID, msg.msg_id.as_str());
+        h.insert("Content-Type", "application/json");
+        h.insert(headers::APP_ID, &*msg.app_id);
+        h.insert(headers::EVENT, msg.event.as_str());
+        h.insert(headers::CHANNEL, msg.channel.as_str());
+        h.insert(headers::TIME_MS, msg.time_ms.as_str());
+        self.send(msg.subject.clone(), h, msg.body.clone(), timeout)
+            .await
+    }
+
+    /// Publishes one dead letter to `<prefix>_dlq.<app>.<reason>`.
+    pub async fn publish_dead_letter(
+        &self,
+        dl: &DeadLetter,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let m = &dl.message;
+        let mut h = HeaderMap::new();
+        h.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("dlq-{}", m.msg_id).as_str(),
+        );
+        h.insert("Content-Type", "application/json");
+        h.insert(headers::APP_ID, &*m.app_id);
+        h.insert(headers::EVENT, m.event.as_str());
+        h.insert(headers::CHANNEL, m.channel.as_str());
+        h.insert(headers::TIME_MS, m.time_ms.as_str());
+        h.insert(headers::DLQ_SUBJECT, m.subject.as_str());
+        h.insert(headers::DLQ_MSG_ID, m.msg_id.as_str());
+        h.insert(headers::DLQ_REASON, dl.reason.as_str());
+        h.insert(headers::DLQ_DETAIL, header_safe(&dl.detail).as_str());
+        h.insert(headers::DLQ_ATTEMPTS, dl.attempts.to_string().as_str());
+        h.insert(
+            headers::DLQ_FIRST_FAILURE,
+            dl.first_failure_ms.to_string().as_str(),
+        );
+        let subject = routing::dlq_subject(&self.prefix, &m.app_id, dl.reason.as_str());
+        self.send(subject, h, m.body.clone(), timeout).await
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        h: HeaderMap,
+        body: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        if !self.is_up() {
+            return Err(PublishError::Unavailable("not connected to NATS".into()));
+        }
+        let publish = PublishMessage::build().payload(body).headers(h);
+        let attempt = async {
+            let ack = self.js.send_publish(subject, publish).await?;
+            ack.await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
+            Ok(Ok(_ack)) => Ok(()),
+            Ok(Err(e)) => Err(classify(e)),
+        }
+    }
+
+    /// Flushes pending publishes and stops the topology task.
+    pub async fn close(&self) {
+        self.topology_task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+    }
+}
+
+/// Maps a JetStream publish error to retry (unavailable) or give up (refused).
+fn classify(e: jetstream::context::PublishError) -> PublishError {
+    use super::DlqReason;
+    let detail = e.to_string();
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => PublishError::Refused {
+            reason: DlqReason::NoStream,
+            detail,
+        },
+        PublishErrorKind::MaxPayloadExceeded => PublishError::Refused {
+            reason: DlqReason::TooLarge,
+            detail,
+        },
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending => PublishError::Unavailable(detail),
+        // The server answered with a JetStream error (limits, storage): retried within the
+        // budget, then dead-lettered.
+        _ => PublishError::Refused {
+            reason: DlqReason::Rejected,
+            detail,
+        },
+    }
+}
+
+/// NATS header values cannot hold line breaks.
+fn header_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)] // Why: one call site, all of it the broker's shared state.
+async fn topology_loop(
+    js: jetstream::Context,
+    declare: bool,
+    prefix: String,
+    s: NatsSettings,
+    connected: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+    reconnected: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        reconnected.notified().await;
+        if !declare {
+            metrics.set_broker_up(true);
+            continue;
+        }
+        let mut delay = Duration::from_millis(100);
+        while connected.load(Ordering::SeqCst) {
+            let events = stream_config(&s.stream, format!("{prefix}.>"), &s);
+            let dlq = stream_config(
+                &s.dlq_stream,
+                format!("{}.>", routing::dlq_prefix(&prefix)),
+                &s,
+            );
+            let result = async {
+                ensure_stream(&js, events).await?;
+                ensure_stream(&js, dlq).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    ready.store(true, Ordering::SeqCst);
+                    metrics.set_broker_up(connected.load(Ordering::SeqCst));
+                    tracing::info!(stream = %s.stream, dlq_stream = %s.dlq_stream, "JetStream streams ready");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

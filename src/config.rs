@@ -1,0 +1,762 @@
+//! Typed settings: defaults < TOML file < `PUSHER_BRIDGE_*` environment (figment).
+//!
+//! Every key of `shared/docs/interface.md` lives here with its documented default. Unknown keys
+//! are an error, so a typo never silently falls back to a default. Secrets are wrapped in
+//! [`Secret`] / [`SecretUrl`], whose `Debug` and `Serialize` never show the value, so neither a log
+//! line nor `check-config` can leak them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Prefix of the environment variables that override file keys.
+pub const ENV_PREFIX: &str = "PUSHER_BRIDGE_";
+/// Environment variable naming the config file (not itself a config key).
+pub const CONFIG_ENV: &str = "PUSHER_BRIDGE_CONFIG";
+/// The config file used when neither `--config` nor `$PUSHER_BRIDGE_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "config/pusher-bridge.toml";
+
+/// A configuration problem, naming the key at fault so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or did not match the schema.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A key has a value the bridge cannot run with.
+    #[error("invalid configuration key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path, e.g. `broker.nats.stream`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A secret string (an app secret, a password). Shown as `***` everywhere but [`Secret::expose`].
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value; used by tests and by code that builds settings by hand.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The real value, for the one place that needs it (signing, connecting).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// A broker URL that may carry a password (`amqp://user:pass@host`). Shown with the password
+/// replaced by `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The URL with its password, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`, for logs and `check-config`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+/// Replaces the password of every `scheme://user:password@host` in `url` (comma-separated server
+/// lists included) with `***`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| {
+            let Some(scheme_end) = part.find("://") else {
+                return part.to_string();
+            };
+            let rest = &part[scheme_end + 3..];
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let Some(at) = rest[..authority_end].rfind('@') else {
+                return part.to_string();
+            };
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                // A lone token (`nats://token@host`) is itself the secret.
+                "***".to_string()
+            };
+            format!("{}{}{}", &part[..scheme_end + 3], masked, &rest[at..])
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// The whole configuration of one bridge process.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// HTTP listener and request limits.
+    pub server: ServerSettings,
+    /// The Pusher apps whose webhooks are accepted; one entry per key (token).
+    pub apps: Vec<AppSettings>,
+    /// Where events are published.
+    pub broker: BrokerSettings,
+    /// Local durable buffer used while the broker cannot take events.
+    pub spool: SpoolSettings,
+    /// The retention sweeper's schedule (the seed component's trim timers).
+    pub retention: RetentionSettings,
+    /// Log format and level.
+    pub log: LogSettings,
+}
+
+/// `[server]`: the HTTP side.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address for webhooks, `/metrics`, `/healthz` and `/readyz`.
+    pub listen: String,
+    /// Path Pusher posts webhooks to (POST only).
+    pub webhook_path: String,
+    /// Bodies larger than this are refused with 413 while they are read.
+    pub max_body_bytes: u64,
+    /// A client that has not sent its request headers within this time is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client that has not sent its whole body within this time gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM / SIGINT, in-flight webhooks get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Refuse (401) webhooks whose `time_ms` is older than this. Off by default: Pusher retries
+    /// for 5 minutes and a freshness check cuts into that window.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_webhook_age: Option<Duration>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            webhook_path: "/pusher/webhooks".into(),
+            max_body_bytes: 1_048_576,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            max_webhook_age: None,
+        }
+    }
+}
+
+/// `[[apps]]`: one Pusher app token. Repeat an app id with a second key to rotate keys.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    /// The Pusher app id; part of every subject.
+    pub id: String,
+    /// The app key (token) sent in `X-Pusher-Key`.
+    pub key: String,
+    /// The secret that signs webhooks for this key.
+    pub secret: Secret,
+}
+
+/// Which broker implementation runs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// NATS JetStream.
+    #[default]
+    Nats,
+    /// RabbitMQ (AMQP 0-9-1).
+    Amqp,
+}
+
+/// `[broker]`: common publishing settings plus one section per broker.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSettings {
+    /// `nats` or `amqp`.
+    pub kind: BrokerKind,
+    /// First token(s) of every subject / routing key.
+    pub subject_prefix: String,
+    /// Create or update streams / exchanges / queues at start-up. Off for operators who manage
+    /// the topology themselves.
+    pub declare: bool,
+    /// How long one publish may wait for the broker's ack before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Total time a webhook may spend publishing (retries included) before its remaining events
+    /// go to the spool; well inside Pusher's ~4 s answer budget.
+    #[serde(with = "humantime_serde")]
+    pub response_budget: Duration,
+    /// Upper bound on publishes awaiting an ack across all webhooks (memory bound).
+    pub max_in_flight: usize,
+    /// NATS JetStream settings.
+    pub nats: NatsSettings,
+    /// RabbitMQ settings.
+    pub amqp: AmqpSettings,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            kind: BrokerKind::Nats,
+            subject_prefix: "pusher".into(),
+            declare: true,
+            publish_timeout: Duration::from_millis(1500),
+            response_budget: Duration::from_secs(3),
+            max_in_flight: 4096,
+            nats: NatsSettings::default(),
+            amqp: AmqpSettings::default(),
+        }
+    }
+}
+
+/// `[broker.nats]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated.
+    pub url: SecretUrl,
+    /// JetStream stream holding the events (subjects `<subject_prefix>.>`).
+    pub stream: String,
+    /// JetStream stream holding dead letters (subjects `<subject_prefix>_dlq.>`).
+    pub dlq_stream: String,
+    /// The stream's duplicate window; covers Pusher's 5-minute retry span.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Stream replicas when the bridge creates the streams (1 for a single server).
+    pub replicas: usize,
+    /// User name for user/password authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Password for user/password authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Token authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// A `.creds` file (JWT + nkey seed) for decentralised auth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the server's certificate; enables TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Require TLS even without a custom CA.
+    pub tls_required: bool,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("nats://127.0.0.1:4222"),
+            stream: "PUSHER_EVENTS".into(),
+            dlq_stream: "PUSHER_DLQ".into(),
+            duplicate_window: Duration::from_secs(10 * 60),
+            replicas: 1,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_required: false,
+        }
+    }
+}
+
+/// `[broker.amqp]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// `amqp://` or `amqps://` URL, vhost included.
+    pub url: SecretUrl,
+    /// Durable topic exchange events are published to.
+    pub exchange: String,
+    /// Durable queue bound to `exchange` with `#`, so nothing is unroutable.
+    pub queue: String,
+    /// Exchange dead letters are published to.
+    pub dlq_exchange: String,
+    /// Durable queue bound to `dlq_exchange` with `#`.
+    pub dlq_queue: String,
+    /// PEM file of the CA that signs the server's certificate (for `amqps://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Channels used for publishing (publishes are pipelined on each).
+    pub channels: usize,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "pusher.events".into(),
+            queue: "pusher.events".into(),
+            dlq_exchange: "pusher.dlq".into(),
+            dlq_queue: "pusher.dlq".into(),
+            tls_ca_file: None,
+            channels: 2,
+        }
+    }
+}
+
+/// `[spool]`: the local durable buffer.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSettings {
+    /// Directory of the spool's segment files.
+    pub dir: PathBuf,
+    /// When the spool holds this many bytes, webhooks get 503 and Pusher retries.
+    pub max_bytes: u64,
+    /// A segment file is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// How often the drainer looks for spooled events when idle.
+    #[serde(with = "humantime_serde")]
+    pub drain_interval: Duration,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("var/spool"),
+            max_bytes: 1_073_741_824,
+            segment_bytes: 16 * 1024 * 1024,
+            drain_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[retention]`: one trim schedule for the events stream / queue, one for the dead letters.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Trim of the events stream / queue.
+    pub events: RetentionTarget,
+    /// Trim of the dead-letter stream / queue.
+    pub dlq: RetentionTarget,
+    /// How long a replica's sweeper lease lasts without renewal (a crashed holder's lease expires).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            events: RetentionTarget {
+                max_age: Duration::from_secs(7 * 86_400),
+                ..RetentionTarget::default()
+            },
+            dlq: RetentionTarget {
+                max_age: Duration::from_secs(30 * 86_400),
+                ..RetentionTarget::default()
+            },
+            lease_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One trim timer: enable flag, retention period and schedule.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionTarget {
+    /// Whether the sweeper trims this target at all.
+    pub enabled: bool,
+    /// Messages older than this are purged.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How often the sweep runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Per event name retention, e.g. `client_event = "1d"` (events target only).
+    #[serde(with = "duration_map")]
+    pub overrides: BTreeMap<String, Duration>,
+}
+
+impl Default for RetentionTarget {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: Duration::from_secs(7 * 86_400),
+            interval: Duration::from_secs(3600),
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+mod duration_map {
+    //! humantime durations as map values.
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeMap};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut out = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            out.serialize_entry(k, &humantime::format_duration(*v).to_string())?;
+        }
+        out.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                humantime::parse_duration(&v)
+                    .map(|d| (k, d))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `pusher_bridge=debug,warn`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Which file the settings come from: `--config`, else `$PUSHER_BRIDGE_CONFIG`, else
+/// `config/pusher-bridge.toml` when it exists, else none (built-in defaults).
+pub fn resolve_path(cli: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = cli {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+    default.exists().then_some(default)
+}
+
+impl Settings {
+    /// Loads defaults < `file` < environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                .filter(|k| k.as_str() != "config"),
+        );
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses a TOML string (no environment): for tests and embedded configs.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let settings: Settings = Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|e| invalid("server.listen", format!("{e}")))
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let path = &self.server.webhook_path;
+        if !path.starts_with('/') {
+            return Err(invalid("server.webhook_path", "must start with `/`"));
+        }
+        if ["/metrics", "/healthz", "/readyz"].contains(&path.as_str()) {
+            return Err(invalid(
+                "server.webhook_path",
+                "clashes with a built-in path",
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        let mut keys = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            if app.id.is_empty() {
+                return Err(invalid(format!("apps[{i}].id"), "must not be empty"));
+            }
+            if app.key.is_empty() {
+                return Err(invalid(format!("apps[{i}].key"), "must not be empty"));
+            }
+            if app.secret.expose().is_empty() {
+                return Err(invalid(format!("apps[{i}].secret"), "must not be empty"));
+            }
+            if !keys.insert(app.key.as_str()) {
+                return Err(invalid(
+                    format!("apps[{i}].key"),
+                    "the same key is configured twice",
+                ));
+            }
+        }
+        let prefix = &self.broker.subject_prefix;
+        if prefix.is_empty()
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "broker.subject_prefix",
+                "must be one or more non-empty dot-separated tokens without `*`, `>` or spaces",
+            ));
+        }
+        for (key, name) in [
+            ("broker.nats.stream", &self.broker.nats.stream),
+            ("broker.nats.dlq_stream", &self.broker.nats.dlq_stream),
+        ] {
+            if name.is_empty()
+                || name.contains(['.', '*', '>', '/', '\\'])
+                || name.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    key,
+                    "stream names must be non-empty without `.`, `*`, `>`, slashes or spaces",
+                ));
+            }
+        }
+        if self.broker.nats.stream == self.broker.nats.dlq_stream {
+            return Err(invalid(
+                "broker.nats.dlq_stream",
+                "must differ from broker.nats.stream",
+            ));
+        }
+        for (key, name) in [
+            ("broker.amqp.exchange", &self.broker.amqp.exchange),
+            ("broker.amqp.queue", &self.broker.amqp.queue),
+            ("broker.amqp.dlq_exchange", &self.broker.amqp.dlq_exchange),
+            ("broker.amqp.dlq_queue", &self.broker.amqp.dlq_queue),
+        ] {
+            if name.is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.broker.amqp.exchange == self.broker.amqp.dlq_exchange {
+            return Err(invalid(
+                "broker.amqp.dlq_exchange",
+                "must differ from broker.amqp.exchange",
+            ));
+        }
+        for (key, d) in [
+            ("broker.publish_timeout", self.broker.publish_timeout),
+            ("broker.response_budget", self.broker.response_budget),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("retention.events.interval", self.retention.events.interval),
+            ("retention.dlq.interval", self.retention.dlq.interval),
+            ("retention.events.max_age", self.retention.events.max_age),
+            ("retention.dlq.max_age", self.retention.dlq.max_age),
+            ("retention.lease_ttl", self.retention.lease_ttl),
+            ("spool.drain_interval", self.spool.drain_interval),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.broker.max_in_flight == 0 {
+            return Err(invalid("broker.max_in_flight", "must be greater than 0"));
+        }
+        if self.broker.amqp.channels == 0 {
+            return Err(invalid("broker.amqp.channels", "must be greater than 0"));
+        }
+        if self.spool.max_bytes == 0 {
+            return Err(invalid("spool.max_bytes", "must be greater than 0"));
+        }
+        if !self.retention.dlq.overrides.is_empty() {
+            return Err(invalid(
+                "retention.dlq.overrides",
+                "per-event overrides apply to retention.events only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (for `check-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        // Serialising plain data cannot fail; Debug (also redacted) is the fallback.
+        toml::to_string_pretty(self).unwrap_or_else(|_| format!("{self:#?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_interface() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.server.webhook_path, "/pusher/webhooks");
+        assert_eq!(s.server.max_body_bytes, 1_048_576);
+        assert_eq!(s.broker.kind, BrokerKind::Nats);
+        assert_eq!(s.broker.subject_prefix, "pusher");
+        assert_eq!(s.broker.nats.url.expose(), "nats://127.0.0.1:4222");
+        assert_eq!(s.broker.nats.stream, "PUSHER_EVENTS");
+        assert_eq!(s.broker.nats.dlq_stream, "PUSHER_DLQ");
+        assert_eq!(s.broker.amqp.exchange, "pusher.events");
+        assert_eq!(s.broker.amqp.queue, "pusher.events");
+        assert_eq!(s.broker.amqp.dlq_exchange, "pusher.dlq");
+        assert_eq!(s.broker.amqp.dlq_queue, "pusher.dlq");
+        assert_eq!(s.spool.dir, PathBuf::from("var/spool"));
+        assert_eq!(s.spool.max_bytes, 1_073_741_824);
+        assert!(s.retention.events.enabled && s.retention.dlq.enabled);
+        assert_eq!(s.retention.events.max_age, Duration::from_secs(7 * 86400));
+        assert_eq!(s.retention.dlq.max_age, Duration::from_secs(30 * 86400));
+        assert_eq!(s.retention.events.interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlistn = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Settings::from_toml("[broker.nats]\nstream = \"a.b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.stream"), "{err}");
+        let err = Settings::from_toml("[server]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_overrides_parse() {
+        let s = Settings::from_toml(
+            "[retention.events]\nmax_age = \"2d\"\ninterval = \"5m\"\n[retention.events.overrides]\nclient_event = \"1d\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.retention.events.max_age, Duration::from_secs(2 * 86400));
+        assert_eq!(
+            s.retention.events.overrides["client_event"],
+            Duration::from_secs(86400)
+        );
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let s = Settings::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\npassword = \"natspw\"\n",
+        )
+        .unwrap();
+        for text in [format!("{s:?}"), s.to_redacted_toml()] {
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(!text.contains("pw123"), "{text}");
+            assert!(!text.contains("natspw"), "{text}");
+        }
+        assert!(s.to_redacted_toml().contains("amqp://u:***@h:5672/%2f"));
+        assert_eq!(s.apps[0].secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn redact_url_handles_tokens_and_lists() {
+        assert_eq!(redact_url("nats://tok@h:1"), "nats://***@h:1");
+        assert_eq!(
+            redact_url("nats://a:b@h:1,nats://h2:2"),
+            "nats://a:***@h:1,nats://h2:2"
+        );
+        assert_eq!(redact_url("nats://h:1"), "nats://h:1");
+    }
+
+    #[test]
+    fn redacted_toml_parses_back() {
+        let s = Settings::from_toml("[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n").unwrap();
+        let text = s.to_redacted_toml();
+        let back = Settings::from_toml(&text).unwrap();
+        assert_eq!(back.apps[0].key, "k");
+        assert_eq!(back.server.listen, s.server.listen);
+    }
+}

@@ -1,0 +1,274 @@
+//! The HTTP side: routes, request limits, and the one place where [`WebhookError`] becomes a
+//! status code and a metric outcome.
+//!
+//! Routes: `POST <webhook_path>`, `GET /metrics`, `GET /healthz`, `GET /readyz`. Request headers
+//! must arrive within `server.header_read_timeout` and the body within
+//! `server.body_read_timeout`; the body limit is enforced while reading.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::bridge::{Bridge, WebhookError};
+use crate::metrics::Outcome;
+
+/// Status code and metric outcome of each refusal: the whole mapping, in one place.
+pub fn status_of(e: &WebhookError) -> (StatusCode, Outcome) {
+    match e {
+        WebhookError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Outcome::BadRequest),
+        WebhookError::UnsupportedMediaType => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Outcome::UnsupportedMediaType,
+        ),
+        WebhookError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Outcome::TooLarge),
+        WebhookError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Outcome::BadRequest),
+        WebhookError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Outcome::Unauthorized),
+        WebhookError::BadRequest(_) => (StatusCode::BAD_REQUEST, Outcome::BadRequest),
+        WebhookError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, Outcome::Unavailable),
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Resp {
+    respond(status, "application/json", value.to_string())
+}
+
+/// Serves HTTP on `listener` until `shutdown` completes, then lets in-flight requests finish
+/// for up to `server.shutdown_grace`.
+pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let header_timeout = bridge.settings().server.header_read_timeout;
+    let grace = bridge.settings().server.shutdown_grace;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let bridge = bridge.clone();
+                let service = service_fn(move |req| {
+                    let bridge = bridge.clone();
+                    async move { Ok::<_, Infallible>(route(req, &bridge).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for in-flight webhooks");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
+    }
+}
+
+async fn route(req: Request<Incoming>, bridge: &Bridge) -> Resp {
+    let path = req.uri().path();
+    if path == bridge.settings().server.webhook_path {
+        return webhook(req, bridge).await;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            if bridge.is_ready() {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: broker unreachable and no spool room\n",
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            bridge.metrics().encode(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// `application/json` or any `application/*+json`, parameters allowed, any case.
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let media = value.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/json")
+        || (media.len() > 17
+            && media[..12].eq_ignore_ascii_case("application/")
+            && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+async fn webhook(req: Request<Incoming>, bridge: &Bridge) -> Resp {
+    let started = Instant::now();
+    let mut app_label = None;
+    let result = accept_webhook(req, bridge, &mut app_label).await;
+    let app_id = app_label.as_deref().unwrap_or("unknown");
+    let metrics = bridge.metrics();
+    metrics
+        .webhook_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(accepted) => {
+            metrics.webhook(app_id, Outcome::Accepted);
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "published": accepted.published,
+                    "dead_lettered": accepted.dead_lettered,
+                    "spooled": accepted.spooled,
+                }),
+            )
+        }
+        Err(e) => {
+            let (status, outcome) = status_of(&e);
+            metrics.webhook(app_id, outcome);
+            match &e {
+                WebhookError::Unavailable(_) => {
+                    tracing::error!(app_id, error = %e, "webhook refused")
+                }
+                _ => {
+                    tracing::warn!(app_id, status = status.as_u16(), error = %e, "webhook refused")
+                }
+            }
+            let mut resp = json(status, serde_json::json!({ "error": e.to_string() }));
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            resp
+        }
+    }
+}
+
+async fn accept_webhook(
+    req: Request<Incoming>,
+    bridge: &Bridge,
+    app_label: &mut Option<String>,
+) -> Result<crate::bridge::Accepted, WebhookError> {
+    if req.method() != Method::POST {
+        return Err(WebhookError::MethodNotAllowed);
+    }
+    let headers = req.headers();
+    if !is_json(headers.get(header::CONTENT_TYPE)) {
+        return Err(WebhookError::UnsupportedMediaType);
+    }
+    let server = &bridge.settings().server;
+    let max = server.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(WebhookError::TooLarge);
+    }
+    let key = headers.get("x-pusher-key").cloned();
+    let signature = headers.get("x-pusher-signature").cloned();
+    let limited = Limited::new(req.into_body(), usize::try_from(max).unwrap_or(usize::MAX));
+    let body = match tokio::time::timeout(server.body_read_timeout, limited.collect()).await {
+        Err(_) => return Err(WebhookError::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(WebhookError::TooLarge);
+        }
+        Ok(Err(e)) => return Err(WebhookError::BadRequest(format!("cannot read body: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let app = bridge.authenticate(
+        key.as_ref().map(HeaderValue::as_bytes),
+        signature.as_ref().map(HeaderValue::as_bytes),
+        &body,
+    );
+    let app = match app {
+        Ok(app) => app,
+        Err(e) => {
+            *app_label = key
+                .as_ref()
+                .and_then(|k| k.to_str().ok())
+                .and_then(|k| bridge.app_id_for_key(k));
+            return Err(e);
+        }
+    };
+    *app_label = Some(app.app_id.to_string());
+    bridge.handle(&app, &body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_media_types() {
+        let ok = |s: &'static str| is_json(Some(&HeaderValue::from_static(s)));
+        assert!(ok("application/json"));
+        assert!(ok("application/json; charset=utf-8"));
+        assert!(ok("Application/JSON;charset=UTF-8"));
+        assert!(ok("application/vnd.pusher+json"));
+        assert!(!ok("text/plain"));
+        assert!(!ok("application/jsonx"));
+        assert!(!ok("application/x-www-form-urlencoded"));
+        assert!(!is_json(None));
+    }
+
+    #[test]
+    fn every_error_has_its_status() {
+        let cases = [
+            (WebhookError::MethodNotAllowed, 405),
+            (WebhookError::UnsupportedMediaType, 415),
+            (WebhookError::TooLarge, 413),
+            (WebhookError::BodyTimeout, 408),
+            (WebhookError::Unauthorized("x"), 401),
+            (WebhookError::BadRequest("x".into()), 400),
+            (WebhookError::Unavailable("x".into()), 503),
+        ];
+        for (e, code) in cases {
+            assert_eq!(status_of(&e).0.as_u16(), code, "{e}");
+        }
+    }
+}

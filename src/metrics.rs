@@ -1,0 +1,354 @@
+//! Every Prometheus metric of the bridge, registered in one place with its name.
+//!
+//! Names are constants here so the dashboard, the alert rules and the tests can refer to the same
+//! strings; counters are registered without `_total`, which the text encoder appends.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `pusher_bridge_webhooks_received_total{app_id, outcome}`.
+pub const WEBHOOKS_RECEIVED: &str = "pusher_bridge_webhooks_received";
+/// `pusher_bridge_events_published_total{app_id, event}`.
+pub const EVENTS_PUBLISHED: &str = "pusher_bridge_events_published";
+/// `pusher_bridge_events_dead_lettered_total{app_id, reason}`.
+pub const EVENTS_DEAD_LETTERED: &str = "pusher_bridge_events_dead_lettered";
+/// `pusher_bridge_publish_duration_seconds` histogram (one webhook's publishing, all acks).
+pub const PUBLISH_DURATION: &str = "pusher_bridge_publish_duration_seconds";
+/// `pusher_bridge_webhook_duration_seconds` histogram (request received to answer).
+pub const WEBHOOK_DURATION: &str = "pusher_bridge_webhook_duration_seconds";
+/// `pusher_bridge_broker_up` gauge, 1 or 0.
+pub const BROKER_UP: &str = "pusher_bridge_broker_up";
+/// `pusher_bridge_spool_events` gauge: events waiting on the local spool.
+pub const SPOOL_EVENTS: &str = "pusher_bridge_spool_events";
+/// `pusher_bridge_spool_bytes` gauge: bytes the spool holds on disk.
+pub const SPOOL_BYTES: &str = "pusher_bridge_spool_bytes";
+/// `pusher_bridge_spool_oldest_age_seconds` gauge: age of the oldest spooled event.
+pub const SPOOL_OLDEST_AGE: &str = "pusher_bridge_spool_oldest_age_seconds";
+/// `pusher_bridge_spool_written_total`: events written to the spool.
+pub const SPOOL_WRITTEN: &str = "pusher_bridge_spool_written";
+/// `pusher_bridge_spool_drained_total`: spooled events the broker acknowledged.
+pub const SPOOL_DRAINED: &str = "pusher_bridge_spool_drained";
+/// `pusher_bridge_sweeper_runs_total{target, outcome}`; outcome `success`, `failure`, `skipped`.
+pub const SWEEPER_RUNS: &str = "pusher_bridge_sweeper_runs";
+/// `pusher_bridge_sweeper_purged_total{target}`: messages the sweeper purged.
+pub const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
+/// `pusher_bridge_sweeper_last_success_timestamp_seconds{target}`.
+pub const SWEEPER_LAST_SUCCESS: &str = "pusher_bridge_sweeper_last_success_timestamp_seconds";
+
+/// Every exported family name as it appears in the text output, for tests and deploy checks.
+pub const EXPORTED_NAMES: &[&str] = &[
+    "pusher_bridge_webhooks_received_total",
+    "pusher_bridge_events_published_total",
+    "pusher_bridge_events_dead_lettered_total",
+    "pusher_bridge_publish_duration_seconds",
+    "pusher_bridge_webhook_duration_seconds",
+    "pusher_bridge_broker_up",
+    "pusher_bridge_spool_events",
+    "pusher_bridge_spool_bytes",
+    "pusher_bridge_spool_oldest_age_seconds",
+    "pusher_bridge_spool_written_total",
+    "pusher_bridge_spool_drained_total",
+    "pusher_bridge_sweeper_runs_total",
+    "pusher_bridge_sweeper_purged_total",
+    "pusher_bridge_sweeper_last_success_timestamp_seconds",
+];
+
+/// Outcome label of `webhooks_received_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered 200.
+    Accepted,
+    /// Answered 401.
+    Unauthorized,
+    /// Answered 400 (or 405 / 408 for requests that are not webhooks at all).
+    BadRequest,
+    /// Answered 413.
+    TooLarge,
+    /// Answered 415.
+    UnsupportedMediaType,
+    /// Answered 503.
+    Unavailable,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::BadRequest => "bad_request",
+            Outcome::TooLarge => "too_large",
+            Outcome::UnsupportedMediaType => "unsupported_media_type",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Labels of `webhooks_received_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// The app id, or `unknown`.
+    pub app_id: String,
+    /// See [`Outcome`].
+    pub outcome: &'static str,
+}
+
+/// Labels of `events_published_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The app id.
+    pub app_id: String,
+    /// The event name.
+    pub event: String,
+}
+
+/// Labels of `events_dead_lettered_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    /// The app id, or `unknown`.
+    pub app_id: String,
+    /// The dead-letter reason.
+    pub reason: String,
+}
+
+/// Labels of the sweeper families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SweepLabels {
+    /// `events` or `dlq`.
+    pub target: String,
+}
+
+/// Labels of `sweeper_runs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SweepRunLabels {
+    /// `events` or `dlq`.
+    pub target: String,
+    /// `success`, `failure` or `skipped` (another replica holds the lease).
+    pub outcome: &'static str,
+}
+
+/// The registry and handles to every metric; shared by all components.
+pub struct Metrics {
+    registry: Registry,
+    /// See [`WEBHOOKS_RECEIVED`].
+    pub webhooks_received: Family<WebhookLabels, Counter>,
+    /// See [`EVENTS_PUBLISHED`].
+    pub events_published: Family<EventLabels, Counter>,
+    /// See [`EVENTS_DEAD_LETTERED`].
+    pub events_dead_lettered: Family<DeadLetterLabels, Counter>,
+    /// See [`PUBLISH_DURATION`].
+    pub publish_duration: Histogram,
+    /// See [`WEBHOOK_DURATION`].
+    pub webhook_duration: Histogram,
+    /// See [`BROKER_UP`].
+    pub broker_up: Gauge,
+    /// See [`SPOOL_EVENTS`].
+    pub spool_events: Gauge,
+    /// See [`SPOOL_BYTES`].
+    pub spool_bytes: Gauge,
+    /// See [`SPOOL_OLDEST_AGE`].
+    pub spool_oldest_age: Gauge<f64, AtomicU64>,
+    /// See [`SPOOL_WRITTEN`].
+    pub spool_written: Counter,
+    /// See [`SPOOL_DRAINED`].
+    pub spool_drained: Counter,
+    /// See [`SWEEPER_RUNS`].
+    pub sweeper_runs: Family<SweepRunLabels, Counter>,
+    /// See [`SWEEPER_PURGED`].
+    pub sweeper_purged: Family<SweepLabels, Counter>,
+    /// See [`SWEEPER_LAST_SUCCESS`].
+    pub sweeper_last_success: Family<SweepLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            webhooks_received: Family::default(),
+            events_published: Family::default(),
+            events_dead_lettered: Family::default(),
+            publish_duration: Histogram::new(latency_buckets()),
+            webhook_duration: Histogram::new(latency_buckets()),
+            broker_up: Gauge::default(),
+            spool_events: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_oldest_age: Gauge::default(),
+            spool_written: Counter::default(),
+            spool_drained: Counter::default(),
+            sweeper_runs: Family::default(),
+            sweeper_purged: Family::default(),
+            sweeper_last_success: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            WEBHOOKS_RECEIVED,
+            "Webhook requests received, by app and outcome",
+            m.webhooks_received.clone(),
+        );
+        registry.register(
+            EVENTS_PUBLISHED,
+            "Events acknowledged by the broker, by app and event name",
+            m.events_published.clone(),
+        );
+        registry.register(
+            EVENTS_DEAD_LETTERED,
+            "Events sent to the dead-letter queue, by app and reason",
+            m.events_dead_lettered.clone(),
+        );
+        registry.register(
+            PUBLISH_DURATION,
+            "Time to publish one webhook's events and receive every ack",
+            m.publish_duration.clone(),
+        );
+        registry.register(
+            WEBHOOK_DURATION,
+            "Time from a webhook's arrival to its answer",
+            m.webhook_duration.clone(),
+        );
+        registry.register(
+            BROKER_UP,
+            "1 while the broker connection is up, else 0",
+            m.broker_up.clone(),
+        );
+        registry.register(
+            SPOOL_EVENTS,
+            "Events waiting on the local spool",
+            m.spool_events.clone(),
+        );
+        registry.register(
+            SPOOL_BYTES,
+            "Bytes held by the local spool",
+            m.spool_bytes.clone(),
+        );
+        registry.register(
+            SPOOL_OLDEST_AGE,
+            "Age in seconds of the oldest spooled event (0 when empty)",
+            m.spool_oldest_age.clone(),
+        );
+        registry.register(
+            SPOOL_WRITTEN,
+            "Events written to the local spool",
+            m.spool_written.clone(),
+        );
+        registry.register(
+            SPOOL_DRAINED,
+            "Spooled events the broker acknowledged",
+            m.spool_drained.clone(),
+        );
+        registry.register(
+            SWEEPER_RUNS,
+            "Retention sweeps, by target and outcome",
+            m.sweeper_runs.clone(),
+        );
+        registry.register(
+            SWEEPER_PURGED,
+            "Messages purged by the retention sweeper, by target",
+            m.sweeper_purged.clone(),
+        );
+        registry.register(
+            SWEEPER_LAST_SUCCESS,
+            "Unix time of the last successful sweep, by target",
+            m.sweeper_last_success.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts one webhook answer.
+    pub fn webhook(&self, app_id: &str, outcome: Outcome) {
+        self.webhooks_received
+            .get_or_create(&WebhookLabels {
+                app_id: app_id.to_string(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts one dead-lettered event.
+    pub fn dead_lettered(&self, app_id: &str, reason: &str) {
+        self.events_dead_lettered
+            .get_or_create(&DeadLetterLabels {
+                app_id: app_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets `broker_up`.
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.set(i64::from(up));
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_exported_name_appears() {
+        let m = Metrics::new();
+        m.webhook("1", Outcome::Accepted);
+        m.dead_lettered("1", "malformed");
+        m.events_published
+            .get_or_create(&EventLabels {
+                app_id: "1".into(),
+                event: "e".into(),
+            })
+            .inc();
+        m.sweeper_runs
+            .get_or_create(&SweepRunLabels {
+                target: "events".into(),
+                outcome: "success",
+            })
+            .inc();
+        m.sweeper_purged
+            .get_or_create(&SweepLabels {
+                target: "events".into(),
+            })
+            .inc();
+        m.sweeper_last_success
+            .get_or_create(&SweepLabels {
+                target: "events".into(),
+            })
+            .set(1.0);
+        let text = m.encode();
+        for name in EXPORTED_NAMES {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} missing from:\n{text}"
+            );
+        }
+        assert!(
+            text.contains(
+                r#"pusher_bridge_webhooks_received_total{app_id="1",outcome="accepted"} 1"#
+            )
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! The Pusher webhook itself: which app sent it (key lookup), whether it is authentic
+//! (HMAC-SHA256 over the raw body, compared in constant time) and what events it carries.
+//!
+//! Parsing borrows from the raw body: each event's JSON text is kept byte for byte (key order,
+//! unknown fields, value types) and only `name` and `channel` are looked at. The message body is
+//! then that text with `"app_id"` and `"time_ms"` spliced in, never a re-serialisation.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha2::Sha256;
+
+use crate::config::AppSettings;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One configured app key, with its HMAC state keyed once at start-up.
+pub struct AppKey {
+    /// The app id the key belongs to (several keys may share one id while rotating).
+    pub app_id: Arc<str>,
+    /// The key (token), for logs and metrics.
+    pub key: String,
+    /// HMAC-SHA256 already keyed with the secret; cloned per request.
+    mac: HmacSha256,
+    /// `,"app_id":"<id>","time_ms":` as JSON text, built once.
+    pub(crate) body_suffix_head: String,
+}
+
+impl std::fmt::Debug for AppKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppKey")
+            .field("app_id", &self.app_id)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppKey {
+    /// Whether `signature` (hex, as sent in `X-Pusher-Signature`) is HMAC-SHA256 of `body` under
+    /// this key's secret. Never panics; compares in constant time.
+    pub fn verify(&self, body: &[u8], signature: &[u8]) -> bool {
+        let mut expected = [0u8; 32];
+        if signature.len() != 64 || hex::decode_to_slice(signature, &mut expected).is_err() {
+            return false;
+        }
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        mac.verify_slice(&expected).is_ok()
+    }
+
+    /// The hex signature Pusher would send for `body` (used by `send-test` and tests).
+    pub fn sign(&self, body: &[u8]) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// All configured keys, looked up by `X-Pusher-Key`.
+#[derive(Debug, Default)]
+pub struct AppRegistry {
+    by_key: HashMap<String, Arc<AppKey>>,
+}
+
+impl AppRegistry {
+    /// Builds the registry from `[[apps]]`.
+    pub fn new(apps: &[AppSettings]) -> Self {
+        let by_key = apps
+            .iter()
+            .map(|a| {
+                let app_id: Arc<str> = Arc::from(a.id.as_str());
+                let mac = <HmacSha256 as KeyInit>::new_from_slice(a.secret.expose().as_bytes())
+                    // HMAC accepts keys of any length; this cannot fail.
+                    .unwrap_or_else(|_| unreachable!("HMAC takes keys of any size"));
+                let body_suffix_head = format!(
+                    ",\"app_id\":{},\"time_ms\":",
+                    serde_json::Value::String(a.id.clone())
+                );
+                let key = AppKey {
+                    app_id,
+                    key: a.key.clone(),
+                    mac,
+                    body_suffix_head,
+                };
+                (a.key.clone(), Arc::new(key))
+            })
+            .collect();
+        Self { by_key }
+    }
+
+    /// The key entry for `X-Pusher-Key`, if configured.
+    pub fn get(&self, key: &str) -> Option<&Arc<AppKey>> {
+        self.by_key.get(key)
+    }
+
+    /// Whether no app is configured (every webhook would be refused).
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// Why a signed body is not a webhook (answered 400).
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// Not JSON, or not an object with `time_ms` and `events`.
+    #[error("body is not {{\"time_ms\": number, \"events\": [...]}}: {0}")]
+    Shape(String),
+    /// `time_ms` is present but not a number.
+    #[error("time_ms is not a number")]
+    TimeNotNumber,
+}
+
+/// A parsed webhook, borrowing from the raw body.
+#[derive(Debug)]
+pub struct Webhook<'a> {
+    /// `time_ms` exactly as sent (a JSON number).
+    pub time_ms: &'a str,
+    /// Each event's JSON text, exactly as sent.
+    pub events: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WebhookShape<'a> {
+    #[serde(borrow)]
+    time_ms: &'a RawValue,
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+/// Parses the body of a webhook (after its signature was checked).
+pub fn parse(body: &[u8]) -> Result<Webhook<'_>, PayloadError> {
+    let shape: WebhookShape<'_> =
+        serde_json::from_slice(body).map_err(|e| PayloadError::Shape(e.to_string()))?;
+    let time_ms = shape.time_ms.get();
+    if !time_ms.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Err(PayloadError::TimeNotNumber);
+    }
+    Ok(Webhook {
+        time_ms,
+        events: shape.events,
+    })
+}
+
+/// The routing-relevant fields of one event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EventHead<'a> {
+    /// Event name (`channel_occupied`, `client_event`, or any future name).
+    pub name: Cow<'a, str>,
+    /// Channel name.
+    pub channel: Cow<'a, str>,
+    /// Whether the event already has an `app_id` or `time_ms` key (then the body is rebuilt
+    /// rather than spliced, so no key appears twice).
+    pub has_reserved_keys: bool,
+}
+
+#[derive(Deserialize)]
+struct HeadShape<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    app_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    time_ms: Option<&'a RawValue>,
+}
+
+/// Reads `name` and `channel` of one event, or says why it cannot be routed (the reason goes
+/// with the event to the dead-letter queue).
+pub fn event_head(event: &RawValue) -> Result<EventHead<'_>, String> {
+    if !event.get().starts_with('{') {
+        return Err("event is not a JSON object".into());
+    }
+    let head: HeadShape<'_> = serde_json::from_str(event.get())
+        .map_err(|e| format!("event has a non-string name or channel: {e}"))?;
+    let name = head.name.ok_or("event has no `name`")?;
+    let channel = head.channel.ok_or("event has no `channel`")?;
+    check_token("name", &name)?;
+    check_token("channel", &channel)?;
+    Ok(EventHead {
+        name,
+        channel,
+        has_reserved_keys: head.app_id.is_some() || head.time_ms.is_some(),
+    })
+}
+
+/// A name that cannot become one subject token: empty, wildcards, whitespace or control
+/// characters (never sent by a correct server, but a subject must never become a wildcard).
+fn check_token(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("event `{field}` is empty"));
+    }
+    if value
+        .chars()
+        .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "event `{field}` contains a wildcard, whitespace or control character"
+        ));
+    }
+    Ok(())
+}
+
+/// The per-webhook tail of every message body: `,"app_id":"<id>","time_ms":<n>}`.
+pub fn body_suffix(app: &AppKey, time_ms: &str) -> String {
+    let mut s = String::with_capacity(app.body_suffix_head.len() + time_ms.len() + 1);
+    s.push_str(&app.body_suffix_head);
+    s.push_str(time_ms);
+    s.push('}');
+    s
+}
+
+/// The message body of one event: its JSON text with `app_id` and `time_ms` added.
+pub fn message_body(event: &RawValue, head: &EventHead<'_>, suffix: &str) -> Vec<u8> {
+    let text = event.get();
+    if head.has_reserved_keys {
+        return rebuilt_body(text, suffix);
+    }
+    // `text` is an object (checked by `event_head`): drop its closing brace and splice.
+    let open = text.trim_end();
+    let inner = &open[..open.len() - 1];
+    let mut out = Vec::with_capacity(text.len() + suffix.len());
+    out.extend_from_slice(inner.as_bytes());
+    if inner[1..].trim().is_empty() {
+        // `{}`: no comma before the first key.
+        out.truncate(1);
+        out.extend_from_slice(&suffix.as_bytes()[1..]);
+    } else {
+        out.extend_from_slice(suffix.as_bytes());
+    }
+    out
+}
+
+/// Rare path: the event carries its own `app_id` / `time_ms`; the bridge's values win.
+fn rebuilt_body(text: &str, suffix: &str) -> Vec<u8> {
+    let wrapped = format!("{{\"x\":0{suffix}");
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).unwrap_or_default();
+    if let Ok(serde_json::Value::Object(extra)) = serde_json::from_str(&wrapped) {
+        for (k, v) in extra {
+            if k != "x" {
+                map.insert(k, v);
+            }
+        }
+    }
+    serde_json::to_vec(&map).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn app(id: &str, secret: &str) -> AppKey {
+        let reg = AppRegistry::new(&[AppSettings {
+            id: id.into(),
+            key: "k".into(),
+            secret: Secret::new(secret),
+        }]);
+        let key = reg.get("k").unwrap();
+        AppKey {
+            app_id: key.app_id.clone(),
+            key: key.key.clone(),
+            mac: key.mac.clone(),
+            body_suffix_head: key.body_suffix_head.clone(),
+        }
+    }
+
+    #[test]
+    fn signature_good_tampered_wrong_key_bad_hex() {
+        let a = app("1", "app-secret");
+        let body = br#"{"time_ms":1,"events":[]}"#;
+        let sig = a.sign(body);
+        assert!(a.verify(body, sig.as_bytes()));
+        assert!(a.verify(body, sig.to_uppercase().as_bytes()));
+        assert!(!a.verify(br#"{"time_ms":2,"events":[]}"#, sig.as_bytes()));
+        let other = app("1", "other-secret");
+        assert!(!other.verify(body, sig.as_bytes()));
+        let mut non_hex = sig.clone().into_bytes();
+        non_hex[0] = b'z';
+        assert!(!a.verify(body, &non_hex));
+        assert!(!a.verify(body, &sig.as_bytes()[..62]));
+        assert!(!a.verify(body, format!("{sig}00").as_bytes()));
+        assert!(!a.verify(body, b""));
+        assert!(!a.verify(body, "é".repeat(32).as_bytes()));
+    }
+
+    #[test]
+    fn sockudo_fixtures_verify_and_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/sockudo-webhooks");
+        let mut seen = 0;
+        for i in 1..=5 {
+            let path = dir.join(format!("0{i}.json"));
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let a = app(v["app_id"].as_str().unwrap(), v["secret"].as_str().unwrap());
+            let body = v["raw_body"].as_str().unwrap().as_bytes();
+            let sig = v["headers"]["x-pusher-signature"].as_str().unwrap();
+            assert!(a.verify(body, sig.as_bytes()), "fixture {i}");
+            let hook = parse(body).unwrap();
+            for e in &hook.events {
+                let head = event_head(e).unwrap();
+                let out = message_body(e, &head, &body_suffix(&a, hook.time_ms));
+                let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                let orig: serde_json::Value = serde_json::from_str(e.get()).unwrap();
+                for (k, val) in orig.as_object().unwrap() {
+                    assert_eq!(&got[k], val);
+                }
+                assert_eq!(got["app_id"], "app-id");
+                assert_eq!(got["time_ms"].as_u64().unwrap().to_string(), hook.time_ms);
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 5, "fixtures missing in {}", dir.display());
+    }
+
+    #[test]
+    fn every_event_type_keeps_its_fields_and_types() {
+        let a = app("123456", "s");
+        let body = br#"{"time_ms":1700000000000,"extra":true,"events":[
+            {"name":"channel_occupied","channel":"c1"},
+            {"name":"channel_vacated","channel":"c1"},
+            {"name":"member_added","channel":"presence-r","user_id":"u1"},
+            {"name":"member_removed","channel":"presence-r","user_id":"u1"},
+            {"name":"client_event","channel":"private-a.b","event":"client-x","data":"{\"a\":1}","socket_id":"1.2","user_id":"u"},
+            {"name":"cache_miss","channel":"cache-x","data":"{}"},
+            {"name":"subscription_count","channel":"c","subscription_count":5},
+            {"name":"member_updated","channel":"presence-r","future":[1,2.5,null,{"x":false}]}
+        ]}"#;
+        let hook = parse(body).unwrap();
+        assert_eq!(hook.events.len(), 8);
+        let suffix = body_suffix(&a, hook.time_ms);
+        for e in &hook.events {
+            let head = event_head(e).unwrap();
+            let out: serde_json::Value =
+                serde_json::from_slice(&message_body(e, &head, &suffix)).unwrap();
+            let orig: serde_json::Value = serde_json::from_str(e.get()).unwrap();
+            for (k, v) in orig.as_object().unwrap() {
+                assert_eq!(&out[k], v, "{k}");
+            }
+            assert_eq!(out["app_id"], "123456");
+            assert_eq!(out["time_ms"], 1_700_000_000_000u64);
+        }
+        let sc = event_head(hook.events[6]).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&message_body(hook.events[6], &sc, &suffix)).unwrap();
+        assert!(out["subscription_count"].is_number());
+    }
+
+    #[test]
+    fn body_splice_keeps_bytes_and_handles_empty_objects() {
+        let a = app("1", "s");
+        let suffix = body_suffix(&a, "5");
+        let e: &RawValue = serde_json::from_str(r#"{"channel":"c", "name":"n","x":1.50}"#).unwrap();
+        let head = event_head(e).unwrap();
+        assert_eq!(
+            String::from_utf8(message_body(e, &head, &suffix)).unwrap(),
+            r#"{"channel":"c", "name":"n","x":1.50,"app_id":"1","time_ms":5}"#
+        );
+        let reserved: &RawValue =
+            serde_json::from_str(r#"{"channel":"c","name":"n","app_id":"evil","time_ms":0}"#)
+                .unwrap();
+        let head = event_head(reserved).unwrap();
+        assert!(head.has_reserved_keys);
+        let out: serde_json::Value =
+            serde_json::from_slice(&message_body(reserved, &head, &suffix)).unwrap();
+        assert_eq!(out["app_id"], "1");
+        assert_eq!(out["time_ms"], 5);
+    }
+
+    #[test]
+    fn malformed_payloads_and_events() {
+        assert!(parse(b"not json").is_err());
+        assert!(parse(br#"{"events":[]}"#).is_err());
+        assert!(parse(br#"{"time_ms":1}"#).is_err());
+        assert!(parse(br#"{"time_ms":"1","events":[]}"#).is_err());
+        assert!(parse(br#"{"time_ms":1,"events":{}}"#).is_err());
+        assert!(parse(br#"[1]"#).is_err());
+        let hook = parse(
+            br#"{"time_ms":1.5e3,"events":[1,"x",{"name":"a"},{"channel":"c"},{"name":2,"channel":"c"},{"name":"a","channel":"a b"},{"name":"a","channel":"x>"},{"name":"","channel":"c"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(hook.time_ms, "1.5e3");
+        for e in hook.events {
+            assert!(event_head(e).is_err(), "{}", e.get());
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let e: &RawValue =
+            serde_json::from_str(r#"{"name":"client_event","channel":"private-\u0061"}"#).unwrap();
+        assert_eq!(event_head(e).unwrap().channel, "private-a");
+    }
+}

@@ -1,0 +1,416 @@
+//! Test harness: spawns the bridge on port 0 against the real brokers of this machine (or
+//! `NATS_URL` / `AMQP_URL`), with unique stream / subject names per test, and posts signed
+//! webhooks to it. `NatsServer` runs a private `nats-server` on a free port for tests that must
+//! kill the broker.
+
+#![allow(dead_code)] // Why: each test binary uses a different part of the shared harness.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pusher_bridge::config::{AppSettings, Secret, Settings};
+use pusher_bridge::webhook::AppRegistry;
+use tokio::sync::oneshot;
+
+/// The app every test configures.
+pub const APP_ID: &str = "123456";
+/// Its key.
+pub const APP_KEY: &str = "test-key";
+/// Its secret.
+pub const APP_SECRET: &str = "test-secret";
+
+/// NATS URL for tests.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// AMQP URL for tests.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test (or test run) uses.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        nanos % 100_000
+    )
+}
+
+/// Settings for one NATS test: unique prefix and streams, one app.
+pub fn nats_settings() -> Settings {
+    let mut s = Settings::default();
+    let id = unique("t");
+    s.server.listen = "127.0.0.1:0".into();
+    s.apps = vec![AppSettings {
+        id: APP_ID.into(),
+        key: APP_KEY.into(),
+        secret: Secret::new(APP_SECRET),
+    }];
+    s.broker.subject_prefix = id.to_lowercase();
+    s.broker.nats.url = pusher_bridge::config::SecretUrl::new(nats_url());
+    s.broker.nats.stream = format!("EV_{id}");
+    s.broker.nats.dlq_stream = format!("DLQ_{id}");
+    s.broker.nats.duplicate_window = Duration::from_secs(120);
+    s.spool.dir = std::env::temp_dir().join(format!("pusher-bridge-{id}"));
+    s
+}
+
+/// A running bridge.
+pub struct TestApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its settings.
+    pub settings: Settings,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+/// An HTTP answer.
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Body text.
+    pub body: String,
+}
+
+impl TestApp {
+    /// Spawns the bridge with `settings` on a free port and waits until /healthz answers.
+    pub async fn spawn(settings: Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let s = settings.clone();
+        let handle = tokio::spawn(async move {
+            pusher_bridge::run(listener, s, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("bridge failed");
+        });
+        let app = Self {
+            addr,
+            settings,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        for _ in 0..200 {
+            if app.get("/healthz").await.status == StatusCode::OK {
+                return app;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("bridge did not come up");
+    }
+
+    /// Spawns and waits until /readyz says ready (broker connected, streams declared).
+    pub async fn spawn_ready(settings: Settings) -> Self {
+        let app = Self::spawn(settings).await;
+        app.wait_ready().await;
+        app
+    }
+
+    /// Waits until /readyz is 200.
+    pub async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if self.get("/readyz").await.status == StatusCode::OK {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("bridge not ready");
+    }
+
+    /// GET a path.
+    pub async fn get(&self, path: &str) -> Answer {
+        self.request(
+            Request::get(format!("http://{}{path}", self.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Sends any request.
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Answer {
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .expect("request timed out")
+            .expect("request failed");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// POSTs `body` to the webhook path, signed with the test app's key.
+    pub async fn post_signed(&self, body: &str) -> Answer {
+        let sig = sign(APP_SECRET, body.as_bytes());
+        self.post_with(body, Some(APP_KEY), Some(&sig), Some("application/json"))
+            .await
+    }
+
+    /// POSTs `body` with the given headers (None leaves one out).
+    pub async fn post_with(
+        &self,
+        body: &str,
+        key: Option<&str>,
+        sig: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Answer {
+        let mut req = Request::post(format!(
+            "http://{}{}",
+            self.addr, self.settings.server.webhook_path
+        ));
+        if let Some(k) = key {
+            req = req.header("X-Pusher-Key", k);
+        }
+        if let Some(s) = sig {
+            req = req.header("X-Pusher-Signature", s);
+        }
+        if let Some(c) = content_type {
+            req = req.header("Content-Type", c);
+        }
+        self.request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            .await
+    }
+
+    /// The value of a metric line that starts with `prefix` (0 if absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.get("/metrics").await.body;
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Stops the bridge and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+        }
+    }
+}
+
+/// HMAC-SHA256 hex of `body` under `secret`, as Pusher signs.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let reg = AppRegistry::new(&[AppSettings {
+        id: "x".into(),
+        key: "x".into(),
+        secret: Secret::new(secret),
+    }]);
+    reg.get("x").unwrap().sign(body)
+}
+
+/// A webhook body holding `events` (JSON objects as text).
+pub fn webhook_body(time_ms: u64, events: &[&str]) -> String {
+    format!(r#"{{"time_ms":{time_ms},"events":[{}]}}"#, events.join(","))
+}
+
+/// One sample of every event type Pusher sends, plus an unknown one.
+pub fn every_event_type() -> Vec<&'static str> {
+    vec![
+        r#"{"name":"channel_occupied","channel":"private-a.b"}"#,
+        r#"{"name":"channel_vacated","channel":"public-news"}"#,
+        r#"{"name":"member_added","channel":"presence-room-1","user_id":"u1"}"#,
+        r#"{"name":"member_removed","channel":"presence-room-1","user_id":"u1"}"#,
+        r#"{"name":"client_event","channel":"private-chat","event":"client-typing","data":"{\"t\":1}","socket_id":"123.456"}"#,
+        r#"{"name":"cache_miss","channel":"cache-prices","data":"{}"}"#,
+        r#"{"name":"subscription_count","channel":"public-news","subscription_count":7}"#,
+        r#"{"name":"member_updated","channel":"presence-room-1","user_id":"u1","extra":{"n":[1,2.5,null]}}"#,
+    ]
+}
+
+/// JetStream context on the test NATS.
+pub async fn jetstream_ctx(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.expect("connect NATS");
+    jetstream::new(client)
+}
+
+/// A stored stream message, decoded for assertions.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Subject.
+    pub subject: String,
+    /// Headers as (name, value).
+    pub headers: Vec<(String, String)>,
+    /// Body as JSON.
+    pub body: serde_json::Value,
+    /// Raw body.
+    pub raw: Bytes,
+}
+
+impl Stored {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every message of `stream`, in order (waits up to 2 s for at least `min` of them).
+pub async fn stream_messages(js: &jetstream::Context, stream: &str, min: usize) -> Vec<Stored> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut s = js.get_stream(stream).await.expect("stream exists");
+        let info = s.info().await.unwrap().clone();
+        if info.state.messages as usize >= min || tokio::time::Instant::now() > deadline {
+            let mut out = Vec::new();
+            if info.state.messages == 0 {
+                return out;
+            }
+            for seq in info.state.first_sequence..=info.state.last_sequence {
+                let Ok(m) = s.get_raw_message(seq).await else {
+                    continue;
+                };
+                let headers = m
+                    .headers
+                    .iter()
+                    .flat_map(|(k, vs)| {
+                        vs.iter()
+                            .map(move |v| (k.to_string(), v.as_str().to_string()))
+                    })
+                    .collect();
+                out.push(Stored {
+                    subject: m.subject.to_string(),
+                    headers,
+                    body: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
+                    raw: m.payload.clone(),
+                });
+            }
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes the test's streams.
+pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
+    let _ = js.delete_stream(&settings.broker.nats.stream).await;
+    let _ = js.delete_stream(&settings.broker.nats.dlq_stream).await;
+}
+
+/// A private `nats-server` with JetStream on a free port and its own store directory.
+pub struct NatsServer {
+    /// Port it listens on.
+    pub port: u16,
+    /// Store directory.
+    pub dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    /// Starts one and waits until it accepts connections.
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts one on `port`.
+    pub async fn start_on(port: u16) -> Self {
+        let dir = std::env::temp_dir().join(unique("nats-store"));
+        let mut s = Self {
+            port,
+            dir,
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// URL to connect to.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again on the same port and store (after [`NatsServer::kill`]).
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let child = std::process::Command::new(bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("nats-server did not start");
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Subscribes to a core NATS subject (for live-delivery checks).
+pub async fn subscribe(url: &str, subject: &str) -> async_nats::Subscriber {
+    let c = async_nats::connect(url).await.unwrap();
+    let sub = c.subscribe(subject.to_string()).await.unwrap();
+    c.flush().await.unwrap();
+    sub
+}
+
+/// Next message of a subscriber within 2 s.
+pub async fn next_msg(sub: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
+    tokio::time::timeout(Duration::from_secs(2), sub.next())
+        .await
+        .ok()
+        .flatten()
+}
