@@ -211,6 +211,11 @@ pub enum BrokerKind {
     Nats,
     /// RabbitMQ (AMQP 0-9-1).
     Amqp,
+    /// Benchmark only: acknowledges every event at once and stores nothing. Exists only in
+    /// builds with the `bench-null-broker` cargo feature (never in a normal build), so the
+    /// benchmark can measure the HTTP path's ceiling.
+    #[cfg(feature = "bench-null-broker")]
+    Null,
 }
 
 /// `[broker]`: common publishing settings plus one section per broker.
@@ -758,5 +763,11 @@ mod tests {
         let back = Settings::from_toml(&text).unwrap();
         assert_eq!(back.apps[0].key, "k");
         assert_eq!(back.server.listen, s.server.listen);
+    }
+
+    #[test]
+    fn null_broker_exists_only_in_the_benchmark_build() {
+        let parsed = Settings::from_toml("[broker]\nkind = \"null\"\n");
+        assert_eq!(parsed.is_ok(), cfg!(feature = "bench-null-broker"));
     }
 }

@@ -6,6 +6,8 @@
 
 pub mod amqp;
 pub mod nats;
+#[cfg(feature = "bench-null-broker")]
+pub mod null;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -161,6 +163,9 @@ pub enum Broker {
     Nats(Box<nats::NatsBroker>),
     /// RabbitMQ.
     Amqp(Box<amqp::AmqpBroker>),
+    /// Benchmark only: acknowledges everything, stores nothing.
+    #[cfg(feature = "bench-null-broker")]
+    Null(null::NullBroker),
 }
 
 impl Broker {
@@ -174,6 +179,11 @@ impl Broker {
             BrokerKind::Amqp => Broker::Amqp(Box::new(
                 amqp::AmqpBroker::connect(settings, metrics).await?,
             )),
+            #[cfg(feature = "bench-null-broker")]
+            BrokerKind::Null => {
+                metrics.set_broker_up(true);
+                Broker::Null(null::NullBroker)
+            }
         })
     }
 
@@ -182,6 +192,8 @@ impl Broker {
         match self {
             Broker::Nats(b) => b.is_up(),
             Broker::Amqp(b) => b.is_up(),
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(b) => b.is_up(),
         }
     }
 
@@ -190,6 +202,8 @@ impl Broker {
         match self {
             Broker::Nats(b) => b.publish(msg, timeout).await,
             Broker::Amqp(b) => b.publish(msg, timeout).await,
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(b) => b.publish(msg, timeout).await,
         }
     }
 
@@ -202,6 +216,8 @@ impl Broker {
         match self {
             Broker::Nats(b) => b.publish_dead_letter(dl, timeout).await,
             Broker::Amqp(b) => b.publish_dead_letter(dl, timeout).await,
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(b) => b.publish_dead_letter(dl, timeout).await,
         }
     }
 
@@ -222,6 +238,8 @@ impl Broker {
         match self {
             Broker::Nats(b) => b.close().await,
             Broker::Amqp(b) => b.close().await,
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(b) => b.close().await,
         }
     }
 }
