@@ -174,6 +174,11 @@ pub struct ServerSettings {
     /// for 5 minutes and a freshness check cuts into that window.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub max_webhook_age: Option<Duration>,
+    /// Threads running the bridge's async work. 1 (the default) runs everything on one thread:
+    /// the least CPU per webhook and no cross-thread wake-ups, and one core carries tens of
+    /// thousands of webhooks a second (docs/performance.md). 0 starts one thread per CPU core;
+    /// n > 1 starts n, for machines where one core is not enough.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -186,6 +191,7 @@ impl Default for ServerSettings {
             body_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_webhook_age: None,
+            worker_threads: 1,
         }
     }
 }
