@@ -72,9 +72,31 @@ pub fn webhook_digest(app_id: &str, body: &[u8]) -> String {
     hex::encode(&digest[..16])
 }
 
-/// Message id of the event at `index` of the webhook with `digest`.
+/// Message id of the event at `index` of the webhook with `digest`: `<digest>-<index>`.
 pub fn message_id(digest: &str, index: usize) -> String {
-    format!("{digest}-{index}")
+    let mut id = String::with_capacity(digest.len() + 1 + 20);
+    id.push_str(digest);
+    id.push('-');
+    push_decimal(&mut id, index);
+    id
+}
+
+/// Appends `n` in decimal (what `format!` would write, without its formatting machinery: this
+/// runs once per event).
+fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[start..] {
+        out.push(char::from(d));
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +145,9 @@ mod tests {
         assert_ne!(d1, webhook_digest("1", b"body2"));
         assert_eq!(d1.len(), 32);
         assert_ne!(message_id(&d1, 0), message_id(&d1, 1));
+        for i in [0, 7, 10, 99, 12_345, usize::MAX] {
+            assert_eq!(message_id(&d1, i), format!("{d1}-{i}"));
+        }
     }
 
     #[test]

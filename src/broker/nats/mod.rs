@@ -5,10 +5,12 @@
 //! `/healthz` before NATS is reachable. Every time the connection comes up, the topology task
 //! makes sure both streams exist; the broker counts as up only once they do.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
 use async_nats::{ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
@@ -28,6 +30,8 @@ pub struct NatsBroker {
     topology_ready: Arc<AtomicBool>,
     prefix: String,
     settings: NatsSettings,
+    /// How long the JetStream context waits for an ack (`broker.publish_timeout`).
+    ack_timeout: Duration,
     topology_task: tokio::task::JoinHandle<()>,
 }
 
@@ -168,6 +172,7 @@ impl NatsBroker {
             topology_ready,
             prefix,
             settings: s,
+            ack_timeout: settings.broker.publish_timeout,
             topology_task,
         })
     }
@@ -201,15 +206,13 @@ impl NatsBroker {
 
     /// Publishes one event; `Ok` once JetStream has stored it (or recognised a duplicate).
     pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
-        let mut h = HeaderMap::new();
-        h.insert(async_nats::header::NATS_MESSAGE_ID, msg.msg_id.as_str());
-        h.insert("Content-Type", "application/json");
-        h.insert(headers::APP_ID, &*msg.app_id);
-        h.insert(headers::EVENT, msg.event.as_str());
-        h.insert(headers::CHANNEL, msg.channel.as_str());
-        h.insert(headers::TIME_MS, msg.time_ms.as_str());
-        self.send(msg.subject.clone(), h, msg.body.clone(), timeout)
-            .await
+        self.send(
+            msg.subject.clone(),
+            event_headers(msg),
+            msg.body.clone(),
+            timeout,
+        )
+        .await
     }
 
     /// Publishes one dead letter to `<prefix>_dlq.<app>.<reason>`.
@@ -219,16 +222,11 @@ impl NatsBroker {
         timeout: Duration,
     ) -> Result<(), PublishError> {
         let m = &dl.message;
-        let mut h = HeaderMap::new();
+        let mut h = event_headers(m);
         h.insert(
             async_nats::header::NATS_MESSAGE_ID,
             format!("dlq-{}", m.msg_id).as_str(),
         );
-        h.insert("Content-Type", "application/json");
-        h.insert(headers::APP_ID, &*m.app_id);
-        h.insert(headers::EVENT, m.event.as_str());
-        h.insert(headers::CHANNEL, m.channel.as_str());
-        h.insert(headers::TIME_MS, m.time_ms.as_str());
         h.insert(headers::DLQ_SUBJECT, m.subject.as_str());
         h.insert(headers::DLQ_MSG_ID, m.msg_id.as_str());
         h.insert(headers::DLQ_REASON, dl.reason.as_str());
@@ -252,16 +250,26 @@ impl NatsBroker {
         if !self.is_up() {
             return Err(PublishError::Unavailable("not connected to NATS".into()));
         }
+        let started = tokio::time::Instant::now();
+        let no_ack = || PublishError::Unavailable("no ack in time".into());
         let publish = PublishMessage::build().payload(body).headers(h);
-        let attempt = async {
-            let ack = self.js.send_publish(subject, publish).await?;
+        // Queueing is immediate unless the client's command channel is full: only then does
+        // this timeout arm a timer.
+        let ack = tokio::time::timeout(timeout, self.js.send_publish(subject, publish))
+            .await
+            .map_err(|_| no_ack())?
+            .map_err(classify)?;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        // The ack future has its own timer (`broker.publish_timeout`, set on the context); a
+        // second one is armed only when less time than that is left.
+        let acked = if remaining >= self.ack_timeout {
             ack.await
+        } else {
+            tokio::time::timeout(remaining, ack.into_future())
+                .await
+                .map_err(|_| no_ack())?
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
-            Ok(Ok(_ack)) => Ok(()),
-            Ok(Err(e)) => Err(classify(e)),
-        }
+        acked.map(|_| ()).map_err(classify)
     }
 
     /// Flushes pending publishes and stops the topology task.
@@ -294,6 +302,31 @@ fn classify(e: jetstream::context::PublishError) -> PublishError {
             detail,
         },
     }
+}
+
+/// Header names built once: a `HeaderName` from a `&str` is validated and copied on every insert.
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
+const APP_ID: HeaderName = HeaderName::from_static(headers::APP_ID);
+const EVENT: HeaderName = HeaderName::from_static(headers::EVENT);
+const CHANNEL: HeaderName = HeaderName::from_static(headers::CHANNEL);
+const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
+
+/// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and the app,
+/// event, channel and `time_ms` for consumers that filter without parsing the body.
+fn event_headers(msg: &Message) -> HeaderMap {
+    [
+        (
+            async_nats::header::NATS_MESSAGE_ID,
+            HeaderValue::from(msg.msg_id.as_str()),
+        ),
+        (CONTENT_TYPE, HeaderValue::from("application/json")),
+        (APP_ID, HeaderValue::from(&*msg.app_id)),
+        (EVENT, HeaderValue::from(msg.event.as_str())),
+        (CHANNEL, HeaderValue::from(msg.channel.as_str())),
+        (TIME_MS, HeaderValue::from(msg.time_ms.as_str())),
+    ]
+    .into_iter()
+    .collect()
 }
 
 /// NATS header values cannot hold line breaks.
