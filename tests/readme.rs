@@ -24,7 +24,10 @@ fn configuration_reference_is_a_valid_config() {
     assert_eq!(s.server.listen, d.server.listen);
     assert_eq!(s.server.max_body_bytes, d.server.max_body_bytes);
     assert_eq!(s.broker.publish_timeout, d.broker.publish_timeout);
-    assert_eq!(s.broker.nats.duplicate_window, d.broker.nats.duplicate_window);
+    assert_eq!(
+        s.broker.nats.duplicate_window,
+        d.broker.nats.duplicate_window
+    );
     assert_eq!(s.retention.lease_ttl, d.retention.lease_ttl);
     assert_eq!(s.spool.segment_bytes, d.spool.segment_bytes);
 }
@@ -41,6 +44,9 @@ fn metrics_table_lists_every_exported_family() {
     let text = readme();
     let section = &text[text.find("## Metrics").expect("metrics section")..];
     for name in pusher_bridge::metrics::EXPORTED_NAMES {
-        assert!(section.contains(&format!("`{name}`")), "{name} not in README");
+        assert!(
+            section.contains(&format!("`{name}`")),
+            "{name} not in README"
+        );
     }
 }
