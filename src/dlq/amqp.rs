@@ -235,7 +235,10 @@ pub async fn replay(
     let exchange = ShortString::try_new(a.exchange.as_str())
         .map_err(|e| DlqError::Operation(e.to_string()))?;
     let timeout = settings.broker.publish_timeout;
-    let mut summary = ReplaySummary::default();
+    let mut summary = ReplaySummary {
+        total: count,
+        ..Default::default()
+    };
     // Letters that stay, unacknowledged until the end so `basic.get` does not hand them out again.
     let mut held: Vec<Acker> = Vec::new();
     let mut window: FuturesOrdered<ConfirmFuture> = FuturesOrdered::new();

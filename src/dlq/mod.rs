@@ -271,11 +271,13 @@ pub struct LeftLetter {
 /// What a replay did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplaySummary {
+    /// Letters in the dead-letter queue when the replay started (the ones it works on).
+    pub total: u64,
     /// Letters looked at.
     pub seen: u64,
     /// Letters published, acknowledged and removed from the dead-letter queue.
     pub replayed: u64,
-    /// Letters that stay in the dead-letter queue.
+    /// Letters looked at that stay in the dead-letter queue.
     pub left: u64,
     /// The first [`MAX_LEFT_DETAILS`] letters that stay, with why.
     pub left_letters: Vec<LeftLetter>,
@@ -288,6 +290,22 @@ impl ReplaySummary {
     /// Whether every letter went and nothing stopped the replay (exit 0).
     pub fn all_replayed(&self) -> bool {
         self.left == 0 && self.stopped.is_none()
+    }
+
+    /// Letters of the run that are still in the dead-letter queue: those left plus, when the
+    /// replay stopped early, those it did not reach.
+    pub fn left_total(&self) -> u64 {
+        self.left + self.unreached()
+    }
+
+    /// Letters a replay that stopped early did not reach (0 for a complete run: letters that
+    /// vanished meanwhile, swept by retention, are not counted).
+    fn unreached(&self) -> u64 {
+        if self.stopped.is_some() {
+            self.total.saturating_sub(self.seen)
+        } else {
+            0
+        }
     }
 
     /// Counts one letter that stays.
@@ -307,7 +325,9 @@ impl ReplaySummary {
     pub fn line(&self) -> String {
         let mut s = format!(
             "replayed {} of {} dead letters; {} left in the dead-letter queue",
-            self.replayed, self.seen, self.left
+            self.replayed,
+            self.seen + self.unreached(),
+            self.left_total()
         );
         if let Some(why) = &self.stopped {
             s.push_str(&format!("; stopped early: {why}"));
@@ -422,8 +442,12 @@ pub async fn print_list(settings: &Settings, json: bool) -> Result<u64, DlqError
         .await
         .map_err(|e| DlqError::Output(std::io::Error::other(e.to_string())))?;
     let n = listed?;
-    written?;
-    Ok(n)
+    match written {
+        // The reader went away (`dlq list | head`): not an error of the listing.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(n),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(n),
+    }
 }
 
 /// `dlq replay`: publishes every replayable dead letter to its original subject / routing key
@@ -627,6 +651,7 @@ mod tests {
     #[test]
     fn summary_counts_and_caps_details() {
         let mut s = ReplaySummary {
+            total: 3,
             seen: 3,
             replayed: 2,
             ..Default::default()
@@ -645,10 +670,18 @@ mod tests {
         assert_eq!(s.left_letters.len(), MAX_LEFT_DETAILS);
         assert!(s.report().contains("... and 6 more"));
         let stopped = ReplaySummary {
+            total: 10,
+            seen: 4,
+            replayed: 3,
+            left: 1,
             stopped: Some("connection lost".into()),
             ..Default::default()
         };
         assert!(!stopped.all_replayed());
-        assert!(stopped.line().contains("stopped early: connection lost"));
+        assert_eq!(stopped.left_total(), 7, "the 6 not reached stay too");
+        assert_eq!(
+            stopped.line(),
+            "replayed 3 of 10 dead letters; 7 left in the dead-letter queue; stopped early: connection lost"
+        );
     }
 }

@@ -188,7 +188,10 @@ pub async fn replay(
     let mut cursor = Cursor::open(&js, &settings.broker.nats.dlq_stream).await?;
     progress.set_length(cursor.count);
     let timeout = settings.broker.publish_timeout;
-    let mut summary = ReplaySummary::default();
+    let mut summary = ReplaySummary {
+        total: cursor.count,
+        ..Default::default()
+    };
     let mut window: FuturesOrdered<AckFuture> = FuturesOrdered::new();
     loop {
         let r = match cursor.next().await {
