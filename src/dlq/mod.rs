@@ -29,6 +29,8 @@ pub const REPLAY_WINDOW: usize = 64;
 /// How many of the letters a replay left behind are kept in [`ReplaySummary::left_letters`];
 /// the rest are only counted, so a huge dead-letter queue cannot exhaust memory.
 pub const MAX_LEFT_DETAILS: usize = 100;
+/// How many "left:" lines [`ReplaySummary::report`] prints; `dlq list` shows them all.
+pub const REPORT_LINES: usize = 20;
 /// Width of the detail column of the table; longer details are cut.
 pub const DETAIL_WIDTH: usize = 60;
 
@@ -177,7 +179,7 @@ fn or_dash(s: &str) -> &str {
 pub fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<48}  {:<36}  DETAIL",
+        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  DETAIL",
         "POSITION", "FIRST FAILURE", "REASON", "TRY", "APP", "SUBJECT", "MESSAGE ID"
     )
 }
@@ -188,7 +190,7 @@ pub fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
 pub fn write_table_row(out: &mut impl Write, r: &DeadLetterRecord) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<48}  {:<36}  {}",
+        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  {}",
         r.position,
         r.first_failure(),
         or_dash(&r.reason),
@@ -335,11 +337,11 @@ impl ReplaySummary {
         s
     }
 
-    /// The summary line followed by one line per letter left (at most [`MAX_LEFT_DETAILS`]).
+    /// The summary line followed by one line per letter left (at most [`REPORT_LINES`]).
     pub fn report(&self) -> String {
         let mut s = self.line();
         s.push('\n');
-        for l in &self.left_letters {
+        for l in self.left_letters.iter().take(REPORT_LINES) {
             s.push_str(&format!(
                 "left: position {} msg id {} subject {}: {}\n",
                 l.position,
@@ -348,10 +350,11 @@ impl ReplaySummary {
                 l.why
             ));
         }
-        if self.left > self.left_letters.len() as u64 {
+        let shown = self.left_letters.len().min(REPORT_LINES) as u64;
+        if self.left > shown {
             s.push_str(&format!(
-                "left: ... and {} more\n",
-                self.left - self.left_letters.len() as u64
+                "left: ... and {} more (`pusher-bridge dlq list` shows every letter)\n",
+                self.left - shown
             ));
         }
         s
@@ -668,7 +671,8 @@ mod tests {
             s.leave(&full(), "again");
         }
         assert_eq!(s.left_letters.len(), MAX_LEFT_DETAILS);
-        assert!(s.report().contains("... and 6 more"));
+        assert!(s.report().contains("... and 86 more"));
+        assert_eq!(s.report().lines().count(), 1 + REPORT_LINES + 1);
         let stopped = ReplaySummary {
             total: 10,
             seen: 4,
