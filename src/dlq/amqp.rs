@@ -93,8 +93,8 @@ pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLett
     DeadLetterRecord::from_headers(position, header, stored_id, body.into())
 }
 
-/// Opens a channel and returns it with the number of letters in the DLQ queue.
-async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, u64), DlqError> {
+/// Opens a channel and returns it with the queue's name and its number of letters.
+async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortString, u64), DlqError> {
     let ch = conn
         .create_channel()
         .await
@@ -104,8 +104,11 @@ async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, u64), DlqE
         ..Default::default()
     };
     let name = ShortString::try_new(queue).map_err(|e| DlqError::Operation(e.to_string()))?;
-    match ch.queue_declare(name, passive, FieldTable::default()).await {
-        Ok(q) => Ok((ch, u64::from(q.message_count()))),
+    match ch
+        .queue_declare(name.clone(), passive, FieldTable::default())
+        .await
+    {
+        Ok(q) => Ok((ch, name, u64::from(q.message_count()))),
         Err(e) => Err(match e.kind() {
             lapin::ErrorKind::ProtocolError(p)
                 if p.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
@@ -123,11 +126,11 @@ async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, u64), DlqE
 /// Fetches the next letter without acknowledging it.
 async fn get(
     ch: &Channel,
-    queue: &str,
+    queue: &ShortString,
     position: u64,
 ) -> Result<Option<(DeadLetterRecord, Acker)>, DlqError> {
     let got = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
         .await
         .map_err(|e| DlqError::Operation(format!("cannot fetch from {queue}: {e}")))?;
     Ok(got.map(|m| {
@@ -151,7 +154,7 @@ pub async fn list(
 ) -> Result<u64, DlqError> {
     let queue = settings.broker.amqp.dlq_queue.as_str();
     let conn = connect(settings).await?;
-    let (ch, count) = match open_dlq(&conn, queue).await {
+    let (ch, queue, count) = match open_dlq(&conn, queue).await {
         Ok(x) => x,
         Err(e) => {
             close(&conn, &[]).await;
@@ -162,7 +165,7 @@ pub async fn list(
     let result = async {
         // Only the letters present at the start: new ones would otherwise keep the listing going.
         while n < count {
-            let Some((r, _acker)) = get(&ch, queue, n + 1).await? else {
+            let Some((r, _acker)) = get(&ch, &queue, n + 1).await? else {
                 break;
             };
             if tx.send(r).await.is_err() {
@@ -210,8 +213,10 @@ pub async fn replay(
     progress: &ProgressBar,
 ) -> Result<ReplaySummary, DlqError> {
     let a = &settings.broker.amqp;
+    let exchange = ShortString::try_new(a.exchange.as_str())
+        .map_err(|e| DlqError::Operation(format!("broker.amqp.exchange: {e}")))?;
     let conn = connect(settings).await?;
-    let (get_ch, count) = match open_dlq(&conn, &a.dlq_queue).await {
+    let (get_ch, dlq_queue, count) = match open_dlq(&conn, &a.dlq_queue).await {
         Ok(x) => x,
         Err(e) => {
             close(&conn, &[]).await;
@@ -232,8 +237,6 @@ pub async fn replay(
         )));
     }
     progress.set_length(count);
-    let exchange = ShortString::try_new(a.exchange.as_str())
-        .map_err(|e| DlqError::Operation(e.to_string()))?;
     let timeout = settings.broker.publish_timeout;
     let mut summary = ReplaySummary {
         total: count,
@@ -244,7 +247,7 @@ pub async fn replay(
     let mut window: FuturesOrdered<ConfirmFuture> = FuturesOrdered::new();
     let mut position = 0;
     while position < count {
-        let (r, acker) = match get(&get_ch, &a.dlq_queue, position + 1).await {
+        let (r, acker) = match get(&get_ch, &dlq_queue, position + 1).await {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
