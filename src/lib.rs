@@ -10,6 +10,7 @@
 //!   dead-letter refusals, answer only when every event is durable.
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
 //! - [`metrics`]: every Prometheus family, named in one place.
+//! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
@@ -18,7 +19,9 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod routing;
+pub mod sendtest;
 pub mod webhook;
 
 use std::future::Future;
