@@ -600,6 +600,12 @@ impl Settings {
                 ));
             }
         }
+        if self.broker.nats.user.is_some() != self.broker.nats.password.is_some() {
+            return Err(invalid(
+                "broker.nats.password",
+                "broker.nats.user and broker.nats.password go together",
+            ));
+        }
         if self.broker.nats.stream == self.broker.nats.dlq_stream {
             return Err(invalid(
                 "broker.nats.dlq_stream",
@@ -711,6 +717,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn nats_user_needs_a_password() {
+        let err = Settings::from_toml("[broker.nats]\nuser = \"bridge\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.password"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nuser = \"u\"\npassword = \"p\"\n").is_ok());
     }
 
     #[test]
