@@ -21,6 +21,7 @@ use pusher_bridge::config::{AppSettings, Secret, Settings};
 use pusher_bridge::webhook::AppRegistry;
 use tokio::sync::oneshot;
 
+pub mod deploy;
 pub mod process;
 
 /// The app every test configures.

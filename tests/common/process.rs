@@ -224,12 +224,30 @@ impl Drop for BridgeProcess {
 
 /// A minimal HTTP/1.1 GET to 127.0.0.1:`port` (independent of the crate's own client).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path, &[], "").await
+}
+
+/// A minimal HTTP/1.1 request to 127.0.0.1:`port`: (status, body), None when nothing answers.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.ok()?;
@@ -253,6 +271,23 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .await
         .ok()
         .flatten()
+}
+
+/// POSTs `body` to the bridge's webhook path, signed with the app of `settings_env`.
+pub async fn post_signed(port: u16, key: &str, secret: &str, body: &str) -> Option<(u16, String)> {
+    let signature = super::sign(secret, body.as_bytes());
+    http_request(
+        port,
+        "POST",
+        "/pusher/webhooks",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Pusher-Key", key),
+            ("X-Pusher-Signature", &signature),
+        ],
+        body,
+    )
+    .await
 }
 
 fn dechunk(mut body: &str) -> String {
