@@ -515,7 +515,9 @@ impl Settings {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                .filter(|k| k.as_str() != "config"),
+                // `PUSHER_BRIDGE_CONFIG` names the file and is no key; the name arrives in the
+                // environment's case, so compare without it.
+                .filter(|k| !k.as_str().eq_ignore_ascii_case("config")),
         );
         let settings: Settings = figment
             .extract()
