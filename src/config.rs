@@ -746,7 +746,7 @@ mod tests {
     #[test]
     fn secrets_never_show() {
         let s = Settings::from_toml(
-            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\npassword = \"natspw\"\n",
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\nuser = \"u\"\npassword = \"natspw\"\n",
         )
         .unwrap();
         for text in [format!("{s:?}"), s.to_redacted_toml()] {
