@@ -515,7 +515,9 @@ impl Settings {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                .filter(|k| k.as_str() != "config"),
+                // `PUSHER_BRIDGE_CONFIG` names the file and is no key; the name arrives in the
+                // environment's case, so compare without it.
+                .filter(|k| !k.as_str().eq_ignore_ascii_case("config")),
         );
         let settings: Settings = figment
             .extract()
@@ -599,6 +601,12 @@ impl Settings {
                     "stream names must be non-empty without `.`, `*`, `>`, slashes or spaces",
                 ));
             }
+        }
+        if self.broker.nats.user.is_some() != self.broker.nats.password.is_some() {
+            return Err(invalid(
+                "broker.nats.password",
+                "broker.nats.user and broker.nats.password go together",
+            ));
         }
         if self.broker.nats.stream == self.broker.nats.dlq_stream {
             return Err(invalid(
@@ -714,6 +722,15 @@ mod tests {
     }
 
     #[test]
+    fn nats_user_needs_a_password() {
+        let err = Settings::from_toml("[broker.nats]\nuser = \"bridge\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.password"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nuser = \"u\"\npassword = \"p\"\n").is_ok());
+    }
+
+    #[test]
     fn durations_and_overrides_parse() {
         let s = Settings::from_toml(
             "[retention.events]\nmax_age = \"2d\"\ninterval = \"5m\"\n[retention.events.overrides]\nclient_event = \"1d\"\n",
@@ -729,7 +746,7 @@ mod tests {
     #[test]
     fn secrets_never_show() {
         let s = Settings::from_toml(
-            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\npassword = \"natspw\"\n",
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\nuser = \"u\"\npassword = \"natspw\"\n",
         )
         .unwrap();
         for text in [format!("{s:?}"), s.to_redacted_toml()] {

@@ -11,6 +11,7 @@
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
+//! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
@@ -20,7 +21,9 @@ pub mod config;
 pub mod dlq;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod routing;
+pub mod sendtest;
 pub mod webhook;
 
 use std::future::Future;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pusher_bridge::config::{self, LogFormat, Settings};
+use pusher_bridge::{probe, sendtest};
 
 /// Receives Pusher Channels webhooks and publishes every event to NATS JetStream or RabbitMQ.
 #[derive(Parser)]
@@ -23,6 +24,24 @@ enum Command {
     Serve,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Sign sample webhooks with the first configured app and post them (a smoke test).
+    SendTest {
+        /// Where to post (default: http://<server.listen><server.webhook_path>).
+        #[arg(long)]
+        url: Option<String>,
+        /// One event type, or `all` (one webhook per event type).
+        #[arg(long, default_value = "all")]
+        event: String,
+    },
+    /// Probe the running bridge: GET /healthz on the configured listen address, exit 0 or 1.
+    Healthcheck {
+        /// Probe /readyz (can make events durable) instead of /healthz (process alive).
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this long (humantime, e.g. `3s`).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show or replay the dead letters of the configured broker.
     Dlq {
         #[command(subcommand)]
@@ -51,7 +70,11 @@ fn init_logs(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match settings.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -86,6 +109,8 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig => check_config(cli.config.as_ref()),
         Command::Serve => serve(cli.config.as_ref()),
         Command::Dlq { action } => dlq(cli.config.as_ref(), action),
+        Command::SendTest { url, event } => send_test(cli.config.as_ref(), url, &event),
+        Command::Healthcheck { ready, timeout } => healthcheck(cli.config.as_ref(), ready, timeout),
     };
     match result {
         Ok(code) => code,
@@ -127,6 +152,52 @@ fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::proces
                 std::process::ExitCode::from(EXIT_LETTERS_LEFT)
             })
         }
+    }
+}
+
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn send_test(
+    path: Option<&PathBuf>,
+    url: Option<String>,
+    event: &str,
+) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let selection: sendtest::Selection = event.parse()?;
+    let (url, results) =
+        small_runtime()?.block_on(sendtest::send_test(&settings, url.as_deref(), &selection))?;
+    for r in &results {
+        println!("{r}");
+    }
+    let accepted = results.iter().filter(|r| r.accepted()).count();
+    println!("{accepted} of {} webhooks accepted by {url}", results.len());
+    Ok(if accepted == results.len() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn healthcheck(
+    path: Option<&PathBuf>,
+    ready: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let probe_path = if ready { "/readyz" } else { "/healthz" };
+    let (url, answer) =
+        small_runtime()?.block_on(probe::healthcheck(&settings, probe_path, timeout))?;
+    if answer.status == hyper::StatusCode::OK {
+        println!("{url}: {}", answer.status);
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        eprintln!("{url}: {} {}", answer.status, answer.body.trim_end());
+        Ok(std::process::ExitCode::FAILURE)
     }
 }
 

@@ -21,6 +21,9 @@ use pusher_bridge::config::{AppSettings, Secret, Settings};
 use pusher_bridge::webhook::AppRegistry;
 use tokio::sync::oneshot;
 
+pub mod deploy;
+pub mod process;
+
 /// The app every test configures.
 pub const APP_ID: &str = "123456";
 /// Its key.
@@ -321,6 +324,8 @@ pub struct NatsServer {
     pub port: u16,
     /// Store directory.
     pub dir: PathBuf,
+    /// Extra command-line arguments (auth, TLS), passed on every (re)start.
+    pub args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -332,10 +337,16 @@ impl NatsServer {
 
     /// Starts one on `port`.
     pub async fn start_on(port: u16) -> Self {
+        Self::start_with_args(port, &[]).await
+    }
+
+    /// Starts one on `port` with extra `nats-server` arguments (e.g. `--user u --pass p`).
+    pub async fn start_with_args(port: u16, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(unique("nats-store"));
         let mut s = Self {
             port,
             dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.restart().await;
@@ -360,6 +371,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

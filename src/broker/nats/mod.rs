@@ -18,6 +18,8 @@ use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::routing;
 
+pub mod url_auth;
+
 /// The NATS JetStream broker.
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -53,6 +55,16 @@ pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerE
     }
     if let Some(token) = &s.token {
         opts = opts.token(token.expose().to_string());
+    }
+    if s.user.is_none() && s.token.is_none() && s.creds_file.is_none() {
+        // Credentials in the URL itself, which async-nats does not send on its own.
+        match url_auth::url_credentials(s.url.expose()) {
+            Some(url_auth::UrlCredentials::UserPassword(user, pass)) => {
+                opts = opts.user_and_password(user, pass);
+            }
+            Some(url_auth::UrlCredentials::Token(token)) => opts = opts.token(token),
+            None => {}
+        }
     }
     if let Some(ca) = &s.tls_ca_file {
         opts = opts.add_root_certificates(ca.clone()).require_tls(true);
