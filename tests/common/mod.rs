@@ -21,6 +21,8 @@ use pusher_bridge::config::{AppSettings, BrokerKind, Secret, SecretUrl, Settings
 use pusher_bridge::webhook::AppRegistry;
 use tokio::sync::oneshot;
 
+pub mod relay;
+
 /// The app every test configures.
 pub const APP_ID: &str = "123456";
 /// Its key.
@@ -566,17 +568,22 @@ async fn amqp_stored(queue: &str, min: usize) -> Vec<Stored> {
         .collect()
 }
 
-/// Deletes the test's exchanges and queues.
+/// Deletes the test's exchanges and queues (each on its own channel: deleting something that
+/// does not exist may close the channel).
 pub async fn amqp_delete(settings: &Settings) {
-    let (conn, ch) = amqp_channel().await;
+    let (conn, _) = amqp_channel().await;
     let a = &settings.broker.amqp;
     for q in [&a.queue, &a.dlq_queue] {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
     }
     for e in [&a.exchange, &a.dlq_exchange] {
-        let _ = ch
-            .exchange_delete(e.as_str().into(), Default::default())
-            .await;
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), Default::default())
+                .await;
+        }
     }
     let _ = conn.close(200, "done".into()).await;
 }
