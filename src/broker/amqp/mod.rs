@@ -191,6 +191,10 @@ impl Shared {
         self.current().is_some_and(|s| s.usable())
     }
 
+    fn connected(&self) -> bool {
+        self.current().is_some_and(|s| s.connected())
+    }
+
     fn pick(&self) -> Option<Arc<ChannelPublisher>> {
         let session = self.current()?;
         if !session.usable() {
@@ -259,9 +263,10 @@ impl Shared {
 }
 
 /// Keeps a session up: [`Shared::recover_once`] right away, then every [`HEALTH_INTERVAL`] (or
-/// at once when a connection event or a closed channel wakes it) while up, and with
-/// exponential backoff while down (wake-ups do not shorten the backoff, so a burst of
-/// webhooks cannot turn into a reconnect storm).
+/// at once when a connection event or a closed channel wakes it) while connected, and with
+/// exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
+/// cannot turn into a reconnect storm). A connected but blocked session is checked on the
+/// health interval, so the gauge follows an unblock promptly.
 async fn recovery_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -269,7 +274,7 @@ async fn recovery_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
         let up = shared.recover_once().await;
-        if up {
+        if up || shared.connected() {
             backoff = MIN_BACKOFF;
             tokio::select! {
                 _ = stop.changed() => return,
