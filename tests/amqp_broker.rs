@@ -571,3 +571,47 @@ async fn amqps_works_with_the_configured_ca_and_only_with_it() {
     app.stop().await;
     cleanup(BrokerKind::Amqp, &settings).await;
 }
+
+/// With `broker.declare = false` and no events exchange, RabbitMQ closes the channel with 404:
+/// the event is dead-lettered as `no_stream` (like NATS with no stream), the channel is reopened
+/// and the bridge stays ready for the next webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_exchange_dead_letters_as_no_stream_and_channels_reopen() {
+    let mut settings = amqp_settings();
+    settings.broker.declare = false;
+    settings.broker.amqp.channels = 1;
+    declare_dlq(&settings).await;
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    for i in 0..3 {
+        let r = app
+            .post_signed(&webhook_body(
+                10 + i,
+                &[r#"{"name":"channel_occupied","channel":"no-exchange"}"#],
+            ))
+            .await;
+        assert_eq!(r.status, 200, "webhook {i}: {}", r.body);
+        app.wait_ready().await;
+    }
+    let dead = amqp_deliveries(&settings.broker.amqp.dlq_queue, 3).await;
+    assert_eq!(dead.len(), 3);
+    for d in &dead {
+        assert_eq!(
+            header(d, "Pusher-Bridge-Reason").as_deref(),
+            Some("no_stream")
+        );
+        assert!(
+            header(d, "Pusher-Bridge-Detail")
+                .unwrap()
+                .contains("NOT_FOUND")
+        );
+    }
+    assert_eq!(
+        app.metric(
+            "pusher_bridge_events_dead_lettered_total{app_id=\"123456\",reason=\"no_stream\"}"
+        )
+        .await,
+        3.0
+    );
+    app.stop().await;
+    cleanup(BrokerKind::Amqp, &settings).await;
+}

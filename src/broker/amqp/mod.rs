@@ -39,6 +39,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest delay between connection attempts while RabbitMQ is down.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a publish looks again for an open channel while the connection's channels are
+/// being reopened.
+const CHANNEL_WAIT_STEP: Duration = Duration::from_millis(5);
 /// How often a healthy session is checked (connection events also wake the loop at once).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -204,18 +207,40 @@ impl Shared {
     }
 
     async fn send(&self, out: Outgoing, timeout: Duration) -> Result<(), PublishError> {
-        let Some(publisher) = self.pick() else {
-            return Err(PublishError::Unavailable(
-                "not connected to RabbitMQ".into(),
-            ));
-        };
-        let result = publisher.publish(out, timeout).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let publisher = self.pick_or_wait(deadline).await?;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = publisher.publish(out, remaining).await;
         if !publisher.is_open() {
             // The broker closed the channel (or the connection): repair now, not at the next
             // health check.
             self.wake.notify_one();
         }
         result
+    }
+
+    /// An open channel. When the connection is up but every channel was closed by a channel
+    /// error (the recovery loop reopens them within milliseconds), waits for one until
+    /// `deadline`; without a connection, or with a blocked one, it fails at once.
+    async fn pick_or_wait(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<ChannelPublisher>, PublishError> {
+        loop {
+            if let Some(p) = self.pick() {
+                return Ok(p);
+            }
+            let waitable = self
+                .current()
+                .is_some_and(|s| s.connected() && !s.blocked());
+            if !waitable || tokio::time::Instant::now() >= deadline {
+                return Err(PublishError::Unavailable(
+                    "not connected to RabbitMQ".into(),
+                ));
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(CHANNEL_WAIT_STEP).await;
+        }
     }
 
     async fn recover_once(&self) -> bool {

@@ -62,6 +62,8 @@ enum Answer {
 /// A publish whose confirm (or error) has arrived.
 struct Settled {
     msg_id: String,
+    /// The exchange it was published to (to tell its own channel error from another's).
+    exchange: String,
     reply: oneshot::Sender<Result<(), PublishError>>,
     answer: Answer,
     /// The returned message lapin attached to this confirm: its `message_id` and reply text.
@@ -162,6 +164,7 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
     let channel = channel.clone();
     in_flight.push(Box::pin(async move {
         let Request { out, reply } = req;
+        let exchange = out.exchange.to_string();
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -208,6 +211,7 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
         });
         Settled {
             msg_id: out.msg_id,
+            exchange,
             reply,
             answer,
             carried,
@@ -234,7 +238,7 @@ async fn settle(
             returns.note(s);
         }
         for s in undecided.drain(..) {
-            let verdict = decide(&s.answer, returns.take(&s.msg_id));
+            let verdict = decide(&s.answer, &s.exchange, returns.take(&s.msg_id));
             let _ = s.reply.send(verdict);
         }
         if fresh.is_empty() {
@@ -312,10 +316,11 @@ impl ReturnBook {
     }
 }
 
-/// The verdict of one publish from the broker's answer and its own return (if any).
-fn decide(answer: &Answer, returned: Option<String>) -> Result<(), PublishError> {
+/// The verdict of one publish to `exchange` from the broker's answer and its own return (if
+/// any).
+fn decide(answer: &Answer, exchange: &str, returned: Option<String>) -> Result<(), PublishError> {
     match (answer, returned) {
-        (Answer::Failed(e), _) => Err(classify(e)),
+        (Answer::Failed(e), _) => Err(classify(e, exchange)),
         (_, Some(detail)) => Err(PublishError::Refused {
             reason: DlqReason::Unroutable,
             detail: format!("returned by the broker: {detail}"),
@@ -328,14 +333,21 @@ fn decide(answer: &Answer, returned: Option<String>) -> Result<(), PublishError>
     }
 }
 
-/// Maps a lapin error of a publish to retry (unavailable) or give up (refused). Channel-level
-/// errors are the broker's answer about this message (the exchange is missing, access is
-/// refused, the message is too large); everything else is the connection.
-pub fn classify(e: &lapin::Error) -> PublishError {
+/// Maps a lapin error of a publish to `exchange` to retry (unavailable) or give up (refused).
+/// Channel-level errors are the broker's answer about a message (the exchange is missing,
+/// access is refused, the message is too large); everything else is the connection. A channel
+/// error closes the channel for every publish in flight on it, so an error that names another
+/// exchange was caused by another publish: this one is retried (on a reopened channel).
+pub fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
     let detail = e.to_string();
     let ErrorKind::ProtocolError(amqp) = e.kind() else {
         return PublishError::Unavailable(detail);
     };
+    if names_other_exchange(amqp.get_message().as_str(), exchange) {
+        return PublishError::Unavailable(format!(
+            "the channel was closed by another publish: {detail}"
+        ));
+    }
     match amqp.kind() {
         AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => PublishError::Refused {
             reason: DlqReason::NoStream,
@@ -363,6 +375,19 @@ pub fn classify(e: &lapin::Error) -> PublishError {
     }
 }
 
+/// Whether RabbitMQ's error text (`NOT_FOUND - no exchange 'x' in vhost '/'`) is about an
+/// exchange other than `exchange`.
+fn names_other_exchange(text: &str, exchange: &str) -> bool {
+    let Some(at) = text.find("exchange '") else {
+        return false;
+    };
+    let named = text[at + "exchange '".len()..]
+        .split('\'')
+        .next()
+        .unwrap_or("");
+    named != exchange
+}
+
 #[cfg(test)]
 mod tests {
     use lapin::protocol::{AMQPError, AMQPHardError};
@@ -376,6 +401,7 @@ mod tests {
     fn settled(id: &str, carried: Option<&str>) -> Settled {
         Settled {
             msg_id: id.into(),
+            exchange: "x".into(),
             reply: oneshot::channel().0,
             answer: Answer::Ack,
             carried: carried.map(|c| (c.to_string(), "312 NO_ROUTE".to_string())),
@@ -406,12 +432,12 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert!(decide(&Answer::Ack, None).is_ok());
-        match decide(&Answer::Nack, None) {
+        assert!(decide(&Answer::Ack, "x", None).is_ok());
+        match decide(&Answer::Nack, "x", None) {
             Err(PublishError::Refused { reason, .. }) => assert_eq!(reason, DlqReason::Nacked),
             other => panic!("{other:?}"),
         }
-        match decide(&Answer::Ack, Some("312 NO_ROUTE".into())) {
+        match decide(&Answer::Ack, "x", Some("312 NO_ROUTE".into())) {
             Err(PublishError::Refused { reason, detail }) => {
                 assert_eq!(reason, DlqReason::Unroutable);
                 assert!(detail.contains("NO_ROUTE"), "{detail}");
@@ -421,7 +447,7 @@ mod tests {
         let closed: lapin::Error =
             ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
         assert!(
-            decide(&Answer::Failed(closed), None)
+            decide(&Answer::Failed(closed), "x", None)
                 .unwrap_err()
                 .is_retryable()
         );
@@ -429,7 +455,7 @@ mod tests {
 
     #[test]
     fn classify_channel_errors_as_refusals_and_the_rest_as_unavailable() {
-        let reason = |e: &lapin::Error| match classify(e) {
+        let reason = |e: &lapin::Error| match classify(e, "x") {
             PublishError::Refused { reason, .. } => Some(reason),
             PublishError::Unavailable(_) => None,
         };
@@ -439,6 +465,14 @@ mod tests {
                 "NOT_FOUND - no exchange 'x' in vhost '/'"
             )),
             Some(DlqReason::NoStream)
+        );
+        // Another publish's missing exchange closed the shared channel: retry this one.
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'pusher.dlq' in vhost '/'"
+            )),
+            None
         );
         assert_eq!(
             reason(&protocol(

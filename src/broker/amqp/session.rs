@@ -103,12 +103,15 @@ impl Session {
         self.conn.status().connected()
     }
 
+    /// RabbitMQ blocked the connection (resource alarm): publishes would wait for the alarm.
+    pub fn blocked(&self) -> bool {
+        self.conn.status().blocked()
+    }
+
     /// Publishes can go out now: connected, not blocked by a resource alarm, and at least one
     /// channel open.
     pub fn usable(&self) -> bool {
-        self.connected()
-            && !self.conn.status().blocked()
-            && self.publishers.iter().any(|p| read(p).is_open())
+        self.connected() && !self.blocked() && self.publishers.iter().any(|p| read(p).is_open())
     }
 
     /// An open channel, starting the search at `n` (round robin across calls).
