@@ -1,7 +1,9 @@
 //! Test harness: spawns the bridge on port 0 against the real brokers of this machine (or
-//! `NATS_URL` / `AMQP_URL`), with unique stream / subject names per test, and posts signed
-//! webhooks to it. `NatsServer` runs a private `nats-server` on a free port for tests that must
-//! kill the broker.
+//! `NATS_URL` / `AMQP_URL`), with unique stream / exchange / queue / subject names per test, and
+//! posts signed webhooks to it. `settings_for`, `read_events`, `read_dead_letters` and `cleanup`
+//! take the broker kind, so one test body runs against both. `NatsServer` runs a private
+//! `nats-server` on a free port for tests that must kill the broker; [`relay::Relay`] stands in
+//! front of RabbitMQ for the AMQP tests that need it gone, frozen or behind TLS.
 
 #![allow(dead_code)] // Why: each test binary uses a different part of the shared harness.
 
