@@ -304,8 +304,14 @@ impl Bridge {
                     matches!(reason, DlqReason::Rejected | DlqReason::Nacked)
                 }
             };
+            // A refusal that is still refused at the end goes to the dead-letter queue inside
+            // the same deadline: keep a quarter of the budget for that publish.
+            let reserve = match &error {
+                PublishError::Refused { .. } => self.settings.broker.response_budget / 4,
+                PublishError::Unavailable(_) => Duration::ZERO,
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if !retry || remaining <= backoff + Duration::from_millis(10) {
+            if !retry || remaining <= backoff + reserve + Duration::from_millis(10) {
                 return Err(Failure {
                     error,
                     attempts,

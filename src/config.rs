@@ -325,6 +325,10 @@ pub struct AmqpSettings {
     pub tls_ca_file: Option<PathBuf>,
     /// Channels used for publishing (publishes are pipelined on each).
     pub channels: usize,
+    /// The `connection_name` client property, shown by the management UI and
+    /// `rabbitmqctl list_connections`, so operators (and tests) can tell this bridge's
+    /// connection apart from others on the same broker.
+    pub connection_name: String,
 }
 
 impl Default for AmqpSettings {
@@ -337,6 +341,7 @@ impl Default for AmqpSettings {
             dlq_queue: "pusher.dlq".into(),
             tls_ca_file: None,
             channels: 2,
+            connection_name: "pusher-bridge".into(),
         }
     }
 }
@@ -623,6 +628,13 @@ impl Settings {
             if name.is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
+            // AMQP short strings: longer names cannot be sent at all.
+            if name.len() > 255 {
+                return Err(invalid(key, "must be at most 255 bytes"));
+            }
+        }
+        if self.broker.amqp.connection_name.is_empty() {
+            return Err(invalid("broker.amqp.connection_name", "must not be empty"));
         }
         if self.broker.amqp.exchange == self.broker.amqp.dlq_exchange {
             return Err(invalid(
