@@ -45,8 +45,6 @@ async fn setup(settings: &Settings) -> jetstream::Context {
 
 async fn cleanup(js: &jetstream::Context, settings: &Settings) {
     delete_streams(js, settings).await;
-    let _ = js.delete_key_value(sweeper::lease_bucket(settings)).await;
-    let _ = js.delete_key_value(sweeper::state_bucket(settings)).await;
 }
 
 /// One message per event name (channel `c-<tag>`) and one dead letter, all acknowledged.
@@ -405,4 +403,88 @@ fn metric_value(text: &str, line_prefix: &str) -> f64 {
         .filter(|l| l.starts_with(line_prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[tokio::test]
+async fn the_server_runs_the_sweeper_and_stops_it_on_shutdown() {
+    let mut settings = nats_settings();
+    settings.retention.events.max_age = Duration::from_secs(1);
+    settings.retention.events.interval = Duration::from_millis(300);
+    settings.retention.dlq.interval = Duration::from_millis(300);
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    let js = jetstream_ctx(&nats_url()).await;
+    let body = webhook_body(1, &[r#"{"name":"channel_occupied","channel":"a"}"#]);
+    assert_eq!(app.post_signed(&body).await.status, 200);
+    assert_eq!(
+        stream_messages(&js, &settings.broker.nats.stream, 1)
+            .await
+            .len(),
+        1
+    );
+    wait_until_empty(&js, &settings.broker.nats.stream, Duration::from_secs(5)).await;
+    let success = r#"pusher_bridge_sweeper_runs_total{target="events",outcome="success"}"#;
+    assert!(app.metric(success).await >= 1.0);
+    assert!(
+        app.metric(r#"pusher_bridge_sweeper_purged_total{target="events"}"#)
+            .await
+            >= 1.0
+    );
+    let stopped = tokio::time::Instant::now();
+    app.stop().await;
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    cleanup(&js, &settings).await;
+}
+
+#[tokio::test]
+async fn sweep_once_on_the_command_line_prints_what_it_purged() {
+    let mut settings = nats_settings();
+    settings.retention.events.max_age = Duration::from_secs(1);
+    settings.retention.dlq.enabled = false;
+    let js = setup(&settings).await;
+    publish_batch(&js, &settings, "a").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.toml");
+    std::fs::write(&file, settings.to_redacted_toml()).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let cli = move |extra: &[&str]| {
+        let mut args = vec!["sweep", "--once", "--config", path.as_str()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pusher-bridge"))
+            .args(&args)
+            .env_remove("PUSHER_BRIDGE_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let dry = tokio::task::spawn_blocking({
+        let cli = cli.clone();
+        move || cli(&["--dry-run"])
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(out.contains("events (stream EV_"), "{out}");
+    assert!(out.contains("would purge 4 message(s)"), "{out}");
+    assert!(out.contains("dlq: disabled"), "{out}");
+    assert_eq!(remaining(&js, &settings.broker.nats.stream).await.len(), 4);
+
+    let real = tokio::task::spawn_blocking(move || cli(&[])).await.unwrap();
+    let out = String::from_utf8_lossy(&real.stdout);
+    assert!(
+        real.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&real.stderr)
+    );
+    assert!(out.contains("purged 4 message(s)"), "{out}");
+    assert!(
+        remaining(&js, &settings.broker.nats.stream)
+            .await
+            .is_empty()
+    );
+    cleanup(&js, &settings).await;
 }

@@ -173,7 +173,7 @@ impl NatsSweeper {
         if let Some(default) = plan.defaults_by_name {
             let below = first_young_seq(&view, &all, now, default).await?;
             let long_names = retention.longer_than_default();
-            let stored = self.cursor.load().await?;
+            let stored = self.cursor.load(!dry_run).await?;
             let resume = stored
                 .filter(|c| {
                     c.stream_created == view.created
@@ -264,10 +264,10 @@ impl NatsSweeper {
                         scan.complete = true;
                         return Ok(());
                     }
-                    if let Some(token) = policy::event_token(&view.prefix, &msg.subject) {
-                        if !scan.tokens.contains(token) {
-                            scan.tokens.insert(token.to_string());
-                        }
+                    if let Some(token) = policy::event_token(&view.prefix, &msg.subject)
+                        && !scan.tokens.contains(token)
+                    {
+                        scan.tokens.insert(token.to_string());
                     }
                     scan.next = seq + 1;
                     scanned += 1;

@@ -180,10 +180,8 @@ impl NatsLease {
     /// Takes the lease, or renews it when this replica holds it already.
     pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
         let store = self.store().await?;
-        if self.held.is_some() {
-            if self.renew(&store).await? {
-                return Ok(LeaseStatus::Held);
-            }
+        if self.held.is_some() && self.renew(&store).await? {
+            return Ok(LeaseStatus::Held);
         }
         let started = Instant::now();
         match store
@@ -265,13 +263,12 @@ impl NatsLease {
         let Some(held) = self.held.take() else {
             return;
         };
-        if let Some(store) = &self.store {
-            if let Err(e) = store
+        if let Some(store) = &self.store
+            && let Err(e) = store
                 .delete_expect_revision(LEASE_KEY, Some(held.revision))
                 .await
-            {
-                tracing::debug!(error = %e, "could not release the sweeper lease; it expires on its own");
-            }
+        {
+            tracing::debug!(error = %e, "could not release the sweeper lease; it expires on its own");
         }
     }
 }
@@ -322,8 +319,16 @@ impl CursorStore {
     }
 
     /// The stored cursor (`None` if absent or unreadable: the scan starts from the beginning).
-    pub(super) async fn load(&mut self) -> Result<Option<Cursor>, SweepError> {
-        let store = self.store().await?;
+    /// `create`: create the bucket if it is missing (false for dry runs, which change nothing).
+    pub(super) async fn load(&mut self, create: bool) -> Result<Option<Cursor>, SweepError> {
+        let store = match &self.store {
+            Some(s) => s.clone(),
+            None if create => self.store().await?,
+            None => match self.js.get_key_value(&self.bucket).await {
+                Ok(s) => s,
+                Err(_) => return Ok(None),
+            },
+        };
         let raw = store
             .get(CURSOR_KEY)
             .await
