@@ -231,6 +231,42 @@ async fn without_a_longer_override_default_and_shorter_override_purge_by_filter(
 }
 
 #[tokio::test]
+async fn dropping_a_long_override_rescans_what_the_cursor_had_skipped() {
+    let mut settings = nats_settings();
+    settings.retention.events.max_age = Duration::from_millis(2200);
+    settings.retention.events.overrides = BTreeMap::from([
+        ("channel_occupied".to_string(), Duration::from_secs(3600)),
+        ("member_added".to_string(), Duration::from_secs(3600)),
+    ]);
+    settings.retention.dlq.enabled = false;
+    let js = setup(&settings).await;
+    publish_batch(&js, &settings, "a").await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let mut first = Sweeper::new(Arc::new(settings.clone()), Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let run = first.sweep_once(&[Target::Events], false).await;
+    assert_eq!(report(&run[0]).purged(), 2, "{}", report(&run[0]));
+    first.release().await;
+
+    // `channel_occupied` falls back to the default: its old message is due now, although it
+    // sits below the cursor the first run stored.
+    settings.retention.events.overrides.remove("channel_occupied");
+    let mut second = Sweeper::new(Arc::new(settings.clone()), Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let run = second.sweep_once(&[Target::Events], false).await;
+    let events = report(&run[0]);
+    assert_eq!(events.purged_of("channel_occupied"), 1, "{events}");
+    assert_eq!(
+        remaining(&js, &settings.broker.nats.stream).await,
+        expect(&[("member_added", "a")])
+    );
+    second.release().await;
+    cleanup(&js, &settings).await;
+}
+
+#[tokio::test]
 async fn disabled_targets_are_left_alone() {
     let mut settings = nats_settings();
     rules(&mut settings);
