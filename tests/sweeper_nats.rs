@@ -251,7 +251,11 @@ async fn dropping_a_long_override_rescans_what_the_cursor_had_skipped() {
 
     // `channel_occupied` falls back to the default: its old message is due now, although it
     // sits below the cursor the first run stored.
-    settings.retention.events.overrides.remove("channel_occupied");
+    settings
+        .retention
+        .events
+        .overrides
+        .remove("channel_occupied");
     let mut second = Sweeper::new(Arc::new(settings.clone()), Arc::new(Metrics::new()))
         .await
         .unwrap();

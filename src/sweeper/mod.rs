@@ -134,7 +134,7 @@ impl fmt::Display for TargetReport {
         )?;
         for line in &self.lines {
             let scope = if line.scope == "*" {
-                "any event"
+                "any message"
             } else {
                 line.scope.as_str()
             };
@@ -199,16 +199,16 @@ pub struct Sweeper {
 }
 
 /// A name for this replica's lease: host, process id and start time.
-fn holder_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown-host".into());
+async fn holder_id() -> String {
+    let host = match std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()) {
+        Some(h) => h,
+        None => tokio::fs::read_to_string("/etc/hostname")
+            .await
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".into()),
+    };
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -222,7 +222,7 @@ impl Sweeper {
     pub async fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, SweepError> {
         let backend = match settings.broker.kind {
             BrokerKind::Nats => Backend::Nats(Box::new(
-                nats::NatsSweeper::new(settings.clone(), holder_id()).await?,
+                nats::NatsSweeper::new(settings.clone(), holder_id().await).await?,
             )),
             BrokerKind::Amqp => Backend::Amqp(Box::new(amqp::AmqpSweeper::new(settings.clone()))),
         };

@@ -8,6 +8,7 @@
 //! on the server and leaves the stream's own limits (`max_age`, `max_bytes`) working as before.
 
 use std::collections::BTreeSet;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,14 +21,16 @@ use super::{LeaseStatus, SweepError, TargetReport};
 use crate::config::Settings;
 use crate::routing;
 
-/// Timeout of one JetStream API request (purges of big streams take a while).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of one JetStream API request (a filtered purge deletes message by message).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a sweep waits for the connection before it counts as failed.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// Messages read per batch while scanning for event names.
 const SCAN_BATCH: usize = 1000;
 /// Messages scanned per run at most; the scan resumes there at the next run.
 pub(super) const SCAN_BUDGET: u64 = 2_000_000;
+/// Sequences covered by one filtered purge request.
+const PURGE_CHUNK: u64 = 10_000;
 /// Ephemeral consumers of the sweeper vanish this long after a crashed sweeper left them.
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
 
@@ -48,6 +51,9 @@ pub(super) struct NatsSweeper {
 struct View {
     stream: Stream,
     prefix: String,
+    /// The stream holds only `<prefix>.>`, so "every event" needs no filter (NATS then drops
+    /// whole blocks instead of deleting message by message).
+    whole: bool,
     first: u64,
     last: u64,
     created: String,
@@ -137,8 +143,10 @@ impl NatsSweeper {
             .await
             .map_err(|e| op_err(format_args!("cannot read stream {stream_name}"), e))?
             .clone();
+        let whole = info.config.subjects == [policy::all_filter(&prefix)];
         let view = View {
             stream,
+            whole,
             prefix,
             first: info.state.first_sequence,
             last: info.state.last_sequence,
@@ -152,7 +160,9 @@ impl NatsSweeper {
         // 1. Everything older than the longest retention.
         let all = policy::all_filter(&view.prefix);
         let floor = first_young_seq(&view, &all, now, plan.everything).await?;
-        let n = purge_or_count(&view, &all, 0, floor, dry_run).await?;
+        let n = self
+            .purge_or_count(&view, &all, 0, floor, dry_run, guarded)
+            .await?;
         report.push("*", plan.everything, n);
         if guarded {
             self.lease.keep().await?;
@@ -162,7 +172,9 @@ impl NatsSweeper {
         for (name, age) in &plan.per_event {
             let filter = policy::event_filter(&view.prefix, name);
             let below = first_young_seq(&view, &filter, now, *age).await?;
-            let n = purge_or_count(&view, &filter, floor, below, dry_run).await?;
+            let n = self
+                .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
+                .await?;
             report.push(name, *age, n);
             if guarded {
                 self.lease.keep().await?;
@@ -195,7 +207,9 @@ impl NatsSweeper {
                     continue;
                 }
                 let filter = policy::event_token_filter(&view.prefix, token);
-                let n = purge_or_count(&view, &filter, floor, below, dry_run).await?;
+                let n = self
+                    .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
+                    .await?;
                 report.push(&routing::unescape_token(token), default, n);
                 if guarded {
                     self.lease.keep().await?;
@@ -213,6 +227,80 @@ impl NatsSweeper {
             }
         }
         Ok(report)
+    }
+
+    /// Purges the messages of `filter` below `below` (returns how many went), or in a dry run
+    /// counts those in `[from, below)` (`from`: what earlier steps would already have purged).
+    ///
+    /// A filtered purge makes NATS delete message by message, so it goes in chunks of
+    /// [`PURGE_CHUNK`] sequences: each request stays well inside the request timeout and the lease
+    /// is renewed between them.
+    async fn purge_or_count(
+        &mut self,
+        view: &View,
+        filter: &str,
+        from: u64,
+        below: u64,
+        dry_run: bool,
+        guarded: bool,
+    ) -> Result<u64, SweepError> {
+        let from = from.max(view.first);
+        if below <= from {
+            return Ok(0);
+        }
+        if dry_run {
+            let at_from = pending_from(view, filter, from).await?;
+            let at_below = if below > view.last {
+                0
+            } else {
+                pending_from(view, filter, below).await?
+            };
+            return Ok(at_from.saturating_sub(at_below));
+        }
+        if view.whole && filter == policy::all_filter(&view.prefix) {
+            let request = view.stream.purge().sequence(below).into_future();
+            let response = self
+                .renewing(guarded, request)
+                .await?
+                .map_err(|e| op_err("cannot purge the stream", e))?;
+            return Ok(response.purged);
+        }
+        let mut purged = 0;
+        let mut upto = from;
+        while upto < below {
+            upto = upto.saturating_add(PURGE_CHUNK).min(below);
+            let request = view
+                .stream
+                .purge()
+                .filter(filter)
+                .sequence(upto)
+                .into_future();
+            let response = self
+                .renewing(guarded, request)
+                .await?
+                .map_err(|e| op_err(format_args!("cannot purge {filter}"), e))?;
+            purged += response.purged;
+        }
+        Ok(purged)
+    }
+
+    /// Awaits `request` while renewing the lease as it falls due (`guarded`), so a slow purge
+    /// never outlives the lease; stops with [`SweepError::LeaseLost`] if the lease ends.
+    async fn renewing<T>(
+        &mut self,
+        guarded: bool,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, SweepError> {
+        tokio::pin!(request);
+        if !guarded {
+            return Ok(request.await);
+        }
+        loop {
+            tokio::select! {
+                out = &mut request => return Ok(out),
+                () = tokio::time::sleep(self.lease.check_every()) => self.lease.keep().await?,
+            }
+        }
     }
 
     /// Reads subjects (headers only) of `[from, below)` and collects their event tokens.
@@ -354,38 +442,6 @@ async fn first_young_seq(
     .await;
     delete_consumer(&view.stream, &consumer).await;
     result
-}
-
-/// Purges the messages of `filter` below `below` (returns how many went), or in a dry run counts
-/// those in `[from, below)` (`from`: what earlier steps would already have purged).
-async fn purge_or_count(
-    view: &View,
-    filter: &str,
-    from: u64,
-    below: u64,
-    dry_run: bool,
-) -> Result<u64, SweepError> {
-    let from = from.max(view.first);
-    if below <= from {
-        return Ok(0);
-    }
-    if dry_run {
-        let at_from = pending_from(view, filter, from).await?;
-        let pending_below = if below > view.last {
-            0
-        } else {
-            pending_from(view, filter, below).await?
-        };
-        return Ok(at_from.saturating_sub(pending_below));
-    }
-    let response = view
-        .stream
-        .purge()
-        .filter(filter)
-        .sequence(below)
-        .await
-        .map_err(|e| op_err(format_args!("cannot purge {filter}"), e))?;
-    Ok(response.purged)
 }
 
 /// Messages of `filter` at or after `seq`, as the server counts them for a new consumer.

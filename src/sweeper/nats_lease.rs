@@ -239,6 +239,11 @@ impl NatsLease {
         }
     }
 
+    /// How often a long operation should call [`NatsLease::keep`].
+    pub(super) fn check_every(&self) -> Duration {
+        (self.ttl / 6).max(Duration::from_millis(50))
+    }
+
     /// Between runs and during long runs: renews once a third of the TTL has passed. Errors with
     /// [`SweepError::LeaseLost`] when the lease is gone, so a run stops before another replica
     /// could start.
