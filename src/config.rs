@@ -670,6 +670,14 @@ impl Settings {
         if self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be greater than 0"));
         }
+        for name in self.retention.events.overrides.keys() {
+            if name.is_empty() || name == "*" || name == ">" || name.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("retention.events.overrides.{name}"),
+                    "must be an event name: not empty, not `*` or `>`, without spaces",
+                ));
+            }
+        }
         if !self.retention.dlq.overrides.is_empty() {
             return Err(invalid(
                 "retention.dlq.overrides",
@@ -753,6 +761,14 @@ mod tests {
             s.retention.events.overrides["client_event"],
             Duration::from_secs(86400)
         );
+    }
+
+    #[test]
+    fn override_names_must_be_event_names() {
+        let err = Settings::from_toml("[retention.events.overrides]\n\">\" = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.events.overrides"), "{err}");
     }
 
     #[test]

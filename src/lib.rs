@@ -12,6 +12,8 @@
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
 //! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
+//! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
+//! - [`shutdown`]: the stop signal background tasks select on.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
@@ -24,6 +26,8 @@ pub mod metrics;
 pub mod probe;
 pub mod routing;
 pub mod sendtest;
+pub mod shutdown;
+pub mod sweeper;
 pub mod webhook;
 
 use std::future::Future;
@@ -61,7 +65,21 @@ pub async fn run(
         broker = ?bridge.settings().broker.kind,
         "pusher-bridge serving"
     );
+    // Background tasks stop when `shutdown` completes (or `serve` returns and drops the trigger).
+    let (stop_background, background) = shutdown::channel();
+    let sweeper = sweeper::spawn(
+        Arc::new(bridge.settings().clone()),
+        bridge.metrics().clone(),
+        background.clone(),
+    );
+    let shutdown = async move {
+        shutdown.await;
+        stop_background.trigger();
+    };
     http::serve(listener, bridge.clone(), shutdown).await;
+    if let Some(task) = sweeper {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     bridge.broker().close().await;
     Ok(())
 }

@@ -24,6 +24,15 @@ enum Command {
     Serve,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Trim old events and dead letters ([retention]); without --once, on schedule until stopped.
+    Sweep {
+        /// Run one sweep of every enabled target, print what it purged, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Count what would be purged and remove nothing (needs no lease).
+        #[arg(long, requires = "once")]
+        dry_run: bool,
+    },
     /// Sign sample webhooks with the first configured app and post them (a smoke test).
     SendTest {
         /// Where to post (default: http://<server.listen><server.webhook_path>).
@@ -111,6 +120,7 @@ fn main() -> std::process::ExitCode {
         Command::Dlq { action } => dlq(cli.config.as_ref(), action),
         Command::SendTest { url, event } => send_test(cli.config.as_ref(), url, &event),
         Command::Healthcheck { ready, timeout } => healthcheck(cli.config.as_ref(), ready, timeout),
+        Command::Sweep { once, dry_run } => sweep(cli.config.as_ref(), once, dry_run),
     };
     match result {
         Ok(code) => code,
@@ -217,4 +227,46 @@ fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn sweep(
+    path: Option<&PathBuf>,
+    once: bool,
+    dry_run: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use pusher_bridge::sweeper::{self, Sweeper, Target, TargetOutcome};
+    let settings = load(path)?;
+    if !once {
+        init_logs(&settings);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let settings = std::sync::Arc::new(settings);
+        let metrics = std::sync::Arc::new(pusher_bridge::metrics::Metrics::new());
+        let mut sweeper = Sweeper::new(settings, metrics).await?;
+        if !once {
+            let (stop, listener) = pusher_bridge::shutdown::channel();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.trigger();
+            });
+            sweeper::run_loop(sweeper, listener).await;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        let results = sweeper.sweep_once(&Target::ALL, dry_run).await;
+        sweeper.release().await;
+        let mut failed = false;
+        for (target, outcome) in &results {
+            println!("{}", outcome.describe(*target));
+            failed |= matches!(outcome, TargetOutcome::Failed(_));
+        }
+        Ok(if failed {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        })
+    })
 }

@@ -326,10 +326,16 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str, min: usize) 
     }
 }
 
-/// Deletes the test's streams.
+/// Deletes the test's streams (and the sweeper's KV buckets, which a running bridge creates).
 pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
     let _ = js.delete_stream(&settings.broker.nats.stream).await;
     let _ = js.delete_stream(&settings.broker.nats.dlq_stream).await;
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::lease_bucket(settings))
+        .await;
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::state_bucket(settings))
+        .await;
 }
 
 /// A private `nats-server` with JetStream on a free port and its own store directory.
