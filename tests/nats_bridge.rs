@@ -223,9 +223,11 @@ async fn every_status_code_of_the_table() {
 }
 
 #[tokio::test]
-async fn unreachable_broker_answers_503_and_readyz_says_so() {
+async fn unreachable_broker_and_no_spool_room_answers_503_and_readyz_says_so() {
     let mut settings = nats_settings();
     settings.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", free_port()));
+    // A spool too small for any webhook.
+    settings.spool.max_bytes = 64;
     let app = TestApp::spawn(settings).await;
     assert_eq!(app.get("/healthz").await.status, 200);
     assert_eq!(app.get("/readyz").await.status, 503);
@@ -383,6 +385,8 @@ async fn bridge_starts_before_nats_and_connects_when_it_appears() {
     let port = free_port();
     let mut settings = nats_settings();
     settings.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{port}"));
+    // No spool room, so readiness follows the broker alone.
+    settings.spool.max_bytes = 64;
     let app = TestApp::spawn(settings.clone()).await;
     assert_eq!(app.get("/readyz").await.status, 503);
     let mut server = NatsServer::start_on(port).await;

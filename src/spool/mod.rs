@@ -177,7 +177,7 @@ impl Spool {
             let shared = Arc::new(Shared {
                 dir: settings.dir.clone(),
                 max_bytes: settings.max_bytes,
-                room_min: room_min.min(settings.max_bytes),
+                room_min,
                 state: Mutex::new(state),
                 metrics,
                 appended: Notify::new(),
