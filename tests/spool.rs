@@ -235,7 +235,7 @@ async fn bridge_killed_with_sigkill_drains_its_spool_after_restart() {
         assert_eq!(a.status, 200, "{}", a.body);
         assert!(a.body.contains(r#""spooled":3"#), "{}", a.body);
     }
-    let total = webhooks as u64 * 3;
+    let total = webhooks * 3;
     assert_eq!(app.metric("pusher_bridge_spool_events").await, total as f64);
     assert_eq!(app.get("/readyz").await.status, 200, "the spool has room");
 
