@@ -11,12 +11,14 @@
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
 //! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
+//! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod dlq;
 pub mod http;
 pub mod metrics;
 pub mod routing;

@@ -23,6 +23,23 @@ enum Command {
     Serve,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Show or replay the dead letters of the configured broker.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show the dead letters (removes nothing).
+    List {
+        /// Print one JSON array with every field, the body included.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the dead letters to their original subjects; exit 0 only when none is left.
+    Replay,
 }
 
 fn load(cli_path: Option<&PathBuf>) -> anyhow::Result<Settings> {
@@ -68,6 +85,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(cli.config.as_ref()),
         Command::Serve => serve(cli.config.as_ref()),
+        Command::Dlq { action } => dlq(cli.config.as_ref(), action),
     };
     match result {
         Ok(code) => code,
@@ -82,6 +100,34 @@ fn check_config(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode
     let settings = load(path)?;
     print!("{}", settings.to_redacted_toml());
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Exit code of `dlq replay` when dead letters are left (1 stays for errors).
+const EXIT_LETTERS_LEFT: u8 = 2;
+
+fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match action {
+        DlqCommand::List { json } => {
+            runtime.block_on(pusher_bridge::dlq::print_list(&settings, json))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay => {
+            let bar = pusher_bridge::dlq::progress_bar();
+            let summary = runtime.block_on(pusher_bridge::dlq::replay(&settings, &bar))?;
+            print!("{}", summary.report());
+            Ok(if summary.all_replayed() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::from(EXIT_LETTERS_LEFT)
+            })
+        }
+    }
 }
 
 fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
