@@ -8,6 +8,9 @@
 //! the spool once to report the read side. With `--http` the whole bridge runs instead, its
 //! broker unreachable, and signed webhooks are posted to it over HTTP (keep-alive connections,
 //! one per concurrent client): the end-to-end figure including HTTP, signature check and parsing.
+//! With `--drain`, the last run's spool is drained to the NATS at `$NATS_URL` (default
+//! `nats://127.0.0.1:4222`) into a temporary stream instead of only being read back: the
+//! catch-up rate after an outage.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ struct Args {
     concurrency: Vec<usize>,
     dir: Option<PathBuf>,
     http: bool,
+    drain: bool,
 }
 
 fn args() -> Args {
@@ -34,11 +38,13 @@ fn args() -> Args {
         concurrency: vec![1, 16, 64, 256],
         dir: None,
         http: false,
+        drain: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--http" {
-            a.http = true;
+        if flag == "--http" || flag == "--drain" {
+            a.http |= flag == "--http";
+            a.drain |= flag == "--drain";
             continue;
         }
         let value = it.next().unwrap_or_default();
@@ -56,12 +62,12 @@ fn args() -> Args {
 }
 
 /// The records of webhook `w`, shaped like the bridge's (subject, id, body of ~150 bytes).
-fn webhook(w: usize, events: usize) -> Vec<Record> {
+fn webhook(w: usize, events: usize, prefix: &str) -> Vec<Record> {
     (0..events)
         .map(|i| {
             let channel = format!("presence-room-{}", w % 100);
             Record::Event(Message {
-                subject: format!("pusher.123456.member_added.{channel}"),
+                subject: format!("{prefix}.123456.member_added.{channel}"),
                 msg_id: format!("{w:016x}{i:04x}8f3a9c2e5b7d1f4a6c8e0b2d4f6a8c0e"),
                 body: Bytes::from(format!(
                     r#"{{"name":"member_added","channel":"{channel}","user_id":"user-{w}-{i}","app_id":"123456","time_ms":1700000000000}}"#
@@ -82,8 +88,11 @@ async fn run(dir: PathBuf, a: &Args, concurrency: usize) -> Result<(), Box<dyn s
         ..SpoolSettings::default()
     };
     let spool = Arc::new(Spool::open(&settings, 0, Arc::new(Metrics::new())).await?);
-    let payloads: Arc<Vec<Vec<Record>>> =
-        Arc::new((0..a.webhooks).map(|w| webhook(w, a.events)).collect());
+    let payloads: Arc<Vec<Vec<Record>>> = Arc::new(
+        (0..a.webhooks)
+            .map(|w| webhook(w, a.events, &prefix()))
+            .collect(),
+    );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
@@ -114,7 +123,9 @@ async fn run(dir: PathBuf, a: &Args, concurrency: usize) -> Result<(), Box<dyn s
         a.events,
         took
     );
-    if concurrency == *a.concurrency.last().unwrap_or(&0) {
+    if concurrency == *a.concurrency.last().unwrap_or(&0) && a.drain {
+        drain_to_nats(spool.clone()).await?;
+    } else if concurrency == *a.concurrency.last().unwrap_or(&0) {
         let started = Instant::now();
         let mut read = 0;
         loop {
@@ -132,6 +143,56 @@ async fn run(dir: PathBuf, a: &Args, concurrency: usize) -> Result<(), Box<dyn s
         );
     }
     spool.close().await;
+    Ok(())
+}
+
+/// Subject prefix of the bench's records (its own, so it overlaps no real stream).
+fn prefix() -> String {
+    format!("spoolbench{}", std::process::id())
+}
+
+/// Drains `spool` into a temporary stream of the local NATS and prints the rate.
+async fn drain_to_nats(spool: Arc<Spool>) -> Result<(), Box<dyn std::error::Error>> {
+    use pusher_bridge::broker::Broker;
+    use pusher_bridge::config::{SecretUrl, Settings};
+    use pusher_bridge::spool::drain::Drainer;
+
+    let mut settings = Settings::default();
+    let id = std::process::id();
+    settings.broker.subject_prefix = prefix();
+    settings.broker.nats.url = SecretUrl::new(
+        std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+    );
+    settings.broker.nats.stream = format!("SPOOLBENCH_{id}");
+    settings.broker.nats.dlq_stream = format!("SPOOLBENCH_DLQ_{id}");
+    let metrics = Arc::new(Metrics::new());
+    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await?);
+    if !broker.wait_up(std::time::Duration::from_secs(10)).await {
+        return Err("NATS is not reachable".into());
+    }
+    let events = spool.events();
+    let drainer = Drainer::new(
+        spool,
+        broker.clone(),
+        metrics,
+        settings.broker.publish_timeout,
+        settings.spool.drain_interval,
+    );
+    let started = Instant::now();
+    let report = drainer.drain_once().await?;
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "drained {events} spooled events to NATS JetStream: {:.0} events/s ({} published, {:.2} s)",
+        events as f64 / took,
+        report.published,
+        took
+    );
+    if let Broker::Nats(nats) = &*broker {
+        let js = nats.jetstream();
+        let _ = js.delete_stream(&settings.broker.nats.stream).await;
+        let _ = js.delete_stream(&settings.broker.nats.dlq_stream).await;
+    }
+    broker.close().await;
     Ok(())
 }
 

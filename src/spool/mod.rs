@@ -246,9 +246,9 @@ impl Spool {
         self.shared.state().disk_bytes
     }
 
-    /// Whether a webhook of the largest allowed size would still fit.
+    /// Whether a webhook of the largest allowed size would still fit (and the writer runs).
     pub fn has_room(&self) -> bool {
-        self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
+        !self.tx.is_closed() && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
     }
 
     /// The spool directory.
@@ -489,6 +489,18 @@ fn read_batch(shared: &Shared, max: usize) -> Result<Batch, SpoolError> {
         if cursor.offset >= end {
             // At the end of a sealed segment: go on with the next one and delete this one.
             let Some(next) = next_segment else {
+                let mut st = shared.state();
+                if st.drained() && st.events > 0 {
+                    // The count included records that turned out unreadable (damage found only
+                    // now): everything readable is drained.
+                    tracing::warn!(
+                        events = st.events,
+                        "spool count corrected: nothing readable is left"
+                    );
+                    st.events = 0;
+                    st.oldest_ms = None;
+                    shared.update_gauges(&st);
+                }
                 return Ok(Batch::default());
             };
             let path = segment::path(&shared.dir, cursor.segment);

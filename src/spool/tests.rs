@@ -292,3 +292,26 @@ async fn metrics_follow_the_spool() {
     );
     spool.close().await;
 }
+
+#[tokio::test]
+async fn damage_found_while_draining_skips_only_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(&settings(dir.path())).await;
+    spool.append(&records(0..3)).await.unwrap();
+    spool.append(&records(3..4)).await.unwrap();
+    // The disk corrupts record 2 after it was written (bit rot).
+    let seg = *segment_files(dir.path()).last().unwrap();
+    let path = segment::path(dir.path(), seg);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at: usize = (0..2)
+        .map(|i| record::encode(&event(i)).len())
+        .sum::<usize>()
+        + 20;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(spool.events(), 4);
+    let got = drain_all(&spool).await;
+    assert_eq!(got, [records(0..2), records(3..4)].concat());
+    assert!(spool.is_empty(), "{} left", spool.events());
+    spool.close().await;
+}
