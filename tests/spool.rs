@@ -541,3 +541,43 @@ async fn a_full_spool_answers_503_and_everything_accepted_arrives_later() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_spooled_events_and_drains_them() {
+    let port = free_port();
+    let mut settings = nats_settings();
+    settings.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{port}"));
+    let app = TestApp::spawn(settings.clone()).await;
+    for i in 0..5 {
+        let a = app
+            .post_signed(&webhook_body(
+                500 + i,
+                &[r#"{"name":"channel_occupied","channel":"restart"}"#],
+            ))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert!(a.body.contains(r#""spooled":1"#), "{}", a.body);
+    }
+    // Shutdown stops the drainer and the spool writer and lets go of the spool directory.
+    let started = Instant::now();
+    app.stop_keeping_spool().await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let server = NatsServer::start_on(port).await;
+    let app = TestApp::spawn(settings.clone()).await;
+    let js = jetstream_ctx(&server.url()).await;
+    app.wait_ready().await;
+    let count = wait_stream_count(
+        &js,
+        &settings.broker.nats.stream,
+        5,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(count, 5);
+    assert_eq!(
+        wait_metric(&app, "pusher_bridge_spool_events", 0.0).await,
+        0.0
+    );
+    app.stop().await;
+}
