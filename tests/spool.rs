@@ -279,9 +279,9 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
             .await
             .unwrap(),
     );
-    let msgs: Vec<Message> = (0..40)
-        .map(|i| event_message(&settings, i, "ord"))
-        .collect();
+    // More than two drain batches' worth.
+    let n = 1200;
+    let msgs: Vec<Message> = (0..n).map(|i| event_message(&settings, i, "ord")).collect();
     // One event was published before the outage: the drain must not store it twice.
     broker
         .publish(&msgs[5], Duration::from_secs(2))
@@ -302,15 +302,15 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
         subject: format!("nostream_{}.a", settings.broker.subject_prefix),
         ..event_message(&settings, 98, "nostream")
     };
-    for (n, chunk) in msgs.chunks(10).enumerate() {
+    for (k, chunk) in msgs.chunks(100).enumerate() {
         let mut records: Vec<Record> = chunk.iter().cloned().map(Record::Event).collect();
-        if n == 1 {
+        if k == 1 {
             records.push(Record::DeadLetter(malformed.clone()));
             records.push(Record::Event(no_stream.clone()));
         }
         spool.append(&records).await.unwrap();
     }
-    assert_eq!(spool.events(), 42);
+    assert_eq!(spool.events(), n as u64 + 2);
     let drainer = Drainer::new(
         spool.clone(),
         broker.clone(),
@@ -322,7 +322,7 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
     assert_eq!(
         report,
         DrainReport {
-            published: 40,
+            published: n,
             dead_lettered: 2,
             quarantined: 0,
             interrupted: false
@@ -330,10 +330,16 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
     );
     assert!(spool.is_empty());
     let js = jetstream_ctx(&nats_url()).await;
-    let ids = stream_ids(&js, &settings.broker.nats.stream, 40).await;
+    let ids = stream_ids(&js, &settings.broker.nats.stream, n).await;
     let mut want = vec!["ord-5".to_string()];
-    want.extend((0..40).filter(|&i| i != 5).map(|i| format!("ord-{i}")));
-    assert_eq!(ids, want);
+    want.extend((0..n).filter(|&i| i != 5).map(|i| format!("ord-{i}")));
+    let first_diff = ids.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(
+        (ids.len(), first_diff),
+        (want.len(), None),
+        "stream order differs at {first_diff:?}: {:?}",
+        first_diff.map(|i| &ids[i.saturating_sub(3)..(i + 5).min(ids.len())])
+    );
     let dead = stream_messages(&js, &settings.broker.nats.dlq_stream, 2).await;
     let reasons: Vec<_> = dead
         .iter()
@@ -343,7 +349,7 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
     assert_eq!(dead[1].header("Pusher-Bridge-Msg-Id"), Some("nostream-98"));
     let text = metrics.encode();
     assert!(
-        text.contains("pusher_bridge_spool_drained_total 42"),
+        text.contains(&format!("pusher_bridge_spool_drained_total {}", n + 2)),
         "{text}"
     );
     assert!(

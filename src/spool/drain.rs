@@ -2,9 +2,10 @@
 //! soon as the broker takes events again, and moves the spool's cursor only past records the
 //! broker acknowledged.
 //!
-//! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records
-//! published concurrently; [`Drainer::run`] calls it when an append lands, on an interval, and
-//! stops on shutdown. A refused event becomes a dead letter; a dead letter the dead-letter queue
+//! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records: the
+//! batch's events are handed to the broker in order and their acks awaited together
+//! ([`Broker::publish_in_order`]), so the stream keeps the arrival order; [`Drainer::run`] calls
+//! it when an append lands, on an interval, and stops on shutdown. A refused event becomes a dead letter; a dead letter the dead-letter queue
 //! refuses is kept aside in the quarantine file; an unavailable broker ends the pass (the records
 //! stay and are retried on the next one).
 
@@ -46,6 +47,17 @@ enum Outcome {
     Unavailable,
 }
 
+/// The event of a spooled record, if it is one.
+fn event_of(item: &Item) -> Option<&Message> {
+    match item {
+        Item::Record(s) => match &s.record {
+            record::Record::Event(m) => Some(m),
+            record::Record::DeadLetter(_) => None,
+        },
+        Item::Undecodable { .. } => None,
+    }
+}
+
 /// Publishes the spool's records to the broker.
 pub struct Drainer {
     spool: Arc<Spool>,
@@ -85,7 +97,17 @@ impl Drainer {
             if batch.is_empty() {
                 break;
             }
-            let outcomes = join_all(batch.items.iter().map(|item| self.deliver(item))).await;
+            let events: Vec<&Message> = batch.items.iter().filter_map(event_of).collect();
+            let mut first_tries = self
+                .broker
+                .publish_in_order(&events, self.publish_timeout)
+                .await
+                .into_iter();
+            let outcomes = join_all(batch.items.iter().map(|item| {
+                let first = event_of(item).and_then(|_| first_tries.next());
+                self.finish(item, first)
+            }))
+            .await;
             // The cursor moves only over an unbroken run of handled records.
             let done = outcomes
                 .iter()
@@ -135,8 +157,9 @@ impl Drainer {
         Ok(report)
     }
 
-    /// Publishes one record.
-    async fn deliver(&self, item: &Item) -> Outcome {
+    /// Finishes one record: an event whose first publish (`first`) was refused is retried or
+    /// dead-lettered; a spooled dead letter is published to the dead-letter queue.
+    async fn finish(&self, item: &Item, first: Option<Result<(), PublishError>>) -> Outcome {
         let spooled = match item {
             Item::Record(s) => s,
             Item::Undecodable { payload, error } => {
@@ -146,39 +169,37 @@ impl Drainer {
                 return Outcome::Quarantine(frame);
             }
         };
-        match &spooled.record {
-            record::Record::Event(m) => match self.publish(m).await {
-                Ok(()) => Outcome::Published,
-                Err((PublishError::Unavailable(_), _)) => Outcome::Unavailable,
-                Err((PublishError::Refused { reason, detail }, attempts)) => {
-                    let dl = DeadLetter {
-                        message: m.clone(),
-                        reason,
-                        detail,
-                        attempts,
-                        first_failure_ms: now_ms(),
-                    };
-                    self.dead_letter(&dl).await
-                }
-            },
-            record::Record::DeadLetter(dl) => self.dead_letter(dl).await,
-        }
-    }
-
-    /// Publishes an event, retrying refusals that may pass; the error and attempts made.
-    async fn publish(&self, m: &Message) -> Result<(), (PublishError, u32)> {
-        let mut attempts = 0;
-        loop {
+        let m = match &spooled.record {
+            record::Record::DeadLetter(dl) => return self.dead_letter(dl).await,
+            record::Record::Event(m) => m,
+        };
+        let mut result = first.unwrap_or_else(|| Err(PublishError::Unavailable("not sent".into())));
+        let mut attempts = 1;
+        // Refusals that may pass (`rejected`, `nacked`) are retried a little before giving up.
+        while let Err(PublishError::Refused {
+            reason: DlqReason::Rejected | DlqReason::Nacked,
+            ..
+        }) = &result
+        {
+            if attempts >= REFUSAL_ATTEMPTS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 << attempts)).await;
             attempts += 1;
-            match self.broker.publish(m, self.publish_timeout).await {
-                Ok(()) => return Ok(()),
-                Err(PublishError::Refused {
-                    reason: DlqReason::Rejected | DlqReason::Nacked,
-                    ..
-                }) if attempts < REFUSAL_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(50 << attempts)).await;
-                }
-                Err(e) => return Err((e, attempts)),
+            result = self.broker.publish(m, self.publish_timeout).await;
+        }
+        match result {
+            Ok(()) => Outcome::Published,
+            Err(PublishError::Unavailable(_)) => Outcome::Unavailable,
+            Err(PublishError::Refused { reason, detail }) => {
+                let dl = DeadLetter {
+                    message: m.clone(),
+                    reason,
+                    detail,
+                    attempts,
+                    first_failure_ms: now_ms(),
+                };
+                self.dead_letter(&dl).await
             }
         }
     }
