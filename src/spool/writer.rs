@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Position, Shared, SpoolError, create_segment, segment};
+use super::recover::create_segment;
+use super::{Position, Shared, SpoolError, segment};
 
 /// Appends queued before the writer pushes back on callers.
 const QUEUE: usize = 1024;
