@@ -5,7 +5,7 @@
 //! Storage is an append-only log of segment files ([`segment`]) holding checksummed frames
 //! ([`record`]). One writer thread appends and group-commits: every append waiting while an
 //! fsync runs goes into the next write and shares the next fsync. The drainer reads from a
-//! persisted cursor (`cursor` file) and deletes a segment once it is past its end; [`recover`]
+//! persisted cursor (`cursor` file) and deletes a segment once it is past its end; `recover`
 //! opens the directory after a restart. See `docs/spool.md` for the design, guarantees and
 //! limits.
 
