@@ -678,6 +678,9 @@ impl Settings {
                 ));
             }
         }
+        if self.spool.segment_bytes == 0 {
+            return Err(invalid("spool.segment_bytes", "must be greater than 0"));
+        }
         if !self.retention.dlq.overrides.is_empty() {
             return Err(invalid(
                 "retention.dlq.overrides",

@@ -418,7 +418,9 @@ fn server_connection_named(wanted: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_recovers_when_the_server_closes_its_connection() {
-    let settings = amqp_settings();
+    let mut settings = amqp_settings();
+    // No spool room, so readiness follows the broker alone.
+    settings.spool.max_bytes = 64;
     let name = settings.broker.amqp.connection_name.clone();
     let app = TestApp::spawn_ready(settings.clone()).await;
     let first = app
@@ -490,6 +492,8 @@ async fn the_bridge_starts_before_rabbitmq_and_follows_it_down_and_up() {
     let mut settings = amqp_settings();
     settings.broker.amqp.url =
         SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port));
+    // No spool room, so readiness follows the broker alone.
+    settings.spool.max_bytes = 64;
     let app = TestApp::spawn(settings.clone()).await;
     assert_eq!(app.get("/healthz").await.status, 200);
     assert_eq!(app.get("/readyz").await.status, 503);
@@ -549,6 +553,7 @@ async fn amqps_works_with_the_configured_ca_and_only_with_it() {
     // Without the CA the server's certificate is not trusted: never ready.
     let mut untrusted = amqp_settings();
     untrusted.broker.amqp.url = SecretUrl::new(url.clone());
+    untrusted.spool.max_bytes = 64;
     let app = TestApp::spawn(untrusted).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(app.get("/readyz").await.status, 503);

@@ -36,7 +36,7 @@ contract!(
     every_event_type_lands_on_its_subject_with_its_body,
     the_same_webhook_twice_gives_the_same_ids,
     every_status_code_of_the_table,
-    unreachable_broker_answers_503_and_readyz_says_so,
+    unreachable_broker_and_no_spool_room_answers_503_and_readyz_says_so,
     malformed_event_is_dead_lettered_and_siblings_published,
     sockudo_fixtures_are_accepted_byte_for_byte,
     rotated_keys_of_one_app_are_both_accepted,
@@ -259,9 +259,11 @@ async fn every_status_code_of_the_table(kind: BrokerKind) {
     cleanup(kind, &settings).await;
 }
 
-async fn unreachable_broker_answers_503_and_readyz_says_so(kind: BrokerKind) {
+async fn unreachable_broker_and_no_spool_room_answers_503_and_readyz_says_so(kind: BrokerKind) {
     let mut settings = settings_for(kind);
     unreachable(kind, &mut settings);
+    // A spool too small for any webhook.
+    settings.spool.max_bytes = 64;
     let app = TestApp::spawn(settings).await;
     assert_eq!(app.get("/healthz").await.status, 200);
     assert_eq!(app.get("/readyz").await.status, 503);

@@ -14,6 +14,8 @@ async fn bridge_starts_before_nats_and_connects_when_it_appears() {
     let port = free_port();
     let mut settings = nats_settings();
     settings.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{port}"));
+    // No spool room, so readiness follows the broker alone.
+    settings.spool.max_bytes = 64;
     let app = TestApp::spawn(settings.clone()).await;
     assert_eq!(app.get("/readyz").await.status, 503);
     let mut server = NatsServer::start_on(port).await;

@@ -127,6 +127,17 @@ impl TestApp {
         panic!("bridge did not come up");
     }
 
+    /// Talks to a bridge running elsewhere (another process) at `addr`; `stop` does nothing.
+    pub fn attach(addr: SocketAddr, settings: Settings) -> Self {
+        Self {
+            addr,
+            settings,
+            shutdown: None,
+            handle: None,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
     /// Spawns and waits until /readyz says ready (broker connected, streams declared).
     pub async fn spawn_ready(settings: Settings) -> Self {
         let app = Self::spawn(settings).await;
@@ -134,10 +145,13 @@ impl TestApp {
         app
     }
 
-    /// Waits until /readyz is 200.
+    /// Waits until /readyz is 200 and the broker is connected (with a spool, /readyz is 200
+    /// before the broker is).
     pub async fn wait_ready(&self) {
         for _ in 0..500 {
-            if self.get("/readyz").await.status == StatusCode::OK {
+            if self.get("/readyz").await.status == StatusCode::OK
+                && self.metric("pusher_bridge_broker_up").await == 1.0
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -210,8 +224,19 @@ impl TestApp {
             .sum()
     }
 
-    /// Stops the bridge and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops the bridge, waits for it, and removes its spool directory when it is a test's
+    /// temporary one.
+    pub async fn stop(self) {
+        let dir = self.settings.spool.dir.clone();
+        self.stop_keeping_spool().await;
+        let temp = std::env::temp_dir().join("pusher-bridge-");
+        if dir.to_string_lossy().starts_with(&*temp.to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Stops the bridge and waits for it; its spool stays (for a restart on the same spool).
+    pub async fn stop_keeping_spool(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -323,6 +348,26 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str, min: usize) 
             return out;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits up to `within` until `stream` holds at least `n` messages; the count it saw last.
+pub async fn wait_stream_count(
+    js: &jetstream::Context,
+    stream: &str,
+    n: u64,
+    within: Duration,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let count = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if count >= n || tokio::time::Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -184,9 +184,18 @@ impl BridgeProcess {
         self.wait_for("/healthz").await;
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until `/readyz` answers 200 and the broker is up (`/readyz` alone is 200 as soon
+    /// as the spool has room, before the broker's streams exist).
     pub async fn wait_ready(&mut self) {
         self.wait_for("/readyz").await;
+        for _ in 0..500 {
+            let metrics = self.get("/metrics").await.map(|(_, body)| body);
+            if metrics.is_some_and(|m| m.lines().any(|l| l == "pusher_bridge_broker_up 1")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("broker never up\nstderr:\n{}", self.stderr());
     }
 
     /// GET `path` over a plain HTTP/1.1 connection: (status, body), None when nothing answers.

@@ -213,15 +213,55 @@ impl NatsBroker {
 
     /// Publishes one event; `Ok` once JetStream has stored it (or recognised a duplicate).
     pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
-        let mut h = HeaderMap::new();
-        h.insert(async_nats::header::NATS_MESSAGE_ID, msg.msg_id.as_str());
-        h.insert("Content-Type", "application/json");
-        h.insert(headers::APP_ID, &*msg.app_id);
-        h.insert(headers::EVENT, msg.event.as_str());
-        h.insert(headers::CHANNEL, msg.channel.as_str());
-        h.insert(headers::TIME_MS, msg.time_ms.as_str());
-        self.send(msg.subject.clone(), h, msg.body.clone(), timeout)
-            .await
+        self.send(
+            msg.subject.clone(),
+            event_headers(msg),
+            msg.body.clone(),
+            timeout,
+        )
+        .await
+    }
+
+    /// Publishes `msgs` in their order: each is handed to the connection before the next, then
+    /// all acks are awaited together, so the stream stores them in this order. After the first
+    /// one that cannot be sent, the rest are not sent (`Unavailable`), so none overtakes it.
+    pub async fn publish_in_order(
+        &self,
+        msgs: &[&Message],
+        timeout: Duration,
+    ) -> Vec<Result<(), PublishError>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending = Vec::with_capacity(msgs.len());
+        let mut stopped = false;
+        for m in msgs {
+            if stopped || !self.is_up() {
+                stopped = true;
+                pending.push(Err(PublishError::Unavailable(
+                    "not sent: an earlier event could not be".into(),
+                )));
+                continue;
+            }
+            let publish = PublishMessage::build()
+                .payload(m.body.clone())
+                .headers(event_headers(m));
+            let sent =
+                tokio::time::timeout_at(deadline, self.js.send_publish(m.subject.clone(), publish))
+                    .await;
+            pending.push(match sent {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
+            });
+            stopped = matches!(pending.last(), Some(Err(e)) if e.is_retryable());
+        }
+        futures::future::join_all(pending.into_iter().map(|p| async move {
+            match tokio::time::timeout_at(deadline, p?).await {
+                Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
+                Ok(Ok(_ack)) => Ok(()),
+                Ok(Err(e)) => Err(classify(e)),
+            }
+        }))
+        .await
     }
 
     /// Publishes one dead letter to `<prefix>_dlq.<app>.<reason>`.
@@ -281,6 +321,18 @@ impl NatsBroker {
         self.topology_task.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
+}
+
+/// Headers of an event message.
+fn event_headers(msg: &Message) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(async_nats::header::NATS_MESSAGE_ID, msg.msg_id.as_str());
+    h.insert("Content-Type", "application/json");
+    h.insert(headers::APP_ID, &*msg.app_id);
+    h.insert(headers::EVENT, msg.event.as_str());
+    h.insert(headers::CHANNEL, msg.channel.as_str());
+    h.insert(headers::TIME_MS, msg.time_ms.as_str());
+    h
 }
 
 /// Maps a JetStream publish error to retry (unavailable) or give up (refused).
