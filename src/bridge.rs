@@ -4,7 +4,9 @@
 //!
 //! Per webhook: one HMAC over the body, one SHA-256 for the message ids, one borrowed parse, and
 //! all publishes in flight at once (bounded across webhooks by `broker.max_in_flight`), their acks
-//! awaited together within `broker.response_budget`.
+//! awaited together within `broker.response_budget`. What the broker cannot take in time goes to
+//! the local [`Spool`] (fsynced before the answer); while the spool holds events, new webhooks
+//! are appended behind them so they do not overtake them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms
 use crate::config::Settings;
 use crate::metrics::{EventLabels, Metrics};
 use crate::routing;
+use crate::spool::{Record, Spool, SpoolError};
 use crate::webhook::{self, AppKey, AppRegistry};
 
 /// Why a webhook was not accepted; [`crate::http`] maps each to its status code.
@@ -64,6 +67,7 @@ pub struct Bridge {
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
+    spool: Arc<Spool>,
 }
 
 /// A failed publish: the error and how many attempts were made.
@@ -74,8 +78,13 @@ struct Failure {
 }
 
 impl Bridge {
-    /// Builds the pipeline around a connected broker.
-    pub fn new(settings: Arc<Settings>, broker: Arc<Broker>, metrics: Arc<Metrics>) -> Self {
+    /// Builds the pipeline around a connected broker and an open spool.
+    pub fn new(
+        settings: Arc<Settings>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+        spool: Arc<Spool>,
+    ) -> Self {
         let apps = AppRegistry::new(&settings.apps);
         let in_flight = Arc::new(Semaphore::new(settings.broker.max_in_flight));
         Self {
@@ -84,7 +93,13 @@ impl Bridge {
             broker,
             metrics,
             in_flight,
+            spool,
         }
+    }
+
+    /// The spool (for the drainer and shutdown).
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
     }
 
     /// The broker (for readiness and shutdown).
@@ -102,9 +117,10 @@ impl Bridge {
         &self.settings
     }
 
-    /// Whether events can be made durable now (for `/readyz`).
+    /// Whether events can be made durable now (for `/readyz`): the broker is up or the spool
+    /// has room for a webhook.
     pub fn is_ready(&self) -> bool {
-        self.broker.is_up()
+        self.broker.is_up() || self.spool.has_room()
     }
 
     /// The app id configured for `key`, for metric labels of refused webhooks.
@@ -146,6 +162,14 @@ impl Bridge {
             }
         }
         let (messages, mut dead) = self.prepare(app, &hook, body);
+        if !self.spool.is_empty() {
+            // Earlier events are still waiting: queue behind them (the drainer keeps order).
+            let spooled = self.make_durable(messages, dead).await?;
+            return Ok(Accepted {
+                spooled,
+                ..Accepted::default()
+            });
+        }
 
         let results = self.publish_all(&messages, deadline).await;
         let mut accepted = Accepted::default();
@@ -194,7 +218,7 @@ impl Bridge {
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
         if !pending.is_empty() || !pending_dead.is_empty() {
-            accepted.spooled = self.make_durable(pending, pending_dead)?;
+            accepted.spooled = self.make_durable(pending, pending_dead).await?;
         }
         Ok(accepted)
     }
@@ -304,8 +328,14 @@ impl Bridge {
                     matches!(reason, DlqReason::Rejected | DlqReason::Nacked)
                 }
             };
+            // A refusal that is still refused at the end goes to the dead-letter queue inside
+            // the same deadline: keep a quarter of the budget for that publish.
+            let reserve = match &error {
+                PublishError::Refused { .. } => self.settings.broker.response_budget / 4,
+                PublishError::Unavailable(_) => Duration::ZERO,
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if !retry || remaining <= backoff + Duration::from_millis(10) {
+            if !retry || remaining <= backoff + reserve + Duration::from_millis(10) {
                 return Err(Failure {
                     error,
                     attempts,
@@ -317,18 +347,33 @@ impl Bridge {
         }
     }
 
-    /// Makes events the broker could not take durable elsewhere. Without a spool nothing can
-    /// hold them: the webhook is refused and Pusher retries (ids are deterministic, so events
-    /// already published are deduplicated).
-    fn make_durable(
+    /// Makes events the broker could not take durable on the local spool: appended as one unit
+    /// and fsynced before this returns. A full spool (or a disk error) refuses the webhook and
+    /// Pusher retries it (ids are deterministic, so events already published are deduplicated).
+    async fn make_durable(
         &self,
         pending: Vec<Message>,
         pending_dead: Vec<DeadLetter>,
     ) -> Result<usize, WebhookError> {
-        Err(WebhookError::Unavailable(format!(
-            "{} events could not be made durable",
-            pending.len() + pending_dead.len()
-        )))
+        let records: Vec<Record> = pending
+            .into_iter()
+            .map(Record::Event)
+            .chain(pending_dead.into_iter().map(Record::DeadLetter))
+            .collect();
+        match self.spool.append(&records).await {
+            Ok(()) => Ok(records.len()),
+            Err(e @ SpoolError::Full { .. }) => Err(WebhookError::Unavailable(format!(
+                "{} events could not be made durable: {e}",
+                records.len()
+            ))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write to the spool");
+                Err(WebhookError::Unavailable(format!(
+                    "{} events could not be made durable: {e}",
+                    records.len()
+                )))
+            }
+        }
     }
 }
 

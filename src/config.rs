@@ -336,6 +336,10 @@ pub struct AmqpSettings {
     pub tls_ca_file: Option<PathBuf>,
     /// Channels used for publishing (publishes are pipelined on each).
     pub channels: usize,
+    /// The `connection_name` client property, shown by the management UI and
+    /// `rabbitmqctl list_connections`, so operators (and tests) can tell this bridge's
+    /// connection apart from others on the same broker.
+    pub connection_name: String,
 }
 
 impl Default for AmqpSettings {
@@ -348,6 +352,7 @@ impl Default for AmqpSettings {
             dlq_queue: "pusher.dlq".into(),
             tls_ca_file: None,
             channels: 2,
+            connection_name: "pusher-bridge".into(),
         }
     }
 }
@@ -526,7 +531,9 @@ impl Settings {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                .filter(|k| k.as_str() != "config"),
+                // `PUSHER_BRIDGE_CONFIG` names the file and is no key; the name arrives in the
+                // environment's case, so compare without it.
+                .filter(|k| !k.as_str().eq_ignore_ascii_case("config")),
         );
         let settings: Settings = figment
             .extract()
@@ -611,6 +618,12 @@ impl Settings {
                 ));
             }
         }
+        if self.broker.nats.user.is_some() != self.broker.nats.password.is_some() {
+            return Err(invalid(
+                "broker.nats.password",
+                "broker.nats.user and broker.nats.password go together",
+            ));
+        }
         if self.broker.nats.stream == self.broker.nats.dlq_stream {
             return Err(invalid(
                 "broker.nats.dlq_stream",
@@ -626,6 +639,13 @@ impl Settings {
             if name.is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
+            // AMQP short strings: longer names cannot be sent at all.
+            if name.len() > 255 {
+                return Err(invalid(key, "must be at most 255 bytes"));
+            }
+        }
+        if self.broker.amqp.connection_name.is_empty() {
+            return Err(invalid("broker.amqp.connection_name", "must not be empty"));
         }
         if self.broker.amqp.exchange == self.broker.amqp.dlq_exchange {
             return Err(invalid(
@@ -660,6 +680,17 @@ impl Settings {
         }
         if self.spool.max_bytes == 0 {
             return Err(invalid("spool.max_bytes", "must be greater than 0"));
+        }
+        for name in self.retention.events.overrides.keys() {
+            if name.is_empty() || name == "*" || name == ">" || name.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("retention.events.overrides.{name}"),
+                    "must be an event name: not empty, not `*` or `>`, without spaces",
+                ));
+            }
+        }
+        if self.spool.segment_bytes == 0 {
+            return Err(invalid("spool.segment_bytes", "must be greater than 0"));
         }
         if !self.retention.dlq.overrides.is_empty() {
             return Err(invalid(
@@ -725,6 +756,15 @@ mod tests {
     }
 
     #[test]
+    fn nats_user_needs_a_password() {
+        let err = Settings::from_toml("[broker.nats]\nuser = \"bridge\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.password"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nuser = \"u\"\npassword = \"p\"\n").is_ok());
+    }
+
+    #[test]
     fn durations_and_overrides_parse() {
         let s = Settings::from_toml(
             "[retention.events]\nmax_age = \"2d\"\ninterval = \"5m\"\n[retention.events.overrides]\nclient_event = \"1d\"\n",
@@ -738,9 +778,17 @@ mod tests {
     }
 
     #[test]
+    fn override_names_must_be_event_names() {
+        let err = Settings::from_toml("[retention.events.overrides]\n\">\" = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.events.overrides"), "{err}");
+    }
+
+    #[test]
     fn secrets_never_show() {
         let s = Settings::from_toml(
-            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\npassword = \"natspw\"\n",
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2\"\n[broker.amqp]\nurl = \"amqp://u:pw123@h:5672/%2f\"\n[broker.nats]\nuser = \"u\"\npassword = \"natspw\"\n",
         )
         .unwrap();
         for text in [format!("{s:?}"), s.to_redacted_toml()] {

@@ -9,16 +9,27 @@
 //! - [`bridge`]: the pipeline shared by all brokers: publish concurrently, await every ack,
 //!   dead-letter refusals, answer only when every event is durable.
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
+//! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
+//! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
+//! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
+//! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
+//! - [`shutdown`]: the stop signal background tasks select on.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod dlq;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod routing;
+pub mod sendtest;
+pub mod shutdown;
+pub mod spool;
+pub mod sweeper;
 pub mod webhook;
 
 use std::future::Future;
@@ -30,22 +41,45 @@ use crate::bridge::Bridge;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::spool::drain::Drainer;
+use crate::spool::{Spool, SpoolError};
 
-/// Connects the broker and builds the webhook pipeline (no listener yet).
-pub async fn build(settings: Settings) -> Result<Arc<Bridge>, BrokerError> {
-    let settings = Arc::new(settings);
-    let metrics = Arc::new(Metrics::new());
-    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await?);
-    Ok(Arc::new(Bridge::new(settings, broker, metrics)))
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The broker could not be set up.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The spool directory could not be opened (or another process holds it).
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
-/// Runs the bridge on `listener` until `shutdown` completes, then drains in-flight webhooks and
-/// closes the broker connection.
+/// Opens the spool, connects the broker and builds the webhook pipeline (no listener yet, no
+/// background tasks).
+pub async fn build(settings: Settings) -> Result<Arc<Bridge>, StartError> {
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::new());
+    let spool = Arc::new(
+        Spool::open(
+            &settings.spool,
+            settings.server.max_body_bytes,
+            metrics.clone(),
+        )
+        .await?,
+    );
+    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await?);
+    Ok(Arc::new(Bridge::new(settings, broker, metrics, spool)))
+}
+
+/// Runs the bridge on `listener` until `shutdown` completes: serves webhooks and drains the
+/// spool in the background; on shutdown lets in-flight webhooks finish, stops the background
+/// tasks and closes the broker connection. Spooled events stay on disk for the next start.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), BrokerError> {
+) -> Result<(), StartError> {
     if settings.apps.is_empty() {
         tracing::warn!("no [[apps]] configured: every webhook will be refused with 401");
     }
@@ -56,7 +90,34 @@ pub async fn run(
         broker = ?bridge.settings().broker.kind,
         "pusher-bridge serving"
     );
+    // Background tasks stop when `shutdown` completes (or `serve` returns and drops the trigger).
+    let (stop_background, background) = shutdown::channel();
+    let sweeper = sweeper::spawn(
+        Arc::new(bridge.settings().clone()),
+        bridge.metrics().clone(),
+        background.clone(),
+    );
+    let drainer = Drainer::new(
+        bridge.spool().clone(),
+        bridge.broker().clone(),
+        bridge.metrics().clone(),
+        bridge.settings().broker.publish_timeout,
+        bridge.settings().spool.drain_interval,
+    );
+    let drainer = tokio::spawn(drainer.run(background));
+    let shutdown = async move {
+        shutdown.await;
+        stop_background.trigger();
+    };
     http::serve(listener, bridge.clone(), shutdown).await;
+    let wait = std::time::Duration::from_secs(5);
+    if tokio::time::timeout(wait, drainer).await.is_err() {
+        tracing::warn!("the spool drainer did not stop in time");
+    }
+    if let Some(task) = sweeper {
+        let _ = tokio::time::timeout(wait, task).await;
+    }
+    bridge.spool().close().await;
     bridge.broker().close().await;
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pusher_bridge::config::{self, LogFormat, Settings};
+use pusher_bridge::{probe, sendtest};
 
 /// mimalloc instead of the system allocator: the webhook path allocates small, short-lived
 /// buffers per event (message bodies, subjects, NATS headers); glibc malloc cost about a sixth
@@ -29,6 +30,50 @@ enum Command {
     Serve,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Trim old events and dead letters ([retention]); without --once, on schedule until stopped.
+    Sweep {
+        /// Run one sweep of every enabled target, print what it purged, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Count what would be purged and remove nothing (needs no lease).
+        #[arg(long, requires = "once")]
+        dry_run: bool,
+    },
+    /// Sign sample webhooks with the first configured app and post them (a smoke test).
+    SendTest {
+        /// Where to post (default: http://<server.listen><server.webhook_path>).
+        #[arg(long)]
+        url: Option<String>,
+        /// One event type, or `all` (one webhook per event type).
+        #[arg(long, default_value = "all")]
+        event: String,
+    },
+    /// Probe the running bridge: GET /healthz on the configured listen address, exit 0 or 1.
+    Healthcheck {
+        /// Probe /readyz (can make events durable) instead of /healthz (process alive).
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this long (humantime, e.g. `3s`).
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Show or replay the dead letters of the configured broker.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show the dead letters (removes nothing).
+    List {
+        /// Print one JSON array with every field, the body included.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the dead letters to their original subjects; exit 0 only when none is left.
+    Replay,
 }
 
 fn load(cli_path: Option<&PathBuf>) -> anyhow::Result<Settings> {
@@ -40,7 +85,11 @@ fn init_logs(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match settings.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -74,6 +123,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(cli.config.as_ref()),
         Command::Serve => serve(cli.config.as_ref()),
+        Command::Dlq { action } => dlq(cli.config.as_ref(), action),
+        Command::SendTest { url, event } => send_test(cli.config.as_ref(), url, &event),
+        Command::Healthcheck { ready, timeout } => healthcheck(cli.config.as_ref(), ready, timeout),
+        Command::Sweep { once, dry_run } => sweep(cli.config.as_ref(), once, dry_run),
     };
     match result {
         Ok(code) => code,
@@ -108,6 +161,80 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Exit code of `dlq replay` when dead letters are left (1 stays for errors).
+const EXIT_LETTERS_LEFT: u8 = 2;
+
+fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match action {
+        DlqCommand::List { json } => {
+            runtime.block_on(pusher_bridge::dlq::print_list(&settings, json))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay => {
+            let bar = pusher_bridge::dlq::progress_bar();
+            let summary = runtime.block_on(pusher_bridge::dlq::replay(&settings, &bar))?;
+            print!("{}", summary.report());
+            Ok(if summary.all_replayed() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::from(EXIT_LETTERS_LEFT)
+            })
+        }
+    }
+}
+
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn send_test(
+    path: Option<&PathBuf>,
+    url: Option<String>,
+    event: &str,
+) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let selection: sendtest::Selection = event.parse()?;
+    let (url, results) =
+        small_runtime()?.block_on(sendtest::send_test(&settings, url.as_deref(), &selection))?;
+    for r in &results {
+        println!("{r}");
+    }
+    let accepted = results.iter().filter(|r| r.accepted()).count();
+    println!("{accepted} of {} webhooks accepted by {url}", results.len());
+    Ok(if accepted == results.len() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+fn healthcheck(
+    path: Option<&PathBuf>,
+    ready: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let probe_path = if ready { "/readyz" } else { "/healthz" };
+    let (url, answer) =
+        small_runtime()?.block_on(probe::healthcheck(&settings, probe_path, timeout))?;
+    if answer.status == hyper::StatusCode::OK {
+        println!("{url}: {}", answer.status);
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        eprintln!("{url}: {} {}", answer.status, answer.body.trim_end());
+        Ok(std::process::ExitCode::FAILURE)
+    }
+}
+
 fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
     init_logs(&settings);
@@ -121,4 +248,46 @@ fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn sweep(
+    path: Option<&PathBuf>,
+    once: bool,
+    dry_run: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use pusher_bridge::sweeper::{self, Sweeper, Target, TargetOutcome};
+    let settings = load(path)?;
+    if !once {
+        init_logs(&settings);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let settings = std::sync::Arc::new(settings);
+        let metrics = std::sync::Arc::new(pusher_bridge::metrics::Metrics::new());
+        let mut sweeper = Sweeper::new(settings, metrics).await?;
+        if !once {
+            let (stop, listener) = pusher_bridge::shutdown::channel();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.trigger();
+            });
+            sweeper::run_loop(sweeper, listener).await;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        let results = sweeper.sweep_once(&Target::ALL, dry_run).await;
+        sweeper.release().await;
+        let mut failed = false;
+        for (target, outcome) in &results {
+            println!("{}", outcome.describe(*target));
+            failed |= matches!(outcome, TargetOutcome::Failed(_));
+        }
+        Ok(if failed {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        })
+    })
 }

@@ -207,6 +207,36 @@ impl Broker {
         }
     }
 
+    /// Publishes `msgs` so that the broker stores them in this order, acks awaited together
+    /// (the spool drainer's batches). After the first one that cannot be sent, the rest are not
+    /// sent. RabbitMQ publishes them one after the other, each confirm awaited before the next.
+    pub async fn publish_in_order(
+        &self,
+        msgs: &[&Message],
+        timeout: Duration,
+    ) -> Vec<Result<(), PublishError>> {
+        match self {
+            Broker::Nats(b) => b.publish_in_order(msgs, timeout).await,
+            Broker::Amqp(b) => {
+                let mut out = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    if out.last().is_some_and(|r: &Result<(), PublishError>| {
+                        r.as_ref().is_err_and(PublishError::is_retryable)
+                    }) {
+                        out.push(Err(PublishError::Unavailable(
+                            "not sent: an earlier event could not be".into(),
+                        )));
+                        continue;
+                    }
+                    out.push(b.publish(m, timeout).await);
+                }
+                out
+            }
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(_) => msgs.iter().map(|_| Ok(())).collect(),
+        }
+    }
+
     /// Publishes one dead letter to the dead-letter stream / queue and waits for the ack.
     pub async fn publish_dead_letter(
         &self,

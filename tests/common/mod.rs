@@ -1,7 +1,9 @@
 //! Test harness: spawns the bridge on port 0 against the real brokers of this machine (or
-//! `NATS_URL` / `AMQP_URL`), with unique stream / subject names per test, and posts signed
-//! webhooks to it. `NatsServer` runs a private `nats-server` on a free port for tests that must
-//! kill the broker.
+//! `NATS_URL` / `AMQP_URL`), with unique stream / exchange / queue / subject names per test, and
+//! posts signed webhooks to it. `settings_for`, `read_events`, `read_dead_letters` and `cleanup`
+//! take the broker kind, so one test body runs against both. `NatsServer` runs a private
+//! `nats-server` on a free port for tests that must kill the broker; [`relay::Relay`] stands in
+//! front of RabbitMQ for the AMQP tests that need it gone, frozen or behind TLS.
 
 #![allow(dead_code)] // Why: each test binary uses a different part of the shared harness.
 
@@ -17,9 +19,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use pusher_bridge::config::{AppSettings, Secret, Settings};
+use pusher_bridge::config::{AppSettings, BrokerKind, Secret, SecretUrl, Settings};
 use pusher_bridge::webhook::AppRegistry;
 use tokio::sync::oneshot;
+
+pub mod deploy;
+pub mod process;
+pub mod relay;
 
 /// The app every test configures.
 pub const APP_ID: &str = "123456";
@@ -121,6 +127,17 @@ impl TestApp {
         panic!("bridge did not come up");
     }
 
+    /// Talks to a bridge running elsewhere (another process) at `addr`; `stop` does nothing.
+    pub fn attach(addr: SocketAddr, settings: Settings) -> Self {
+        Self {
+            addr,
+            settings,
+            shutdown: None,
+            handle: None,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
     /// Spawns and waits until /readyz says ready (broker connected, streams declared).
     pub async fn spawn_ready(settings: Settings) -> Self {
         let app = Self::spawn(settings).await;
@@ -128,10 +145,13 @@ impl TestApp {
         app
     }
 
-    /// Waits until /readyz is 200.
+    /// Waits until /readyz is 200 and the broker is connected (with a spool, /readyz is 200
+    /// before the broker is).
     pub async fn wait_ready(&self) {
         for _ in 0..500 {
-            if self.get("/readyz").await.status == StatusCode::OK {
+            if self.get("/readyz").await.status == StatusCode::OK
+                && self.metric("pusher_bridge_broker_up").await == 1.0
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -204,8 +224,19 @@ impl TestApp {
             .sum()
     }
 
-    /// Stops the bridge and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops the bridge, waits for it, and removes its spool directory when it is a test's
+    /// temporary one.
+    pub async fn stop(self) {
+        let dir = self.settings.spool.dir.clone();
+        self.stop_keeping_spool().await;
+        let temp = std::env::temp_dir().join("pusher-bridge-");
+        if dir.to_string_lossy().starts_with(&*temp.to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Stops the bridge and waits for it; its spool stays (for a restart on the same spool).
+    pub async fn stop_keeping_spool(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -261,6 +292,10 @@ pub struct Stored {
     pub body: serde_json::Value,
     /// Raw body.
     pub raw: Bytes,
+    /// The message id (`Nats-Msg-Id` header / AMQP `message_id` property).
+    pub msg_id: Option<String>,
+    /// The content type (`Content-Type` header / AMQP `content_type` property).
+    pub content_type: Option<String>,
 }
 
 impl Stored {
@@ -296,8 +331,15 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str, min: usize) 
                             .map(move |v| (k.to_string(), v.as_str().to_string()))
                     })
                     .collect();
+                let header = |name: &str| {
+                    m.headers
+                        .get(name)
+                        .map(|v: &async_nats::HeaderValue| v.as_str().to_string())
+                };
                 out.push(Stored {
                     subject: m.subject.to_string(),
+                    msg_id: header("Nats-Msg-Id"),
+                    content_type: header("Content-Type"),
                     headers,
                     body: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
                     raw: m.payload.clone(),
@@ -309,10 +351,36 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str, min: usize) 
     }
 }
 
-/// Deletes the test's streams.
+/// Waits up to `within` until `stream` holds at least `n` messages; the count it saw last.
+pub async fn wait_stream_count(
+    js: &jetstream::Context,
+    stream: &str,
+    n: u64,
+    within: Duration,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let count = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if count >= n || tokio::time::Instant::now() > deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes the test's streams (and the sweeper's KV buckets, which a running bridge creates).
 pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
     let _ = js.delete_stream(&settings.broker.nats.stream).await;
     let _ = js.delete_stream(&settings.broker.nats.dlq_stream).await;
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::lease_bucket(settings))
+        .await;
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::state_bucket(settings))
+        .await;
 }
 
 /// A private `nats-server` with JetStream on a free port and its own store directory.
@@ -321,6 +389,8 @@ pub struct NatsServer {
     pub port: u16,
     /// Store directory.
     pub dir: PathBuf,
+    /// Extra command-line arguments (auth, TLS), passed on every (re)start.
+    pub args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
@@ -332,10 +402,16 @@ impl NatsServer {
 
     /// Starts one on `port`.
     pub async fn start_on(port: u16) -> Self {
+        Self::start_with_args(port, &[]).await
+    }
+
+    /// Starts one on `port` with extra `nats-server` arguments (e.g. `--user u --pass p`).
+    pub async fn start_with_args(port: u16, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(unique("nats-store"));
         let mut s = Self {
             port,
             dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.restart().await;
@@ -360,6 +436,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -413,4 +490,164 @@ pub async fn next_msg(sub: &mut async_nats::Subscriber) -> Option<async_nats::Me
         .await
         .ok()
         .flatten()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both brokers: the shared contract tests take a `BrokerKind` and use these.
+
+/// Settings for one test against `kind`: unique prefix, streams / exchanges / queues and AMQP
+/// connection name, one app.
+pub fn settings_for(kind: BrokerKind) -> Settings {
+    let mut s = nats_settings();
+    if kind == BrokerKind::Amqp {
+        let id = s.broker.subject_prefix.clone();
+        s.broker.kind = BrokerKind::Amqp;
+        s.broker.amqp.url = SecretUrl::new(amqp_url());
+        s.broker.amqp.exchange = format!("ev.{id}");
+        s.broker.amqp.queue = format!("ev.{id}");
+        s.broker.amqp.dlq_exchange = format!("dlq.{id}");
+        s.broker.amqp.dlq_queue = format!("dlq.{id}");
+        s.broker.amqp.connection_name = format!("pusher-bridge-test-{id}");
+    }
+    s
+}
+
+/// `settings` pointed at a port where no broker listens.
+pub fn unreachable(kind: BrokerKind, settings: &mut Settings) {
+    let port = free_port();
+    match kind {
+        BrokerKind::Nats => {
+            settings.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{port}"))
+        }
+        BrokerKind::Amqp => {
+            settings.broker.amqp.url =
+                SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+        }
+    }
+}
+
+/// The events stored by the bridge of `settings` (waits up to 2 s for at least `min`). On
+/// AMQP the messages are taken off the queue (`basic.get`), so read each queue once.
+pub async fn read_events(kind: BrokerKind, settings: &Settings, min: usize) -> Vec<Stored> {
+    match kind {
+        BrokerKind::Nats => {
+            let js = jetstream_ctx(&nats_url()).await;
+            stream_messages(&js, &settings.broker.nats.stream, min).await
+        }
+        BrokerKind::Amqp => amqp_stored(&settings.broker.amqp.queue, min).await,
+    }
+}
+
+/// The dead letters stored by the bridge of `settings` (as [`read_events`]).
+pub async fn read_dead_letters(kind: BrokerKind, settings: &Settings, min: usize) -> Vec<Stored> {
+    match kind {
+        BrokerKind::Nats => {
+            let js = jetstream_ctx(&nats_url()).await;
+            stream_messages(&js, &settings.broker.nats.dlq_stream, min).await
+        }
+        BrokerKind::Amqp => amqp_stored(&settings.broker.amqp.dlq_queue, min).await,
+    }
+}
+
+/// Deletes what the test's bridge declared.
+pub async fn cleanup(kind: BrokerKind, settings: &Settings) {
+    match kind {
+        BrokerKind::Nats => delete_streams(&jetstream_ctx(&nats_url()).await, settings).await,
+        BrokerKind::Amqp => amqp_delete(settings).await,
+    }
+}
+
+/// A test's own AMQP connection and channel.
+pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(
+        &amqp_url(),
+        lapin::ConnectionProperties::default()
+            .with_connection_name("pusher-bridge-test-reader".into()),
+    )
+    .await
+    .expect("connect RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Takes the messages of `queue` off it: waits up to 2 s until at least `min` arrived, then
+/// also takes whatever else is there (so duplicates show).
+pub async fn amqp_deliveries(queue: &str, min: usize) -> Vec<lapin::message::Delivery> {
+    let (conn, ch) = amqp_channel().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut out = Vec::new();
+    loop {
+        let got = ch
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        match got {
+            Some(m) => out.push(m.delivery),
+            None if out.len() >= min || tokio::time::Instant::now() > deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    out
+}
+
+/// A header of an AMQP message as text.
+pub fn amqp_header(p: &lapin::BasicProperties, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match p.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+async fn amqp_stored(queue: &str, min: usize) -> Vec<Stored> {
+    amqp_deliveries(queue, min)
+        .await
+        .into_iter()
+        .map(|d| {
+            let p = &d.properties;
+            let headers = p
+                .headers()
+                .as_ref()
+                .map(|h| {
+                    h.inner()
+                        .keys()
+                        .filter_map(|k| Some((k.to_string(), amqp_header(p, k.as_str())?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Stored {
+                subject: d.routing_key.to_string(),
+                headers,
+                body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                raw: Bytes::from(d.data.clone()),
+                msg_id: p.message_id().as_ref().map(|s| s.to_string()),
+                content_type: p.content_type().as_ref().map(|s| s.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// Deletes the test's exchanges and queues (each on its own channel: deleting something that
+/// does not exist may close the channel).
+pub async fn amqp_delete(settings: &Settings) {
+    let (conn, _) = amqp_channel().await;
+    let a = &settings.broker.amqp;
+    for q in [&a.queue, &a.dlq_queue] {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    }
+    for e in [&a.exchange, &a.dlq_exchange] {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
 }

@@ -1,44 +1,318 @@
-//! RabbitMQ (AMQP 0-9-1). Placeholder until the AMQP broker lands: connecting fails with a clear
-//! message, so `broker.kind = "amqp"` is refused at start-up rather than silently doing nothing.
+//! RabbitMQ (AMQP 0-9-1) through lapin: the same contract as the NATS broker (routing keys,
+//! bodies, ids, refusals), with publisher confirms and `mandatory` publishes.
+//!
+//! - [`tls`]: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
+//!   properties.
+//! - [`topology`]: exchanges, queues and bindings declared on every (re)connect.
+//! - [`session`]: one connection and its `broker.amqp.channels` publishing channels.
+//! - [`publish`]: pipelined publishes per channel, confirms and returns.
+//! - [`message`]: routing key, properties and headers.
+//!
+//! A background loop ([`AmqpBroker::recover_once`] on an interval and on connection events)
+//! connects, declares, and replaces the session when RabbitMQ restarts or closes the
+//! connection, with backoff. The bridge therefore starts while RabbitMQ is down; `is_up()` and
+//! `pusher_bridge_broker_up` follow the session.
 
-use std::sync::Arc;
+pub mod message;
+pub mod publish;
+pub mod session;
+pub mod tls;
+pub mod topology;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use lapin::types::ShortString;
+use tokio::sync::{Notify, watch};
+
+use self::publish::{ChannelPublisher, Outgoing};
+use self::session::{Session, SessionConfig};
 use super::{BrokerError, DeadLetter, Message, PublishError};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::routing;
+
+/// Longest a connection attempt (TCP, TLS, AMQP handshake, declarations) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry delay after a failed connection attempt; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay between connection attempts while RabbitMQ is down.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a publish looks again for an open channel while the connection's channels are
+/// being reopened.
+const CHANNEL_WAIT_STEP: Duration = Duration::from_millis(5);
+/// How often a healthy session is checked (connection events also wake the loop at once).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The RabbitMQ broker.
 pub struct AmqpBroker {
-    _private: (),
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    recovery: tokio::task::JoinHandle<()>,
+}
+
+/// State shared by the broker handle and its recovery loop.
+struct Shared {
+    cfg: SessionConfig,
+    prefix: String,
+    exchange: ShortString,
+    dlq_exchange: ShortString,
+    session: RwLock<Option<Arc<Session>>>,
+    /// Round-robin position over the channels.
+    next: AtomicUsize,
+    /// Wakes the recovery loop (connection error, closed channel).
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl AmqpBroker {
-    /// Connects (not implemented yet).
-    pub async fn connect(
-        _settings: &Settings,
-        _metrics: Arc<Metrics>,
-    ) -> Result<Self, BrokerError> {
-        Err(BrokerError::Connect(
-            "the AMQP broker is not implemented yet".into(),
-        ))
+    /// Checks the settings (URL, CA file) and starts the recovery loop; returns at once, before
+    /// RabbitMQ is reached.
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
+        let s = settings.broker.amqp.clone();
+        let uri = tls::parse_url(&s.url)?;
+        let tls_config = tls::tls_config(&s, &uri).await?;
+        let short = |key: &str, v: &str| {
+            ShortString::try_new(v)
+                .map_err(|_| BrokerError::Connect(format!("{key} is longer than 255 bytes")))
+        };
+        let exchange = short("broker.amqp.exchange", &s.exchange)?;
+        let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
+        let channels = s.channels.max(1);
+        let cfg = SessionConfig {
+            properties: tls::connection_properties(&s),
+            per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
+            declare: settings.broker.declare,
+            uri,
+            tls: tls_config,
+            settings: s,
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            prefix: settings.broker.subject_prefix.clone(),
+            exchange,
+            dlq_exchange,
+            session: RwLock::new(None),
+            next: AtomicUsize::new(0),
+            wake: Arc::new(Notify::new()),
+            metrics,
+        });
+        shared.metrics.set_broker_up(false);
+        let (shutdown, stop) = watch::channel(false);
+        let recovery = tokio::spawn(recovery_loop(shared.clone(), stop));
+        Ok(Self {
+            shared,
+            shutdown,
+            recovery,
+        })
     }
-    /// Whether the connection is up.
+
+    /// Connected, not blocked, and at least one channel open.
     pub fn is_up(&self) -> bool {
-        false
+        self.shared.is_up()
     }
-    /// Publishes one event.
-    pub async fn publish(&self, _msg: &Message, _timeout: Duration) -> Result<(), PublishError> {
-        Err(PublishError::Unavailable("AMQP not implemented".into()))
+
+    /// One pass of the recovery loop: replaces a dead session (connect, declare, open channels)
+    /// or reopens closed channels of a live one, then updates the gauge. Returns whether the
+    /// broker is up afterwards.
+    pub async fn recover_once(&self) -> bool {
+        self.shared.recover_once().await
     }
-    /// Publishes one dead letter.
+
+    /// `broker.amqp.connection_name`, as RabbitMQ lists the connection.
+    pub fn connection_name(&self) -> &str {
+        &self.shared.cfg.settings.connection_name
+    }
+
+    /// Publishes one event to `broker.amqp.exchange`; `Ok` once RabbitMQ confirmed it and did
+    /// not return it.
+    pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
+        let out = Outgoing {
+            exchange: self.shared.exchange.clone(),
+            routing_key: message::routing_key(&msg.subject)?,
+            msg_id: msg.msg_id.clone(),
+            body: msg.body.clone(),
+            properties: message::event_properties(msg, message::now_secs()),
+        };
+        self.shared.send(out, timeout).await
+    }
+
+    /// Publishes one dead letter to `broker.amqp.dlq_exchange` with routing key
+    /// `<prefix>_dlq.<app>.<reason>`.
     pub async fn publish_dead_letter(
         &self,
-        _dl: &DeadLetter,
-        _timeout: Duration,
+        dl: &DeadLetter,
+        timeout: Duration,
     ) -> Result<(), PublishError> {
-        Err(PublishError::Unavailable("AMQP not implemented".into()))
+        let m = &dl.message;
+        let subject = routing::dlq_subject(&self.shared.prefix, &m.app_id, dl.reason.as_str());
+        let out = Outgoing {
+            exchange: self.shared.dlq_exchange.clone(),
+            routing_key: message::routing_key(&subject)?,
+            msg_id: message::dead_letter_id(&m.msg_id),
+            body: m.body.clone(),
+            properties: message::dead_letter_properties(dl, message::now_secs()),
+        };
+        self.shared.send(out, timeout).await
     }
-    /// Closes the connection.
-    pub async fn close(&self) {}
+
+    /// Stops the recovery loop and closes the connection.
+    pub async fn close(&self) {
+        let _ = self.shutdown.send(true);
+        self.recovery.abort();
+        let session = self.shared.take_session();
+        if let Some(s) = session {
+            s.close("pusher-bridge shutting down").await;
+        }
+        self.shared.metrics.set_broker_up(false);
+    }
+}
+
+impl Drop for AmqpBroker {
+    fn drop(&mut self) {
+        self.recovery.abort();
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Session>> {
+        self.session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn take_session(&self) -> Option<Arc<Session>> {
+        self.session
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn is_up(&self) -> bool {
+        self.current().is_some_and(|s| s.usable())
+    }
+
+    fn connected(&self) -> bool {
+        self.current().is_some_and(|s| s.connected())
+    }
+
+    fn pick(&self) -> Option<Arc<ChannelPublisher>> {
+        let session = self.current()?;
+        if !session.usable() {
+            return None;
+        }
+        session.pick(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn send(&self, out: Outgoing, timeout: Duration) -> Result<(), PublishError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let publisher = self.pick_or_wait(deadline).await?;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = publisher.publish(out, remaining).await;
+        if !publisher.is_open() {
+            // The broker closed the channel (or the connection): repair now, not at the next
+            // health check.
+            self.wake.notify_one();
+        }
+        result
+    }
+
+    /// An open channel. When the connection is up but every channel was closed by a channel
+    /// error (the recovery loop reopens them within milliseconds), waits for one until
+    /// `deadline`; without a connection, or with a blocked one, it fails at once.
+    async fn pick_or_wait(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<ChannelPublisher>, PublishError> {
+        loop {
+            if let Some(p) = self.pick() {
+                return Ok(p);
+            }
+            let waitable = self
+                .current()
+                .is_some_and(|s| s.connected() && !s.blocked());
+            if !waitable || tokio::time::Instant::now() >= deadline {
+                return Err(PublishError::Unavailable(
+                    "not connected to RabbitMQ".into(),
+                ));
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(CHANNEL_WAIT_STEP).await;
+        }
+    }
+
+    async fn recover_once(&self) -> bool {
+        match self.current() {
+            Some(s) if s.connected() => match s.repair(self.cfg.per_channel_in_flight).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(channels = n, "reopened AMQP channels"),
+                Err(e) => tracing::warn!(error = %e, "cannot reopen an AMQP channel"),
+            },
+            _ => {
+                if let Some(old) = self.take_session() {
+                    old.close("reconnecting").await;
+                }
+                let opened = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    Session::open(&self.cfg, self.wake.clone(), self.metrics.clone()),
+                )
+                .await;
+                match opened {
+                    Ok(Ok(session)) => {
+                        *self.session.write().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Arc::new(session));
+                        tracing::info!(
+                            url = %self.cfg.settings.url.redacted(),
+                            connection_name = %self.cfg.settings.connection_name,
+                            exchange = %self.cfg.settings.exchange,
+                            declared = self.cfg.declare,
+                            "connected to RabbitMQ"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot connect to RabbitMQ; retrying")
+                    }
+                    Err(_) => tracing::warn!(
+                        timeout_ms = CONNECT_TIMEOUT.as_millis() as u64,
+                        "connecting to RabbitMQ timed out; retrying"
+                    ),
+                }
+            }
+        }
+        let up = self.is_up();
+        self.metrics.set_broker_up(up);
+        up
+    }
+}
+
+/// Keeps a session up: [`Shared::recover_once`] right away, then every [`HEALTH_INTERVAL`] (or
+/// at once when a connection event or a closed channel wakes it) while connected, and with
+/// exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
+/// cannot turn into a reconnect storm). A connected but blocked session is checked on the
+/// health interval, so the gauge follows an unblock promptly.
+async fn recovery_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let up = shared.recover_once().await;
+        if up || shared.connected() {
+            backoff = MIN_BACKOFF;
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            }
+        } else {
+            let wait = backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
 }

@@ -20,6 +20,8 @@ use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::routing;
 
+pub mod url_auth;
+
 /// The NATS JetStream broker.
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -57,6 +59,16 @@ pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerE
     }
     if let Some(token) = &s.token {
         opts = opts.token(token.expose().to_string());
+    }
+    if s.user.is_none() && s.token.is_none() && s.creds_file.is_none() {
+        // Credentials in the URL itself, which async-nats does not send on its own.
+        match url_auth::url_credentials(s.url.expose()) {
+            Some(url_auth::UrlCredentials::UserPassword(user, pass)) => {
+                opts = opts.user_and_password(user, pass);
+            }
+            Some(url_auth::UrlCredentials::Token(token)) => opts = opts.token(token),
+            None => {}
+        }
     }
     if let Some(ca) = &s.tls_ca_file {
         opts = opts.add_root_certificates(ca.clone()).require_tls(true);
@@ -212,6 +224,48 @@ impl NatsBroker {
             msg.body.clone(),
             timeout,
         )
+        .await
+    }
+
+    /// Publishes `msgs` in their order: each is handed to the connection before the next, then
+    /// all acks are awaited together, so the stream stores them in this order. After the first
+    /// one that cannot be sent, the rest are not sent (`Unavailable`), so none overtakes it.
+    pub async fn publish_in_order(
+        &self,
+        msgs: &[&Message],
+        timeout: Duration,
+    ) -> Vec<Result<(), PublishError>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending = Vec::with_capacity(msgs.len());
+        let mut stopped = false;
+        for m in msgs {
+            if stopped || !self.is_up() {
+                stopped = true;
+                pending.push(Err(PublishError::Unavailable(
+                    "not sent: an earlier event could not be".into(),
+                )));
+                continue;
+            }
+            let publish = PublishMessage::build()
+                .payload(m.body.clone())
+                .headers(event_headers(m));
+            let sent =
+                tokio::time::timeout_at(deadline, self.js.send_publish(m.subject.clone(), publish))
+                    .await;
+            pending.push(match sent {
+                Ok(Ok(ack)) => Ok(ack),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
+            });
+            stopped = matches!(pending.last(), Some(Err(e)) if e.is_retryable());
+        }
+        futures::future::join_all(pending.into_iter().map(|p| async move {
+            match tokio::time::timeout_at(deadline, p?).await {
+                Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
+                Ok(Ok(_ack)) => Ok(()),
+                Ok(Err(e)) => Err(classify(e)),
+            }
+        }))
         .await
     }
 

@@ -1,0 +1,218 @@
+//! What an AMQP message of the bridge looks like: routing key, properties and headers of events
+//! and dead letters. Pure functions, so the exact wire shape is unit-tested without a broker.
+//!
+//! Header names and values are the NATS broker's (see [`crate::broker::headers`]): every header
+//! is a string (AMQP long string), so a consumer reads the same thing from either broker.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::broker::{DeadLetter, DlqReason, Message, PublishError, headers};
+
+/// `content_type` of every message: the body is the event's JSON.
+pub const CONTENT_TYPE: &str = "application/json";
+/// `delivery_mode` 2: RabbitMQ writes the message to disk in a durable queue.
+pub const PERSISTENT: u8 = 2;
+/// Longest AMQP short string (routing keys, message ids, exchange names).
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// The routing key of a subject, or a refusal when it cannot be sent: AMQP routing keys are
+/// short strings of at most 255 bytes, NATS subjects are not limited that way.
+pub fn routing_key(subject: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(subject).map_err(|_| PublishError::Refused {
+        reason: DlqReason::TooLarge,
+        detail: format!(
+            "routing key is {} bytes; AMQP allows at most {MAX_SHORT_STRING}",
+            subject.len()
+        ),
+    })
+}
+
+/// A message id as an AMQP short string. The bridge's ids are short (hex digest plus index);
+/// anything longer is cut at a character boundary rather than failing the publish.
+fn short(value: &str) -> ShortString {
+    let mut end = value.len().min(MAX_SHORT_STRING);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::try_new(&value[..end]).unwrap_or_default()
+}
+
+fn put(table: &mut FieldTable, name: &str, value: &str) {
+    table.insert(
+        short(name),
+        AMQPValue::LongString(LongString::from(value.as_bytes())),
+    );
+}
+
+/// The headers every event carries: app id, event, channel, webhook `time_ms`.
+fn event_headers(msg: &Message) -> FieldTable {
+    let mut h = FieldTable::default();
+    put(&mut h, headers::APP_ID, &msg.app_id);
+    put(&mut h, headers::EVENT, &msg.event);
+    put(&mut h, headers::CHANNEL, &msg.channel);
+    put(&mut h, headers::TIME_MS, &msg.time_ms);
+    h
+}
+
+fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(short(CONTENT_TYPE))
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(short(message_id))
+        .with_timestamp(now_secs)
+        .with_headers(headers)
+}
+
+/// Properties of an event: persistent, JSON, `message_id` = the deterministic id, `timestamp` =
+/// publish time (unix seconds), headers as on NATS.
+pub fn event_properties(msg: &Message, now_secs: u64) -> BasicProperties {
+    base_properties(&msg.msg_id, event_headers(msg), now_secs)
+}
+
+/// Message id of a dead letter: `dlq-<msg_id>`, as on NATS.
+pub fn dead_letter_id(msg_id: &str) -> String {
+    format!("dlq-{msg_id}")
+}
+
+/// Properties of a dead letter: the event's headers plus where it was going, why, how often it
+/// was tried and when it first failed (the NATS broker's DLQ headers).
+pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
+    let m = &dl.message;
+    let mut h = event_headers(m);
+    put(&mut h, headers::DLQ_SUBJECT, &m.subject);
+    put(&mut h, headers::DLQ_MSG_ID, &m.msg_id);
+    put(&mut h, headers::DLQ_REASON, dl.reason.as_str());
+    put(&mut h, headers::DLQ_DETAIL, &detail_value(&dl.detail));
+    put(&mut h, headers::DLQ_ATTEMPTS, &dl.attempts.to_string());
+    put(
+        &mut h,
+        headers::DLQ_FIRST_FAILURE,
+        &dl.first_failure_ms.to_string(),
+    );
+    base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
+}
+
+/// The detail header as the NATS broker writes it (no control characters, at most 512
+/// characters), so both brokers show the same text.
+pub fn detail_value(detail: &str) -> String {
+    detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect()
+}
+
+/// Unix seconds now (the `timestamp` property).
+pub fn now_secs() -> u64 {
+    crate::broker::now_ms() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn msg() -> Message {
+        Message {
+            subject: "pusher.1.member_added.presence-a%2Eb".into(),
+            msg_id: "abc-3".into(),
+            body: Bytes::from_static(b"{}"),
+            app_id: Arc::from("1"),
+            event: "member_added".into(),
+            channel: "presence-a.b".into(),
+            time_ms: "1700000000123".into(),
+        }
+    }
+
+    fn header(p: &BasicProperties, name: &str) -> Option<String> {
+        match p.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn event_properties_are_persistent_json_with_id_time_and_headers() {
+        let p = event_properties(&msg(), 1_700_000_001);
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("abc-3"));
+        assert_eq!(p.timestamp(), &Some(1_700_000_001));
+        assert_eq!(header(&p, "Pusher-App-Id").as_deref(), Some("1"));
+        assert_eq!(header(&p, "Pusher-Event").as_deref(), Some("member_added"));
+        assert_eq!(
+            header(&p, "Pusher-Channel").as_deref(),
+            Some("presence-a.b")
+        );
+        assert_eq!(
+            header(&p, "Pusher-Time-Ms").as_deref(),
+            Some("1700000000123")
+        );
+        assert_eq!(p.headers().as_ref().unwrap().inner().len(), 4);
+    }
+
+    #[test]
+    fn dead_letter_properties_carry_the_nats_dlq_headers() {
+        let dl = DeadLetter {
+            message: msg(),
+            reason: DlqReason::Unroutable,
+            detail: "312 NO_ROUTE\nsecond line".into(),
+            attempts: 3,
+            first_failure_ms: 42,
+        };
+        let p = dead_letter_properties(&dl, 7);
+        assert_eq!(
+            p.message_id().as_ref().map(|s| s.as_str()),
+            Some("dlq-abc-3")
+        );
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(p.timestamp(), &Some(7));
+        assert_eq!(
+            header(&p, "Pusher-Bridge-Subject").as_deref(),
+            Some("pusher.1.member_added.presence-a%2Eb")
+        );
+        assert_eq!(header(&p, "Pusher-Bridge-Msg-Id").as_deref(), Some("abc-3"));
+        assert_eq!(
+            header(&p, "Pusher-Bridge-Reason").as_deref(),
+            Some("unroutable")
+        );
+        assert_eq!(
+            header(&p, "Pusher-Bridge-Detail").as_deref(),
+            Some("312 NO_ROUTE second line")
+        );
+        assert_eq!(header(&p, "Pusher-Bridge-Attempts").as_deref(), Some("3"));
+        assert_eq!(
+            header(&p, "Pusher-Bridge-First-Failure-Ms").as_deref(),
+            Some("42")
+        );
+        assert_eq!(header(&p, "Pusher-App-Id").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn long_routing_keys_are_refused_not_panicked_on() {
+        assert!(routing_key(&"a".repeat(255)).is_ok());
+        match routing_key(&"a".repeat(256)) {
+            Err(PublishError::Refused { reason, detail }) => {
+                assert_eq!(reason, DlqReason::TooLarge);
+                assert!(detail.contains("256"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn over_long_ids_are_cut_on_a_char_boundary() {
+        let id = "é".repeat(200);
+        let s = short(&id);
+        assert!(s.as_str().len() <= 255);
+        assert!(id.starts_with(s.as_str()));
+        assert_eq!(detail_value(&"x".repeat(600)).len(), 512);
+    }
+}

@@ -1,0 +1,501 @@
+//! One publishing channel: publisher confirms on, `mandatory` set, many publishes in flight.
+//!
+//! Each channel has one task (the *collector*) that owns every publish in flight on it. Callers
+//! hand it a message and wait (with their timeout) for the verdict on a oneshot. The collector:
+//! - starts each `basic.publish` from this one task, so the delivery tag lapin assigns and the
+//!   order the frames go out cannot interleave between two publishes (lapin registers the
+//!   confirm and queues the frames under two different locks);
+//! - keeps every publish until its confirm arrives, also after the caller gave up (a dropped
+//!   lapin confirm would hide a returned message from the others);
+//! - attributes `basic.return`s by the returned message's `message_id`, not by which confirm
+//!   lapin attached it to: lapin hands a return to whichever confirm completes next, and with
+//!   a `multiple` ack that may be another message's. RabbitMQ sends a message's return before
+//!   its ack, so once the ack batch that settled a message is fully processed, its return (if
+//!   any) sits in some settled confirm. [`barrier`] waits for lapin's I/O thread to finish the
+//!   batch in progress; a message is decided only after a barrier and a harvest that followed
+//!   it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::{DlqReason, PublishError};
+
+/// One message ready for `basic.publish`.
+pub struct Outgoing {
+    /// Exchange to publish to.
+    pub exchange: ShortString,
+    /// Routing key (the subject).
+    pub routing_key: ShortString,
+    /// The `message_id` property, used to recognise the message if it is returned.
+    pub msg_id: String,
+    /// Body.
+    pub body: Bytes,
+    /// Properties (id, persistence, headers).
+    pub properties: BasicProperties,
+}
+
+struct Request {
+    out: Outgoing,
+    reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// How the broker answered one publish.
+#[derive(Debug)]
+enum Answer {
+    Ack,
+    Nack,
+    Failed(lapin::Error),
+}
+
+/// A publish whose confirm (or error) has arrived.
+struct Settled {
+    msg_id: String,
+    /// The exchange it was published to (to tell its own channel error from another's).
+    exchange: String,
+    reply: oneshot::Sender<Result<(), PublishError>>,
+    answer: Answer,
+    /// The returned message lapin attached to this confirm: its `message_id` and reply text.
+    /// Not necessarily this message's own (see the module comment).
+    carried: Option<(String, String)>,
+}
+
+type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Settled> + Send>>>;
+
+/// A confirm-mode channel and its collector task.
+pub struct ChannelPublisher {
+    channel: Channel,
+    requests: mpsc::UnboundedSender<Request>,
+    collector: tokio::task::JoinHandle<()>,
+}
+
+impl ChannelPublisher {
+    /// Opens a channel on `conn`, turns confirms on and starts the collector. At most
+    /// `max_in_flight` publishes await their confirm on it; more are refused as unavailable
+    /// (memory stays bounded even if the broker stops confirming).
+    pub async fn open(conn: &Connection, max_in_flight: usize) -> Result<Self, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let (requests, rx) = mpsc::unbounded_channel();
+        let collector = tokio::spawn(collect(channel.clone(), rx, max_in_flight.max(1)));
+        Ok(Self {
+            channel,
+            requests,
+            collector,
+        })
+    }
+
+    /// Whether publishes can go out on this channel.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected() && !self.collector.is_finished()
+    }
+
+    /// Publishes and waits up to `timeout` for the verdict: `Ok` only after the broker's ack of
+    /// this very message, with no return for it.
+    pub async fn publish(&self, out: Outgoing, timeout: Duration) -> Result<(), PublishError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request { out, reply })
+            .map_err(|_| PublishError::Unavailable("the AMQP channel is closed".into()))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "no publisher confirm within {} ms",
+                timeout.as_millis()
+            ))),
+            Ok(Err(_)) => Err(PublishError::Unavailable(
+                "the AMQP channel closed before the confirm".into(),
+            )),
+            Ok(Ok(result)) => result,
+        }
+    }
+}
+
+impl Drop for ChannelPublisher {
+    fn drop(&mut self) {
+        self.collector.abort();
+    }
+}
+
+/// The collector task of one channel (see the module comment).
+async fn collect(channel: Channel, mut rx: mpsc::UnboundedReceiver<Request>, cap: usize) {
+    let mut in_flight: InFlight = FuturesUnordered::new();
+    let mut returns = ReturnBook::default();
+    let mut accepting = true;
+    loop {
+        tokio::select! {
+            req = rx.recv(), if accepting => match req {
+                Some(req) => {
+                    start(&channel, &mut in_flight, req, cap);
+                    while let Ok(req) = rx.try_recv() {
+                        start(&channel, &mut in_flight, req, cap);
+                    }
+                }
+                None => accepting = false,
+            },
+            Some(first) = in_flight.next() => {
+                settle(&channel, &mut in_flight, &mut returns, first).await;
+            }
+            else => break,
+        }
+    }
+}
+
+/// Queues one publish; the `basic.publish` itself runs when the collector polls it.
+fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) {
+    if in_flight.len() >= cap {
+        let _ = req.reply.send(Err(PublishError::Unavailable(
+            "too many publishes awaiting confirms on the AMQP channel".into(),
+        )));
+        return;
+    }
+    let channel = channel.clone();
+    in_flight.push(Box::pin(async move {
+        let Request { out, reply } = req;
+        let exchange = out.exchange.to_string();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let result = async {
+            channel
+                .basic_publish(
+                    out.exchange,
+                    out.routing_key,
+                    options,
+                    &out.body,
+                    out.properties,
+                )
+                .await?
+                .await
+        }
+        .await;
+        let (answer, returned) = match result {
+            Ok(Confirmation::Ack(r)) => (Answer::Ack, r),
+            Ok(Confirmation::Nack(r)) => (Answer::Nack, r),
+            // Confirms are selected before the first publish; an unconfirmed channel would be
+            // a bug, and treating it as acked would claim durability nobody promised.
+            Ok(Confirmation::NotRequested) => (
+                Answer::Failed(
+                    ErrorKind::InvalidChannelState(
+                        lapin::ChannelState::Connected,
+                        "publisher confirms are off",
+                    )
+                    .into(),
+                ),
+                None,
+            ),
+            Err(e) => (Answer::Failed(e), None),
+        };
+        let carried = returned.map(|m| {
+            let id = m
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            (id, format!("{} {}", m.reply_code, m.reply_text))
+        });
+        Settled {
+            msg_id: out.msg_id,
+            exchange,
+            reply,
+            answer,
+            carried,
+        }
+    }));
+}
+
+/// Decides `first` and everything settled with it (see the module comment for why a barrier
+/// and a second harvest come before each decision).
+async fn settle(
+    channel: &Channel,
+    in_flight: &mut InFlight,
+    returns: &mut ReturnBook,
+    first: Settled,
+) {
+    returns.note(&first);
+    let mut undecided = vec![first];
+    loop {
+        for (id, detail) in barrier(channel) {
+            returns.add(id, detail);
+        }
+        let fresh = harvest(in_flight).await;
+        for s in &fresh {
+            returns.note(s);
+        }
+        for s in undecided.drain(..) {
+            let verdict = decide(&s.answer, &s.exchange, returns.take(&s.msg_id));
+            let _ = s.reply.send(verdict);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        undecided = fresh;
+    }
+}
+
+/// Every publish that has settled by now (also starts newly queued ones).
+async fn harvest(in_flight: &mut InFlight) -> Vec<Settled> {
+    std::future::poll_fn(|cx| {
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(s)) = in_flight.poll_next_unpin(cx) {
+            out.push(s);
+        }
+        Poll::Ready(out)
+    })
+    .await
+}
+
+/// Waits until lapin's I/O thread has finished the ack / nack batch it may be processing on
+/// this channel: `wait_for_confirms` takes the same lock that lapin holds while it settles a
+/// batch. Only its first poll is run (the lock is held for microseconds). Returns the returned
+/// messages lapin hands back there (those of dropped confirms; the collector drops none, so
+/// normally none).
+fn barrier(channel: &Channel) -> Vec<(String, String)> {
+    let mut wait = std::pin::pin!(channel.wait_for_confirms());
+    match wait.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(messages)) => messages
+            .into_iter()
+            .map(|m| {
+                let id = m
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                (id, format!("{} {}", m.reply_code, m.reply_text))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Returned messages seen on a channel and not yet matched to their publish, by `message_id`
+/// (counted: a webhook redelivered while the first copy is in flight has the same ids).
+#[derive(Default, Debug)]
+struct ReturnBook {
+    pending: HashMap<String, (u32, String)>,
+}
+
+impl ReturnBook {
+    fn note(&mut self, s: &Settled) {
+        if let Some((id, detail)) = &s.carried {
+            self.add(id.clone(), detail.clone());
+        }
+    }
+
+    fn add(&mut self, id: String, detail: String) {
+        let entry = self.pending.entry(id).or_insert((0, detail));
+        entry.0 += 1;
+    }
+
+    /// The return of `msg_id`, if one was seen; consumes it.
+    fn take(&mut self, msg_id: &str) -> Option<String> {
+        let (count, detail) = self.pending.get_mut(msg_id)?;
+        *count -= 1;
+        let detail = detail.clone();
+        if *count == 0 {
+            self.pending.remove(msg_id);
+        }
+        Some(detail)
+    }
+}
+
+/// The verdict of one publish to `exchange` from the broker's answer and its own return (if
+/// any).
+fn decide(answer: &Answer, exchange: &str, returned: Option<String>) -> Result<(), PublishError> {
+    match (answer, returned) {
+        (Answer::Failed(e), _) => Err(classify(e, exchange)),
+        (_, Some(detail)) => Err(PublishError::Refused {
+            reason: DlqReason::Unroutable,
+            detail: format!("returned by the broker: {detail}"),
+        }),
+        (Answer::Ack, None) => Ok(()),
+        (Answer::Nack, None) => Err(PublishError::Refused {
+            reason: DlqReason::Nacked,
+            detail: "the broker nacked the message".into(),
+        }),
+    }
+}
+
+/// Maps a lapin error of a publish to `exchange` to retry (unavailable) or give up (refused).
+/// Channel-level errors are the broker's answer about a message (the exchange is missing,
+/// access is refused, the message is too large); everything else is the connection. A channel
+/// error closes the channel for every publish in flight on it, so an error that names another
+/// exchange was caused by another publish: this one is retried (on a reopened channel).
+pub fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
+    let detail = e.to_string();
+    let ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return PublishError::Unavailable(detail);
+    };
+    if names_other_exchange(amqp.get_message().as_str(), exchange) {
+        return PublishError::Unavailable(format!(
+            "the channel was closed by another publish: {detail}"
+        ));
+    }
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => PublishError::Refused {
+            reason: DlqReason::NoStream,
+            detail,
+        },
+        AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => PublishError::Refused {
+            reason: DlqReason::TooLarge,
+            detail,
+        },
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            if amqp.get_message().as_str().contains("max size") =>
+        {
+            PublishError::Refused {
+                reason: DlqReason::TooLarge,
+                detail,
+            }
+        }
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED | AMQPSoftError::PRECONDITIONFAILED) => {
+            PublishError::Refused {
+                reason: DlqReason::Rejected,
+                detail,
+            }
+        }
+        _ => PublishError::Unavailable(detail),
+    }
+}
+
+/// Whether RabbitMQ's error text (`NOT_FOUND - no exchange 'x' in vhost '/'`) is about an
+/// exchange other than `exchange`.
+fn names_other_exchange(text: &str, exchange: &str) -> bool {
+    let Some(at) = text.find("exchange '") else {
+        return false;
+    };
+    let named = text[at + "exchange '".len()..]
+        .split('\'')
+        .next()
+        .unwrap_or("");
+    named != exchange
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPHardError};
+
+    use super::*;
+
+    fn protocol(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    fn settled(id: &str, carried: Option<&str>) -> Settled {
+        Settled {
+            msg_id: id.into(),
+            exchange: "x".into(),
+            reply: oneshot::channel().0,
+            answer: Answer::Ack,
+            carried: carried.map(|c| (c.to_string(), "312 NO_ROUTE".to_string())),
+        }
+    }
+
+    #[test]
+    fn a_return_counts_for_its_own_message_whoever_carried_it() {
+        let mut book = ReturnBook::default();
+        // lapin attached b's return to a's confirm.
+        book.note(&settled("a", Some("b")));
+        book.note(&settled("b", None));
+        assert_eq!(book.take("a"), None);
+        assert_eq!(book.take("b").as_deref(), Some("312 NO_ROUTE"));
+        assert_eq!(book.take("b"), None, "consumed once");
+        assert!(book.pending.is_empty());
+    }
+
+    #[test]
+    fn duplicate_ids_in_flight_are_counted() {
+        let mut book = ReturnBook::default();
+        book.add("x".into(), "312 NO_ROUTE".into());
+        book.add("x".into(), "312 NO_ROUTE".into());
+        assert!(book.take("x").is_some());
+        assert!(book.take("x").is_some());
+        assert!(book.take("x").is_none());
+    }
+
+    #[test]
+    fn verdicts() {
+        assert!(decide(&Answer::Ack, "x", None).is_ok());
+        match decide(&Answer::Nack, "x", None) {
+            Err(PublishError::Refused { reason, .. }) => assert_eq!(reason, DlqReason::Nacked),
+            other => panic!("{other:?}"),
+        }
+        match decide(&Answer::Ack, "x", Some("312 NO_ROUTE".into())) {
+            Err(PublishError::Refused { reason, detail }) => {
+                assert_eq!(reason, DlqReason::Unroutable);
+                assert!(detail.contains("NO_ROUTE"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let closed: lapin::Error =
+            ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
+        assert!(
+            decide(&Answer::Failed(closed), "x", None)
+                .unwrap_err()
+                .is_retryable()
+        );
+    }
+
+    #[test]
+    fn classify_channel_errors_as_refusals_and_the_rest_as_unavailable() {
+        let reason = |e: &lapin::Error| match classify(e, "x") {
+            PublishError::Refused { reason, .. } => Some(reason),
+            PublishError::Unavailable(_) => None,
+        };
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'x' in vhost '/'"
+            )),
+            Some(DlqReason::NoStream)
+        );
+        // Another publish's missing exchange closed the shared channel: retry this one.
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'pusher.dlq' in vhost '/'"
+            )),
+            None
+        );
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - message size 200 is larger than configured max size 100"
+            )),
+            Some(DlqReason::TooLarge)
+        );
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED"
+            )),
+            Some(DlqReason::Rejected)
+        );
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+                "CONNECTION_FORCED - closed via management plugin"
+            )),
+            None
+        );
+        let io: lapin::Error = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        assert_eq!(reason(&io), None);
+    }
+}

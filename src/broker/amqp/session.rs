@@ -1,0 +1,188 @@
+//! One live connection to RabbitMQ with its publishing channels. The recovery loop in
+//! [`super`] replaces a session whose connection died and repairs channels the broker closed.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, Event};
+use tokio::sync::Notify;
+
+use super::publish::ChannelPublisher;
+use super::topology;
+use crate::broker::BrokerError;
+use crate::config::AmqpSettings;
+use crate::metrics::Metrics;
+
+/// What opening a session needs; built once from the settings.
+pub struct SessionConfig {
+    /// `[broker.amqp]`.
+    pub settings: AmqpSettings,
+    /// Declare the topology on connect (`broker.declare`).
+    pub declare: bool,
+    /// The parsed URL.
+    pub uri: AMQPUri,
+    /// TLS for `amqps://`.
+    pub tls: OwnedTLSConfig,
+    /// Client properties (connection name).
+    pub properties: ConnectionProperties,
+    /// Publishes allowed to await confirms on one channel.
+    pub per_channel_in_flight: usize,
+}
+
+/// A connection and its confirm-mode publishing channels.
+pub struct Session {
+    conn: Connection,
+    publishers: Vec<RwLock<Arc<ChannelPublisher>>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Connects, declares the topology (unless told not to) and opens the channels. `wake` is
+    /// notified when the connection reports an error or a block, so recovery starts at once.
+    pub async fn open(
+        cfg: &SessionConfig,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BrokerError> {
+        let connect_err = |e: lapin::Error| BrokerError::Connect(e.to_string());
+        let runtime = lapin::runtime::default_runtime().map_err(connect_err)?;
+        let conn = Connection::connect_uri_with_config(
+            cfg.uri.clone(),
+            cfg.properties.clone(),
+            cfg.tls.clone(),
+            runtime,
+        )
+        .await
+        .map_err(connect_err)?;
+        let watcher = tokio::spawn(watch_events(conn.events_listener(), wake, metrics));
+        match Self::prepare(&conn, cfg).await {
+            Ok(publishers) => Ok(Self {
+                conn,
+                publishers,
+                watcher,
+            }),
+            Err(e) => {
+                watcher.abort();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    conn.close(200, "setup failed".into()),
+                )
+                .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare(
+        conn: &Connection,
+        cfg: &SessionConfig,
+    ) -> Result<Vec<RwLock<Arc<ChannelPublisher>>>, BrokerError> {
+        if cfg.declare {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+            topology::declare(&channel, &cfg.settings).await?;
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
+        let mut publishers = Vec::with_capacity(cfg.settings.channels);
+        for _ in 0..cfg.settings.channels.max(1) {
+            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight)
+                .await
+                .map_err(|e| BrokerError::Connect(format!("cannot open a channel: {e}")))?;
+            publishers.push(RwLock::new(Arc::new(p)));
+        }
+        Ok(publishers)
+    }
+
+    /// The connection is established (not closed, not failed).
+    pub fn connected(&self) -> bool {
+        self.conn.status().connected()
+    }
+
+    /// RabbitMQ blocked the connection (resource alarm): publishes would wait for the alarm.
+    pub fn blocked(&self) -> bool {
+        self.conn.status().blocked()
+    }
+
+    /// Publishes can go out now: connected, not blocked by a resource alarm, and at least one
+    /// channel open.
+    pub fn usable(&self) -> bool {
+        self.connected() && !self.blocked() && self.publishers.iter().any(|p| read(p).is_open())
+    }
+
+    /// An open channel, starting the search at `n` (round robin across calls).
+    pub fn pick(&self, n: usize) -> Option<Arc<ChannelPublisher>> {
+        let len = self.publishers.len();
+        (0..len)
+            .map(|i| read(&self.publishers[(n + i) % len]))
+            .find(|p| p.is_open())
+    }
+
+    /// Reopens channels the broker closed (a channel error closes only that channel).
+    /// Returns how many were reopened.
+    pub async fn repair(&self, per_channel_in_flight: usize) -> Result<usize, lapin::Error> {
+        let mut reopened = 0;
+        for slot in &self.publishers {
+            if read(slot).is_open() {
+                continue;
+            }
+            let fresh = Arc::new(ChannelPublisher::open(&self.conn, per_channel_in_flight).await?);
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            reopened += 1;
+        }
+        Ok(reopened)
+    }
+
+    /// Closes the connection politely (bounded in time); a dead one is just dropped.
+    pub async fn close(&self, reason: &str) {
+        self.watcher.abort();
+        if self.connected() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.conn.close(200, reason.into()))
+                    .await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+fn read(slot: &RwLock<Arc<ChannelPublisher>>) -> Arc<ChannelPublisher> {
+    slot.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Follows the connection's events: an error or a block wakes the recovery loop, and an error
+/// drops the gauge at once (the loop sets it again when it has recovered).
+async fn watch_events(
+    events: impl futures::Stream<Item = Event>,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Error(e) => {
+                tracing::warn!(error = %e, "RabbitMQ connection failed; reconnecting");
+                metrics.set_broker_up(false);
+                wake.notify_one();
+            }
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, "RabbitMQ blocked the connection (resource alarm)");
+                metrics.set_broker_up(false);
+                wake.notify_one();
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!("RabbitMQ unblocked the connection");
+                wake.notify_one();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Credentials written into `broker.nats.url` (`nats://user:password@host`,
+//! `nats://token@host`). async-nats 0.51 parses such URLs but never sends their user info, so a
+//! server with authorization would refuse the connection; the bridge reads the credentials
+//! itself and passes them as connect options.
+
+/// User info found in a NATS URL.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlCredentials {
+    /// `user:password@`.
+    UserPassword(String, String),
+    /// `token@` (user info without a colon).
+    Token(String),
+}
+
+impl std::fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword(user, _) => write!(f, "UserPassword({user:?}, \"***\")"),
+            Self::Token(_) => f.write_str("Token(\"***\")"),
+        }
+    }
+}
+
+/// The user info of the first server in `urls` (comma-separated) that has one, percent-decoded.
+pub fn url_credentials(urls: &str) -> Option<UrlCredentials> {
+    urls.split(',').find_map(|url| {
+        let rest = &url.trim()[url.trim().find("://")? + 3..];
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let userinfo = &authority[..authority.rfind('@')?];
+        if userinfo.is_empty() {
+            return None;
+        }
+        Some(match userinfo.split_once(':') {
+            Some((user, password)) => {
+                UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
+            }
+            None => UrlCredentials::Token(percent_decode(userinfo)),
+        })
+    })
+}
+
+/// Decodes `%XX` escapes (a password may hold `@`, `:` or `/` only in escaped form); invalid
+/// escapes are kept as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_password_token_and_none() {
+        assert_eq!(
+            url_credentials("nats://bridge:s3cret@127.0.0.1:4222"),
+            Some(UrlCredentials::UserPassword(
+                "bridge".into(),
+                "s3cret".into()
+            ))
+        );
+        assert_eq!(
+            url_credentials("nats://t0ken@nats:4222"),
+            Some(UrlCredentials::Token("t0ken".into()))
+        );
+        assert_eq!(url_credentials("nats://127.0.0.1:4222"), None);
+        assert_eq!(url_credentials("nats://@h:1"), None);
+        assert_eq!(url_credentials("127.0.0.1:4222"), None);
+    }
+
+    #[test]
+    fn first_server_with_user_info_and_escapes() {
+        assert_eq!(
+            url_credentials("nats://a:1, nats://u:p%40ss%3Aw%2Fd@b:2/x@y"),
+            Some(UrlCredentials::UserPassword("u".into(), "p@ss:w/d".into()))
+        );
+        assert_eq!(
+            url_credentials("tls://tok%zz@h:1"),
+            Some(UrlCredentials::Token("tok%zz".into()))
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let c = url_credentials("nats://u:hunter2@h:1").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let t = url_credentials("nats://hunter2@h:1").unwrap();
+        assert!(!format!("{t:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,431 @@
+//! Dead letters on RabbitMQ: the messages of the durable queue `broker.amqp.dlq_queue` (fed by
+//! `broker.amqp.dlq_exchange`), read with `basic.get` and manual acknowledgement on a connection
+//! of the tool's own.
+//!
+//! Listing takes every letter without acknowledging it and closes the channel at the end, so
+//! RabbitMQ puts them all back in their places: nothing is removed or reordered, but while the
+//! listing runs those letters are held by it and invisible to other readers of the queue.
+//! Replay publishes each letter to `broker.amqp.exchange` with its original routing key and
+//! message id (persistent, `mandatory`, on a channel with publisher confirms) and acknowledges
+//! the letter only after the broker confirmed the publish and did not return it as unroutable.
+//! Letters that stay are held until the end of the run (so the same letter is not fetched again)
+//! and then rejected with requeue, which puts them back in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use indicatif::ProgressBar;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+
+use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
+use crate::broker::headers;
+use crate::config::Settings;
+
+/// How long the tools wait for the connection to RabbitMQ before giving up.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// AMQP `delivery_mode` of persistent messages.
+const PERSISTENT: u8 = 2;
+
+/// Opens the tool's own connection from `[broker.amqp]` (URL with vhost; `tls_ca_file` for a
+/// private CA on `amqps://`).
+pub async fn connect(settings: &Settings) -> Result<Connection, DlqError> {
+    let s = &settings.broker.amqp;
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if let Some(ca) = &s.tls_ca_file {
+        let pem = tokio::fs::read_to_string(ca).await.map_err(|e| {
+            DlqError::Connect(format!("cannot read tls_ca_file {}: {e}", ca.display()))
+        })?;
+        tls.cert_chain = Some(pem);
+    }
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| DlqError::Connect(e.to_string()))?;
+    let props = ConnectionProperties::default().with_connection_name("pusher-bridge dlq".into());
+    let connecting = Connection::connect_with_config(s.url.expose(), props, tls, runtime);
+    match tokio::time::timeout(CONNECT_WAIT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(DlqError::Connect(format!("{} ({})", e, s.url.redacted()))),
+        Err(_) => Err(DlqError::Connect(format!(
+            "no connection to RabbitMQ at {} within {CONNECT_WAIT:?}",
+            s.url.redacted()
+        ))),
+    }
+}
+
+/// Text of a header value (strings as sent; numbers, as some tools write them, as digits).
+fn value_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// Builds the record of one fetched letter at queue `position`.
+pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLetterRecord {
+    let table = props.headers().as_ref();
+    let header = |name: &str| {
+        table?
+            .inner()
+            .iter()
+            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| value_text(v))
+    };
+    let stored_id = props.message_id().as_ref().map(ShortString::as_str);
+    DeadLetterRecord::from_headers(position, header, stored_id, body.into())
+}
+
+/// Opens a channel and returns it with the queue's name and its number of letters.
+async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortString, u64), DlqError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| DlqError::Operation(format!("cannot open a channel: {e}")))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let name = ShortString::try_new(queue).map_err(|e| DlqError::Operation(e.to_string()))?;
+    match ch
+        .queue_declare(name.clone(), passive, FieldTable::default())
+        .await
+    {
+        Ok(q) => Ok((ch, name, u64::from(q.message_count()))),
+        Err(e) => Err(match e.kind() {
+            lapin::ErrorKind::ProtocolError(p)
+                if p.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+            {
+                DlqError::Missing {
+                    kind: "queue",
+                    name: queue.to_string(),
+                }
+            }
+            _ => DlqError::Operation(format!("cannot inspect queue {queue}: {e}")),
+        }),
+    }
+}
+
+/// Fetches the next letter without acknowledging it.
+async fn get(
+    ch: &Channel,
+    queue: &ShortString,
+    position: u64,
+) -> Result<Option<(DeadLetterRecord, Acker)>, DlqError> {
+    let got = ch
+        .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
+        .await
+        .map_err(|e| DlqError::Operation(format!("cannot fetch from {queue}: {e}")))?;
+    Ok(got.map(|m| {
+        let d = m.delivery;
+        (record(position, &d.properties, d.data), d.acker)
+    }))
+}
+
+/// Closes channels and the connection; the broker requeues whatever is still unacknowledged.
+async fn close(conn: &Connection, channels: &[&Channel]) {
+    for ch in channels {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+/// See [`super::list`].
+pub async fn list(
+    settings: &Settings,
+    tx: mpsc::Sender<DeadLetterRecord>,
+) -> Result<u64, DlqError> {
+    let queue = settings.broker.amqp.dlq_queue.as_str();
+    let conn = connect(settings).await?;
+    let (ch, queue, count) = match open_dlq(&conn, queue).await {
+        Ok(x) => x,
+        Err(e) => {
+            close(&conn, &[]).await;
+            return Err(e);
+        }
+    };
+    let mut n = 0;
+    let result = async {
+        // Only the letters present at the start: new ones would otherwise keep the listing going.
+        while n < count {
+            let Some((r, _acker)) = get(&ch, &queue, n + 1).await? else {
+                break;
+            };
+            if tx.send(r).await.is_err() {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+    .await;
+    // Closing the channel returns every fetched letter to its place in the queue.
+    close(&conn, &[&ch]).await;
+    result
+}
+
+/// The properties of a normal event message, from a letter.
+pub fn event_properties(r: &DeadLetterRecord) -> Result<BasicProperties, &'static str> {
+    let msg_id = ShortString::try_new(r.msg_id.as_str())
+        .map_err(|_| "the message id is too long for AMQP")?;
+    let mut h = FieldTable::default();
+    for (name, value) in [
+        (headers::APP_ID, &r.app_id),
+        (headers::EVENT, &r.event),
+        (headers::CHANNEL, &r.channel),
+        (headers::TIME_MS, &r.time_ms),
+    ] {
+        h.insert(
+            name.into(),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    Ok(BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(msg_id)
+        .with_headers(h))
+}
+
+type ConfirmFuture =
+    Pin<Box<dyn Future<Output = (DeadLetterRecord, Acker, Result<(), String>)> + Send>>;
+
+/// See [`super::replay`].
+pub async fn replay(
+    settings: &Settings,
+    progress: &ProgressBar,
+) -> Result<ReplaySummary, DlqError> {
+    let a = &settings.broker.amqp;
+    let exchange = ShortString::try_new(a.exchange.as_str())
+        .map_err(|e| DlqError::Operation(format!("broker.amqp.exchange: {e}")))?;
+    let conn = connect(settings).await?;
+    let (get_ch, dlq_queue, count) = match open_dlq(&conn, &a.dlq_queue).await {
+        Ok(x) => x,
+        Err(e) => {
+            close(&conn, &[]).await;
+            return Err(e);
+        }
+    };
+    let pub_ch = match conn.create_channel().await {
+        Ok(ch) => ch,
+        Err(e) => {
+            close(&conn, &[&get_ch]).await;
+            return Err(DlqError::Operation(format!("cannot open a channel: {e}")));
+        }
+    };
+    if let Err(e) = pub_ch.confirm_select(ConfirmSelectOptions::default()).await {
+        close(&conn, &[&get_ch, &pub_ch]).await;
+        return Err(DlqError::Operation(format!(
+            "cannot enable publisher confirms: {e}"
+        )));
+    }
+    progress.set_length(count);
+    let timeout = settings.broker.publish_timeout;
+    let mut summary = ReplaySummary {
+        total: count,
+        ..Default::default()
+    };
+    // Letters that stay, unacknowledged until the end so `basic.get` does not hand them out again.
+    let mut held: Vec<Acker> = Vec::new();
+    let mut window: FuturesOrdered<ConfirmFuture> = FuturesOrdered::new();
+    let mut position = 0;
+    while position < count {
+        let (r, acker) = match get(&get_ch, &dlq_queue, position + 1).await {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                summary.stopped = Some(e.to_string());
+                break;
+            }
+        };
+        position += 1;
+        summary.seen += 1;
+        let prepared = match r.replay_blocker() {
+            Some(why) => Err(why),
+            None => ShortString::try_new(r.subject.as_str())
+                .map_err(|_| "the routing key is too long for AMQP")
+                .and_then(|rk| event_properties(&r).map(|p| (rk, p))),
+        };
+        let (routing_key, props) = match prepared {
+            Ok(x) => x,
+            Err(why) => {
+                summary.leave(&r, why);
+                held.push(acker);
+                progress.inc(1);
+                continue;
+            }
+        };
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        match pub_ch
+            .basic_publish(exchange.clone(), routing_key, opts, &r.body, props)
+            .await
+        {
+            Ok(confirm) => window.push_back(Box::pin(async move {
+                let result = match tokio::time::timeout(timeout, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
+                        "unroutable: {} {}",
+                        returned.reply_code, returned.reply_text
+                    )),
+                    Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_string()),
+                    Ok(Ok(Confirmation::NotRequested)) => {
+                        Err("publisher confirms are off".to_string())
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no publisher confirm within {timeout:?}")),
+                };
+                (r, acker, result)
+            })),
+            Err(e) => {
+                // The publishing channel is gone (the exchange does not exist, the connection
+                // dropped): nothing further can be replayed in this run.
+                summary.leave(&r, format!("publish failed: {e}"));
+                held.push(acker);
+                progress.inc(1);
+                summary.stopped = Some(format!("cannot publish to exchange {}: {e}", a.exchange));
+                break;
+            }
+        }
+        if window.len() >= REPLAY_WINDOW
+            && let Some((r, acker, result)) = window.next().await
+        {
+            settle(r, acker, result, &mut held, &mut summary).await;
+            progress.inc(1);
+        }
+    }
+    while let Some((r, acker, result)) = window.next().await {
+        settle(r, acker, result, &mut held, &mut summary).await;
+        progress.inc(1);
+    }
+    // Back in their places, in order.
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    for acker in held {
+        let _ = acker.nack(requeue).await;
+    }
+    close(&conn, &[&pub_ch, &get_ch]).await;
+    progress.finish_and_clear();
+    Ok(summary)
+}
+
+/// After the confirm: acknowledges (removes) the letter; after a failure: holds it.
+async fn settle(
+    r: DeadLetterRecord,
+    acker: Acker,
+    result: Result<(), String>,
+    held: &mut Vec<Acker>,
+    summary: &mut ReplaySummary,
+) {
+    match result {
+        Err(e) => {
+            summary.leave(&r, format!("refused again: {e}"));
+            held.push(acker);
+        }
+        Ok(()) => match acker.ack(BasicAckOptions::default()).await {
+            Ok(_) => summary.replayed += 1,
+            Err(e) => summary.leave(
+                &r,
+                format!("published, but could not be removed from the dead-letter queue: {e}"),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    fn long(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.as_bytes()))
+    }
+
+    #[test]
+    fn amqp_headers_land_in_the_record() {
+        let props = BasicProperties::default()
+            .with_message_id("dlq-abc-2".into())
+            .with_headers(table(&[
+                ("Pusher-App-Id", long("42")),
+                ("Pusher-Bridge-Subject", long("p.42.e.c")),
+                ("Pusher-Bridge-Reason", long("unroutable")),
+                ("Pusher-Bridge-Attempts", AMQPValue::LongInt(2)),
+                ("Pusher-Bridge-First-Failure-Ms", long("1700000000123")),
+                (
+                    "Pusher-Bridge-Detail",
+                    AMQPValue::ShortString("NO_ROUTE".into()),
+                ),
+            ]));
+        let r = record(3, &props, b"{}".to_vec());
+        assert_eq!(r.position, 3);
+        assert_eq!(r.app_id, "42");
+        assert_eq!(r.subject, "p.42.e.c");
+        assert_eq!(r.reason, "unroutable");
+        assert_eq!(r.attempts, 2);
+        assert_eq!(r.first_failure_ms, 1_700_000_000_123);
+        assert_eq!(r.detail, "NO_ROUTE");
+        assert_eq!(r.msg_id, "abc-2", "falls back to the stored message id");
+        assert_eq!(&r.body[..], b"{}");
+    }
+
+    #[test]
+    fn no_headers_gives_an_unreplayable_record() {
+        let r = record(1, &BasicProperties::default(), Vec::new());
+        assert!(r.replay_blocker().is_some());
+    }
+
+    #[test]
+    fn replay_properties_are_those_of_an_event_message() {
+        let props = BasicProperties::default().with_headers(table(&[
+            ("Pusher-App-Id", long("42")),
+            ("Pusher-Event", long("e")),
+            ("Pusher-Channel", long("c")),
+            ("Pusher-Time-Ms", long("9")),
+            ("Pusher-Bridge-Msg-Id", long("id-1")),
+            ("Pusher-Bridge-Reason", long("nacked")),
+        ]));
+        let p = event_properties(&record(1, &props, Vec::new())).unwrap();
+        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("id-1"));
+        assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.get("Pusher-Channel"), Some(&long("c")));
+        assert_eq!(h.get("Pusher-Time-Ms"), Some(&long("9")));
+
+        let mut too_long = record(1, &props, Vec::new());
+        too_long.msg_id = "x".repeat(300);
+        assert!(event_properties(&too_long).is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! The drainer: publishes spooled records in arrival order, with their original message ids, as
+//! soon as the broker takes events again, and moves the spool's cursor only past records the
+//! broker acknowledged.
+//!
+//! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records: the
+//! batch's events are handed to the broker in order and their acks awaited together
+//! ([`Broker::publish_in_order`]), so the stream keeps the arrival order; [`Drainer::run`] calls
+//! it when an append lands, on an interval, and stops on shutdown. A refused event becomes a dead letter; a dead letter the dead-letter queue
+//! refuses is kept aside in the quarantine file; an unavailable broker ends the pass (the records
+//! stay and are retried on the next one).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use super::{DRAIN_BATCH, Item, Spool, SpoolError, record};
+use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
+use crate::metrics::{EventLabels, Metrics};
+use crate::shutdown::Shutdown;
+
+/// How often the drainer looks at the broker while records wait and the broker is down.
+const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// Attempts for refusals that may pass on retry (`rejected`, `nacked`) before dead-lettering.
+const REFUSAL_ATTEMPTS: u32 = 3;
+
+/// What one [`Drainer::drain_once`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Events the broker acknowledged.
+    pub published: usize,
+    /// Records that went to the dead-letter queue (refused events, spooled dead letters).
+    pub dead_lettered: usize,
+    /// Records kept in the quarantine file (the dead-letter queue refused them too).
+    pub quarantined: usize,
+    /// The pass ended because the broker was unavailable; records remain.
+    pub interrupted: bool,
+}
+
+/// Where one record ended up.
+enum Outcome {
+    Published,
+    DeadLettered(DlqReason),
+    /// No broker destination takes it: keep this frame aside.
+    Quarantine(Vec<u8>),
+    /// Try again later.
+    Unavailable,
+}
+
+/// The event of a spooled record, if it is one.
+fn event_of(item: &Item) -> Option<&Message> {
+    match item {
+        Item::Record(s) => match &s.record {
+            record::Record::Event(m) => Some(m),
+            record::Record::DeadLetter(_) => None,
+        },
+        Item::Undecodable { .. } => None,
+    }
+}
+
+/// Publishes the spool's records to the broker.
+pub struct Drainer {
+    spool: Arc<Spool>,
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    publish_timeout: Duration,
+    interval: Duration,
+}
+
+impl Drainer {
+    /// A drainer for `spool` publishing to `broker`; `interval` is how often it looks when idle.
+    pub fn new(
+        spool: Arc<Spool>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+        publish_timeout: Duration,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            spool,
+            broker,
+            metrics,
+            publish_timeout,
+            interval,
+        }
+    }
+
+    /// Drains until the spool is empty or the broker stops taking events.
+    pub async fn drain_once(&self) -> Result<DrainReport, SpoolError> {
+        let mut report = DrainReport::default();
+        while !self.spool.is_empty() {
+            if !self.broker.is_up() {
+                report.interrupted = true;
+                break;
+            }
+            let batch = self.spool.read_batch(DRAIN_BATCH).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let events: Vec<&Message> = batch.items.iter().filter_map(event_of).collect();
+            let mut first_tries = self
+                .broker
+                .publish_in_order(&events, self.publish_timeout)
+                .await
+                .into_iter();
+            let outcomes = join_all(batch.items.iter().map(|item| {
+                let first = event_of(item).and_then(|_| first_tries.next());
+                self.finish(item, first)
+            }))
+            .await;
+            // The cursor moves only over an unbroken run of handled records.
+            let done = outcomes
+                .iter()
+                .position(|o| matches!(o, Outcome::Unavailable))
+                .unwrap_or(outcomes.len());
+            let mut quarantine = Vec::new();
+            for (item, outcome) in batch.items.iter().zip(&outcomes).take(done) {
+                let message = match item {
+                    Item::Record(s) => Some(s.record.message()),
+                    Item::Undecodable { .. } => None,
+                };
+                match outcome {
+                    Outcome::Published => {
+                        report.published += 1;
+                        if let Some(m) = message {
+                            self.metrics
+                                .events_published
+                                .get_or_create(&EventLabels {
+                                    app_id: m.app_id.to_string(),
+                                    event: m.event.clone(),
+                                })
+                                .inc();
+                        }
+                    }
+                    Outcome::DeadLettered(reason) => {
+                        report.dead_lettered += 1;
+                        let app = message.map_or("unknown", |m| &*m.app_id);
+                        self.metrics.dead_lettered(app, reason.as_str());
+                    }
+                    Outcome::Quarantine(frame) => {
+                        report.quarantined += 1;
+                        quarantine.extend_from_slice(frame);
+                    }
+                    Outcome::Unavailable => {}
+                }
+            }
+            if !quarantine.is_empty() {
+                self.spool.quarantine(quarantine).await?;
+            }
+            self.spool.commit(&batch, done).await?;
+            if done < outcomes.len() {
+                report.interrupted = true;
+                break;
+            }
+        }
+        self.spool.update_gauges();
+        Ok(report)
+    }
+
+    /// Finishes one record: an event whose first publish (`first`) was refused is retried or
+    /// dead-lettered; a spooled dead letter is published to the dead-letter queue.
+    async fn finish(&self, item: &Item, first: Option<Result<(), PublishError>>) -> Outcome {
+        let spooled = match item {
+            Item::Record(s) => s,
+            Item::Undecodable { payload, error } => {
+                tracing::error!(%error, "spool record cannot be decoded; keeping it in the quarantine file");
+                let mut frame = Vec::new();
+                record::frame_into(&mut frame, payload);
+                return Outcome::Quarantine(frame);
+            }
+        };
+        let m = match &spooled.record {
+            record::Record::DeadLetter(dl) => return self.dead_letter(dl).await,
+            record::Record::Event(m) => m,
+        };
+        let mut result = first.unwrap_or_else(|| Err(PublishError::Unavailable("not sent".into())));
+        let mut attempts = 1;
+        // Refusals that may pass (`rejected`, `nacked`) are retried a little before giving up.
+        while let Err(PublishError::Refused {
+            reason: DlqReason::Rejected | DlqReason::Nacked,
+            ..
+        }) = &result
+        {
+            if attempts >= REFUSAL_ATTEMPTS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 << attempts)).await;
+            attempts += 1;
+            result = self.broker.publish(m, self.publish_timeout).await;
+        }
+        match result {
+            Ok(()) => Outcome::Published,
+            Err(PublishError::Unavailable(_)) => Outcome::Unavailable,
+            Err(PublishError::Refused { reason, detail }) => {
+                let dl = DeadLetter {
+                    message: m.clone(),
+                    reason,
+                    detail,
+                    attempts,
+                    first_failure_ms: now_ms(),
+                };
+                self.dead_letter(&dl).await
+            }
+        }
+    }
+
+    async fn dead_letter(&self, dl: &DeadLetter) -> Outcome {
+        match self
+            .broker
+            .publish_dead_letter(dl, self.publish_timeout)
+            .await
+        {
+            Ok(()) => Outcome::DeadLettered(dl.reason),
+            Err(PublishError::Unavailable(_)) => Outcome::Unavailable,
+            Err(PublishError::Refused { detail, .. }) => {
+                tracing::error!(
+                    subject = %dl.message.subject,
+                    msg_id = %dl.message.msg_id,
+                    reason = dl.reason.as_str(),
+                    error = %detail,
+                    "the dead-letter queue refused a spooled record; keeping it in the quarantine file"
+                );
+                let kept = DeadLetter {
+                    detail: format!("{}; dead-letter queue: {detail}", dl.detail),
+                    ..dl.clone()
+                };
+                let mut frame = Vec::new();
+                record::encode_into(&mut frame, now_ms(), &record::Record::DeadLetter(kept));
+                Outcome::Quarantine(frame)
+            }
+        }
+    }
+
+    /// Drains whenever records wait and the broker is up: woken by appends, every `interval`
+    /// (every 100 ms while records wait), until `shutdown` fires.
+    /// Tidies an idle spool (deletes the drained segment) and keeps the spool gauges fresh.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        loop {
+            if shutdown.is_triggered() {
+                break;
+            }
+            let wait = if self.spool.is_empty() {
+                self.interval
+            } else {
+                self.interval.min(RETRY_INTERVAL)
+            };
+            tokio::select! {
+                () = shutdown.wait() => break,
+                () = tokio::time::sleep(wait) => {},
+                () = self.spool.appended() => {},
+            }
+            if self.spool.is_empty() {
+                self.spool.roll_if_idle().await;
+                self.spool.update_gauges();
+                continue;
+            }
+            if !self.broker.is_up() {
+                self.spool.update_gauges();
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.wait() => break,
+                result = self.drain_once() => match result {
+                    Ok(r) if r.published + r.dead_lettered + r.quarantined > 0 => {
+                        tracing::info!(
+                            published = r.published,
+                            dead_lettered = r.dead_lettered,
+                            quarantined = r.quarantined,
+                            left = self.spool.events(),
+                            "drained spooled events"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "spool drain failed; retrying");
+                        tokio::time::sleep(self.interval).await;
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The local durable spool: events the broker could not take in time are appended here, flushed
+//! to disk (fsync) before the webhook gets its 200, and published later by the drainer
+//! ([`drain`]) in arrival order with their original message ids.
+//!
+//! Storage is an append-only log of segment files ([`segment`]) holding checksummed frames
+//! ([`record`]). One writer thread appends and group-commits: every append waiting while an
+//! fsync runs goes into the next write and shares the next fsync. The drainer reads from a
+//! persisted cursor (`cursor` file) and deletes a segment once it is past its end; `recover`
+//! opens the directory after a restart. See `docs/spool.md` for the design, guarantees and
+//! limits.
+
+pub mod drain;
+pub mod record;
+mod recover;
+pub mod segment;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::broker::now_ms;
+use crate::config::SpoolSettings;
+use crate::metrics::Metrics;
+pub use record::{Record, Spooled};
+
+/// Records the drainer reads (and publishes with acks awaited together) per batch.
+pub const DRAIN_BATCH: usize = 512;
+/// File holding records no broker would take (dead letters the DLQ refused, undecodable frames).
+pub const QUARANTINE_FILE: &str = "quarantine.log";
+
+/// Why the spool could not take or give records.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// `spool.max_bytes` would be exceeded: nothing of the append was written.
+    #[error("spool is full: {needed} bytes needed, {free} of spool.max_bytes free")]
+    Full {
+        /// Bytes the append needed.
+        needed: u64,
+        /// Bytes still free.
+        free: u64,
+    },
+    /// Reading or writing the spool directory failed.
+    #[error("spool I/O error: {0}")]
+    Io(String),
+    /// Another process holds the spool directory.
+    #[error("spool directory {0} is in use by another process")]
+    Locked(PathBuf),
+    /// The writer thread has stopped (shutdown).
+    #[error("the spool writer has stopped")]
+    Closed,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> SpoolError {
+    SpoolError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+/// A place in the spool: a segment and a byte offset (a frame boundary) in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// Segment id.
+    pub segment: u64,
+    /// Byte offset in the segment.
+    pub offset: u64,
+}
+
+/// In-memory index of the spool, shared by the writer thread and the drainer.
+#[derive(Debug, Default)]
+struct State {
+    /// Segments on disk, oldest first: id -> end of the whole, fsynced frames.
+    segments: BTreeMap<u64, u64>,
+    /// The segment appended to.
+    active: u64,
+    /// Where the drainer goes on.
+    cursor: Position,
+    /// Records not yet drained.
+    events: u64,
+    /// Bytes of all segment files.
+    disk_bytes: u64,
+    /// Spool time of the oldest undrained record (approximate between batches).
+    oldest_ms: Option<u64>,
+}
+
+impl State {
+    /// Whether the drainer is at the end of everything written.
+    fn drained(&self) -> bool {
+        self.cursor.segment == self.active
+            && self.cursor.offset >= self.segments.get(&self.active).copied().unwrap_or(0)
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    max_bytes: u64,
+    room_min: u64,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    /// Wakes the drainer after an append.
+    appended: Notify,
+    /// Serialises cursor writes and quarantine appends.
+    files: Mutex<()>,
+    /// Held for the life of the spool: one process per directory.
+    _lock: File,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain numbers behind; keep going with them.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update_gauges(&self, st: &State) {
+        let m = &self.metrics;
+        m.spool_events.set(st.events as i64);
+        m.spool_bytes.set(st.disk_bytes as i64);
+        let age = st
+            .oldest_ms
+            .filter(|_| st.events > 0)
+            .map(|t| now_ms().saturating_sub(t) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        m.spool_oldest_age.set(age);
+    }
+}
+
+/// One read of the drainer: records in order, each with the position just past it.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The records, oldest first.
+    pub items: Vec<Item>,
+    ends: Vec<Position>,
+}
+
+/// One frame read back.
+#[derive(Debug)]
+pub enum Item {
+    /// A record to publish.
+    Record(Spooled),
+    /// A frame whose checksum matched but which this version cannot decode (kept aside).
+    Undecodable {
+        /// The payload as stored.
+        payload: Vec<u8>,
+        /// What is wrong with it.
+        error: record::DecodeError,
+    },
+}
+
+impl Batch {
+    /// Whether nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// The spool of one bridge process.
+pub struct Spool {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<writer::Request>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `settings.dir`: locks it, finds where the drainer stopped,
+    /// counts what is left, and starts a new segment for appends. `room_min` is the free space
+    /// below which the spool no longer counts as able to take a webhook (for `/readyz`).
+    pub async fn open(
+        settings: &SpoolSettings,
+        room_min: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SpoolError> {
+        let settings = settings.clone();
+        let (file, shared) = tokio::task::spawn_blocking(move || {
+            let (lock, state, file) = recover::recover(&settings.dir)?;
+            let shared = Arc::new(Shared {
+                dir: settings.dir.clone(),
+                max_bytes: settings.max_bytes,
+                room_min,
+                state: Mutex::new(state),
+                metrics,
+                appended: Notify::new(),
+                files: Mutex::new(()),
+                _lock: lock,
+            });
+            shared.update_gauges(&shared.state());
+            Ok::<_, SpoolError>((file, shared))
+        })
+        .await
+        .map_err(|e| SpoolError::Io(format!("spool recovery stopped: {e}")))??;
+        let tx = writer::start(shared.clone(), file, settings.segment_bytes)?;
+        Ok(Self { shared, tx })
+    }
+
+    /// Appends `records` as one unit and returns once they are on disk (fsynced). Either all of
+    /// them are written or none ([`SpoolError::Full`] when `spool.max_bytes` would be exceeded).
+    pub async fn append(&self, records: &[Record]) -> Result<(), SpoolError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut frames = Vec::new();
+        for r in records {
+            record::encode_into(&mut frames, now, r);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(writer::Request::Append {
+                frames,
+                events: records.len() as u64,
+                first_ms: now,
+                reply,
+            })
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)??;
+        self.shared
+            .metrics
+            .spool_written
+            .inc_by(records.len() as u64);
+        Ok(())
+    }
+
+    /// Stops the writer thread after what is queued; later appends fail with
+    /// [`SpoolError::Closed`]. The directory lock goes with the last handle to the spool.
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(writer::Request::Close(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Records waiting to be drained.
+    pub fn events(&self) -> u64 {
+        self.shared.state().events
+    }
+
+    /// Whether no record waits (new webhooks may then publish directly).
+    pub fn is_empty(&self) -> bool {
+        self.events() == 0
+    }
+
+    /// Bytes the segment files take on disk (what `spool.max_bytes` limits).
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.state().disk_bytes
+    }
+
+    /// Whether a webhook of the largest allowed size would still fit (and the writer runs).
+    pub fn has_room(&self) -> bool {
+        !self.tx.is_closed() && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Waits until an append lands (the drainer's wake-up).
+    pub async fn appended(&self) {
+        self.shared.appended.notified().await;
+    }
+
+    /// Refreshes the spool gauges (the oldest age moves with time).
+    pub fn update_gauges(&self) {
+        self.shared.update_gauges(&self.shared.state());
+    }
+
+    /// Asks the writer to start a fresh segment and delete the current one when everything has
+    /// been drained, so an idle spool takes no disk space.
+    pub async fn roll_if_idle(&self) {
+        let worth_it = {
+            let st = self.shared.state();
+            st.drained() && st.segments.get(&st.active).copied().unwrap_or(0) > 0
+        };
+        if worth_it {
+            let _ = self.tx.send(writer::Request::RollIfIdle).await;
+        }
+    }
+
+    /// Reads up to `max` records from the cursor on, in order. Passes (and deletes) segments
+    /// that are fully drained; skips damaged bytes with an error log.
+    pub async fn read_batch(&self, max: usize) -> Result<Batch, SpoolError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || read_batch(&shared, max))
+            .await
+            .map_err(|e| SpoolError::Io(format!("spool read stopped: {e}")))?
+    }
+
+    /// Marks the first `n` records of `batch` as drained: moves the cursor past them and
+    /// persists it, so a restart does not publish them again.
+    pub async fn commit(&self, batch: &Batch, n: usize) -> Result<(), SpoolError> {
+        let n = n.min(batch.ends.len());
+        let Some(&pos) = n.checked_sub(1).and_then(|i| batch.ends.get(i)) else {
+            return Ok(());
+        };
+        {
+            let mut st = self.shared.state();
+            if pos > st.cursor {
+                st.cursor = pos;
+            }
+            st.events = st.events.saturating_sub(n as u64);
+            if st.drained() {
+                st.events = 0;
+            }
+            st.oldest_ms = match batch.items.get(n) {
+                _ if st.events == 0 => None,
+                Some(Item::Record(s)) => Some(s.spooled_at_ms),
+                _ => st.oldest_ms,
+            };
+            self.shared.update_gauges(&st);
+        }
+        self.shared.metrics.spool_drained.inc_by(n as u64);
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || recover::write_cursor(&shared, pos))
+            .await
+            .map_err(|e| SpoolError::Io(format!("cursor write stopped: {e}")))?
+    }
+
+    /// Keeps frames no broker would take in `quarantine.log` (fsynced), outside the spool's
+    /// accounting, for an operator to look at.
+    pub async fn quarantine(&self, frames: Vec<u8>) -> Result<(), SpoolError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = shared.files.lock().unwrap_or_else(|p| p.into_inner());
+            let path = shared.dir.join(QUARANTINE_FILE);
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_err("cannot open", &path, e))?;
+            f.write_all(&frames)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io_err("cannot write", &path, e))
+        })
+        .await
+        .map_err(|e| SpoolError::Io(format!("quarantine write stopped: {e}")))?
+    }
+}
+
+fn read_batch(shared: &Shared, max: usize) -> Result<Batch, SpoolError> {
+    loop {
+        let (cursor, end, next_segment) = {
+            let st = shared.state();
+            let end = st.segments.get(&st.cursor.segment).copied().unwrap_or(0);
+            let next = st
+                .segments
+                .range(st.cursor.segment + 1..)
+                .next()
+                .map(|(&id, _)| id);
+            (st.cursor, end, next)
+        };
+        if cursor.offset >= end {
+            // At the end of a sealed segment: go on with the next one and delete this one.
+            let Some(next) = next_segment else {
+                let mut st = shared.state();
+                if st.drained() && st.events > 0 {
+                    // The count included records that turned out unreadable (damage found only
+                    // now): everything readable is drained.
+                    tracing::warn!(
+                        events = st.events,
+                        "spool count corrected: nothing readable is left"
+                    );
+                    st.events = 0;
+                    st.oldest_ms = None;
+                    shared.update_gauges(&st);
+                }
+                return Ok(Batch::default());
+            };
+            let path = segment::path(&shared.dir, cursor.segment);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot delete", &path, e)),
+            }
+            let mut st = shared.state();
+            if st.cursor == cursor {
+                st.cursor = Position {
+                    segment: next,
+                    offset: 0,
+                };
+            }
+            if let Some(len) = st.segments.remove(&cursor.segment) {
+                st.disk_bytes = st.disk_bytes.saturating_sub(len);
+            }
+            shared.update_gauges(&st);
+            continue;
+        }
+        let path = segment::path(&shared.dir, cursor.segment);
+        let file = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let read = segment::read_frames(&file, cursor.offset, end, max)
+            .map_err(|e| io_err("cannot read", &path, e))?;
+        if read.skipped > 0 {
+            tracing::error!(segment = %path.display(), bytes = read.skipped, "skipped damaged spool bytes");
+        }
+        if read.frames.is_empty() {
+            // Only damage up to `read.next`: step over it.
+            let mut st = shared.state();
+            if st.cursor == cursor {
+                st.cursor.offset = read.next;
+            }
+            continue;
+        }
+        let mut batch = Batch::default();
+        for (payload, end) in read.frames {
+            batch.ends.push(Position {
+                segment: cursor.segment,
+                offset: end,
+            });
+            batch.items.push(match record::decode(&payload) {
+                Ok(s) => Item::Record(s),
+                Err(error) => Item::Undecodable { payload, error },
+            });
+        }
+        if let Some(Item::Record(s)) = batch.items.first() {
+            let mut st = shared.state();
+            st.oldest_ms = Some(s.spooled_at_ms);
+            shared.update_gauges(&st);
+        }
+        return Ok(batch);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::record::{Record, Spooled};
+    use crate::broker::Message;
+
+    /// A small event record numbered `i`.
+    pub fn event(i: usize) -> Spooled {
+        Spooled {
+            spooled_at_ms: 1_700_000_000_000 + i as u64,
+            record: Record::Event(Message {
+                subject: format!("pusher.1.channel_occupied.c{i}"),
+                msg_id: format!("id-{i}"),
+                body: Bytes::from(format!(r#"{{"name":"channel_occupied","channel":"c{i}"}}"#)),
+                app_id: Arc::from("1"),
+                event: "channel_occupied".into(),
+                channel: format!("c{i}"),
+                time_ms: "1700000000000".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

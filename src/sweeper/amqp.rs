@@ -1,0 +1,296 @@
+//! The sweep of a RabbitMQ queue, on the sweeper's own connection.
+//!
+//! RabbitMQ cannot delete "messages older than X" by itself without a TTL fixed when the queue is
+//! declared (see `docs/retention.md` for why the bridge does not rely on one), so the sweep reads
+//! the queue head with `basic.get` (oldest first), acks (removes) each message older than its
+//! retention (per event by the `Pusher-Event` header, age from the `timestamp` property), holds
+//! messages kept by a longer override unacked so it can look behind them, and stops at the first
+//! message younger than every rule. Held messages go back with one `basic.nack(multiple,
+//! requeue)`, which RabbitMQ puts back at their original place at the head of the queue.
+//!
+//! The lease is an exclusive, auto-delete queue declared on the same connection: the broker
+//! grants it to one connection at a time and drops it with the connection, so a crashed holder's
+//! lease ends with its TCP connection, or after the heartbeat timeout (`lease_ttl / 2` heartbeat,
+//! two missed beats) if the host vanished. Sweeping on that same connection means a holder that
+//! lost its lease cannot go on sweeping either.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+
+use super::policy::{self, Retention, Target, Verdict};
+use super::{LeaseStatus, SweepError, TargetReport};
+use crate::broker::{headers, now_ms};
+use crate::config::Settings;
+
+/// Messages looked at per queue and run at most; the rest waits for the next run.
+pub(super) const GET_BUDGET: u64 = 100_000;
+/// Connecting may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One AMQP request (get, declare) may take this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// AMQP reply code 405: the exclusive queue belongs to another connection.
+const RESOURCE_LOCKED: u16 = 405;
+
+/// The exclusive queue whose owner is the sweeper (`<events queue>.sweeper-lease`).
+pub fn lease_queue(settings: &Settings) -> String {
+    format!("{}.sweeper-lease", settings.broker.amqp.queue)
+}
+
+fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
+    SweepError::Broker(format!("{what}: {e}"))
+}
+
+async fn timed<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, SweepError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(op_err(what, e)),
+        Err(_) => Err(SweepError::Broker(format!("{what}: no answer in time"))),
+    }
+}
+
+/// The AMQP backend.
+pub(super) struct AmqpSweeper {
+    settings: Arc<Settings>,
+    conn: Option<Connection>,
+    /// The lease queue was declared on `conn`.
+    lease: bool,
+}
+
+impl AmqpSweeper {
+    /// Connects lazily: nothing happens until the first run.
+    pub(super) fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            settings,
+            conn: None,
+            lease: false,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.status().connected())
+    }
+
+    async fn connection(&mut self) -> Result<&Connection, SweepError> {
+        if !self.connected() {
+            self.lease = false;
+            self.conn = Some(connect(&self.settings).await?);
+        }
+        self.conn
+            .as_ref()
+            .ok_or_else(|| SweepError::Connect("no AMQP connection".into()))
+    }
+
+    pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
+        if self.lease && self.connected() {
+            return Ok(LeaseStatus::Held);
+        }
+        let queue = lease_queue(&self.settings);
+        let conn = self.connection().await?;
+        let channel = timed("cannot open a channel", conn.create_channel()).await?;
+        let declared = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            channel.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    durable: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(Ok(_)) => {
+                self.lease = true;
+                tracing::info!(queue = %queue, "took the sweeper lease");
+                Ok(LeaseStatus::Held)
+            }
+            Ok(Err(e)) if locked(&e) => Ok(LeaseStatus::Elsewhere(None)),
+            Ok(Err(e)) => Err(op_err("cannot declare the lease queue", e)),
+            Err(_) => Err(SweepError::Broker(
+                "cannot declare the lease queue: no answer in time".into(),
+            )),
+        }
+    }
+
+    pub(super) fn holds_lease(&self) -> bool {
+        self.lease && self.connected()
+    }
+
+    pub(super) fn keep_lease(&self) -> Result<(), SweepError> {
+        if self.holds_lease() {
+            Ok(())
+        } else {
+            Err(SweepError::LeaseLost)
+        }
+    }
+
+    /// Closes the connection: the lease queue goes with it and held messages are requeued.
+    pub(super) async fn release(&mut self) {
+        self.lease = false;
+        if let Some(conn) = self.conn.take() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+        }
+    }
+
+    /// Sweeps one queue. Every step runs on the lease's connection, so a sweeper whose lease
+    /// ended (connection gone) cannot touch the queue any more.
+    pub(super) async fn sweep(
+        &mut self,
+        target: Target,
+        dry_run: bool,
+    ) -> Result<TargetReport, SweepError> {
+        let queue = match target {
+            Target::Events => self.settings.broker.amqp.queue.clone(),
+            Target::Dlq => self.settings.broker.amqp.dlq_queue.clone(),
+        };
+        let retention = Retention::for_target(&self.settings, target);
+        let conn = self.connection().await?;
+        let channel = timed("cannot open a channel", conn.create_channel()).await?;
+        let mut report = TargetReport::new(target, format!("queue {queue}"), dry_run);
+        let now = now_ms();
+        let mut purged: std::collections::BTreeMap<Option<String>, u64> = Default::default();
+        // Delivery tag of the last message held (kept, or counted in a dry run).
+        let mut held: Option<u64> = None;
+        let mut seen = 0u64;
+        report.complete = false;
+        let outcome: Result<(), SweepError> = async {
+            while seen < GET_BUDGET {
+                let got = timed(
+                    &format!("cannot read queue {queue}"),
+                    channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }),
+                )
+                .await?;
+                let Some(msg) = got else {
+                    report.complete = true;
+                    return Ok(());
+                };
+                seen += 1;
+                let d = &msg.delivery;
+                let event = header_str(d.properties.headers(), headers::EVENT);
+                let published_ms = d
+                    .properties
+                    .timestamp()
+                    .map(|secs| secs.saturating_mul(1000))
+                    .or_else(|| {
+                        header_str(d.properties.headers(), headers::TIME_MS)
+                            .and_then(|v| v.parse().ok())
+                    });
+                match policy::verdict(&retention, event.as_deref(), published_ms, now) {
+                    Verdict::Purge => {
+                        if dry_run {
+                            held = Some(d.delivery_tag);
+                        } else {
+                            timed(
+                                "cannot ack a purged message",
+                                d.acker.ack(BasicAckOptions { multiple: false }),
+                            )
+                            .await?;
+                        }
+                        *purged.entry(event).or_default() += 1;
+                    }
+                    Verdict::Keep => held = Some(d.delivery_tag),
+                    Verdict::Stop => {
+                        held = Some(d.delivery_tag);
+                        report.complete = true;
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Some(tag) = held {
+            // Back to the head, in their order; if this fails the channel closes and the broker
+            // requeues them all the same.
+            let requeue = channel.basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            );
+            if let Err(e) = timed("cannot requeue kept messages", requeue).await {
+                tracing::warn!(error = %e, "requeue after the sweep failed; closing the channel");
+            }
+        }
+        let _ = channel.close(200, "sweep done".into()).await;
+        outcome?;
+        for (event, n) in purged {
+            let label = event.clone().unwrap_or_else(|| "(no Pusher-Event)".into());
+            report.push(&label, retention.max_age_of(event.as_deref()), n);
+        }
+        if report.lines.is_empty() {
+            report.push("*", retention.longest(), 0);
+        }
+        Ok(report)
+    }
+}
+
+/// The broker refused the exclusive queue because another connection owns it.
+fn locked(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED)
+}
+
+/// A string header (`Pusher-Event`, `Pusher-Time-Ms`), whatever string type carried it.
+fn header_str(table: &Option<FieldTable>, name: &str) -> Option<String> {
+    let value = table.as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Opens the sweeper's connection: heartbeat `lease_ttl / 2` (unless the URL sets one), so the
+/// broker drops a vanished holder's connection, and with it the lease, within about `lease_ttl`.
+async fn connect(settings: &Settings) -> Result<Connection, SweepError> {
+    let s = &settings.broker.amqp;
+    let mut uri = lapin::uri::AMQPUri::from_str(s.url.expose()).map_err(|e| {
+        SweepError::Connect(format!("invalid broker.amqp.url {}: {e}", s.url.redacted()))
+    })?;
+    if uri.query.heartbeat.is_none() {
+        let secs = (settings.retention.lease_ttl.as_secs() / 2).clamp(1, u64::from(u16::MAX));
+        uri.query.heartbeat = Some(secs as u16);
+    }
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if let Some(ca) = &s.tls_ca_file {
+        let pem = tokio::fs::read_to_string(ca)
+            .await
+            .map_err(|e| SweepError::Connect(format!("cannot read {}: {e}", ca.display())))?;
+        tls.cert_chain = Some(pem);
+    }
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| SweepError::Connect(e.to_string()))?;
+    let props =
+        ConnectionProperties::default().with_connection_name("pusher-bridge-sweeper".into());
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(SweepError::Connect(format!(
+            "cannot connect to {}: {e}",
+            s.url.redacted()
+        ))),
+        Err(_) => Err(SweepError::Connect(format!(
+            "no answer from {} in time",
+            s.url.redacted()
+        ))),
+    }
+}

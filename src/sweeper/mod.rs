@@ -1,0 +1,464 @@
+//! The retention sweeper: trims the events stream / queue and the dead-letter stream / queue of
+//! messages older than their retention, like the seed component's trim timers.
+//!
+//! - [`policy`]: the rules (default `max_age`, per event overrides) as pure functions.
+//! - `nats`: purges by subject filter below the first young sequence; `nats_lease`: the KV
+//!   lease and the scan cursor.
+//! - `amqp`: reads the queue head and acks what is too old; the lease is an exclusive queue.
+//!
+//! [`Sweeper::sweep_once`] is one run (the tests and `pusher-bridge sweep --once` call it);
+//! [`run_loop`] runs it every `interval` per target until shutdown. Only the replica holding the
+//! lease sweeps; the others count the run as `skipped`. A failed run is logged and counted, and
+//! the next interval tries again: the sweeper never stops the server.
+
+mod amqp;
+mod nats;
+mod nats_lease;
+pub mod policy;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+pub use self::amqp::lease_queue;
+pub use self::nats_lease::{lease_bucket, state_bucket};
+pub use self::policy::Target;
+use crate::config::{BrokerKind, Settings};
+use crate::metrics::{Metrics, SweepLabels, SweepRunLabels};
+use crate::shutdown::Shutdown;
+
+/// After a run that stopped at its per-run budget, the next run of that target starts this soon
+/// instead of a whole interval later.
+const BACKLOG_PAUSE: Duration = Duration::from_secs(1);
+/// The first run waits at most this long after start-up (the broker topology comes up first).
+const FIRST_RUN_DELAY: Duration = Duration::from_secs(10);
+
+/// A sweep could not run or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The broker cannot be reached.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The broker refused or failed an operation (missing stream / queue, timeout).
+    #[error("{0}")]
+    Broker(String),
+    /// The lease ended during the run; the run stopped so two replicas never sweep at once.
+    #[error("the sweeper lease was lost during the run")]
+    LeaseLost,
+}
+
+/// Whether this replica may sweep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// This replica holds the lease.
+    Held,
+    /// Another replica (named, when the broker tells) holds it.
+    Elsewhere(Option<String>),
+}
+
+/// One line of a report: messages of one scope purged under one retention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PurgeLine {
+    /// `*` (every message past the longest retention) or an event name.
+    pub scope: String,
+    /// The retention applied.
+    pub max_age: Duration,
+    /// Messages purged (or, in a dry run, that would be).
+    pub purged: u64,
+}
+
+/// What one run did to one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetReport {
+    /// Which target.
+    pub target: Target,
+    /// `stream NAME` or `queue NAME`.
+    pub location: String,
+    /// Nothing was removed; counts say what would have been.
+    pub dry_run: bool,
+    /// Per scope counts, in the order the purges ran.
+    pub lines: Vec<PurgeLine>,
+    /// False when the run stopped at its per-run budget; the next run goes on.
+    pub complete: bool,
+}
+
+impl TargetReport {
+    fn new(target: Target, location: String, dry_run: bool) -> Self {
+        Self {
+            target,
+            location,
+            dry_run,
+            lines: Vec::new(),
+            complete: true,
+        }
+    }
+
+    fn push(&mut self, scope: &str, max_age: Duration, purged: u64) {
+        self.lines.push(PurgeLine {
+            scope: scope.to_string(),
+            max_age,
+            purged,
+        });
+    }
+
+    /// Messages purged in total.
+    pub fn purged(&self) -> u64 {
+        self.lines.iter().map(|l| l.purged).sum()
+    }
+
+    /// Messages purged of one scope (0 when absent).
+    pub fn purged_of(&self, scope: &str) -> u64 {
+        self.lines
+            .iter()
+            .filter(|l| l.scope == scope)
+            .map(|l| l.purged)
+            .sum()
+    }
+}
+
+impl fmt::Display for TargetReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.dry_run {
+            "would purge"
+        } else {
+            "purged"
+        };
+        write!(
+            f,
+            "{} ({}): {verb} {} message(s)",
+            self.target.as_str(),
+            self.location,
+            self.purged()
+        )?;
+        for line in &self.lines {
+            let scope = if line.scope == "*" {
+                "any message"
+            } else {
+                line.scope.as_str()
+            };
+            write!(
+                f,
+                "\n  {scope} older than {}: {}",
+                humantime::format_duration(line.max_age),
+                line.purged
+            )?;
+        }
+        if !self.complete {
+            write!(
+                f,
+                "\n  (stopped at the per-run limit; the next run goes on)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// How one target's run ended.
+#[derive(Debug)]
+pub enum TargetOutcome {
+    /// The run finished (or, dry, counted).
+    Swept(TargetReport),
+    /// `enabled = false`: nothing was touched.
+    Disabled,
+    /// Another replica holds the lease.
+    Skipped(Option<String>),
+    /// The run failed; the next interval tries again.
+    Failed(SweepError),
+}
+
+impl TargetOutcome {
+    /// A one-paragraph description for the command line.
+    pub fn describe(&self, target: Target) -> String {
+        let t = target.as_str();
+        match self {
+            TargetOutcome::Swept(report) => report.to_string(),
+            TargetOutcome::Disabled => format!("{t}: disabled, nothing done"),
+            TargetOutcome::Skipped(Some(holder)) => {
+                format!("{t}: skipped, the sweeper lease is held by {holder}")
+            }
+            TargetOutcome::Skipped(None) => {
+                format!("{t}: skipped, another sweeper holds the lease")
+            }
+            TargetOutcome::Failed(e) => format!("{t}: failed: {e}"),
+        }
+    }
+}
+
+enum Backend {
+    Nats(Box<nats::NatsSweeper>),
+    Amqp(Box<amqp::AmqpSweeper>),
+}
+
+/// The sweeper of one bridge process (its own broker connection and lease).
+pub struct Sweeper {
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    backend: Backend,
+}
+
+/// A name for this replica's lease: host, process id and start time.
+async fn holder_id() -> String {
+    let host = match std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()) {
+        Some(h) => h,
+        None => tokio::fs::read_to_string("/etc/hostname")
+            .await
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".into()),
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{host}/{}/{nanos:09}", std::process::id())
+}
+
+impl Sweeper {
+    /// Builds the sweeper for `settings.broker.kind`. NATS connects in the background, AMQP at the
+    /// first run; an unreachable broker shows as failed runs, not as an error here.
+    pub async fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Self, SweepError> {
+        let backend = match settings.broker.kind {
+            BrokerKind::Nats => Backend::Nats(Box::new(
+                nats::NatsSweeper::new(settings.clone(), holder_id().await).await?,
+            )),
+            BrokerKind::Amqp => Backend::Amqp(Box::new(amqp::AmqpSweeper::new(settings.clone()))),
+            #[cfg(feature = "bench-null-broker")]
+            BrokerKind::Null => {
+                return Err(SweepError::Broker(
+                    "the benchmark-only null broker stores nothing to sweep".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            settings,
+            metrics,
+            backend,
+        })
+    }
+
+    /// Whether `target` is enabled.
+    pub fn enabled(&self, target: Target) -> bool {
+        match target {
+            Target::Events => self.settings.retention.events.enabled,
+            Target::Dlq => self.settings.retention.dlq.enabled,
+        }
+    }
+
+    /// Whether this replica holds the lease right now.
+    pub fn holds_lease(&self) -> bool {
+        match &self.backend {
+            Backend::Nats(b) => b.holds_lease(),
+            Backend::Amqp(b) => b.holds_lease(),
+        }
+    }
+
+    /// Takes or renews the lease.
+    pub async fn acquire_lease(&mut self) -> Result<LeaseStatus, SweepError> {
+        match &mut self.backend {
+            Backend::Nats(b) => b.acquire().await,
+            Backend::Amqp(b) => b.acquire().await,
+        }
+    }
+
+    /// Renews the lease if it is due (between runs, so the holder stays the holder).
+    pub async fn keep_lease(&mut self) -> Result<(), SweepError> {
+        match &mut self.backend {
+            Backend::Nats(b) => b.keep_lease().await,
+            Backend::Amqp(b) => b.keep_lease(),
+        }
+    }
+
+    /// Gives the lease up and closes the sweeper's connection.
+    pub async fn release(&mut self) {
+        match &mut self.backend {
+            Backend::Nats(b) => b.release().await,
+            Backend::Amqp(b) => b.release().await,
+        }
+    }
+
+    /// One run over `targets`: disabled ones are left alone; the others are swept if this
+    /// replica holds (or takes) the lease. A dry run needs no lease and changes nothing.
+    /// Metrics count every run but dry ones.
+    pub async fn sweep_once(
+        &mut self,
+        targets: &[Target],
+        dry_run: bool,
+    ) -> Vec<(Target, TargetOutcome)> {
+        let mut out = Vec::with_capacity(targets.len());
+        let wanted: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| self.enabled(*t))
+            .collect();
+        for t in targets.iter().filter(|t| !self.enabled(**t)) {
+            out.push((*t, TargetOutcome::Disabled));
+        }
+        if wanted.is_empty() {
+            return out;
+        }
+        if !dry_run {
+            match self.acquire_lease().await {
+                Ok(LeaseStatus::Held) => {}
+                Ok(LeaseStatus::Elsewhere(holder)) => {
+                    for t in wanted {
+                        self.count(t, "skipped");
+                        out.push((t, TargetOutcome::Skipped(holder.clone())));
+                    }
+                    return out;
+                }
+                Err(e) => {
+                    for t in wanted {
+                        self.count(t, "failure");
+                        out.push((t, TargetOutcome::Failed(SweepError::Broker(e.to_string()))));
+                    }
+                    return out;
+                }
+            }
+        }
+        for t in wanted {
+            let result = match &mut self.backend {
+                Backend::Nats(b) => b.sweep(t, dry_run, !dry_run).await,
+                Backend::Amqp(b) => b.sweep(t, dry_run).await,
+            };
+            let outcome = match result {
+                Ok(report) => {
+                    if !dry_run {
+                        self.count(t, "success");
+                        let labels = SweepLabels {
+                            target: t.as_str().into(),
+                        };
+                        self.metrics
+                            .sweeper_purged
+                            .get_or_create(&labels)
+                            .inc_by(report.purged());
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        self.metrics
+                            .sweeper_last_success
+                            .get_or_create(&labels)
+                            .set(now);
+                    }
+                    TargetOutcome::Swept(report)
+                }
+                Err(e) => {
+                    if !dry_run {
+                        self.count(t, "failure");
+                    }
+                    TargetOutcome::Failed(e)
+                }
+            };
+            out.push((t, outcome));
+        }
+        out.sort_by_key(|(t, _)| *t);
+        out
+    }
+
+    fn count(&self, target: Target, outcome: &'static str) {
+        self.metrics
+            .sweeper_runs
+            .get_or_create(&SweepRunLabels {
+                target: target.as_str().into(),
+                outcome,
+            })
+            .inc();
+    }
+
+    fn interval(&self, target: Target) -> Duration {
+        match target {
+            Target::Events => self.settings.retention.events.interval,
+            Target::Dlq => self.settings.retention.dlq.interval,
+        }
+    }
+}
+
+/// Runs the sweeper until `shutdown`: each enabled target every `interval` (sooner after a run
+/// that stopped at its budget), the lease renewed every `lease_ttl / 3` while held, and released
+/// at the end. Returns at once when both targets are disabled.
+pub async fn run_loop(mut sweeper: Sweeper, mut shutdown: Shutdown) {
+    let enabled: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|t| sweeper.enabled(*t))
+        .collect();
+    if enabled.is_empty() {
+        return;
+    }
+    let start = Instant::now();
+    let mut due: Vec<(Target, Instant)> = enabled
+        .iter()
+        .map(|t| (*t, start + sweeper.interval(*t).min(FIRST_RUN_DELAY)))
+        .collect();
+    let renew_every = (sweeper.settings.retention.lease_ttl / 3).max(Duration::from_millis(100));
+    let mut renew = tokio::time::interval(renew_every);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = due.iter().map(|(_, at)| *at).min().unwrap_or(start);
+        tokio::select! {
+            () = shutdown.wait() => break,
+            _ = renew.tick(), if sweeper.holds_lease() => {
+                if let Err(e) = sweeper.keep_lease().await {
+                    tracing::warn!(error = %e, "sweeper lease not renewed");
+                }
+            }
+            () = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                let targets: Vec<Target> =
+                    due.iter().filter(|(_, at)| *at <= now).map(|(t, _)| *t).collect();
+                let results = tokio::select! {
+                    () = shutdown.wait() => break,
+                    r = sweeper.sweep_once(&targets, false) => r,
+                };
+                let finished = Instant::now();
+                for (target, outcome) in &results {
+                    let pause = match outcome {
+                        TargetOutcome::Swept(report) => {
+                            tracing::info!(
+                                target = target.as_str(),
+                                purged = report.purged(),
+                                complete = report.complete,
+                                "retention sweep done"
+                            );
+                            if report.complete { sweeper.interval(*target) } else { BACKLOG_PAUSE }
+                        }
+                        TargetOutcome::Skipped(holder) => {
+                            tracing::debug!(target = target.as_str(), holder = ?holder, "retention sweep skipped: another replica holds the lease");
+                            sweeper.interval(*target)
+                        }
+                        TargetOutcome::Failed(e) => {
+                            tracing::warn!(target = target.as_str(), error = %e, "retention sweep failed; retrying at the next interval");
+                            sweeper.interval(*target)
+                        }
+                        TargetOutcome::Disabled => sweeper.interval(*target),
+                    };
+                    for (t, at) in due.iter_mut() {
+                        if t == target {
+                            *at = finished + pause;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    sweeper.release().await;
+}
+
+/// Starts the background sweeper of the server, or nothing when both targets are disabled.
+pub fn spawn(
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !settings.retention.events.enabled && !settings.retention.dlq.enabled {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        match Sweeper::new(settings, metrics).await {
+            Ok(sweeper) => run_loop(sweeper, shutdown).await,
+            Err(e) => tracing::error!(error = %e, "the retention sweeper cannot start"),
+        }
+    }))
+}

@@ -1,0 +1,474 @@
+//! The sweep of a JetStream stream: purges by subject filter below the first sequence that is
+//! young enough (see [`super::policy::NatsPlan`] for the order and why it is correct).
+//!
+//! The first young sequence of a filter comes from an ephemeral consumer with
+//! `DeliverPolicy::ByStartTime` (the server finds it in its own index; NATS 2.9 has it): if the
+//! consumer has nothing pending, no message of the filter is young. Purges use the JetStream purge
+//! request with `filter` and `seq` ("every message of the filter below `seq`"), which is atomic
+//! on the server and leaves the stream's own limits (`max_age`, `max_bytes`) working as before.
+
+use std::collections::BTreeSet;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, stream::Stream};
+use futures::StreamExt;
+
+use super::nats_lease::{Cursor, CursorStore, NatsLease};
+use super::policy::{self, Retention, Target};
+use super::{LeaseStatus, SweepError, TargetReport};
+use crate::config::Settings;
+use crate::routing;
+
+/// Timeout of one JetStream API request (a filtered purge deletes message by message).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a sweep waits for the connection before it counts as failed.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// Messages read per batch while scanning for event names.
+const SCAN_BATCH: usize = 1000;
+/// Messages scanned per run at most; the scan resumes there at the next run.
+pub(super) const SCAN_BUDGET: u64 = 2_000_000;
+/// Sequences covered by one filtered purge request.
+const PURGE_CHUNK: u64 = 10_000;
+/// Ephemeral consumers of the sweeper vanish this long after a crashed sweeper left them.
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
+
+fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
+    SweepError::Broker(format!("{what}: {e}"))
+}
+
+/// The NATS backend: its own connection, the KV lease and the cursor store.
+pub(super) struct NatsSweeper {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: Arc<Settings>,
+    lease: NatsLease,
+    cursor: CursorStore,
+}
+
+/// One target's stream as the sweep sees it.
+struct View {
+    stream: Stream,
+    prefix: String,
+    /// The stream holds only `<prefix>.>`, so "every event" needs no filter (NATS then drops
+    /// whole blocks instead of deleting message by message).
+    whole: bool,
+    first: u64,
+    last: u64,
+    created: String,
+}
+
+impl NatsSweeper {
+    /// Starts connecting (in the background, like the broker) and returns at once.
+    pub(super) async fn new(settings: Arc<Settings>, holder: String) -> Result<Self, SweepError> {
+        let opts = crate::broker::nats::connect_options(&settings.broker.nats)
+            .await
+            .map_err(|e| SweepError::Connect(e.to_string()))?
+            .name("pusher-bridge-sweeper");
+        let client = opts
+            .connect(settings.broker.nats.url.expose())
+            .await
+            .map_err(|e| SweepError::Connect(e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
+        Ok(Self {
+            lease: NatsLease::new(js.clone(), &settings, holder),
+            cursor: CursorStore::new(js.clone(), &settings),
+            client,
+            js,
+            settings,
+        })
+    }
+
+    async fn wait_connected(&self) -> Result<(), SweepError> {
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SweepError::Connect(format!(
+                    "not connected to NATS at {}",
+                    self.settings.broker.nats.url.redacted()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
+        self.wait_connected().await?;
+        self.lease.acquire().await
+    }
+
+    pub(super) fn holds_lease(&self) -> bool {
+        self.lease.is_held()
+    }
+
+    pub(super) async fn keep_lease(&mut self) -> Result<(), SweepError> {
+        self.lease.keep().await
+    }
+
+    pub(super) async fn release(&mut self) {
+        self.lease.release().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+    }
+
+    /// Sweeps one target. `guarded`: renew the lease between steps and stop if it is lost
+    /// (false for dry runs, which change nothing).
+    pub(super) async fn sweep(
+        &mut self,
+        target: Target,
+        dry_run: bool,
+        guarded: bool,
+    ) -> Result<TargetReport, SweepError> {
+        self.wait_connected().await?;
+        let (stream_name, prefix) = match target {
+            Target::Events => (
+                self.settings.broker.nats.stream.clone(),
+                self.settings.broker.subject_prefix.clone(),
+            ),
+            Target::Dlq => (
+                self.settings.broker.nats.dlq_stream.clone(),
+                routing::dlq_prefix(&self.settings.broker.subject_prefix),
+            ),
+        };
+        let mut stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| op_err(format_args!("cannot open stream {stream_name}"), e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| op_err(format_args!("cannot read stream {stream_name}"), e))?
+            .clone();
+        let whole = info.config.subjects == [policy::all_filter(&prefix)];
+        let view = View {
+            stream,
+            whole,
+            prefix,
+            first: info.state.first_sequence,
+            last: info.state.last_sequence,
+            created: info.created.to_string(),
+        };
+        let retention = Retention::for_target(&self.settings, target);
+        let plan = retention.nats_plan();
+        let now = SystemTime::now();
+        let mut report = TargetReport::new(target, format!("stream {stream_name}"), dry_run);
+
+        // 1. Everything older than the longest retention.
+        let all = policy::all_filter(&view.prefix);
+        let floor = first_young_seq(&view, &all, now, plan.everything).await?;
+        let n = self
+            .purge_or_count(&view, &all, 0, floor, dry_run, guarded)
+            .await?;
+        report.push("*", plan.everything, n);
+        if guarded {
+            self.lease.keep().await?;
+        }
+
+        // 2. Overrides shorter than that, each by its own filter.
+        for (name, age) in &plan.per_event {
+            let filter = policy::event_filter(&view.prefix, name);
+            let below = first_young_seq(&view, &filter, now, *age).await?;
+            let n = self
+                .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
+                .await?;
+            report.push(name, *age, n);
+            if guarded {
+                self.lease.keep().await?;
+            }
+        }
+
+        // 3. The default, name by name, when an override keeps some names longer.
+        if let Some(default) = plan.defaults_by_name {
+            let below = first_young_seq(&view, &all, now, default).await?;
+            let long_names = retention.longer_than_default();
+            let stored = self.cursor.load(!dry_run).await?;
+            let resume = stored
+                .filter(|c| {
+                    c.stream_created == view.created
+                        && c.long_names.iter().all(|n| long_names.contains(n))
+                })
+                .map_or(0, |c| c.next_seq);
+            let from = resume.max(floor).max(view.first);
+            let scan = if from < below {
+                self.scan_names(&view, from, below, guarded).await?
+            } else {
+                Scan {
+                    tokens: BTreeSet::new(),
+                    next: from.max(below),
+                    complete: true,
+                }
+            };
+            for token in &scan.tokens {
+                if retention.is_overridden_token(token) {
+                    continue;
+                }
+                let filter = policy::event_token_filter(&view.prefix, token);
+                let n = self
+                    .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
+                    .await?;
+                report.push(&routing::unescape_token(token), default, n);
+                if guarded {
+                    self.lease.keep().await?;
+                }
+            }
+            report.complete = scan.complete;
+            if !dry_run {
+                self.cursor
+                    .save(&Cursor {
+                        stream_created: view.created.clone(),
+                        long_names,
+                        next_seq: scan.next,
+                    })
+                    .await?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Purges the messages of `filter` below `below` (returns how many went), or in a dry run
+    /// counts those in `[from, below)` (`from`: what earlier steps would already have purged).
+    ///
+    /// A filtered purge makes NATS delete message by message, so it goes in chunks of
+    /// [`PURGE_CHUNK`] sequences: each request stays well inside the request timeout and the lease
+    /// is renewed between them.
+    async fn purge_or_count(
+        &mut self,
+        view: &View,
+        filter: &str,
+        from: u64,
+        below: u64,
+        dry_run: bool,
+        guarded: bool,
+    ) -> Result<u64, SweepError> {
+        let from = from.max(view.first);
+        if below <= from {
+            return Ok(0);
+        }
+        if dry_run {
+            let at_from = pending_from(view, filter, from).await?;
+            let at_below = if below > view.last {
+                0
+            } else {
+                pending_from(view, filter, below).await?
+            };
+            return Ok(at_from.saturating_sub(at_below));
+        }
+        if view.whole && filter == policy::all_filter(&view.prefix) {
+            let request = view.stream.purge().sequence(below).into_future();
+            let response = self
+                .renewing(guarded, request)
+                .await?
+                .map_err(|e| op_err("cannot purge the stream", e))?;
+            return Ok(response.purged);
+        }
+        let mut purged = 0;
+        let mut upto = from;
+        while upto < below {
+            upto = upto.saturating_add(PURGE_CHUNK).min(below);
+            let request = view
+                .stream
+                .purge()
+                .filter(filter)
+                .sequence(upto)
+                .into_future();
+            let response = self
+                .renewing(guarded, request)
+                .await?
+                .map_err(|e| op_err(format_args!("cannot purge {filter}"), e))?;
+            purged += response.purged;
+        }
+        Ok(purged)
+    }
+
+    /// Awaits `request` while renewing the lease as it falls due (`guarded`), so a slow purge
+    /// never outlives the lease; stops with [`SweepError::LeaseLost`] if the lease ends.
+    async fn renewing<T>(
+        &mut self,
+        guarded: bool,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, SweepError> {
+        tokio::pin!(request);
+        if !guarded {
+            return Ok(request.await);
+        }
+        loop {
+            tokio::select! {
+                out = &mut request => return Ok(out),
+                () = tokio::time::sleep(self.lease.check_every()) => self.lease.keep().await?,
+            }
+        }
+    }
+
+    /// Reads subjects (headers only) of `[from, below)` and collects their event tokens.
+    async fn scan_names(
+        &mut self,
+        view: &View,
+        from: u64,
+        below: u64,
+        guarded: bool,
+    ) -> Result<Scan, SweepError> {
+        let consumer = view
+            .stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                filter_subject: policy::all_filter(&view.prefix),
+                ack_policy: consumer::AckPolicy::None,
+                headers_only: true,
+                inactive_threshold: CONSUMER_INACTIVE,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| op_err("cannot create the scan consumer", e))?;
+        let mut scan = Scan {
+            tokens: BTreeSet::new(),
+            next: from,
+            complete: false,
+        };
+        let mut scanned = 0u64;
+        let result: Result<(), SweepError> = async {
+            loop {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(SCAN_BATCH)
+                    .messages()
+                    .await
+                    .map_err(|e| op_err("scan fetch failed", e))?;
+                let mut got = 0usize;
+                while let Some(msg) = batch.next().await {
+                    let msg = msg.map_err(|e| op_err("scan fetch failed", e))?;
+                    got += 1;
+                    let seq = msg
+                        .info()
+                        .map_err(|e| op_err("scan message without metadata", e))?
+                        .stream_sequence;
+                    if seq >= below {
+                        scan.next = below;
+                        scan.complete = true;
+                        return Ok(());
+                    }
+                    if let Some(token) = policy::event_token(&view.prefix, &msg.subject)
+                        && !scan.tokens.contains(token)
+                    {
+                        scan.tokens.insert(token.to_string());
+                    }
+                    scan.next = seq + 1;
+                    scanned += 1;
+                }
+                if got < SCAN_BATCH {
+                    // The end of the stream: nothing else below `below`.
+                    scan.next = below;
+                    scan.complete = true;
+                    return Ok(());
+                }
+                if scanned >= SCAN_BUDGET {
+                    return Ok(());
+                }
+                if guarded {
+                    self.lease.keep().await?;
+                }
+            }
+        }
+        .await;
+        delete_consumer(&view.stream, &consumer).await;
+        result.map(|()| scan)
+    }
+}
+
+/// What a scan found.
+struct Scan {
+    /// Escaped event tokens seen.
+    tokens: BTreeSet<String>,
+    /// Everything below this was checked.
+    next: u64,
+    /// The scan reached `below` (false: the per-run budget ran out first).
+    complete: bool,
+}
+
+fn unix_nanos(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// The first sequence of `filter` whose message is younger than `max_age` at `now`, or
+/// `last + 1` when none is: every message of `filter` below it is older than `max_age`.
+async fn first_young_seq(
+    view: &View,
+    filter: &str,
+    now: SystemTime,
+    max_age: Duration,
+) -> Result<u64, SweepError> {
+    let cutoff = now.checked_sub(max_age).unwrap_or(UNIX_EPOCH);
+    let start_time = async_nats::datetime::from_nanos(unix_nanos(cutoff))
+        .map_err(|e| op_err("cutoff time", e))?;
+    let consumer = view
+        .stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            filter_subject: filter.to_string(),
+            ack_policy: consumer::AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: CONSUMER_INACTIVE,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| op_err(format_args!("cannot look up {filter}"), e))?;
+    let result = async {
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(view.last + 1);
+        }
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .messages()
+            .await
+            .map_err(|e| op_err(format_args!("cannot look up {filter}"), e))?;
+        match batch.next().await {
+            Some(Ok(msg)) => msg
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| op_err("message without metadata", e)),
+            Some(Err(e)) => Err(op_err(format_args!("cannot look up {filter}"), e)),
+            // The young messages vanished meanwhile (stream limits): none is left.
+            None => Ok(view.last + 1),
+        }
+    }
+    .await;
+    delete_consumer(&view.stream, &consumer).await;
+    result
+}
+
+/// Messages of `filter` at or after `seq`, as the server counts them for a new consumer.
+async fn pending_from(view: &View, filter: &str, seq: u64) -> Result<u64, SweepError> {
+    let consumer = view
+        .stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq.max(1),
+            },
+            filter_subject: filter.to_string(),
+            ack_policy: consumer::AckPolicy::None,
+            headers_only: true,
+            inactive_threshold: CONSUMER_INACTIVE,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| op_err(format_args!("cannot count {filter}"), e))?;
+    let pending = consumer.cached_info().num_pending;
+    delete_consumer(&view.stream, &consumer).await;
+    Ok(pending)
+}
+
+async fn delete_consumer(stream: &Stream, consumer: &consumer::PullConsumer) {
+    let name = consumer.cached_info().name.clone();
+    if let Err(e) = stream.delete_consumer(&name).await {
+        // It disappears by itself after CONSUMER_INACTIVE.
+        tracing::debug!(consumer = %name, error = %e, "could not delete a sweeper consumer");
+    }
+}

@@ -1,0 +1,354 @@
+//! NATS side of the sweeper's coordination between bridge replicas.
+//!
+//! - The lease: key `lease` of KV bucket `<events stream>_sweeper_lease`, whose `max_age` is
+//!   `retention.lease_ttl`. A replica takes it with create-if-absent and keeps it by updating it
+//!   with its last revision (compare-and-set) at least every `lease_ttl / 3`; if the holder
+//!   stops renewing (crash, partition), the server expires the key after `lease_ttl` and the
+//!   next replica's create succeeds.
+//! - The scan cursor of the events target: key `events-cursor` of bucket
+//!   `<events stream>_sweeper_state` (no expiry), so a sweep never re-reads the part of the
+//!   stream an earlier sweep (of any replica, or of `sweep --once`) already cleaned.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{LeaseStatus, SweepError};
+use crate::config::Settings;
+
+const LEASE_KEY: &str = "lease";
+const CURSOR_KEY: &str = "events-cursor";
+
+/// A bucket name from the events stream's name (KV names allow `[A-Za-z0-9_-]` only).
+fn bucket_name(settings: &Settings, suffix: &str) -> String {
+    let stream: String = settings
+        .broker
+        .nats
+        .stream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{stream}_{suffix}")
+}
+
+/// The KV bucket holding the sweeper lease (`<events stream>_sweeper_lease`).
+pub fn lease_bucket(settings: &Settings) -> String {
+    bucket_name(settings, "sweeper_lease")
+}
+
+/// The KV bucket holding the sweeper's scan cursor (`<events stream>_sweeper_state`).
+pub fn state_bucket(settings: &Settings) -> String {
+    bucket_name(settings, "sweeper_state")
+}
+
+fn op_err(what: &str, e: impl std::fmt::Display) -> SweepError {
+    SweepError::Broker(format!("{what}: {e}"))
+}
+
+/// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1).
+///
+/// Built by hand rather than with `create_key_value`: that call first asks for the account info,
+/// whose NATS 2.9 answer this client version cannot parse.
+fn bucket_stream(
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+    description: &str,
+) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_string()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// Opens `bucket`, creating it with `max_age` (zero: no expiry) if absent and correcting its
+/// `max_age` if `retention.lease_ttl` changed since it was created.
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+    description: &str,
+) -> Result<kv::Store, SweepError> {
+    let want = bucket_stream(bucket, max_age, replicas, description);
+    match js.get_key_value(bucket).await {
+        Ok(store) => {
+            let current = &store.stream.cached_info().config;
+            if current.max_age != max_age {
+                let mut cfg = current.clone();
+                cfg.max_age = max_age;
+                js.update_stream(cfg)
+                    .await
+                    .map_err(|e| op_err(&format!("cannot update KV bucket {bucket}"), e))?;
+                return js
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e));
+            }
+            Ok(store)
+        }
+        Err(_) => {
+            if let Err(create_err) = js.create_stream(want).await {
+                // Another replica may have created it a moment ago.
+                if js.get_key_value(bucket).await.is_err() {
+                    return Err(op_err(
+                        &format!("cannot create KV bucket {bucket}"),
+                        create_err,
+                    ));
+                }
+            }
+            js.get_key_value(bucket)
+                .await
+                .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e))
+        }
+    }
+}
+
+/// This replica's view of the lease.
+pub(super) struct NatsLease {
+    js: jetstream::Context,
+    bucket: String,
+    replicas: usize,
+    ttl: Duration,
+    holder: String,
+    store: Option<kv::Store>,
+    held: Option<Held>,
+}
+
+struct Held {
+    revision: u64,
+    /// Taken before the request that created / renewed the key, so the server's expiry is
+    /// always later than `renewed + ttl`.
+    renewed: Instant,
+}
+
+impl NatsLease {
+    pub(super) fn new(js: jetstream::Context, settings: &Settings, holder: String) -> Self {
+        Self {
+            js,
+            bucket: lease_bucket(settings),
+            replicas: settings.broker.nats.replicas,
+            ttl: settings.retention.lease_ttl,
+            holder,
+            store: None,
+            held: None,
+        }
+    }
+
+    async fn store(&mut self) -> Result<kv::Store, SweepError> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let store = open_bucket(
+            &self.js,
+            &self.bucket,
+            self.ttl,
+            self.replicas,
+            "pusher-bridge retention sweeper lease",
+        )
+        .await?;
+        self.store = Some(store.clone());
+        Ok(store)
+    }
+
+    /// Whether this replica believes it holds the lease right now.
+    pub(super) fn is_held(&self) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|h| h.renewed.elapsed() < self.ttl)
+    }
+
+    /// Takes the lease, or renews it when this replica holds it already.
+    pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
+        let store = self.store().await?;
+        if self.held.is_some() && self.renew(&store).await? {
+            return Ok(LeaseStatus::Held);
+        }
+        let started = Instant::now();
+        match store
+            .create(LEASE_KEY, Bytes::from(self.holder.clone()))
+            .await
+        {
+            Ok(revision) => {
+                self.held = Some(Held {
+                    revision,
+                    renewed: started,
+                });
+                tracing::info!(holder = %self.holder, bucket = %self.bucket, "took the sweeper lease");
+                Ok(LeaseStatus::Held)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let holder = store
+                    .get(LEASE_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                Ok(LeaseStatus::Elsewhere(holder))
+            }
+            Err(e) => Err(op_err("cannot take the sweeper lease", e)),
+        }
+    }
+
+    /// Compare-and-set renewal; `Ok(false)` when the lease is no longer ours.
+    async fn renew(&mut self, store: &kv::Store) -> Result<bool, SweepError> {
+        let Some(held) = &self.held else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        match store
+            .update(LEASE_KEY, Bytes::from(self.holder.clone()), held.revision)
+            .await
+        {
+            Ok(revision) => {
+                self.held = Some(Held {
+                    revision,
+                    renewed: started,
+                });
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                tracing::warn!(holder = %self.holder, "the sweeper lease expired or was taken over");
+                self.held = None;
+                Ok(false)
+            }
+            Err(e) => {
+                // Unknown outcome: stop acting as the holder; the key expires on its own.
+                self.held = None;
+                Err(op_err("cannot renew the sweeper lease", e))
+            }
+        }
+    }
+
+    /// How often a long operation should call [`NatsLease::keep`].
+    pub(super) fn check_every(&self) -> Duration {
+        (self.ttl / 6).max(Duration::from_millis(50))
+    }
+
+    /// Between runs and during long runs: renews once a third of the TTL has passed. Errors with
+    /// [`SweepError::LeaseLost`] when the lease is gone, so a run stops before another replica
+    /// could start.
+    pub(super) async fn keep(&mut self) -> Result<(), SweepError> {
+        let due = match &self.held {
+            None => return Err(SweepError::LeaseLost),
+            Some(h) => h.renewed.elapsed() >= self.ttl / 3,
+        };
+        if !due {
+            return Ok(());
+        }
+        let store = self.store().await?;
+        if self.renew(&store).await? {
+            Ok(())
+        } else {
+            Err(SweepError::LeaseLost)
+        }
+    }
+
+    /// Gives the lease up (on shutdown) so another replica need not wait for the TTL.
+    pub(super) async fn release(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        if let Some(store) = &self.store
+            && let Err(e) = store
+                .delete_expect_revision(LEASE_KEY, Some(held.revision))
+                .await
+        {
+            tracing::debug!(error = %e, "could not release the sweeper lease; it expires on its own");
+        }
+    }
+}
+
+/// Where the name-by-name default purge of the events stream resumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Cursor {
+    /// Creation time of the stream (RFC 3339) the cursor belongs to; a recreated stream restarts.
+    pub stream_created: String,
+    /// Escaped names with an override longer than the default when the cursor was written.
+    pub long_names: Vec<String>,
+    /// Every message below this sequence was already checked.
+    pub next_seq: u64,
+}
+
+/// Reads and writes the cursor in the state bucket.
+pub(super) struct CursorStore {
+    js: jetstream::Context,
+    bucket: String,
+    replicas: usize,
+    store: Option<kv::Store>,
+}
+
+impl CursorStore {
+    pub(super) fn new(js: jetstream::Context, settings: &Settings) -> Self {
+        Self {
+            js,
+            bucket: state_bucket(settings),
+            replicas: settings.broker.nats.replicas,
+            store: None,
+        }
+    }
+
+    async fn store(&mut self) -> Result<kv::Store, SweepError> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let store = open_bucket(
+            &self.js,
+            &self.bucket,
+            Duration::ZERO,
+            self.replicas,
+            "pusher-bridge retention sweeper state",
+        )
+        .await?;
+        self.store = Some(store.clone());
+        Ok(store)
+    }
+
+    /// The stored cursor (`None` if absent or unreadable: the scan starts from the beginning).
+    /// `create`: create the bucket if it is missing (false for dry runs, which change nothing).
+    pub(super) async fn load(&mut self, create: bool) -> Result<Option<Cursor>, SweepError> {
+        let store = match &self.store {
+            Some(s) => s.clone(),
+            None if create => self.store().await?,
+            None => match self.js.get_key_value(&self.bucket).await {
+                Ok(s) => s,
+                Err(_) => return Ok(None),
+            },
+        };
+        let raw = store
+            .get(CURSOR_KEY)
+            .await
+            .map_err(|e| op_err("cannot read the sweeper cursor", e))?;
+        Ok(raw.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Stores `cursor`.
+    pub(super) async fn save(&mut self, cursor: &Cursor) -> Result<(), SweepError> {
+        let store = self.store().await?;
+        let value = serde_json::to_vec(cursor).map_err(|e| op_err("cursor encoding", e))?;
+        store
+            .put(CURSOR_KEY, Bytes::from(value))
+            .await
+            .map(|_| ())
+            .map_err(|e| op_err("cannot store the sweeper cursor", e))
+    }
+}

@@ -1,0 +1,285 @@
+//! Reading the deploy files the way their tools do: the compose file and Kubernetes manifests
+//! (YAML), env files, the Dockerfile (instructions and `.dockerignore`), and the metric names a
+//! PromQL expression mentions.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// A path inside the repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Reads a repository file (panics naming it when missing).
+pub fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// One YAML document.
+pub fn yaml(path: &str) -> Value {
+    serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Every document of a multi-document YAML file.
+pub fn yaml_docs(path: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(&read(path))
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A YAML string (panics with the context when it is not one).
+pub fn s<'a>(v: &'a Value, what: &str) -> &'a str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {v:?}"))
+}
+
+/// A YAML sequence (empty when absent).
+pub fn seq(v: &Value) -> Vec<Value> {
+    v.as_sequence().cloned().unwrap_or_default()
+}
+
+/// `KEY=value` lines of an env file (compose `env_file`), comments and blanks skipped.
+pub fn env_file(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not KEY=value: {l}"));
+            let v = v.trim();
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or(v);
+            (k.trim().to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// A compose service's `environment` (map or `KEY=value` list).
+pub fn compose_environment(service: &Value) -> Vec<(String, String)> {
+    match &service["environment"] {
+        Value::Mapping(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+                };
+                (s(k, "environment key").to_string(), v)
+            })
+            .collect(),
+        Value::Sequence(list) => list
+            .iter()
+            .map(|e| {
+                let (k, v) = s(e, "environment entry").split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A compose service's bind mounts as (host path in the repo, container path).
+pub fn compose_binds(service: &Value) -> Vec<(PathBuf, String)> {
+    seq(&service["volumes"])
+        .iter()
+        .filter_map(|v| {
+            let spec = s(v, "volume");
+            let mut parts = spec.split(':');
+            let src = parts.next()?;
+            let dst = parts.next()?;
+            src.starts_with("./")
+                .then(|| (repo(&src[2..]), dst.to_string()))
+        })
+        .collect()
+}
+
+/// A compose service's named volumes as (volume, container path).
+pub fn compose_named_volumes(service: &Value) -> Vec<(String, String)> {
+    seq(&service["volumes"])
+        .iter()
+        .filter_map(|v| {
+            let spec = s(v, "volume");
+            let mut parts = spec.split(':');
+            let src = parts.next()?;
+            let dst = parts.next()?;
+            (!src.starts_with('.') && !src.starts_with('/'))
+                .then(|| (src.to_string(), dst.to_string()))
+        })
+        .collect()
+}
+
+/// The host file behind `container_path` among `binds` (exact file or inside a mounted dir).
+pub fn host_path(binds: &[(PathBuf, String)], container_path: &str) -> Option<PathBuf> {
+    binds.iter().find_map(|(src, dst)| {
+        if container_path == dst {
+            Some(src.clone())
+        } else {
+            container_path
+                .strip_prefix(&format!("{}/", dst.trim_end_matches('/')))
+                .map(|rest| src.join(rest))
+        }
+    })
+}
+
+/// One Dockerfile instruction: keyword (upper case) and its arguments, continuation lines joined.
+#[derive(Debug, Clone)]
+pub struct Instruction {
+    /// `FROM`, `COPY`, `RUN`, ...
+    pub keyword: String,
+    /// Everything after the keyword.
+    pub args: String,
+}
+
+/// The Dockerfile's instructions in order (comments and parser directives dropped).
+pub fn dockerfile(text: &str) -> Vec<Instruction> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if current.is_empty() && (trimmed.is_empty() || trimmed.starts_with('#')) {
+            continue;
+        }
+        if let Some(body) = trimmed.strip_suffix('\\') {
+            current.push_str(body);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(trimmed);
+        let (keyword, args) = current
+            .split_once(char::is_whitespace)
+            .unwrap_or((&current, ""));
+        out.push(Instruction {
+            keyword: keyword.to_ascii_uppercase(),
+            args: args.split_whitespace().collect::<Vec<_>>().join(" "),
+        });
+        current.clear();
+    }
+    out
+}
+
+/// The words of an exec-form (`["a", "b"]`) or shell-form instruction argument.
+pub fn exec_form(args: &str) -> Vec<String> {
+    if args.trim_start().starts_with('[') {
+        serde_json::from_str(args).unwrap_or_else(|e| panic!("bad exec form {args}: {e}"))
+    } else {
+        args.split_whitespace().map(String::from).collect()
+    }
+}
+
+/// `.dockerignore` rules: (pattern, is_exception), in order.
+pub fn dockerignore(text: &str) -> Vec<(String, bool)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.strip_prefix('!') {
+            Some(p) => (p.trim_matches('/').to_string(), true),
+            None => (l.trim_matches('/').to_string(), false),
+        })
+        .collect()
+}
+
+fn glob(pattern: &str, path: &str) -> bool {
+    let (p, t): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
+    p.len() == t.len()
+        && p.iter()
+            .zip(&t)
+            .all(|(p, t)| glob_segment(p.as_bytes(), t.as_bytes()))
+}
+
+fn glob_segment(p: &[u8], t: &[u8]) -> bool {
+    match (p.first(), t.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob_segment(&p[1..], t) || (!t.is_empty() && glob_segment(p, &t[1..])),
+        (Some(b'?'), Some(_)) => glob_segment(&p[1..], &t[1..]),
+        (Some(a), Some(b)) if a == b => glob_segment(&p[1..], &t[1..]),
+        _ => false,
+    }
+}
+
+/// Whether `path` (relative to the context) is left out of the build context: the last rule
+/// matching the path or one of its parent directories decides, as Docker does.
+pub fn ignored(rules: &[(String, bool)], path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut result = false;
+    for (pattern, exception) in rules {
+        if (1..=parts.len()).any(|n| glob(pattern, &parts[..n].join("/"))) {
+            result = !exception;
+        }
+    }
+    result
+}
+
+/// Every `pusher_bridge_*` metric name in a PromQL expression (or any text).
+pub fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("pusher_bridge_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The sample names a `/metrics` exposition exports: every sample line's name, plus the names
+/// each `# TYPE` line declares (a labelled family exports its TYPE before its first sample).
+pub fn exported_samples(text: &str) -> BTreeMap<String, &'static str> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let names: Vec<String> = match kind {
+                "counter" => vec![format!("{name}_total")],
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .map(|s| format!("{name}{s}"))
+                    .collect(),
+                _ => vec![name.to_string()],
+            };
+            for n in names {
+                out.insert(n, "type");
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            out.insert(line[..end].to_string(), "sample");
+        }
+    }
+    out
+}
+
+/// The family a sample name belongs to in `pusher_bridge::metrics::EXPORTED_NAMES`, if any
+/// (histogram samples carry `_bucket` / `_sum` / `_count`).
+pub fn exported_family(sample: &str) -> Option<&'static str> {
+    let names = pusher_bridge::metrics::EXPORTED_NAMES;
+    if let Some(n) = names.iter().find(|n| **n == sample) {
+        return Some(n);
+    }
+    ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+        let base = sample.strip_suffix(suffix)?;
+        names.iter().copied().find(|n| *n == base)
+    })
+}
+
+/// `promtool` on the PATH, if installed (Debian package `prometheus`).
+pub fn promtool() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("promtool"))
+            .find(|p| p.is_file())
+    })
+}
