@@ -216,6 +216,23 @@ async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// Mean of the Prometheus histogram `name` (its `_sum` over its `_count`) on the bridge's
+/// `/metrics`, in milliseconds: how long the bridge itself spent, as opposed to the client's view.
+async fn histogram_mean_ms(addr: SocketAddr, name: &str) -> Option<f64> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    let value = |suffix: &str| {
+        let key = format!("{name}{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some(value("_sum")? * 1000.0 / value("_count")?.max(1.0))
+}
+
 /// The last lines of the bridge's log, to show why it stopped.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -357,11 +374,15 @@ async fn bench(args: &Args) -> Result<bool, String> {
             let _ = p.wait();
         }
         let (_, peak_rss) = procfs::memory_kb(pid).ok_or("bridge gone")?;
-        Ok::<_, String>((startup, idle_rss, peak_rss, report))
+        let inside = [
+            histogram_mean_ms(addr, "pusher_bridge_webhook_duration_seconds").await,
+            histogram_mean_ms(addr, "pusher_bridge_publish_duration_seconds").await,
+        ];
+        Ok::<_, String>((startup, idle_rss, peak_rss, report, inside))
     }
     .await;
     stop(&mut child);
-    let (startup, idle_rss, peak_rss, report) = match outcome {
+    let (startup, idle_rss, peak_rss, report, inside) = match outcome {
         Ok(o) => o,
         Err(e) => {
             let _ =
@@ -403,6 +424,10 @@ async fn bench(args: &Args) -> Result<bool, String> {
         "p99_ms": report.latency_ms(0.99),
         "p999_ms": report.latency_ms(0.999),
         "max_ms": report.latency_ms(1.0),
+        "mean_ms": report.latencies_us.iter().map(|&l| f64::from(l)).sum::<f64>()
+            / report.latencies_us.len().max(1) as f64 / 1000.0,
+        "bridge_webhook_mean_ms": inside[0],
+        "bridge_publish_mean_ms": inside[1],
         "peak_rss_mb": peak_rss as f64 / 1024.0,
         "idle_rss_mb": idle_rss as f64 / 1024.0,
         "startup_ms": startup.as_secs_f64() * 1000.0,
