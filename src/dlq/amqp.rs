@@ -24,41 +24,31 @@ use lapin::options::{
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
+use crate::broker::amqp::endpoint;
 use crate::broker::headers;
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// The connection's name in the management UI and `rabbitmqctl list_connections`.
+const CONNECTION_NAME: &str = "pusher-bridge dlq";
 /// AMQP `delivery_mode` of persistent messages.
 const PERSISTENT: u8 = 2;
 
-/// Opens the tool's own connection from `[broker.amqp]` (URL with vhost; `tls_ca_file` for a
-/// private CA on `amqps://`).
+/// Opens the tool's own connection from `[broker.amqp]` (URL with vhost, heartbeat,
+/// `tls_ca_file` for a private CA on `amqps://`), as the bridge opens its own.
 pub async fn connect(settings: &Settings) -> Result<Connection, DlqError> {
-    let s = &settings.broker.amqp;
-    let mut tls = lapin::tcp::OwnedTLSConfig::default();
-    if let Some(ca) = &s.tls_ca_file {
-        let pem = tokio::fs::read_to_string(ca).await.map_err(|e| {
-            DlqError::Connect(format!("cannot read tls_ca_file {}: {e}", ca.display()))
-        })?;
-        tls.cert_chain = Some(pem);
-    }
-    let runtime =
-        lapin::runtime::default_runtime().map_err(|e| DlqError::Connect(e.to_string()))?;
-    let props = ConnectionProperties::default().with_connection_name("pusher-bridge dlq".into());
-    let connecting = Connection::connect_with_config(s.url.expose(), props, tls, runtime);
-    match tokio::time::timeout(CONNECT_WAIT, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(DlqError::Connect(format!("{} ({})", e, s.url.redacted()))),
-        Err(_) => Err(DlqError::Connect(format!(
-            "no connection to RabbitMQ at {} within {CONNECT_WAIT:?}",
-            s.url.redacted()
-        ))),
-    }
+    Ok(endpoint::connect(
+        &settings.broker.amqp,
+        CONNECTION_NAME,
+        endpoint::DEFAULT_HEARTBEAT_SECS,
+        CONNECT_WAIT,
+    )
+    .await?)
 }
 
 /// Text of a header value (strings as sent; numbers, as some tools write them, as digits).

@@ -59,6 +59,18 @@ pub enum DlqError {
     Output(#[from] std::io::Error),
 }
 
+/// The broker module's shared connection code (`broker::amqp::endpoint`) reports in its own
+/// error type; its connection failures stay connection failures here.
+impl From<crate::broker::BrokerError> for DlqError {
+    fn from(e: crate::broker::BrokerError) -> Self {
+        use crate::broker::BrokerError;
+        match e {
+            BrokerError::Connect(m) => DlqError::Connect(m),
+            BrokerError::Topology(m) | BrokerError::Operation(m) => DlqError::Operation(m),
+        }
+    }
+}
+
 /// One stored dead letter, read back from its headers and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetterRecord {
