@@ -118,6 +118,20 @@ pub mod headers {
     pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
 }
 
+/// Longest `Pusher-Bridge-Detail` header, in characters.
+pub const MAX_DETAIL_CHARS: usize = 512;
+
+/// The detail of a dead letter as a header value, the same on both brokers: control characters
+/// (line breaks, which NATS headers cannot hold) become spaces and the text is cut at
+/// [`MAX_DETAIL_CHARS`] characters, so a long broker answer cannot bloat every dead letter.
+pub fn header_safe(detail: &str) -> String {
+    detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_DETAIL_CHARS)
+        .collect()
+}
+
 /// A publish that did not get an ack.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
@@ -232,4 +246,18 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_safe_replaces_control_characters_and_cuts_by_characters() {
+        assert_eq!(header_safe("a\r\nb\tc"), "a  b c");
+        let long = "é".repeat(600);
+        let cut = header_safe(&long);
+        assert_eq!(cut.chars().count(), MAX_DETAIL_CHARS);
+        assert!(long.starts_with(&cut));
+    }
 }

@@ -7,7 +7,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::broker::{DeadLetter, DlqReason, Message, PublishError, headers};
+use crate::broker::{DeadLetter, DlqReason, Message, PublishError, header_safe, headers};
 
 /// `content_type` of every message: the body is the event's JSON.
 pub const CONTENT_TYPE: &str = "application/json";
@@ -83,7 +83,7 @@ pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties
     put(&mut h, headers::DLQ_SUBJECT, &m.subject);
     put(&mut h, headers::DLQ_MSG_ID, &m.msg_id);
     put(&mut h, headers::DLQ_REASON, dl.reason.as_str());
-    put(&mut h, headers::DLQ_DETAIL, &detail_value(&dl.detail));
+    put(&mut h, headers::DLQ_DETAIL, &header_safe(&dl.detail));
     put(&mut h, headers::DLQ_ATTEMPTS, &dl.attempts.to_string());
     put(
         &mut h,
@@ -91,16 +91,6 @@ pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties
         &dl.first_failure_ms.to_string(),
     );
     base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
-}
-
-/// The detail header as the NATS broker writes it (no control characters, at most 512
-/// characters), so both brokers show the same text.
-pub fn detail_value(detail: &str) -> String {
-    detail
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(512)
-        .collect()
 }
 
 /// Unix seconds now (the `timestamp` property).
@@ -213,6 +203,6 @@ mod tests {
         let s = short(&id);
         assert!(s.as_str().len() <= 255);
         assert!(id.starts_with(s.as_str()));
-        assert_eq!(detail_value(&"x".repeat(600)).len(), 512);
+        assert_eq!(header_safe(&"x".repeat(600)).len(), 512);
     }
 }
