@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
 use crate::broker::amqp::endpoint;
+use crate::broker::amqp::message::header_text;
 use crate::broker::headers;
 use crate::config::Settings;
 
@@ -51,24 +52,6 @@ pub async fn connect(settings: &Settings) -> Result<Connection, DlqError> {
     .await?)
 }
 
-/// Text of a header value (strings as sent; numbers, as some tools write them, as digits).
-fn value_text(v: &AMQPValue) -> Option<String> {
-    Some(match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_string(),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        _ => return None,
-    })
-}
-
 /// Builds the record of one fetched letter at queue `position`.
 pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLetterRecord {
     let table = props.headers().as_ref();
@@ -77,7 +60,7 @@ pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLett
             .inner()
             .iter()
             .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| value_text(v))
+            .and_then(|(_, v)| header_text(v))
     };
     let stored_id = props.message_id().as_ref().map(ShortString::as_str);
     DeadLetterRecord::from_headers(position, header, stored_id, body.into())

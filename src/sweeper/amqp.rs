@@ -19,11 +19,12 @@ use std::time::Duration;
 
 use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 
 use super::policy::{self, Retention, Target, Verdict};
 use super::{LeaseStatus, SweepError, TargetReport};
 use crate::broker::amqp::endpoint;
+use crate::broker::amqp::message::header_text;
 use crate::broker::{headers, now_ms};
 use crate::config::Settings;
 
@@ -245,16 +246,10 @@ fn locked(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED)
 }
 
-/// A string header (`Pusher-Event`, `Pusher-Time-Ms`), whatever string type carried it.
+/// A header (`Pusher-Event`, `Pusher-Time-Ms`) as text, whatever string or number type
+/// carried it.
 fn header_str(table: &Option<FieldTable>, name: &str) -> Option<String> {
-    let value = table.as_ref()?.inner().get(name)?;
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        AMQPValue::LongLongInt(n) => Some(n.to_string()),
-        AMQPValue::LongUInt(n) => Some(n.to_string()),
-        _ => None,
-    }
+    header_text(table.as_ref()?.inner().get(name)?)
 }
 
 /// Opens the sweeper's connection: heartbeat `lease_ttl / 2` (unless the URL sets one), so the

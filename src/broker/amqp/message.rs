@@ -93,6 +93,25 @@ pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties
     base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
 }
 
+/// Text of a header value when reading messages back (the `dlq` tools, the sweeper): strings as
+/// sent, numbers (as some tools write them) as digits; other types have no text.
+pub fn header_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
 /// Unix seconds now (the `timestamp` property).
 pub fn now_secs() -> u64 {
     crate::broker::now_ms() / 1000
@@ -204,5 +223,22 @@ mod tests {
         assert!(s.as_str().len() <= 255);
         assert!(id.starts_with(s.as_str()));
         assert_eq!(header_safe(&"x".repeat(600)).len(), 512);
+    }
+
+    #[test]
+    fn header_text_reads_strings_and_numbers_only() {
+        let text = |v: AMQPValue| header_text(&v);
+        assert_eq!(
+            text(AMQPValue::LongString("ev".into())).as_deref(),
+            Some("ev")
+        );
+        assert_eq!(
+            text(AMQPValue::ShortString("ev".into())).as_deref(),
+            Some("ev")
+        );
+        assert_eq!(text(AMQPValue::LongLongInt(-5)).as_deref(), Some("-5"));
+        assert_eq!(text(AMQPValue::LongUInt(7)).as_deref(), Some("7"));
+        assert_eq!(text(AMQPValue::Boolean(true)), None);
+        assert_eq!(text(AMQPValue::FieldTable(FieldTable::default())), None);
     }
 }
