@@ -22,7 +22,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::FieldTable;
 
 use super::policy::{self, Retention, Target, Verdict};
-use super::{LeaseStatus, SweepError, TargetReport};
+use super::{LeaseStatus, SweepError, TargetReport, op_err};
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
 use crate::broker::{headers, now_ms};
@@ -42,10 +42,6 @@ const RESOURCE_LOCKED: u16 = 405;
 /// The exclusive queue whose owner is the sweeper (`<events queue>.sweeper-lease`).
 pub fn lease_queue(settings: &Settings) -> String {
     format!("{}.sweeper-lease", settings.broker.amqp.queue)
-}
-
-fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
 }
 
 async fn timed<T>(

@@ -61,6 +61,11 @@ impl From<crate::broker::BrokerError> for SweepError {
     }
 }
 
+/// A failed broker request: `what` was being done, `e` is the broker's answer.
+fn op_err(what: impl fmt::Display, e: impl fmt::Display) -> SweepError {
+    SweepError::Broker(format!("{what}: {e}"))
+}
+
 /// Whether this replica may sweep.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseStatus {

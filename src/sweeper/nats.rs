@@ -17,7 +17,7 @@ use futures::StreamExt;
 
 use super::nats_lease::{Cursor, CursorStore, NatsLease};
 use super::policy::{self, Retention, Target};
-use super::{LeaseStatus, SweepError, TargetReport};
+use super::{LeaseStatus, SweepError, TargetReport, op_err};
 use crate::config::Settings;
 use crate::routing;
 
@@ -33,10 +33,6 @@ pub(super) const SCAN_BUDGET: u64 = 2_000_000;
 const PURGE_CHUNK: u64 = 10_000;
 /// Ephemeral consumers of the sweeper vanish this long after a crashed sweeper left them.
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
-
-fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
-}
 
 /// The NATS backend: its own connection, the KV lease and the cursor store.
 pub(super) struct NatsSweeper {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{LeaseStatus, SweepError};
+use super::{LeaseStatus, SweepError, op_err};
 use crate::config::Settings;
 
 const LEASE_KEY: &str = "lease";
@@ -48,10 +48,6 @@ pub fn lease_bucket(settings: &Settings) -> String {
 /// The KV bucket holding the sweeper's scan cursor (`<events stream>_sweeper_state`).
 pub fn state_bucket(settings: &Settings) -> String {
     bucket_name(settings, "sweeper_state")
-}
-
-fn op_err(what: &str, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
 }
 
 /// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1).
@@ -98,11 +94,11 @@ async fn open_bucket(
                 cfg.max_age = max_age;
                 js.update_stream(cfg)
                     .await
-                    .map_err(|e| op_err(&format!("cannot update KV bucket {bucket}"), e))?;
+                    .map_err(|e| op_err(format_args!("cannot update KV bucket {bucket}"), e))?;
                 return js
                     .get_key_value(bucket)
                     .await
-                    .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e));
+                    .map_err(|e| op_err(format_args!("cannot open KV bucket {bucket}"), e));
             }
             Ok(store)
         }
@@ -111,14 +107,14 @@ async fn open_bucket(
                 // Another replica may have created it a moment ago.
                 if js.get_key_value(bucket).await.is_err() {
                     return Err(op_err(
-                        &format!("cannot create KV bucket {bucket}"),
+                        format_args!("cannot create KV bucket {bucket}"),
                         create_err,
                     ));
                 }
             }
             js.get_key_value(bucket)
                 .await
-                .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e))
+                .map_err(|e| op_err(format_args!("cannot open KV bucket {bucket}"), e))
         }
     }
 }
