@@ -23,22 +23,19 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
 use crate::broker::amqp::endpoint;
-use crate::broker::amqp::message::header_text;
-use crate::broker::headers;
+use crate::broker::amqp::message::{self, header_text};
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// The connection's name in the management UI and `rabbitmqctl list_connections`.
 const CONNECTION_NAME: &str = "pusher-bridge dlq";
-/// AMQP `delivery_mode` of persistent messages.
-const PERSISTENT: u8 = 2;
 
 /// Opens the tool's own connection from `[broker.amqp]` (URL with vhost, heartbeat,
 /// `tls_ca_file` for a private CA on `amqps://`), as the bridge opens its own.
@@ -154,25 +151,16 @@ pub async fn list(
     result
 }
 
-/// The properties of a normal event message, from a letter.
+/// The properties of a normal event message, from a letter: those the bridge gives an event
+/// (JSON, persistent, its headers), with the original message id. An id too long for AMQP is
+/// an error rather than cut, since a changed id would defeat deduplication downstream.
 pub fn event_properties(r: &DeadLetterRecord) -> Result<BasicProperties, &'static str> {
     let msg_id = ShortString::try_new(r.msg_id.as_str())
         .map_err(|_| "the message id is too long for AMQP")?;
-    let mut h = FieldTable::default();
-    for (name, value) in [
-        (headers::APP_ID, &r.app_id),
-        (headers::EVENT, &r.event),
-        (headers::CHANNEL, &r.channel),
-        (headers::TIME_MS, &r.time_ms),
-    ] {
-        h.insert(
-            name.into(),
-            AMQPValue::LongString(LongString::from(value.as_bytes())),
-        );
-    }
+    let h = message::event_headers(&r.app_id, &r.event, &r.channel, &r.time_ms);
     Ok(BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
+        .with_content_type(message::CONTENT_TYPE.into())
+        .with_delivery_mode(message::PERSISTENT)
         .with_message_id(msg_id)
         .with_headers(h))
 }
@@ -328,6 +316,8 @@ async fn settle(
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::{AMQPValue, LongString};
+
     use super::*;
 
     fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -387,7 +377,7 @@ mod tests {
         ]));
         let p = event_properties(&record(1, &props, Vec::new())).unwrap();
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("id-1"));
-        assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(p.delivery_mode(), &Some(message::PERSISTENT));
         assert_eq!(
             p.content_type().as_ref().map(|s| s.as_str()),
             Some("application/json")

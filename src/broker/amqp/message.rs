@@ -45,14 +45,19 @@ fn put(table: &mut FieldTable, name: &str, value: &str) {
     );
 }
 
-/// The headers every event carries: app id, event, channel, webhook `time_ms`.
-fn event_headers(msg: &Message) -> FieldTable {
+/// The headers every event carries: app id, event, channel, webhook `time_ms`. Public for
+/// `dlq replay`, which must send what the bridge sends.
+pub fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &str) -> FieldTable {
     let mut h = FieldTable::default();
-    put(&mut h, headers::APP_ID, &msg.app_id);
-    put(&mut h, headers::EVENT, &msg.event);
-    put(&mut h, headers::CHANNEL, &msg.channel);
-    put(&mut h, headers::TIME_MS, &msg.time_ms);
+    put(&mut h, headers::APP_ID, app_id);
+    put(&mut h, headers::EVENT, event);
+    put(&mut h, headers::CHANNEL, channel);
+    put(&mut h, headers::TIME_MS, time_ms);
     h
+}
+
+fn message_headers(msg: &Message) -> FieldTable {
+    event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms)
 }
 
 fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> BasicProperties {
@@ -67,7 +72,7 @@ fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> Basi
 /// Properties of an event: persistent, JSON, `message_id` = the deterministic id, `timestamp` =
 /// publish time (unix seconds), headers as on NATS.
 pub fn event_properties(msg: &Message, now_secs: u64) -> BasicProperties {
-    base_properties(&msg.msg_id, event_headers(msg), now_secs)
+    base_properties(&msg.msg_id, message_headers(msg), now_secs)
 }
 
 /// Message id of a dead letter: `dlq-<msg_id>`, as on NATS.
@@ -79,7 +84,7 @@ pub fn dead_letter_id(msg_id: &str) -> String {
 /// was tried and when it first failed (the NATS broker's DLQ headers).
 pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
     let m = &dl.message;
-    let mut h = event_headers(m);
+    let mut h = message_headers(m);
     put(&mut h, headers::DLQ_SUBJECT, &m.subject);
     put(&mut h, headers::DLQ_MSG_ID, &m.msg_id);
     put(&mut h, headers::DLQ_REASON, dl.reason.as_str());
