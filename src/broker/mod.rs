@@ -118,6 +118,16 @@ pub mod headers {
     pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
 }
 
+/// What a dead letter's own message id starts with (`dlq-<msg_id>`, docs/dlq.md). The id is
+/// derived from the event's, so a webhook delivered twice yields one letter per event; the
+/// `dlq` tools strip the prefix to find the original id when its header is missing.
+pub const DEAD_LETTER_ID_PREFIX: &str = "dlq-";
+
+/// The message id of the dead letter of the event `msg_id` (`dlq-<msg_id>`), on both brokers.
+pub fn dead_letter_id(msg_id: &str) -> String {
+    format!("{DEAD_LETTER_ID_PREFIX}{msg_id}")
+}
+
 /// Longest `Pusher-Bridge-Detail` header, in characters.
 pub const MAX_DETAIL_CHARS: usize = 512;
 
@@ -251,6 +261,11 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_ids_are_prefixed() {
+        assert_eq!(dead_letter_id("abc-3"), "dlq-abc-3");
+    }
 
     #[test]
     fn header_safe_replaces_control_characters_and_cuts_by_characters() {

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{DlqReason, headers};
+use crate::broker::{DEAD_LETTER_ID_PREFIX, DlqReason, headers};
 use crate::config::{BrokerKind, Settings};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
@@ -116,7 +116,7 @@ impl DeadLetterRecord {
             .filter(|id| !id.is_empty())
             .or_else(|| {
                 stored_id
-                    .and_then(|id| id.strip_prefix("dlq-"))
+                    .and_then(|id| id.strip_prefix(DEAD_LETTER_ID_PREFIX))
                     .map(str::to_string)
             })
             .unwrap_or_default();

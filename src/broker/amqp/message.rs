@@ -7,7 +7,9 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::broker::{DeadLetter, DlqReason, Message, PublishError, header_safe, headers};
+use crate::broker::{
+    DeadLetter, DlqReason, Message, PublishError, dead_letter_id, header_safe, headers,
+};
 
 /// `content_type` of every message: the body is the event's JSON.
 pub const CONTENT_TYPE: &str = "application/json";
@@ -73,11 +75,6 @@ fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> Basi
 /// publish time (unix seconds), headers as on NATS.
 pub fn event_properties(msg: &Message, now_secs: u64) -> BasicProperties {
     base_properties(&msg.msg_id, message_headers(msg), now_secs)
-}
-
-/// Message id of a dead letter: `dlq-<msg_id>`, as on NATS.
-pub fn dead_letter_id(msg_id: &str) -> String {
-    format!("dlq-{msg_id}")
 }
 
 /// Properties of a dead letter: the event's headers plus where it was going, why, how often it

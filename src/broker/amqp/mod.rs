@@ -149,7 +149,7 @@ impl AmqpBroker {
         let out = Outgoing {
             exchange: self.shared.dlq_exchange.clone(),
             routing_key: message::routing_key(&subject)?,
-            msg_id: message::dead_letter_id(&m.msg_id),
+            msg_id: super::dead_letter_id(&m.msg_id),
             body: m.body.clone(),
             properties: message::dead_letter_properties(dl, message::now_secs()),
         };
