@@ -142,11 +142,7 @@ const EXIT_LETTERS_LEFT: u8 = 2;
 
 fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(Some(2))?;
     match action {
         DlqCommand::List { json } => {
             runtime.block_on(pusher_bridge::dlq::print_list(&settings, json))?;
@@ -165,6 +161,20 @@ fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::proces
     }
 }
 
+/// The runtime of the server, the sweeper and the dlq tools: `workers` threads (default: one
+/// per core).
+fn multi_thread_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The runtime of the one-shot probes (`send-test`, `healthcheck`): one thread.
 fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -214,10 +224,7 @@ fn healthcheck(
 fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
     init_logs(&settings);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(None)?;
     runtime.block_on(async {
         let addr = settings.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -239,10 +246,7 @@ fn sweep(
     if !once {
         init_logs(&settings);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(None)?;
     runtime.block_on(async {
         let settings = std::sync::Arc::new(settings);
         let metrics = std::sync::Arc::new(pusher_bridge::metrics::Metrics::new());
