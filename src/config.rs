@@ -689,6 +689,14 @@ impl Settings {
                 ));
             }
         }
+        for (name, age) in &self.retention.events.overrides {
+            if age.is_zero() {
+                return Err(invalid(
+                    format!("retention.events.overrides.{name}"),
+                    "must be greater than 0 (0 would purge every such event on each run)",
+                ));
+            }
+        }
         if self.spool.segment_bytes == 0 {
             return Err(invalid("spool.segment_bytes", "must be greater than 0"));
         }
@@ -733,6 +741,17 @@ mod tests {
         assert_eq!(s.retention.events.max_age, Duration::from_secs(7 * 86400));
         assert_eq!(s.retention.dlq.max_age, Duration::from_secs(30 * 86400));
         assert_eq!(s.retention.events.interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn zero_overrides_are_rejected() {
+        let err = Settings::from_toml("[retention.events.overrides]\nclient_event = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("retention.events.overrides.client_event"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -143,22 +143,14 @@ fn check_config(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// The async runtime of `serve`, as `server.worker_threads` asks: 1 is a single-threaded
-/// runtime, 0 one worker per core, n > 1 n workers.
-fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
-    builder
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+/// The runtime of `serve`, as `server.worker_threads` asks: 1 one thread (the default), 0 one
+/// worker per core, n > 1 n workers.
+fn server_runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    match worker_threads {
+        1 => small_runtime(),
+        0 => multi_thread_runtime(None),
+        n => multi_thread_runtime(Some(n)),
+    }
 }
 
 /// Exit code of `dlq replay` when dead letters are left (1 stays for errors).
@@ -166,11 +158,7 @@ const EXIT_LETTERS_LEFT: u8 = 2;
 
 fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(Some(2))?;
     match action {
         DlqCommand::List { json } => {
             runtime.block_on(pusher_bridge::dlq::print_list(&settings, json))?;
@@ -189,6 +177,21 @@ fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::proces
     }
 }
 
+/// The runtime of the server, the sweeper and the dlq tools: `workers` threads (default: one
+/// per core).
+fn multi_thread_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A one-thread runtime: the one-shot probes (`send-test`, `healthcheck`) and, by default, the
+/// server (`server.worker_threads = 1`).
 fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -238,7 +241,7 @@ fn healthcheck(
 fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
     init_logs(&settings);
-    let runtime = runtime(settings.server.worker_threads)?;
+    let runtime = server_runtime(settings.server.worker_threads)?;
     runtime.block_on(async {
         let addr = settings.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -260,10 +263,7 @@ fn sweep(
     if !once {
         init_logs(&settings);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(None)?;
     runtime.block_on(async {
         let settings = std::sync::Arc::new(settings);
         let metrics = std::sync::Arc::new(pusher_bridge::metrics::Metrics::new());

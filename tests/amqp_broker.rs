@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::relay::{Relay, tls_fixture};
 use common::*;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use pusher_bridge::broker::{Broker, DlqReason, Message, PublishError};
 use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
@@ -31,37 +30,10 @@ async fn declare(exchange: &str, queue: Option<(&str, &str, FieldTable)>) {
 /// [`declare`] with the queue's durability chosen.
 async fn declare_with(exchange: &str, queue: Option<(&str, &str, FieldTable)>, durable: bool) {
     let (conn, ch) = amqp_channel().await;
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exchange(&ch, exchange).await;
     if let Some((queue, key, args)) = queue {
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
-        ch.queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_queue(&ch, queue, durable, args).await;
+        bind_queue(&ch, queue, exchange, key).await;
     }
     let _ = conn.close(200, "done".into()).await;
 }

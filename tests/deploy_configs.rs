@@ -14,7 +14,7 @@ use common::deploy::{
     compose_binds, compose_environment, dockerfile, env_file, exec_form, host_path, read, repo, s,
     seq, yaml, yaml_docs,
 };
-use common::process::{BridgeProcess, Env, http_get, run};
+use common::process::{BridgeProcess, Env, broker_env, http_get, run};
 use common::{delete_streams, free_port, jetstream_ctx, nats_settings, stream_messages, unique};
 use pusher_bridge::config::Settings;
 use serde_yaml::Value;
@@ -22,28 +22,7 @@ use serde_yaml::Value;
 /// The test's overrides: the local NATS, unique prefix and streams, a temporary spool.
 fn local_overrides() -> (Settings, Env) {
     let s = nats_settings();
-    let env = vec![
-        (
-            "PUSHER_BRIDGE_BROKER__NATS__URL".into(),
-            s.broker.nats.url.expose().to_string(),
-        ),
-        (
-            "PUSHER_BRIDGE_BROKER__SUBJECT_PREFIX".into(),
-            s.broker.subject_prefix.clone(),
-        ),
-        (
-            "PUSHER_BRIDGE_BROKER__NATS__STREAM".into(),
-            s.broker.nats.stream.clone(),
-        ),
-        (
-            "PUSHER_BRIDGE_BROKER__NATS__DLQ_STREAM".into(),
-            s.broker.nats.dlq_stream.clone(),
-        ),
-        (
-            "PUSHER_BRIDGE_SPOOL__DIR".into(),
-            s.spool.dir.display().to_string(),
-        ),
-    ];
+    let env = broker_env(&s);
     (s, env)
 }
 

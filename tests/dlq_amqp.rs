@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use indicatif::ProgressBar;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection};
 use pusher_bridge::broker::headers;
 use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
 use pusher_bridge::dlq::{self, DeadLetterRecord, DlqError};
@@ -32,57 +29,19 @@ struct Topology {
 
 impl Topology {
     async fn new(bound: bool) -> Self {
-        let id = unique("t").to_lowercase();
-        let mut s = Settings::default();
-        s.broker.kind = BrokerKind::Amqp;
-        s.broker.subject_prefix = id.clone();
-        s.broker.amqp.url = SecretUrl::new(amqp_url());
-        s.broker.amqp.exchange = format!("{id}.events");
-        s.broker.amqp.queue = format!("{id}.events");
-        s.broker.amqp.dlq_exchange = format!("{id}.dlq");
-        s.broker.amqp.dlq_queue = format!("{id}.dlq");
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect RabbitMQ");
-        let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+        let s = settings_for(BrokerKind::Amqp);
+        let (conn, ch) = confirm_channel().await;
         let a = &s.broker.amqp;
         let mut args = FieldTable::default();
         args.insert("x-expires".into(), AMQPValue::LongLongInt(QUEUE_TTL_MS));
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
         for (exchange, queue, bind) in [
             (&a.exchange, &a.queue, bound),
             (&a.dlq_exchange, &a.dlq_queue, true),
         ] {
-            ch.exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-            ch.queue_declare(queue.as_str().into(), durable, args.clone())
-                .await
-                .unwrap();
+            declare_exchange(&ch, exchange).await;
+            declare_queue(&ch, queue, true, args.clone()).await;
             if bind {
-                ch.queue_bind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    "#".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+                bind_queue(&ch, queue, exchange, "#").await;
             }
         }
         Self {
@@ -169,20 +128,8 @@ impl Topology {
     }
 
     async fn clean_up(self) {
-        let a = &self.settings.broker.amqp;
-        for q in [&a.queue, &a.dlq_queue] {
-            let _ = self
-                .ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [&a.exchange, &a.dlq_exchange] {
-            let _ = self
-                .ch
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
         let _ = self.conn.close(200, "OK".into()).await;
+        amqp_delete(&self.settings).await;
     }
 }
 

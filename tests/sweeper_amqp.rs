@@ -13,27 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
+use lapin::{BasicProperties, Channel, Connection};
+use pusher_bridge::config::{BrokerKind, Settings};
 use pusher_bridge::metrics::Metrics;
 use pusher_bridge::sweeper::{self, LeaseStatus, Sweeper, Target, TargetOutcome, TargetReport};
 
 const MIN: u64 = 60;
 
 fn amqp_settings() -> Settings {
-    let mut s = nats_settings();
-    let id = unique("sweep");
-    s.broker.kind = BrokerKind::Amqp;
-    s.broker.amqp.url = SecretUrl::new(amqp_url());
-    s.broker.amqp.exchange = format!("{id}.x");
-    s.broker.amqp.dlq_exchange = format!("{id}.dlx");
-    s.broker.amqp.queue = format!("{id}.events");
-    s.broker.amqp.dlq_queue = format!("{id}.dlq");
+    let mut s = settings_for(BrokerKind::Amqp);
     s.retention.lease_ttl = Duration::from_secs(4);
     s.retention.events.max_age = Duration::from_secs(10 * MIN);
     s.retention.events.overrides = BTreeMap::from([
@@ -54,24 +44,9 @@ struct Rabbit {
 
 impl Rabbit {
     async fn open(settings: &Settings) -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect RabbitMQ");
-        let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+        let (conn, ch) = confirm_channel().await;
         for q in [&settings.broker.amqp.queue, &settings.broker.amqp.dlq_queue] {
-            ch.queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+            declare_queue(&ch, q, true, FieldTable::default()).await;
         }
         Self { conn, ch }
     }
@@ -132,13 +107,8 @@ impl Rabbit {
     }
 
     async fn cleanup(self, settings: &Settings) {
-        for q in [&settings.broker.amqp.queue, &settings.broker.amqp.dlq_queue] {
-            let _ = self
-                .ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
         let _ = self.conn.close(200, "done".into()).await;
+        amqp_delete(settings).await;
     }
 }
 

@@ -120,6 +120,30 @@ pub mod headers {
     pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
 }
 
+/// What a dead letter's own message id starts with (`dlq-<msg_id>`, docs/dlq.md). The id is
+/// derived from the event's, so a webhook delivered twice yields one letter per event; the
+/// `dlq` tools strip the prefix to find the original id when its header is missing.
+pub const DEAD_LETTER_ID_PREFIX: &str = "dlq-";
+
+/// The message id of the dead letter of the event `msg_id` (`dlq-<msg_id>`), on both brokers.
+pub fn dead_letter_id(msg_id: &str) -> String {
+    format!("{DEAD_LETTER_ID_PREFIX}{msg_id}")
+}
+
+/// Longest `Pusher-Bridge-Detail` header, in characters.
+pub const MAX_DETAIL_CHARS: usize = 512;
+
+/// The detail of a dead letter as a header value, the same on both brokers: control characters
+/// (line breaks, which NATS headers cannot hold) become spaces and the text is cut at
+/// [`MAX_DETAIL_CHARS`] characters, so a long broker answer cannot bloat every dead letter.
+pub fn header_safe(detail: &str) -> String {
+    detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_DETAIL_CHARS)
+        .collect()
+}
+
 /// A publish that did not get an ack.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
@@ -280,4 +304,23 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_ids_are_prefixed() {
+        assert_eq!(dead_letter_id("abc-3"), "dlq-abc-3");
+    }
+
+    #[test]
+    fn header_safe_replaces_control_characters_and_cuts_by_characters() {
+        assert_eq!(header_safe("a\r\nb\tc"), "a  b c");
+        let long = "é".repeat(600);
+        let cut = header_safe(&long);
+        assert_eq!(cut.chars().count(), MAX_DETAIL_CHARS);
+        assert!(long.starts_with(&cut));
+    }
 }

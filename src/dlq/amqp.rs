@@ -23,60 +23,30 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
-use crate::broker::headers;
+use crate::broker::amqp::endpoint;
+use crate::broker::amqp::message::{self, header_text};
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
 pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
-/// AMQP `delivery_mode` of persistent messages.
-const PERSISTENT: u8 = 2;
+/// The connection's name in the management UI and `rabbitmqctl list_connections`.
+const CONNECTION_NAME: &str = "pusher-bridge dlq";
 
-/// Opens the tool's own connection from `[broker.amqp]` (URL with vhost; `tls_ca_file` for a
-/// private CA on `amqps://`).
+/// Opens the tool's own connection from `[broker.amqp]` (URL with vhost, heartbeat,
+/// `tls_ca_file` for a private CA on `amqps://`), as the bridge opens its own.
 pub async fn connect(settings: &Settings) -> Result<Connection, DlqError> {
-    let s = &settings.broker.amqp;
-    let mut tls = lapin::tcp::OwnedTLSConfig::default();
-    if let Some(ca) = &s.tls_ca_file {
-        let pem = tokio::fs::read_to_string(ca).await.map_err(|e| {
-            DlqError::Connect(format!("cannot read tls_ca_file {}: {e}", ca.display()))
-        })?;
-        tls.cert_chain = Some(pem);
-    }
-    let runtime =
-        lapin::runtime::default_runtime().map_err(|e| DlqError::Connect(e.to_string()))?;
-    let props = ConnectionProperties::default().with_connection_name("pusher-bridge dlq".into());
-    let connecting = Connection::connect_with_config(s.url.expose(), props, tls, runtime);
-    match tokio::time::timeout(CONNECT_WAIT, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(DlqError::Connect(format!("{} ({})", e, s.url.redacted()))),
-        Err(_) => Err(DlqError::Connect(format!(
-            "no connection to RabbitMQ at {} within {CONNECT_WAIT:?}",
-            s.url.redacted()
-        ))),
-    }
-}
-
-/// Text of a header value (strings as sent; numbers, as some tools write them, as digits).
-fn value_text(v: &AMQPValue) -> Option<String> {
-    Some(match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_string(),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        _ => return None,
-    })
+    Ok(endpoint::connect(
+        &settings.broker.amqp,
+        CONNECTION_NAME,
+        endpoint::DEFAULT_HEARTBEAT_SECS,
+        CONNECT_WAIT,
+    )
+    .await?)
 }
 
 /// Builds the record of one fetched letter at queue `position`.
@@ -87,7 +57,7 @@ pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLett
             .inner()
             .iter()
             .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| value_text(v))
+            .and_then(|(_, v)| header_text(v))
     };
     let stored_id = props.message_id().as_ref().map(ShortString::as_str);
     DeadLetterRecord::from_headers(position, header, stored_id, body.into())
@@ -181,25 +151,16 @@ pub async fn list(
     result
 }
 
-/// The properties of a normal event message, from a letter.
+/// The properties of a normal event message, from a letter: those the bridge gives an event
+/// (JSON, persistent, its headers), with the original message id. An id too long for AMQP is
+/// an error rather than cut, since a changed id would defeat deduplication downstream.
 pub fn event_properties(r: &DeadLetterRecord) -> Result<BasicProperties, &'static str> {
     let msg_id = ShortString::try_new(r.msg_id.as_str())
         .map_err(|_| "the message id is too long for AMQP")?;
-    let mut h = FieldTable::default();
-    for (name, value) in [
-        (headers::APP_ID, &r.app_id),
-        (headers::EVENT, &r.event),
-        (headers::CHANNEL, &r.channel),
-        (headers::TIME_MS, &r.time_ms),
-    ] {
-        h.insert(
-            name.into(),
-            AMQPValue::LongString(LongString::from(value.as_bytes())),
-        );
-    }
+    let h = message::event_headers(&r.app_id, &r.event, &r.channel, &r.time_ms);
     Ok(BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
+        .with_content_type(message::CONTENT_TYPE.into())
+        .with_delivery_mode(message::PERSISTENT)
         .with_message_id(msg_id)
         .with_headers(h))
 }
@@ -355,6 +316,8 @@ async fn settle(
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::{AMQPValue, LongString};
+
     use super::*;
 
     fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -414,7 +377,7 @@ mod tests {
         ]));
         let p = event_properties(&record(1, &props, Vec::new())).unwrap();
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("id-1"));
-        assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(p.delivery_mode(), &Some(message::PERSISTENT));
         assert_eq!(
             p.content_type().as_ref().map(|s| s.as_str()),
             Some("application/json")

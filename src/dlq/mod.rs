@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{DlqReason, headers};
+use crate::broker::{DEAD_LETTER_ID_PREFIX, DlqReason, headers};
 use crate::config::{BrokerKind, Settings};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
@@ -57,6 +57,18 @@ pub enum DlqError {
     /// Writing the listing failed.
     #[error("cannot write the listing: {0}")]
     Output(#[from] std::io::Error),
+}
+
+/// The broker module's shared connection code (`broker::amqp::endpoint`) reports in its own
+/// error type; its connection failures stay connection failures here.
+impl From<crate::broker::BrokerError> for DlqError {
+    fn from(e: crate::broker::BrokerError) -> Self {
+        use crate::broker::BrokerError;
+        match e {
+            BrokerError::Connect(m) => DlqError::Connect(m),
+            BrokerError::Topology(m) | BrokerError::Operation(m) => DlqError::Operation(m),
+        }
+    }
 }
 
 /// One stored dead letter, read back from its headers and body.
@@ -104,7 +116,7 @@ impl DeadLetterRecord {
             .filter(|id| !id.is_empty())
             .or_else(|| {
                 stored_id
-                    .and_then(|id| id.strip_prefix("dlq-"))
+                    .and_then(|id| id.strip_prefix(DEAD_LETTER_ID_PREFIX))
                     .map(str::to_string)
             })
             .unwrap_or_default();

@@ -14,16 +14,17 @@
 //! two missed beats) if the host vanished. Sweeping on that same connection means a holder that
 //! lost its lease cannot go on sweeping either.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::types::FieldTable;
 
 use super::policy::{self, Retention, Target, Verdict};
-use super::{LeaseStatus, SweepError, TargetReport};
+use super::{LeaseStatus, SweepError, TargetReport, op_err};
+use crate::broker::amqp::endpoint;
+use crate::broker::amqp::message::header_text;
 use crate::broker::{headers, now_ms};
 use crate::config::Settings;
 
@@ -31,6 +32,8 @@ use crate::config::Settings;
 pub(super) const GET_BUDGET: u64 = 100_000;
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The connection's name in the management UI and `rabbitmqctl list_connections`.
+const CONNECTION_NAME: &str = "pusher-bridge-sweeper";
 /// One AMQP request (get, declare) may take this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// AMQP reply code 405: the exclusive queue belongs to another connection.
@@ -39,10 +42,6 @@ const RESOURCE_LOCKED: u16 = 405;
 /// The exclusive queue whose owner is the sweeper (`<events queue>.sweeper-lease`).
 pub fn lease_queue(settings: &Settings) -> String {
     format!("{}.sweeper-lease", settings.broker.amqp.queue)
-}
-
-fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
 }
 
 async fn timed<T>(
@@ -243,54 +242,22 @@ fn locked(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED)
 }
 
-/// A string header (`Pusher-Event`, `Pusher-Time-Ms`), whatever string type carried it.
+/// A header (`Pusher-Event`, `Pusher-Time-Ms`) as text, whatever string or number type
+/// carried it.
 fn header_str(table: &Option<FieldTable>, name: &str) -> Option<String> {
-    let value = table.as_ref()?.inner().get(name)?;
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        AMQPValue::LongLongInt(n) => Some(n.to_string()),
-        AMQPValue::LongUInt(n) => Some(n.to_string()),
-        _ => None,
-    }
+    header_text(table.as_ref()?.inner().get(name)?)
 }
 
 /// Opens the sweeper's connection: heartbeat `lease_ttl / 2` (unless the URL sets one), so the
 /// broker drops a vanished holder's connection, and with it the lease, within about `lease_ttl`.
 async fn connect(settings: &Settings) -> Result<Connection, SweepError> {
-    let s = &settings.broker.amqp;
-    let mut uri = lapin::uri::AMQPUri::from_str(s.url.expose()).map_err(|e| {
-        SweepError::Connect(format!("invalid broker.amqp.url {}: {e}", s.url.redacted()))
-    })?;
-    if uri.query.heartbeat.is_none() {
-        let secs = (settings.retention.lease_ttl.as_secs() / 2).clamp(1, u64::from(u16::MAX));
-        uri.query.heartbeat = Some(secs as u16);
-    }
-    let mut tls = lapin::tcp::OwnedTLSConfig::default();
-    if let Some(ca) = &s.tls_ca_file {
-        let pem = tokio::fs::read_to_string(ca)
-            .await
-            .map_err(|e| SweepError::Connect(format!("cannot read {}: {e}", ca.display())))?;
-        tls.cert_chain = Some(pem);
-    }
-    let runtime =
-        lapin::runtime::default_runtime().map_err(|e| SweepError::Connect(e.to_string()))?;
-    let props =
-        ConnectionProperties::default().with_connection_name("pusher-bridge-sweeper".into());
-    match tokio::time::timeout(
+    let half_ttl = settings.retention.lease_ttl.as_secs() / 2;
+    let heartbeat = u16::try_from(half_ttl).unwrap_or(u16::MAX).max(1);
+    Ok(endpoint::connect(
+        &settings.broker.amqp,
+        CONNECTION_NAME,
+        heartbeat,
         CONNECT_TIMEOUT,
-        Connection::connect_uri_with_config(uri, props, tls, runtime),
     )
-    .await
-    {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(SweepError::Connect(format!(
-            "cannot connect to {}: {e}",
-            s.url.redacted()
-        ))),
-        Err(_) => Err(SweepError::Connect(format!(
-            "no answer from {} in time",
-            s.url.redacted()
-        ))),
-    }
+    .await?)
 }

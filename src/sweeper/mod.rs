@@ -49,6 +49,23 @@ pub enum SweepError {
     LeaseLost,
 }
 
+/// The broker module's shared connection code (`broker::amqp::endpoint`) reports in its own
+/// error type; its connection failures stay connection failures here.
+impl From<crate::broker::BrokerError> for SweepError {
+    fn from(e: crate::broker::BrokerError) -> Self {
+        use crate::broker::BrokerError;
+        match e {
+            BrokerError::Connect(m) => SweepError::Connect(m),
+            BrokerError::Topology(m) | BrokerError::Operation(m) => SweepError::Broker(m),
+        }
+    }
+}
+
+/// A failed broker request: `what` was being done, `e` is the broker's answer.
+fn op_err(what: impl fmt::Display, e: impl fmt::Display) -> SweepError {
+    SweepError::Broker(format!("{what}: {e}"))
+}
+
 /// Whether this replica may sweep.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseStatus {

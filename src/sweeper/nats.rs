@@ -17,7 +17,7 @@ use futures::StreamExt;
 
 use super::nats_lease::{Cursor, CursorStore, NatsLease};
 use super::policy::{self, Retention, Target};
-use super::{LeaseStatus, SweepError, TargetReport};
+use super::{LeaseStatus, SweepError, TargetReport, op_err};
 use crate::config::Settings;
 use crate::routing;
 
@@ -33,10 +33,6 @@ pub(super) const SCAN_BUDGET: u64 = 2_000_000;
 const PURGE_CHUNK: u64 = 10_000;
 /// Ephemeral consumers of the sweeper vanish this long after a crashed sweeper left them.
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
-
-fn op_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
-}
 
 /// The NATS backend: its own connection, the KV lease and the cursor store.
 pub(super) struct NatsSweeper {
@@ -311,20 +307,12 @@ impl NatsSweeper {
         below: u64,
         guarded: bool,
     ) -> Result<Scan, SweepError> {
-        let consumer = view
-            .stream
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                filter_subject: policy::all_filter(&view.prefix),
-                ack_policy: consumer::AckPolicy::None,
-                headers_only: true,
-                inactive_threshold: CONSUMER_INACTIVE,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| op_err("cannot create the scan consumer", e))?;
+        let deliver = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from.max(1),
+        };
+        let filter = policy::all_filter(&view.prefix);
+        let consumer =
+            headers_consumer(view, &filter, deliver, "cannot create the scan consumer").await?;
         let mut scan = Scan {
             tokens: BTreeSet::new(),
             next: from,
@@ -407,18 +395,9 @@ async fn first_young_seq(
     let cutoff = now.checked_sub(max_age).unwrap_or(UNIX_EPOCH);
     let start_time = async_nats::datetime::from_nanos(unix_nanos(cutoff))
         .map_err(|e| op_err("cutoff time", e))?;
-    let consumer = view
-        .stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-            filter_subject: filter.to_string(),
-            ack_policy: consumer::AckPolicy::None,
-            headers_only: true,
-            inactive_threshold: CONSUMER_INACTIVE,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| op_err(format_args!("cannot look up {filter}"), e))?;
+    let deliver = consumer::DeliverPolicy::ByStartTime { start_time };
+    let consumer =
+        headers_consumer(view, filter, deliver, &format!("cannot look up {filter}")).await?;
     let result = async {
         if consumer.cached_info().num_pending == 0 {
             return Ok(view.last + 1);
@@ -446,12 +425,29 @@ async fn first_young_seq(
 
 /// Messages of `filter` at or after `seq`, as the server counts them for a new consumer.
 async fn pending_from(view: &View, filter: &str, seq: u64) -> Result<u64, SweepError> {
-    let consumer = view
-        .stream
+    let deliver = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: seq.max(1),
+    };
+    let consumer =
+        headers_consumer(view, filter, deliver, &format!("cannot count {filter}")).await?;
+    let pending = consumer.cached_info().num_pending;
+    delete_consumer(&view.stream, &consumer).await;
+    Ok(pending)
+}
+
+/// An ephemeral consumer of `filter` from `deliver` that only reads: headers only, no acks,
+/// gone by itself after [`CONSUMER_INACTIVE`] if a crashed sweeper leaves it. Its
+/// `num_pending` (the server's count of what it would deliver) is often the whole answer.
+/// `what` names the step in the error. Delete it with [`delete_consumer`].
+async fn headers_consumer(
+    view: &View,
+    filter: &str,
+    deliver: consumer::DeliverPolicy,
+    what: &str,
+) -> Result<consumer::PullConsumer, SweepError> {
+    view.stream
         .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: seq.max(1),
-            },
+            deliver_policy: deliver,
             filter_subject: filter.to_string(),
             ack_policy: consumer::AckPolicy::None,
             headers_only: true,
@@ -459,10 +455,7 @@ async fn pending_from(view: &View, filter: &str, seq: u64) -> Result<u64, SweepE
             ..Default::default()
         })
         .await
-        .map_err(|e| op_err(format_args!("cannot count {filter}"), e))?;
-    let pending = consumer.cached_info().num_pending;
-    delete_consumer(&view.stream, &consumer).await;
-    Ok(pending)
+        .map_err(|e| op_err(what, e))
 }
 
 async fn delete_consumer(stream: &Stream, consumer: &consumer::PullConsumer) {

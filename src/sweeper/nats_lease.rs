@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{LeaseStatus, SweepError};
+use super::{LeaseStatus, SweepError, op_err};
 use crate::config::Settings;
 
 const LEASE_KEY: &str = "lease";
@@ -50,10 +50,6 @@ pub fn state_bucket(settings: &Settings) -> String {
     bucket_name(settings, "sweeper_state")
 }
 
-fn op_err(what: &str, e: impl std::fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
-}
-
 /// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1).
 ///
 /// Built by hand rather than with `create_key_value`: that call first asks for the account info,
@@ -80,57 +76,93 @@ fn bucket_stream(
     }
 }
 
-/// Opens `bucket`, creating it with `max_age` (zero: no expiry) if absent and correcting its
-/// `max_age` if `retention.lease_ttl` changed since it was created.
-async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
+/// A KV bucket opened on first use (created if absent), then reused.
+struct Bucket {
+    js: jetstream::Context,
+    name: String,
+    /// Zero: no expiry.
     max_age: Duration,
     replicas: usize,
-    description: &str,
-) -> Result<kv::Store, SweepError> {
-    let want = bucket_stream(bucket, max_age, replicas, description);
-    match js.get_key_value(bucket).await {
-        Ok(store) => {
-            let current = &store.stream.cached_info().config;
-            if current.max_age != max_age {
+    description: &'static str,
+    store: Option<kv::Store>,
+}
+
+impl Bucket {
+    fn new(
+        js: jetstream::Context,
+        name: String,
+        max_age: Duration,
+        replicas: usize,
+        description: &'static str,
+    ) -> Self {
+        Self {
+            js,
+            name,
+            max_age,
+            replicas,
+            description,
+            store: None,
+        }
+    }
+
+    /// The store, opening the bucket on first use.
+    async fn open(&mut self) -> Result<kv::Store, SweepError> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let store = self.create_or_update().await?;
+        self.store = Some(store.clone());
+        Ok(store)
+    }
+
+    /// The store if the bucket exists, without creating it (dry runs change nothing).
+    async fn existing(&self) -> Option<kv::Store> {
+        match &self.store {
+            Some(s) => Some(s.clone()),
+            None => self.js.get_key_value(&self.name).await.ok(),
+        }
+    }
+
+    /// Opens the bucket, creating it if absent and correcting its `max_age` if
+    /// `retention.lease_ttl` changed since it was created.
+    async fn create_or_update(&self) -> Result<kv::Store, SweepError> {
+        let (js, bucket) = (&self.js, &self.name);
+        match js.get_key_value(bucket).await {
+            Ok(store) => {
+                let current = &store.stream.cached_info().config;
+                if current.max_age == self.max_age {
+                    return Ok(store);
+                }
                 let mut cfg = current.clone();
-                cfg.max_age = max_age;
+                cfg.max_age = self.max_age;
                 js.update_stream(cfg)
                     .await
-                    .map_err(|e| op_err(&format!("cannot update KV bucket {bucket}"), e))?;
-                return js
-                    .get_key_value(bucket)
-                    .await
-                    .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e));
+                    .map_err(|e| op_err(format_args!("cannot update KV bucket {bucket}"), e))?;
             }
-            Ok(store)
-        }
-        Err(_) => {
-            if let Err(create_err) = js.create_stream(want).await {
+            Err(_) => {
+                let want = bucket_stream(bucket, self.max_age, self.replicas, self.description);
                 // Another replica may have created it a moment ago.
-                if js.get_key_value(bucket).await.is_err() {
+                if let Err(create_err) = js.create_stream(want).await
+                    && js.get_key_value(bucket).await.is_err()
+                {
                     return Err(op_err(
-                        &format!("cannot create KV bucket {bucket}"),
+                        format_args!("cannot create KV bucket {bucket}"),
                         create_err,
                     ));
                 }
             }
-            js.get_key_value(bucket)
-                .await
-                .map_err(|e| op_err(&format!("cannot open KV bucket {bucket}"), e))
         }
+        js.get_key_value(bucket)
+            .await
+            .map_err(|e| op_err(format_args!("cannot open KV bucket {bucket}"), e))
     }
 }
 
 /// This replica's view of the lease.
 pub(super) struct NatsLease {
-    js: jetstream::Context,
-    bucket: String,
-    replicas: usize,
+    bucket: Bucket,
     ttl: Duration,
     holder: String,
-    store: Option<kv::Store>,
     held: Option<Held>,
 }
 
@@ -143,31 +175,19 @@ struct Held {
 
 impl NatsLease {
     pub(super) fn new(js: jetstream::Context, settings: &Settings, holder: String) -> Self {
+        let ttl = settings.retention.lease_ttl;
         Self {
-            js,
-            bucket: lease_bucket(settings),
-            replicas: settings.broker.nats.replicas,
-            ttl: settings.retention.lease_ttl,
+            bucket: Bucket::new(
+                js,
+                lease_bucket(settings),
+                ttl,
+                settings.broker.nats.replicas,
+                "pusher-bridge retention sweeper lease",
+            ),
+            ttl,
             holder,
-            store: None,
             held: None,
         }
-    }
-
-    async fn store(&mut self) -> Result<kv::Store, SweepError> {
-        if let Some(s) = &self.store {
-            return Ok(s.clone());
-        }
-        let store = open_bucket(
-            &self.js,
-            &self.bucket,
-            self.ttl,
-            self.replicas,
-            "pusher-bridge retention sweeper lease",
-        )
-        .await?;
-        self.store = Some(store.clone());
-        Ok(store)
     }
 
     /// Whether this replica believes it holds the lease right now.
@@ -179,7 +199,7 @@ impl NatsLease {
 
     /// Takes the lease, or renews it when this replica holds it already.
     pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
-        let store = self.store().await?;
+        let store = self.bucket.open().await?;
         if self.held.is_some() && self.renew(&store).await? {
             return Ok(LeaseStatus::Held);
         }
@@ -193,7 +213,7 @@ impl NatsLease {
                     revision,
                     renewed: started,
                 });
-                tracing::info!(holder = %self.holder, bucket = %self.bucket, "took the sweeper lease");
+                tracing::info!(holder = %self.holder, bucket = %self.bucket.name, "took the sweeper lease");
                 Ok(LeaseStatus::Held)
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -255,7 +275,7 @@ impl NatsLease {
         if !due {
             return Ok(());
         }
-        let store = self.store().await?;
+        let store = self.bucket.open().await?;
         if self.renew(&store).await? {
             Ok(())
         } else {
@@ -268,7 +288,7 @@ impl NatsLease {
         let Some(held) = self.held.take() else {
             return;
         };
-        if let Some(store) = &self.store
+        if let Some(store) = &self.bucket.store
             && let Err(e) = store
                 .delete_expect_revision(LEASE_KEY, Some(held.revision))
                 .await
@@ -291,48 +311,32 @@ pub(super) struct Cursor {
 
 /// Reads and writes the cursor in the state bucket.
 pub(super) struct CursorStore {
-    js: jetstream::Context,
-    bucket: String,
-    replicas: usize,
-    store: Option<kv::Store>,
+    bucket: Bucket,
 }
 
 impl CursorStore {
     pub(super) fn new(js: jetstream::Context, settings: &Settings) -> Self {
         Self {
-            js,
-            bucket: state_bucket(settings),
-            replicas: settings.broker.nats.replicas,
-            store: None,
+            bucket: Bucket::new(
+                js,
+                state_bucket(settings),
+                Duration::ZERO,
+                settings.broker.nats.replicas,
+                "pusher-bridge retention sweeper state",
+            ),
         }
-    }
-
-    async fn store(&mut self) -> Result<kv::Store, SweepError> {
-        if let Some(s) = &self.store {
-            return Ok(s.clone());
-        }
-        let store = open_bucket(
-            &self.js,
-            &self.bucket,
-            Duration::ZERO,
-            self.replicas,
-            "pusher-bridge retention sweeper state",
-        )
-        .await?;
-        self.store = Some(store.clone());
-        Ok(store)
     }
 
     /// The stored cursor (`None` if absent or unreadable: the scan starts from the beginning).
     /// `create`: create the bucket if it is missing (false for dry runs, which change nothing).
     pub(super) async fn load(&mut self, create: bool) -> Result<Option<Cursor>, SweepError> {
-        let store = match &self.store {
-            Some(s) => s.clone(),
-            None if create => self.store().await?,
-            None => match self.js.get_key_value(&self.bucket).await {
-                Ok(s) => s,
-                Err(_) => return Ok(None),
-            },
+        let store = if create {
+            self.bucket.open().await?
+        } else {
+            match self.bucket.existing().await {
+                Some(s) => s,
+                None => return Ok(None),
+            }
         };
         let raw = store
             .get(CURSOR_KEY)
@@ -343,7 +347,7 @@ impl CursorStore {
 
     /// Stores `cursor`.
     pub(super) async fn save(&mut self, cursor: &Cursor) -> Result<(), SweepError> {
-        let store = self.store().await?;
+        let store = self.bucket.open().await?;
         let value = serde_json::to_vec(cursor).map_err(|e| op_err("cursor encoding", e))?;
         store
             .put(CURSOR_KEY, Bytes::from(value))

@@ -87,33 +87,31 @@ pub fn compose_environment(service: &Value) -> Vec<(String, String)> {
     }
 }
 
-/// A compose service's bind mounts as (host path in the repo, container path).
-pub fn compose_binds(service: &Value) -> Vec<(PathBuf, String)> {
+/// A compose service's volumes as (source, container path).
+fn compose_volumes(service: &Value) -> Vec<(String, String)> {
     seq(&service["volumes"])
         .iter()
         .filter_map(|v| {
-            let spec = s(v, "volume");
-            let mut parts = spec.split(':');
-            let src = parts.next()?;
-            let dst = parts.next()?;
-            src.starts_with("./")
-                .then(|| (repo(&src[2..]), dst.to_string()))
+            let (src, rest) = s(v, "volume").split_once(':')?;
+            let dst = rest.split(':').next()?;
+            Some((src.to_string(), dst.to_string()))
         })
+        .collect()
+}
+
+/// A compose service's bind mounts as (host path in the repo, container path).
+pub fn compose_binds(service: &Value) -> Vec<(PathBuf, String)> {
+    compose_volumes(service)
+        .into_iter()
+        .filter_map(|(src, dst)| Some((repo(src.strip_prefix("./")?), dst)))
         .collect()
 }
 
 /// A compose service's named volumes as (volume, container path).
 pub fn compose_named_volumes(service: &Value) -> Vec<(String, String)> {
-    seq(&service["volumes"])
-        .iter()
-        .filter_map(|v| {
-            let spec = s(v, "volume");
-            let mut parts = spec.split(':');
-            let src = parts.next()?;
-            let dst = parts.next()?;
-            (!src.starts_with('.') && !src.starts_with('/'))
-                .then(|| (src.to_string(), dst.to_string()))
-        })
+    compose_volumes(service)
+        .into_iter()
+        .filter(|(src, _)| !src.starts_with('.') && !src.starts_with('/'))
         .collect()
 }
 

@@ -3,7 +3,8 @@
 //! posts signed webhooks to it. `settings_for`, `read_events`, `read_dead_letters` and `cleanup`
 //! take the broker kind, so one test body runs against both. `NatsServer` runs a private
 //! `nats-server` on a free port for tests that must kill the broker; [`relay::Relay`] stands in
-//! front of RabbitMQ for the AMQP tests that need it gone, frozen or behind TLS.
+//! front of RabbitMQ for the AMQP tests that need it gone, frozen or behind TLS; [`amqp`] holds
+//! the tests' own RabbitMQ connections, declarations, reads and clean-up.
 
 #![allow(dead_code)] // Why: each test binary uses a different part of the shared harness.
 
@@ -23,9 +24,12 @@ use pusher_bridge::config::{AppSettings, BrokerKind, Secret, SecretUrl, Settings
 use pusher_bridge::webhook::AppRegistry;
 use tokio::sync::oneshot;
 
+pub mod amqp;
 pub mod deploy;
 pub mod process;
 pub mod relay;
+
+pub use self::amqp::*;
 
 /// The app every test configures.
 pub const APP_ID: &str = "123456";
@@ -534,7 +538,7 @@ pub async fn read_events(kind: BrokerKind, settings: &Settings, min: usize) -> V
             let js = jetstream_ctx(&nats_url()).await;
             stream_messages(&js, &settings.broker.nats.stream, min).await
         }
-        BrokerKind::Amqp => amqp_stored(&settings.broker.amqp.queue, min).await,
+        BrokerKind::Amqp => amqp::stored(&settings.broker.amqp.queue, min).await,
     }
 }
 
@@ -545,7 +549,7 @@ pub async fn read_dead_letters(kind: BrokerKind, settings: &Settings, min: usize
             let js = jetstream_ctx(&nats_url()).await;
             stream_messages(&js, &settings.broker.nats.dlq_stream, min).await
         }
-        BrokerKind::Amqp => amqp_stored(&settings.broker.amqp.dlq_queue, min).await,
+        BrokerKind::Amqp => amqp::stored(&settings.broker.amqp.dlq_queue, min).await,
     }
 }
 
@@ -555,99 +559,4 @@ pub async fn cleanup(kind: BrokerKind, settings: &Settings) {
         BrokerKind::Nats => delete_streams(&jetstream_ctx(&nats_url()).await, settings).await,
         BrokerKind::Amqp => amqp_delete(settings).await,
     }
-}
-
-/// A test's own AMQP connection and channel.
-pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
-    let conn = lapin::Connection::connect(
-        &amqp_url(),
-        lapin::ConnectionProperties::default()
-            .with_connection_name("pusher-bridge-test-reader".into()),
-    )
-    .await
-    .expect("connect RabbitMQ");
-    let ch = conn.create_channel().await.expect("channel");
-    (conn, ch)
-}
-
-/// Takes the messages of `queue` off it: waits up to 2 s until at least `min` arrived, then
-/// also takes whatever else is there (so duplicates show).
-pub async fn amqp_deliveries(queue: &str, min: usize) -> Vec<lapin::message::Delivery> {
-    let (conn, ch) = amqp_channel().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut out = Vec::new();
-    loop {
-        let got = ch
-            .basic_get(
-                queue.into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .expect("basic.get");
-        match got {
-            Some(m) => out.push(m.delivery),
-            None if out.len() >= min || tokio::time::Instant::now() > deadline => break,
-            None => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
-    out
-}
-
-/// A header of an AMQP message as text.
-pub fn amqp_header(p: &lapin::BasicProperties, name: &str) -> Option<String> {
-    use lapin::types::AMQPValue;
-    match p.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-async fn amqp_stored(queue: &str, min: usize) -> Vec<Stored> {
-    amqp_deliveries(queue, min)
-        .await
-        .into_iter()
-        .map(|d| {
-            let p = &d.properties;
-            let headers = p
-                .headers()
-                .as_ref()
-                .map(|h| {
-                    h.inner()
-                        .keys()
-                        .filter_map(|k| Some((k.to_string(), amqp_header(p, k.as_str())?)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            Stored {
-                subject: d.routing_key.to_string(),
-                headers,
-                body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
-                raw: Bytes::from(d.data.clone()),
-                msg_id: p.message_id().as_ref().map(|s| s.to_string()),
-                content_type: p.content_type().as_ref().map(|s| s.to_string()),
-            }
-        })
-        .collect()
-}
-
-/// Deletes the test's exchanges and queues (each on its own channel: deleting something that
-/// does not exist may close the channel).
-pub async fn amqp_delete(settings: &Settings) {
-    let (conn, _) = amqp_channel().await;
-    let a = &settings.broker.amqp;
-    for q in [&a.queue, &a.dlq_queue] {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        }
-    }
-    for e in [&a.exchange, &a.dlq_exchange] {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .exchange_delete(e.as_str().into(), Default::default())
-                .await;
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
 }

@@ -81,8 +81,15 @@ pub fn settings_env(s: &Settings) -> Env {
         })
         .collect::<Vec<_>>()
         .join(",");
+    let mut env = vec![("PUSHER_BRIDGE_APPS".into(), format!("[{apps}]"))];
+    env.extend(broker_env(s));
+    env
+}
+
+/// The environment that points the binary at `s`'s prefix, NATS URL, streams and spool, and
+/// leaves the apps to its config file.
+pub fn broker_env(s: &Settings) -> Env {
     vec![
-        ("PUSHER_BRIDGE_APPS".into(), format!("[{apps}]")),
         (
             "PUSHER_BRIDGE_BROKER__SUBJECT_PREFIX".into(),
             s.broker.subject_prefix.clone(),

@@ -7,7 +7,9 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::broker::{DeadLetter, DlqReason, Message, PublishError, headers};
+use crate::broker::{
+    DeadLetter, DlqReason, Message, PublishError, dead_letter_id, header_safe, headers,
+};
 
 /// `content_type` of every message: the body is the event's JSON.
 pub const CONTENT_TYPE: &str = "application/json";
@@ -45,14 +47,19 @@ fn put(table: &mut FieldTable, name: &str, value: &str) {
     );
 }
 
-/// The headers every event carries: app id, event, channel, webhook `time_ms`.
-fn event_headers(msg: &Message) -> FieldTable {
+/// The headers every event carries: app id, event, channel, webhook `time_ms`. Public for
+/// `dlq replay`, which must send what the bridge sends.
+pub fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &str) -> FieldTable {
     let mut h = FieldTable::default();
-    put(&mut h, headers::APP_ID, &msg.app_id);
-    put(&mut h, headers::EVENT, &msg.event);
-    put(&mut h, headers::CHANNEL, &msg.channel);
-    put(&mut h, headers::TIME_MS, &msg.time_ms);
+    put(&mut h, headers::APP_ID, app_id);
+    put(&mut h, headers::EVENT, event);
+    put(&mut h, headers::CHANNEL, channel);
+    put(&mut h, headers::TIME_MS, time_ms);
     h
+}
+
+fn message_headers(msg: &Message) -> FieldTable {
+    event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms)
 }
 
 fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> BasicProperties {
@@ -67,23 +74,18 @@ fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> Basi
 /// Properties of an event: persistent, JSON, `message_id` = the deterministic id, `timestamp` =
 /// publish time (unix seconds), headers as on NATS.
 pub fn event_properties(msg: &Message, now_secs: u64) -> BasicProperties {
-    base_properties(&msg.msg_id, event_headers(msg), now_secs)
-}
-
-/// Message id of a dead letter: `dlq-<msg_id>`, as on NATS.
-pub fn dead_letter_id(msg_id: &str) -> String {
-    format!("dlq-{msg_id}")
+    base_properties(&msg.msg_id, message_headers(msg), now_secs)
 }
 
 /// Properties of a dead letter: the event's headers plus where it was going, why, how often it
 /// was tried and when it first failed (the NATS broker's DLQ headers).
 pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
     let m = &dl.message;
-    let mut h = event_headers(m);
+    let mut h = message_headers(m);
     put(&mut h, headers::DLQ_SUBJECT, &m.subject);
     put(&mut h, headers::DLQ_MSG_ID, &m.msg_id);
     put(&mut h, headers::DLQ_REASON, dl.reason.as_str());
-    put(&mut h, headers::DLQ_DETAIL, &detail_value(&dl.detail));
+    put(&mut h, headers::DLQ_DETAIL, &header_safe(&dl.detail));
     put(&mut h, headers::DLQ_ATTEMPTS, &dl.attempts.to_string());
     put(
         &mut h,
@@ -93,14 +95,23 @@ pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties
     base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
 }
 
-/// The detail header as the NATS broker writes it (no control characters, at most 512
-/// characters), so both brokers show the same text.
-pub fn detail_value(detail: &str) -> String {
-    detail
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(512)
-        .collect()
+/// Text of a header value when reading messages back (the `dlq` tools, the sweeper): strings as
+/// sent, numbers (as some tools write them) as digits; other types have no text.
+pub fn header_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
 }
 
 /// Unix seconds now (the `timestamp` property).
@@ -213,6 +224,23 @@ mod tests {
         let s = short(&id);
         assert!(s.as_str().len() <= 255);
         assert!(id.starts_with(s.as_str()));
-        assert_eq!(detail_value(&"x".repeat(600)).len(), 512);
+        assert_eq!(header_safe(&"x".repeat(600)).len(), 512);
+    }
+
+    #[test]
+    fn header_text_reads_strings_and_numbers_only() {
+        let text = |v: AMQPValue| header_text(&v);
+        assert_eq!(
+            text(AMQPValue::LongString("ev".into())).as_deref(),
+            Some("ev")
+        );
+        assert_eq!(
+            text(AMQPValue::ShortString("ev".into())).as_deref(),
+            Some("ev")
+        );
+        assert_eq!(text(AMQPValue::LongLongInt(-5)).as_deref(), Some("-5"));
+        assert_eq!(text(AMQPValue::LongUInt(7)).as_deref(), Some("7"));
+        assert_eq!(text(AMQPValue::Boolean(true)), None);
+        assert_eq!(text(AMQPValue::FieldTable(FieldTable::default())), None);
     }
 }

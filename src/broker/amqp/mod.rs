@@ -1,8 +1,8 @@
 //! RabbitMQ (AMQP 0-9-1) through lapin: the same contract as the NATS broker (routing keys,
 //! bodies, ids, refusals), with publisher confirms and `mandatory` publishes.
 //!
-//! - [`tls`]: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
-//!   properties.
+//! - [`endpoint`]: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
+//!   properties, and opening a connection (also for the `dlq` tools and the sweeper).
 //! - [`topology`]: exchanges, queues and bindings declared on every (re)connect.
 //! - [`session`]: one connection and its `broker.amqp.channels` publishing channels.
 //! - [`publish`]: pipelined publishes per channel, confirms and returns.
@@ -13,10 +13,10 @@
 //! connection, with backoff. The bridge therefore starts while RabbitMQ is down; `is_up()` and
 //! `pusher_bridge_broker_up` follow the session.
 
+pub mod endpoint;
 pub mod message;
 pub mod publish;
 pub mod session;
-pub mod tls;
 pub mod topology;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,8 +71,9 @@ impl AmqpBroker {
     /// RabbitMQ is reached.
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
         let s = settings.broker.amqp.clone();
-        let uri = tls::parse_url(&s.url)?;
-        let tls_config = tls::tls_config(&s, &uri).await?;
+        let endpoint =
+            endpoint::Endpoint::new(&s, &s.connection_name, endpoint::DEFAULT_HEARTBEAT_SECS)
+                .await?;
         let short = |key: &str, v: &str| {
             ShortString::try_new(v)
                 .map_err(|_| BrokerError::Connect(format!("{key} is longer than 255 bytes")))
@@ -81,11 +82,9 @@ impl AmqpBroker {
         let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
         let channels = s.channels.max(1);
         let cfg = SessionConfig {
-            properties: tls::connection_properties(&s),
+            endpoint,
             per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
             declare: settings.broker.declare,
-            uri,
-            tls: tls_config,
             settings: s,
         };
         let shared = Arc::new(Shared {
@@ -150,7 +149,7 @@ impl AmqpBroker {
         let out = Outgoing {
             exchange: self.shared.dlq_exchange.clone(),
             routing_key: message::routing_key(&subject)?,
-            msg_id: message::dead_letter_id(&m.msg_id),
+            msg_id: super::dead_letter_id(&m.msg_id),
             body: m.body.clone(),
             properties: message::dead_letter_properties(dl, message::now_secs()),
         };

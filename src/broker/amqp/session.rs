@@ -5,11 +5,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::tcp::OwnedTLSConfig;
-use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties, Event};
+use lapin::{Connection, Event};
 use tokio::sync::Notify;
 
+use super::endpoint::Endpoint;
 use super::publish::ChannelPublisher;
 use super::topology;
 use crate::broker::BrokerError;
@@ -22,12 +21,8 @@ pub struct SessionConfig {
     pub settings: AmqpSettings,
     /// Declare the topology on connect (`broker.declare`).
     pub declare: bool,
-    /// The parsed URL.
-    pub uri: AMQPUri,
-    /// TLS for `amqps://`.
-    pub tls: OwnedTLSConfig,
-    /// Client properties (connection name).
-    pub properties: ConnectionProperties,
+    /// URL, TLS and connection name.
+    pub endpoint: Endpoint,
     /// Publishes allowed to await confirms on one channel.
     pub per_channel_in_flight: usize,
 }
@@ -47,16 +42,7 @@ impl Session {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BrokerError> {
-        let connect_err = |e: lapin::Error| BrokerError::Connect(e.to_string());
-        let runtime = lapin::runtime::default_runtime().map_err(connect_err)?;
-        let conn = Connection::connect_uri_with_config(
-            cfg.uri.clone(),
-            cfg.properties.clone(),
-            cfg.tls.clone(),
-            runtime,
-        )
-        .await
-        .map_err(connect_err)?;
+        let conn = cfg.endpoint.open().await?;
         let watcher = tokio::spawn(watch_events(conn.events_listener(), wake, metrics));
         match Self::prepare(&conn, cfg).await {
             Ok(publishers) => Ok(Self {

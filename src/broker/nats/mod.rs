@@ -279,12 +279,12 @@ impl NatsBroker {
         let mut h = event_headers(m);
         h.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("dlq-{}", m.msg_id).as_str(),
+            super::dead_letter_id(&m.msg_id).as_str(),
         );
         h.insert(headers::DLQ_SUBJECT, m.subject.as_str());
         h.insert(headers::DLQ_MSG_ID, m.msg_id.as_str());
         h.insert(headers::DLQ_REASON, dl.reason.as_str());
-        h.insert(headers::DLQ_DETAIL, header_safe(&dl.detail).as_str());
+        h.insert(headers::DLQ_DETAIL, super::header_safe(&dl.detail).as_str());
         h.insert(headers::DLQ_ATTEMPTS, dl.attempts.to_string().as_str());
         h.insert(
             headers::DLQ_FIRST_FAILURE,
@@ -381,14 +381,6 @@ fn event_headers(msg: &Message) -> HeaderMap {
     ]
     .into_iter()
     .collect()
-}
-
-/// NATS header values cannot hold line breaks.
-fn header_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(512)
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)] // Why: one call site, all of it the broker's shared state.
