@@ -241,21 +241,7 @@ impl Broker {
     ) -> Vec<Result<(), PublishError>> {
         match self {
             Broker::Nats(b) => b.publish_in_order(msgs, timeout).await,
-            Broker::Amqp(b) => {
-                let mut out = Vec::with_capacity(msgs.len());
-                for m in msgs {
-                    if out.last().is_some_and(|r: &Result<(), PublishError>| {
-                        r.as_ref().is_err_and(PublishError::is_retryable)
-                    }) {
-                        out.push(Err(PublishError::Unavailable(
-                            "not sent: an earlier event could not be".into(),
-                        )));
-                        continue;
-                    }
-                    out.push(b.publish(m, timeout).await);
-                }
-                out
-            }
+            Broker::Amqp(b) => b.publish_in_order(msgs, timeout).await,
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(_) => msgs.iter().map(|_| Ok(())).collect(),
         }

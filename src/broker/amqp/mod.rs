@@ -137,6 +137,44 @@ impl AmqpBroker {
         self.shared.send(out, timeout).await
     }
 
+    /// Publishes `msgs` in this order on one channel, all in flight at once, and waits for every
+    /// confirm together until `timeout` (the spool drainer: arrival order, at pipeline speed).
+    pub async fn publish_in_order(
+        &self,
+        msgs: &[&Message],
+        timeout: Duration,
+    ) -> Vec<Result<(), PublishError>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let publisher = match self.shared.pick_or_wait(deadline).await {
+            Ok(p) => p,
+            Err(e) => return msgs.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let now = message::now_secs();
+        let enqueued: Vec<_> = msgs
+            .iter()
+            .map(|msg| {
+                let out = Outgoing {
+                    exchange: self.shared.exchange.clone(),
+                    routing_key: message::routing_key(&msg.subject)?,
+                    msg_id: msg.msg_id.clone(),
+                    body: msg.body.clone(),
+                    properties: message::event_properties(msg, now),
+                };
+                publisher.enqueue(out)
+            })
+            .collect();
+        let results = futures::future::join_all(
+            enqueued
+                .into_iter()
+                .map(|e| async move { publish::ChannelPublisher::verdict(e?, deadline).await }),
+        )
+        .await;
+        if !publisher.is_open() {
+            self.shared.wake.notify_one();
+        }
+        results
+    }
+
     /// Publishes one dead letter to `broker.amqp.dlq_exchange` with routing key
     /// `<prefix>_dlq.<app>.<reason>`.
     pub async fn publish_dead_letter(

@@ -71,6 +71,9 @@ struct Settled {
     carried: Option<(String, String)>,
 }
 
+/// The broker's verdict on one enqueued publish.
+pub type Verdict = oneshot::Receiver<Result<(), PublishError>>;
+
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Settled> + Send>>>;
 
 /// A confirm-mode channel and its collector task.
@@ -106,11 +109,27 @@ impl ChannelPublisher {
     /// Publishes and waits up to `timeout` for the verdict: `Ok` only after the broker's ack of
     /// this very message, with no return for it.
     pub async fn publish(&self, out: Outgoing, timeout: Duration) -> Result<(), PublishError> {
+        let answer = self.enqueue(out)?;
+        Self::verdict(answer, tokio::time::Instant::now() + timeout).await
+    }
+
+    /// Hands one publish to the channel's collector at once (publishes enqueued one after the
+    /// other go out in that order); [`ChannelPublisher::verdict`] waits for its confirm.
+    pub fn enqueue(&self, out: Outgoing) -> Result<Verdict, PublishError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request { out, reply })
             .map_err(|_| PublishError::Unavailable("the AMQP channel is closed".into()))?;
-        match tokio::time::timeout(timeout, answer).await {
+        Ok(answer)
+    }
+
+    /// Waits until `deadline` for the verdict of an enqueued publish.
+    pub async fn verdict(
+        answer: Verdict,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PublishError> {
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout_at(deadline, answer).await {
             Err(_) => Err(PublishError::Unavailable(format!(
                 "no publisher confirm within {} ms",
                 timeout.as_millis()
