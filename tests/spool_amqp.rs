@@ -3,13 +3,15 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::relay::Relay;
 use common::*;
 use pusher_bridge::broker::{Broker, Message};
-use pusher_bridge::config::{BrokerKind, Settings};
+use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
 use pusher_bridge::metrics::Metrics;
 use pusher_bridge::spool::drain::{DrainReport, Drainer};
 use pusher_bridge::spool::{Record, Spool};
@@ -90,5 +92,90 @@ async fn drainer_publishes_to_rabbitmq_in_arrival_order_with_original_ids() {
     spool.close().await;
     broker.close().await;
     let _ = std::fs::remove_dir_all(&settings.spool.dir);
+    amqp_delete(&settings).await;
+}
+
+/// RabbitMQ disappears mid-traffic (the relay in front of it drops every connection and stops
+/// listening, as a killed node would look to the bridge), then comes back: every webhook is
+/// answered 200 within 4 s and every event reaches the queue. AMQP has no deduplication, so an
+/// event whose confirm was lost with the connection may arrive twice (at-least-once, README):
+/// the test demands every id at least once and reports duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_gone_mid_traffic_every_webhook_answered_and_every_event_arrives() {
+    let mut relay = Relay::start().await;
+    let mut settings = settings_for(BrokerKind::Amqp);
+    settings.broker.amqp.url =
+        SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port));
+    let app = Arc::new(TestApp::spawn_ready(settings.clone()).await);
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    let posters: Vec<_> = (0..4u64)
+        .map(|p| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                let mut i = 0u64;
+                while Instant::now() < stop_at {
+                    let body = webhook_body(
+                        1_700_000_000_000 + p * 1_000_000 + i,
+                        &[
+                            r#"{"name":"channel_occupied","channel":"load-a"}"#,
+                            r#"{"name":"member_added","channel":"presence-load","user_id":"u"}"#,
+                        ],
+                    );
+                    let started = Instant::now();
+                    let a = app.post_signed(&body).await;
+                    answers.push((a.status, started.elapsed(), a.body));
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.restart().await;
+
+    let mut answers = Vec::new();
+    for p in posters {
+        answers.extend(p.await.unwrap());
+    }
+    for (status, took, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert!(*took < Duration::from_secs(4), "answered after {took:?}");
+    }
+    let spooled: u64 = answers
+        .iter()
+        .map(|(_, _, b)| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["spooled"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(spooled > 0, "the outage never reached the spool");
+    let total = answers.len() * 2;
+    // Wait for the drain, then read the queue.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.metric("pusher_bridge_spool_events").await > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.metric("pusher_bridge_spool_events").await, 0.0);
+    let got = amqp_deliveries(&settings.broker.amqp.queue, total).await;
+    let ids: HashSet<String> = got
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    eprintln!(
+        "{} webhooks, {spooled} events spooled, {} deliveries, {} duplicates",
+        answers.len(),
+        got.len(),
+        got.len() - ids.len()
+    );
+    assert_eq!(ids.len(), total, "every event at least once");
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("app still shared"),
+    }
     amqp_delete(&settings).await;
 }
