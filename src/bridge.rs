@@ -77,6 +77,17 @@ struct Failure {
     first_failure_ms: u64,
 }
 
+impl Failure {
+    /// No in-flight room before the deadline: the events go to the spool.
+    fn no_room() -> Self {
+        Self {
+            error: PublishError::Unavailable("too many publishes in flight".into()),
+            attempts: 0,
+            first_failure_ms: now_ms(),
+        }
+    }
+}
+
 impl Bridge {
     /// Builds the pipeline around a connected broker and an open spool.
     pub fn new(
@@ -267,16 +278,31 @@ impl Bridge {
         (messages, dead)
     }
 
+    /// First attempt: every event handed to the broker in webhook order with all acks awaited
+    /// together ([`Broker::publish_in_order`]); then each failure follows the retry policy of
+    /// [`Bridge::retry_loop`] on its own.
     async fn publish_all(
         &self,
         messages: &[Message],
         deadline: Instant,
     ) -> Vec<Result<(), Failure>> {
-        join_all(
-            messages
-                .iter()
-                .map(|m| self.with_retries(deadline, |t| self.broker.publish(m, t))),
-        )
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let wanted = messages.len().min(self.settings.broker.max_in_flight);
+        let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
+        let permits = tokio::time::timeout_at(deadline, self.in_flight.acquire_many(wanted)).await;
+        let Ok(Ok(_permits)) = permits else {
+            return messages.iter().map(|_| Err(Failure::no_room())).collect();
+        };
+        let refs: Vec<&Message> = messages.iter().collect();
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.settings.broker.publish_timeout);
+        let first = self.broker.publish_in_order(&refs, timeout).await;
+        join_all(messages.iter().zip(first).map(|(m, first)| {
+            self.retry_loop(deadline, Some(first), |t| self.broker.publish(m, t))
+        }))
         .await
     }
 
@@ -302,12 +328,23 @@ impl Bridge {
     {
         let permit = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await;
         let Ok(Ok(_permit)) = permit else {
-            return Err(Failure {
-                error: PublishError::Unavailable("too many publishes in flight".into()),
-                attempts: 0,
-                first_failure_ms: now_ms(),
-            });
+            return Err(Failure::no_room());
         };
+        self.retry_loop(deadline, None, attempt).await
+    }
+
+    /// The retry policy of [`Bridge::with_retries`]; `first` is the outcome of a first attempt
+    /// already made elsewhere (a batch), if any. The caller holds the in-flight permits.
+    async fn retry_loop<F, Fut>(
+        &self,
+        deadline: Instant,
+        mut first: Option<Result<(), PublishError>>,
+        attempt: F,
+    ) -> Result<(), Failure>
+    where
+        F: Fn(Duration) -> Fut,
+        Fut: Future<Output = Result<(), PublishError>>,
+    {
         let mut attempts = 0;
         let mut first_failure_ms = 0;
         let mut backoff = Duration::from_millis(25);
@@ -315,7 +352,11 @@ impl Bridge {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = remaining.min(self.settings.broker.publish_timeout);
             attempts += 1;
-            let error = match attempt(timeout).await {
+            let outcome = match first.take() {
+                Some(outcome) => outcome,
+                None => attempt(timeout).await,
+            };
+            let error = match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };

@@ -40,7 +40,29 @@ contract!(
     malformed_event_is_dead_lettered_and_siblings_published,
     sockudo_fixtures_are_accepted_byte_for_byte,
     rotated_keys_of_one_app_are_both_accepted,
+    a_large_batch_is_stored_in_webhook_order,
 );
+
+async fn a_large_batch_is_stored_in_webhook_order(kind: BrokerKind) {
+    let settings = settings_for(kind);
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    // sockudo batches up to 100 events per webhook.
+    let events: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"name":"channel_occupied","channel":"c-{i}"}}"#))
+        .collect();
+    let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+    let answer = app.post_signed(&webhook_body(7, &refs)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let stored = read_events(kind, &settings, events.len()).await;
+    let channels: Vec<String> = stored
+        .iter()
+        .map(|m| m.body["channel"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let want: Vec<String> = (0..100).map(|i| format!("c-{i}")).collect();
+    assert_eq!(channels, want);
+    app.stop().await;
+    cleanup(kind, &settings).await;
+}
 
 async fn every_event_type_lands_on_its_subject_with_its_body(kind: BrokerKind) {
     let settings = settings_for(kind);
