@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::load::*;
 use common::*;
 use pusher_bridge::broker::{Broker, DeadLetter, DlqReason, Message};
 use pusher_bridge::config::{SecretUrl, Settings};
@@ -40,83 +41,23 @@ async fn wait_metric(app: &TestApp, metric: &str, want: f64) -> f64 {
     last
 }
 
-fn event_message(settings: &Settings, i: usize, tag: &str) -> Message {
-    let channel = format!("ch-{i}");
-    Message {
-        subject: pusher_bridge::routing::subject(
-            &settings.broker.subject_prefix,
-            APP_ID,
-            "channel_occupied",
-            &channel,
-        ),
-        msg_id: format!("{tag}-{i}"),
-        body: Bytes::from(format!(
-            r#"{{"name":"channel_occupied","channel":"{channel}","app_id":"{APP_ID}","time_ms":1}}"#
-        )),
-        app_id: Arc::from(APP_ID),
-        event: "channel_occupied".into(),
-        channel,
-        time_ms: "1".into(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_mid_traffic_every_webhook_answered_and_every_event_arrives_once() {
     let mut server = NatsServer::start().await;
     let mut settings = nats_settings();
     settings.broker.nats.url = SecretUrl::new(server.url());
     let app = Arc::new(TestApp::spawn_ready(settings.clone()).await);
-    let stop_at = Instant::now() + Duration::from_secs(6);
-    let posters: Vec<_> = (0..6u64)
-        .map(|p| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
-                let mut i = 0u64;
-                while Instant::now() < stop_at {
-                    let body = webhook_body(
-                        1_700_000_000_000 + p * 1_000_000 + i,
-                        &[
-                            r#"{"name":"channel_occupied","channel":"load-a"}"#,
-                            r#"{"name":"member_added","channel":"presence-load","user_id":"u"}"#,
-                        ],
-                    );
-                    let started = Instant::now();
-                    let a = app.post_signed(&body).await;
-                    answers.push((a.status, started.elapsed(), a.body));
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                answers
-            })
-        })
-        .collect();
+    let posters = start_posters(&app, 6, Duration::from_secs(6));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart().await;
 
-    let mut answers = Vec::new();
-    for p in posters {
-        answers.extend(p.await.unwrap());
-    }
+    let (answers, spooled) = collect_answers(posters).await;
     let webhooks = answers.len();
-    for (status, took, body) in &answers {
-        assert_eq!(*status, 200, "{body}");
-        assert!(*took < Duration::from_secs(4), "answered after {took:?}");
-    }
-    let spooled: usize = answers
-        .iter()
-        .map(|(_, _, b)| {
-            serde_json::from_str::<serde_json::Value>(b).unwrap()["spooled"]
-                .as_u64()
-                .unwrap() as usize
-        })
-        .sum();
-    assert!(spooled > 0, "the outage never reached the spool");
     let slowest = answers.iter().map(|a| a.1).max().unwrap_or_default();
     eprintln!("{webhooks} webhooks, {spooled} events spooled, slowest answer {slowest:?}");
-    let total = webhooks * 2;
+    let total = webhooks * EVENTS_PER_WEBHOOK;
     let js = jetstream_ctx(&server.url()).await;
     let count = wait_stream_count(
         &js,

@@ -7,34 +7,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::load::*;
 use common::relay::Relay;
 use common::*;
-use pusher_bridge::broker::{Broker, Message};
-use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
+use pusher_bridge::broker::Broker;
+use pusher_bridge::config::{BrokerKind, SecretUrl};
 use pusher_bridge::metrics::Metrics;
 use pusher_bridge::spool::drain::{DrainReport, Drainer};
 use pusher_bridge::spool::{Record, Spool};
-
-fn event_message(settings: &Settings, i: usize) -> Message {
-    let channel = format!("ch-{i}");
-    Message {
-        subject: pusher_bridge::routing::subject(
-            &settings.broker.subject_prefix,
-            APP_ID,
-            "channel_occupied",
-            &channel,
-        ),
-        msg_id: format!("amqp-ord-{i}"),
-        body: Bytes::from(format!(
-            r#"{{"name":"channel_occupied","channel":"{channel}","app_id":"{APP_ID}","time_ms":1}}"#
-        )),
-        app_id: Arc::from(APP_ID),
-        event: "channel_occupied".into(),
-        channel,
-        time_ms: "1".into(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drainer_publishes_to_rabbitmq_in_arrival_order_with_original_ids() {
@@ -51,7 +31,7 @@ async fn drainer_publishes_to_rabbitmq_in_arrival_order_with_original_ids() {
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let records: Vec<Record> = chunk
             .iter()
-            .map(|&i| Record::Event(event_message(&settings, i)))
+            .map(|&i| Record::Event(event_message(&settings, i, "amqp-ord")))
             .collect();
         spool.append(&records).await.unwrap();
     }
@@ -107,54 +87,14 @@ async fn rabbitmq_gone_mid_traffic_every_webhook_answered_and_every_event_arrive
     settings.broker.amqp.url =
         SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:{}/%2f", relay.port));
     let app = Arc::new(TestApp::spawn_ready(settings.clone()).await);
-    let stop_at = Instant::now() + Duration::from_secs(5);
-    let posters: Vec<_> = (0..4u64)
-        .map(|p| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let mut answers = Vec::new();
-                let mut i = 0u64;
-                while Instant::now() < stop_at {
-                    let body = webhook_body(
-                        1_700_000_000_000 + p * 1_000_000 + i,
-                        &[
-                            r#"{"name":"channel_occupied","channel":"load-a"}"#,
-                            r#"{"name":"member_added","channel":"presence-load","user_id":"u"}"#,
-                        ],
-                    );
-                    let started = Instant::now();
-                    let a = app.post_signed(&body).await;
-                    answers.push((a.status, started.elapsed(), a.body));
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                answers
-            })
-        })
-        .collect();
+    let posters = start_posters(&app, 4, Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     relay.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.restart().await;
 
-    let mut answers = Vec::new();
-    for p in posters {
-        answers.extend(p.await.unwrap());
-    }
-    for (status, took, body) in &answers {
-        assert_eq!(*status, 200, "{body}");
-        assert!(*took < Duration::from_secs(4), "answered after {took:?}");
-    }
-    let spooled: u64 = answers
-        .iter()
-        .map(|(_, _, b)| {
-            serde_json::from_str::<serde_json::Value>(b).unwrap()["spooled"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
-    assert!(spooled > 0, "the outage never reached the spool");
-    let total = answers.len() * 2;
+    let (answers, spooled) = collect_answers(posters).await;
+    let total = answers.len() * EVENTS_PER_WEBHOOK;
     // Wait for the drain, then read the queue.
     let deadline = Instant::now() + Duration::from_secs(30);
     while app.metric("pusher_bridge_spool_events").await > 0.0 && Instant::now() < deadline {

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 pub mod amqp;
 pub mod deploy;
+pub mod load;
 pub mod process;
 pub mod relay;
 
