@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::load::*;
 use common::*;
-use pusher_bridge::broker::{Broker, DeadLetter, DlqReason, Message};
+use pusher_bridge::broker::{DeadLetter, DlqReason, Message};
 use pusher_bridge::config::{SecretUrl, Settings};
-use pusher_bridge::metrics::Metrics;
 use pusher_bridge::spool::drain::{DrainReport, Drainer};
-use pusher_bridge::spool::{QUARANTINE_FILE, Record, Spool, record};
+use pusher_bridge::spool::{QUARANTINE_FILE, Record, record};
 use pusher_bridge::webhook::AppRegistry;
 
 /// Message ids of `stream`, in stream order.
@@ -212,14 +211,13 @@ async fn bridge_killed_with_sigkill_drains_its_spool_after_restart() {
 #[tokio::test]
 async fn drainer_publishes_in_arrival_order_with_original_ids() {
     let settings = nats_settings();
-    let metrics = Arc::new(Metrics::new());
-    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await.unwrap());
-    assert!(broker.wait_up(Duration::from_secs(10)).await);
-    let spool = Arc::new(
-        Spool::open(&settings.spool, 1024, metrics.clone())
-            .await
-            .unwrap(),
-    );
+    // Generous: a loaded CI machine must not turn slow acks into a failed drain.
+    let DrainRig {
+        metrics,
+        broker,
+        spool,
+        drainer,
+    } = drain_rig(&settings, Duration::from_secs(10)).await;
     // More than two drain batches' worth.
     let n = 1200;
     let msgs: Vec<Message> = (0..n).map(|i| event_message(&settings, i, "ord")).collect();
@@ -252,14 +250,6 @@ async fn drainer_publishes_in_arrival_order_with_original_ids() {
         spool.append(&records).await.unwrap();
     }
     assert_eq!(spool.events(), n as u64 + 2);
-    let drainer = Drainer::new(
-        spool.clone(),
-        broker.clone(),
-        metrics.clone(),
-        // Generous: a loaded CI machine must not turn slow acks into a failed drain.
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-    );
     let report = drainer.drain_once().await.unwrap();
     assert_eq!(
         report,
@@ -376,18 +366,16 @@ async fn new_webhooks_queue_behind_spooled_events() {
 #[tokio::test]
 async fn dead_letters_the_dlq_refuses_go_to_the_quarantine_file() {
     let settings = nats_settings();
-    let metrics = Arc::new(Metrics::new());
-    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await.unwrap());
-    assert!(broker.wait_up(Duration::from_secs(10)).await);
+    let DrainRig {
+        broker,
+        spool,
+        drainer,
+        ..
+    } = drain_rig(&settings, Duration::from_secs(2)).await;
     let js = jetstream_ctx(&nats_url()).await;
     js.delete_stream(&settings.broker.nats.dlq_stream)
         .await
         .unwrap();
-    let spool = Arc::new(
-        Spool::open(&settings.spool, 1024, metrics.clone())
-            .await
-            .unwrap(),
-    );
     let dl = DeadLetter {
         message: event_message(&settings, 1, "q"),
         reason: DlqReason::TooLarge,
@@ -402,13 +390,6 @@ async fn dead_letters_the_dlq_refuses_go_to_the_quarantine_file() {
         ])
         .await
         .unwrap();
-    let drainer = Drainer::new(
-        spool.clone(),
-        broker.clone(),
-        metrics.clone(),
-        Duration::from_secs(2),
-        Duration::from_secs(1),
-    );
     let report = drainer.drain_once().await.unwrap();
     assert_eq!((report.published, report.quarantined), (1, 1));
     assert!(spool.is_empty());

@@ -10,23 +10,19 @@ use std::time::{Duration, Instant};
 use common::load::*;
 use common::relay::Relay;
 use common::*;
-use pusher_bridge::broker::Broker;
 use pusher_bridge::config::{BrokerKind, SecretUrl};
-use pusher_bridge::metrics::Metrics;
-use pusher_bridge::spool::drain::{DrainReport, Drainer};
-use pusher_bridge::spool::{Record, Spool};
+use pusher_bridge::spool::Record;
+use pusher_bridge::spool::drain::DrainReport;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drainer_publishes_to_rabbitmq_in_arrival_order_with_original_ids() {
     let settings = settings_for(BrokerKind::Amqp);
-    let metrics = Arc::new(Metrics::new());
-    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await.unwrap());
-    assert!(broker.wait_up(Duration::from_secs(10)).await);
-    let spool = Arc::new(
-        Spool::open(&settings.spool, 1024, metrics.clone())
-            .await
-            .unwrap(),
-    );
+    let DrainRig {
+        broker,
+        spool,
+        drainer,
+        ..
+    } = drain_rig(&settings, Duration::from_secs(10)).await;
     let n = 1200;
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let records: Vec<Record> = chunk
@@ -35,13 +31,6 @@ async fn drainer_publishes_to_rabbitmq_in_arrival_order_with_original_ids() {
             .collect();
         spool.append(&records).await.unwrap();
     }
-    let drainer = Drainer::new(
-        spool.clone(),
-        broker.clone(),
-        metrics.clone(),
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-    );
     let started = Instant::now();
     let report = drainer.drain_once().await.unwrap();
     let took = started.elapsed();

@@ -95,3 +95,50 @@ pub fn event_message(settings: &Settings, i: usize, tag: &str) -> Message {
         time_ms: "1".into(),
     }
 }
+
+/// A connected broker, an open spool and a drainer over them, outside any server: for tests
+/// that drive `Drainer::drain_once` directly.
+pub struct DrainRig {
+    /// The metrics all three share.
+    pub metrics: Arc<pusher_bridge::metrics::Metrics>,
+    /// The broker of `settings.broker.kind`, up.
+    pub broker: Arc<pusher_bridge::broker::Broker>,
+    /// The spool in `settings.spool.dir`.
+    pub spool: Arc<pusher_bridge::spool::Spool>,
+    /// A drainer waiting `ack_timeout` per batch.
+    pub drainer: pusher_bridge::spool::drain::Drainer,
+}
+
+/// Connects the broker (waits until it is up), opens the spool and builds the drainer.
+pub async fn drain_rig(settings: &Settings, ack_timeout: Duration) -> DrainRig {
+    use pusher_bridge::broker::Broker;
+    use pusher_bridge::metrics::Metrics;
+    use pusher_bridge::spool::Spool;
+    use pusher_bridge::spool::drain::Drainer;
+
+    let metrics = Arc::new(Metrics::new());
+    let broker = Arc::new(
+        Broker::connect(settings, metrics.clone())
+            .await
+            .expect("broker"),
+    );
+    assert!(broker.wait_up(Duration::from_secs(10)).await, "broker up");
+    let spool = Arc::new(
+        Spool::open(&settings.spool, 1024, metrics.clone())
+            .await
+            .expect("spool opens"),
+    );
+    let drainer = Drainer::new(
+        spool.clone(),
+        broker.clone(),
+        metrics.clone(),
+        ack_timeout,
+        Duration::from_secs(1),
+    );
+    DrainRig {
+        metrics,
+        broker,
+        spool,
+        drainer,
+    }
+}
