@@ -81,3 +81,30 @@ async fn shutdown_lets_in_flight_webhooks_finish() {
     );
     delete_streams(&js, &settings).await;
 }
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_refused_while_it_is_read() {
+    let mut settings = nats_settings();
+    settings.server.max_body_bytes = 1024;
+    let app = TestApp::spawn(settings.clone()).await;
+    // No Content-Length: the limit can only be found out while reading. The client keeps the
+    // body open after 2 KiB: only a server that counts as it reads can answer now.
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let chunk = "a".repeat(512);
+    let mut req = format!(
+        "POST /pusher/webhooks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pusher-Key: {APP_KEY}\r\nX-Pusher-Signature: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "0".repeat(64)
+    );
+    for _ in 0..4 {
+        req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered before the body ended")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    app.stop().await;
+}
