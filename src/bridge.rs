@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
 use crate::config::Settings;
-use crate::metrics::{EventLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::routing;
 use crate::spool::{Record, Spool, SpoolError};
 use crate::webhook::{self, AppKey, AppRegistry};
@@ -153,7 +153,7 @@ impl Bridge {
             .ok_or(WebhookError::Unauthorized("unknown X-Pusher-Key"))?;
         let signature =
             signature.ok_or(WebhookError::Unauthorized("X-Pusher-Signature missing"))?;
-        if !key.verify(body, trim_ascii(signature)) {
+        if !key.verify(body, signature.trim_ascii()) {
             return Err(WebhookError::Unauthorized(
                 "X-Pusher-Signature does not match",
             ));
@@ -189,13 +189,7 @@ impl Bridge {
             match result {
                 Ok(()) => {
                     accepted.published += 1;
-                    self.metrics
-                        .events_published
-                        .get_or_create(&EventLabels {
-                            app_id: app.app_id.to_string(),
-                            event: msg.event.clone(),
-                        })
-                        .inc();
+                    self.metrics.published(&app.app_id, &msg.event);
                 }
                 Err(Failure {
                     error: PublishError::Refused { reason, detail },
@@ -416,8 +410,4 @@ impl Bridge {
             }
         }
     }
-}
-
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
 }

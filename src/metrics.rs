@@ -283,6 +283,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one event the broker acknowledged (directly or from the spool).
+    pub fn published(&self, app_id: &str, event: &str) {
+        self.events_published
+            .get_or_create(&EventLabels {
+                app_id: app_id.to_string(),
+                event: event.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts one dead-lettered event.
     pub fn dead_lettered(&self, app_id: &str, reason: &str) {
         self.events_dead_lettered

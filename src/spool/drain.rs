@@ -16,7 +16,7 @@ use futures::future::join_all;
 
 use super::{DRAIN_BATCH, Item, Spool, SpoolError, record};
 use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
-use crate::metrics::{EventLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// How often the drainer looks at the broker while records wait and the broker is down.
@@ -123,13 +123,7 @@ impl Drainer {
                     Outcome::Published => {
                         report.published += 1;
                         if let Some(m) = message {
-                            self.metrics
-                                .events_published
-                                .get_or_create(&EventLabels {
-                                    app_id: m.app_id.to_string(),
-                                    event: m.event.clone(),
-                                })
-                                .inc();
+                            self.metrics.published(&m.app_id, &m.event);
                         }
                     }
                     Outcome::DeadLettered(reason) => {
