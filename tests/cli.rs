@@ -58,3 +58,65 @@ fn a_bad_key_exits_1_and_names_it() {
         assert!(stderr.contains(key), "{key} not named in: {stderr}");
     }
 }
+
+/// `pusher-bridge` with no command serves, and without `--config` or `$PUSHER_BRIDGE_CONFIG`
+/// reads `config/pusher-bridge.toml` under the working directory.
+#[test]
+fn serve_is_the_default_and_reads_config_pusher_bridge_toml() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("config")).expect("config dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let tag = format!("CLI_{}_{port}", std::process::id());
+    let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    std::fs::write(
+        dir.path().join("config/pusher-bridge.toml"),
+        format!(
+            "{APP}[server]\nlisten = \"127.0.0.1:{port}\"\n[broker]\nsubject_prefix = \"{}\"\n\
+             [broker.nats]\nurl = \"{nats}\"\nstream = \"EV_{tag}\"\ndlq_stream = \"DLQ_{tag}\"\n\
+             [retention.events]\nenabled = false\n[retention.dlq]\nenabled = false\n",
+            tag.to_lowercase()
+        ),
+    )
+    .expect("config written");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pusher-bridge"));
+    cmd.current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PUSHER_BRIDGE_")) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd.spawn().expect("binary runs");
+    let mut healthy = false;
+    for _ in 0..250 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            healthy = answer.starts_with("HTTP/1.1 200");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        healthy,
+        "no /healthz 200 on the port of config/pusher-bridge.toml"
+    );
+    // The bridge created its streams on the local NATS: remove them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if let Ok(c) = async_nats::connect(nats.as_str()).await {
+            let js = async_nats::jetstream::new(c);
+            let _ = js.delete_stream(format!("EV_{tag}")).await;
+            let _ = js.delete_stream(format!("DLQ_{tag}")).await;
+        }
+    });
+}
