@@ -278,7 +278,9 @@ pub struct NatsSettings {
     /// The stream's duplicate window; covers Pusher's 5-minute retry span.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
-    /// Stream replicas when the bridge creates the streams (1 for a single server).
+    /// Replicas of the events and dead-letter streams and of the sweeper's KV buckets (1 for a
+    /// single server, 3 for a 3-node cluster): used when the bridge creates them, and raised to
+    /// on an existing stream that has fewer; never lowered.
     pub replicas: usize,
     /// User name for user/password authentication.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -331,6 +333,9 @@ pub struct AmqpSettings {
     pub dlq_exchange: String,
     /// Durable queue bound to `dlq_exchange` with `#`.
     pub dlq_queue: String,
+    /// The type of the events and dead-letter queues the bridge declares: `classic`, or
+    /// `quorum` (replicated across a RabbitMQ cluster, the replacement for mirrored queues).
+    pub queue_type: QueueType,
     /// PEM file of the CA that signs the server's certificate (for `amqps://`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
@@ -350,11 +355,24 @@ impl Default for AmqpSettings {
             queue: "pusher.events".into(),
             dlq_exchange: "pusher.dlq".into(),
             dlq_queue: "pusher.dlq".into(),
+            queue_type: QueueType::Classic,
             tls_ca_file: None,
             channels: 2,
             connection_name: "pusher-bridge".into(),
         }
     }
+}
+
+/// `broker.amqp.queue_type`: how RabbitMQ stores the events and dead-letter queues.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic queue on one node (declared without `x-queue-type`, as before this setting).
+    #[default]
+    Classic,
+    /// A quorum queue (`x-queue-type = quorum`): Raft-replicated across the cluster's nodes, so
+    /// the queue survives the loss of a minority of them.
+    Quorum,
 }
 
 /// `[spool]`: the local durable buffer.
@@ -623,6 +641,18 @@ impl Settings {
                 "broker.nats.password",
                 "broker.nats.user and broker.nats.password go together",
             ));
+        }
+        if !(1..=5).contains(&self.broker.nats.replicas) {
+            return Err(invalid(
+                "broker.nats.replicas",
+                "must be 1 to 5 (JetStream's limit)",
+            ));
+        }
+        if self.broker.kind == BrokerKind::Nats
+            && let Err(e) =
+                crate::broker::nats::servers::server_addrs(self.broker.nats.url.expose())
+        {
+            return Err(invalid("broker.nats.url", e.to_string()));
         }
         if self.broker.nats.stream == self.broker.nats.dlq_stream {
             return Err(invalid(

@@ -1,7 +1,8 @@
 //! The bridge's contract, end to end, against both brokers: subjects / routing keys, bodies,
 //! ids, status codes, dead letters, metrics and readiness. Every test body takes the broker
 //! kind; [`contract!`] makes one `#[tokio::test]` per body and broker (`nats::NAME`,
-//! `amqp::NAME`), against the real NATS JetStream and RabbitMQ of this machine.
+//! `amqp::NAME`, and `amqp_quorum::NAME` with `broker.amqp.queue_type = "quorum"`), against the
+//! real NATS JetStream and RabbitMQ of this machine.
 
 mod common;
 
@@ -26,6 +27,19 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(pusher_bridge::config::BrokerKind::Amqp).await
+                }
+            )*
+        }
+        mod amqp_quorum {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::common::AMQP_QUEUE_TYPE
+                        .scope(
+                            pusher_bridge::config::QueueType::Quorum,
+                            super::$name(pusher_bridge::config::BrokerKind::Amqp),
+                        )
+                        .await
                 }
             )*
         }

@@ -33,8 +33,10 @@ pub async fn connect(settings: &Settings) -> Result<jetstream::Context, DlqError
         .await
         .map_err(|e| DlqError::Connect(e.to_string()))?
         .name("pusher-bridge dlq");
+    let servers = crate::broker::nats::servers::server_addrs(s.url.expose())
+        .map_err(|e| DlqError::Connect(crate::broker::BrokerError::from(e).to_string()))?;
     let client = opts
-        .connect(s.url.expose())
+        .connect(servers)
         .await
         .map_err(|e| DlqError::Connect(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + CONNECT_WAIT;

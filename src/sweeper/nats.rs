@@ -62,8 +62,10 @@ impl NatsSweeper {
             .await
             .map_err(|e| SweepError::Connect(e.to_string()))?
             .name("pusher-bridge-sweeper");
+        let servers = crate::broker::nats::servers::server_addrs(settings.broker.nats.url.expose())
+            .map_err(crate::broker::BrokerError::from)?;
         let client = opts
-            .connect(settings.broker.nats.url.expose())
+            .connect(servers)
             .await
             .map_err(|e| SweepError::Connect(e.to_string()))?;
         let js = jetstream::ContextBuilder::new()

@@ -123,21 +123,34 @@ impl Bucket {
         }
     }
 
-    /// Opens the bucket, creating it if absent and correcting its `max_age` if
-    /// `retention.lease_ttl` changed since it was created.
+    /// Opens the bucket, creating it if absent (with `broker.nats.replicas` replicas), correcting
+    /// its `max_age` if `retention.lease_ttl` changed since it was created and raising its
+    /// replicas to `broker.nats.replicas`.
     async fn create_or_update(&self) -> Result<kv::Store, SweepError> {
         let (js, bucket) = (&self.js, &self.name);
         match js.get_key_value(bucket).await {
             Ok(store) => {
                 let current = &store.stream.cached_info().config;
-                if current.max_age == self.max_age {
+                // Replicas are raised to `broker.nats.replicas`, never lowered (an operator
+                // may have moved the bucket to more servers).
+                let replicas = current.num_replicas.max(self.replicas);
+                if current.max_age == self.max_age && current.num_replicas == replicas {
                     return Ok(store);
                 }
                 let mut cfg = current.clone();
                 cfg.max_age = self.max_age;
-                js.update_stream(cfg)
-                    .await
-                    .map_err(|e| op_err(format_args!("cannot update KV bucket {bucket}"), e))?;
+                cfg.num_replicas = replicas;
+                match js.update_stream(cfg).await {
+                    Ok(_) => {}
+                    // Too few servers for more replicas: the bucket works as it is.
+                    Err(e) if current.max_age == self.max_age => {
+                        tracing::warn!(bucket = %bucket, error = %e, "cannot raise the KV bucket's replicas; it keeps its current count");
+                        return Ok(store);
+                    }
+                    Err(e) => {
+                        return Err(op_err(format_args!("cannot update KV bucket {bucket}"), e));
+                    }
+                }
             }
             Err(_) => {
                 let want = bucket_stream(bucket, self.max_age, self.replicas, self.description);

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 pub mod amqp;
 pub mod deploy;
 pub mod load;
+pub mod nats_cluster;
 pub mod process;
 pub mod relay;
 
@@ -500,6 +501,13 @@ pub async fn next_msg(sub: &mut async_nats::Subscriber) -> Option<async_nats::Me
 // ---------------------------------------------------------------------------------------------
 // Both brokers: the shared contract tests take a `BrokerKind` and use these.
 
+tokio::task_local! {
+    /// The `broker.amqp.queue_type` that [`settings_for`] configures inside
+    /// `AMQP_QUEUE_TYPE.scope(..)` (the contract suite runs on quorum queues too); classic
+    /// outside any scope.
+    pub static AMQP_QUEUE_TYPE: pusher_bridge::config::QueueType;
+}
+
 /// Settings for one test against `kind`: unique prefix, streams / exchanges / queues and AMQP
 /// connection name, one app.
 pub fn settings_for(kind: BrokerKind) -> Settings {
@@ -513,6 +521,7 @@ pub fn settings_for(kind: BrokerKind) -> Settings {
         s.broker.amqp.dlq_exchange = format!("dlq.{id}");
         s.broker.amqp.dlq_queue = format!("dlq.{id}");
         s.broker.amqp.connection_name = format!("pusher-bridge-test-{id}");
+        s.broker.amqp.queue_type = AMQP_QUEUE_TYPE.try_with(|t| *t).unwrap_or_default();
     }
     s
 }

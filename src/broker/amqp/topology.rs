@@ -1,13 +1,14 @@
 //! The exchanges and queues the bridge declares at every (re)connect unless `broker.declare` is
 //! off: a durable topic exchange for events with a durable queue bound with `#` (so no event is
-//! unroutable), and the same pair for dead letters.
+//! unroutable), and the same pair for dead letters. Both queues are classic or quorum queues
+//! (`broker.amqp.queue_type`).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::broker::BrokerError;
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, QueueType};
 
 /// Binding key that matches every routing key (AMQP topic `#` is NATS `>` and also matches an
 /// empty remainder).
@@ -16,6 +17,21 @@ pub const BIND_ALL: &str = "#";
 fn name(key: &str, value: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value)
         .map_err(|_| BrokerError::Topology(format!("{key} is longer than 255 bytes")))
+}
+
+/// The arguments of the events and dead-letter queues: none for a classic queue (as they were
+/// declared before `broker.amqp.queue_type` existed, so existing queues still match), and
+/// `x-queue-type = quorum` for a quorum queue (durable, never exclusive or auto-delete, which
+/// the declaration above already is).
+pub fn queue_arguments(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
 }
 
 /// The (exchange, queue) pairs of `[broker.amqp]`: events, then dead letters.
@@ -53,7 +69,7 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), BrokerEr
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                queue_arguments(s.queue_type),
             )
             .await
             .map_err(|e| err(&format!("queue {queue}"), e))?;

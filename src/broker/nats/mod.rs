@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
+use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::{ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 
@@ -20,7 +20,11 @@ use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::routing;
 
+mod classify;
+pub mod servers;
 pub mod url_auth;
+
+use classify::classify;
 
 /// The NATS JetStream broker.
 pub struct NatsBroker {
@@ -91,8 +95,35 @@ fn stream_config(name: &str, subjects: String, s: &NatsSettings) -> stream::Conf
     }
 }
 
-/// Creates the stream, or updates its subjects and duplicate window if it exists; every other
-/// setting (limits an operator added) is left as it is.
+/// What the bridge changes on a stream that exists: only what it needs, never what an operator
+/// set beyond that.
+///
+/// - `subjects`: the bridge's own filter is added when missing; subjects an operator added stay.
+/// - `duplicate_window`: raised to `broker.nats.duplicate_window` when shorter, never shortened
+///   (a longer window only removes more duplicates).
+///
+/// Every other field (limits, retention, discard policy, storage, placement, description) is
+/// the operator's. Replicas are handled by [`replicas_upgrade`]. `None`: nothing to change.
+fn reconciled(current: &stream::Config, want: &stream::Config) -> Option<stream::Config> {
+    let mut cfg = current.clone();
+    for subject in &want.subjects {
+        if !cfg.subjects.contains(subject) {
+            cfg.subjects.push(subject.clone());
+        }
+    }
+    cfg.duplicate_window = cfg.duplicate_window.max(want.duplicate_window);
+    (cfg.subjects != current.subjects || cfg.duplicate_window != current.duplicate_window)
+        .then_some(cfg)
+}
+
+/// The replica count to move an existing stream to: `broker.nats.replicas` when the stream has
+/// fewer, never fewer than it has (an operator's R5 stays R5).
+fn replicas_upgrade(current: &stream::Config, want: &stream::Config) -> Option<usize> {
+    (want.num_replicas > current.num_replicas.max(1)).then_some(want.num_replicas)
+}
+
+/// Creates the stream, or brings an existing one to what the bridge needs ([`reconciled`],
+/// [`replicas_upgrade`]); every other setting is left as it is.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     want: stream::Config,
@@ -103,13 +134,27 @@ pub async fn ensure_stream(
                 .info()
                 .await
                 .map_err(|e| BrokerError::Topology(e.to_string()))?;
-            let mut cfg = info.config.clone();
-            if cfg.subjects != want.subjects || cfg.duplicate_window != want.duplicate_window {
-                cfg.subjects = want.subjects;
-                cfg.duplicate_window = want.duplicate_window;
-                js.update_stream(cfg)
+            let mut current = info.config.clone();
+            if let Some(cfg) = reconciled(&current, &want) {
+                js.update_stream(&cfg)
                     .await
                     .map_err(|e| BrokerError::Topology(e.to_string()))?;
+                current = cfg;
+            }
+            if let Some(replicas) = replicas_upgrade(&current, &want) {
+                // Best effort: a cluster with too few JetStream servers refuses, and the stream
+                // works as it is meanwhile.
+                let mut cfg = current;
+                let from = cfg.num_replicas;
+                cfg.num_replicas = replicas;
+                match js.update_stream(&cfg).await {
+                    Ok(_) => {
+                        tracing::info!(stream = %want.name, from, to = replicas, "stream replicas raised")
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %want.name, from, to = replicas, error = %e, "cannot raise the stream's replicas; it keeps its current count")
+                    }
+                }
             }
             Ok(())
         }
@@ -159,7 +204,7 @@ impl NatsBroker {
             })
         };
         let client = opts
-            .connect(s.url.expose())
+            .connect(servers::server_addrs(s.url.expose()).map_err(BrokerError::from)?)
             .await
             .map_err(|e| BrokerError::Connect(e.to_string()))?;
         let js = jetstream::ContextBuilder::new()
@@ -259,11 +304,11 @@ impl NatsBroker {
             });
             stopped = matches!(pending.last(), Some(Err(e)) if e.is_retryable());
         }
-        futures::future::join_all(pending.into_iter().map(|p| async move {
+        futures::future::join_all(pending.into_iter().zip(msgs).map(|(p, m)| async move {
             match tokio::time::timeout_at(deadline, p?).await {
                 Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
                 Ok(Ok(_ack)) => Ok(()),
-                Ok(Err(e)) => Err(classify(e)),
+                Ok(Err(e)) => Err(classify::confirm(&self.js, &m.subject, classify(e)).await),
             }
         }))
         .await
@@ -309,7 +354,7 @@ impl NatsBroker {
         let publish = PublishMessage::build().payload(body).headers(h);
         // Queueing is immediate unless the client's command channel is full: only then does
         // this timeout arm a timer.
-        let ack = tokio::time::timeout(timeout, self.js.send_publish(subject, publish))
+        let ack = tokio::time::timeout(timeout, self.js.send_publish(subject.clone(), publish))
             .await
             .map_err(|_| no_ack())?
             .map_err(classify)?;
@@ -323,38 +368,17 @@ impl NatsBroker {
                 .await
                 .map_err(|_| no_ack())?
         };
-        acked.map(|_| ()).map_err(classify)
+        match acked {
+            Ok(_) => Ok(()),
+            // No responders is `no_stream` only if the JetStream API confirms it.
+            Err(e) => Err(classify::confirm(&self.js, &subject, classify(e)).await),
+        }
     }
 
     /// Flushes pending publishes and stops the topology task.
     pub async fn close(&self) {
         self.topology_task.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
-    }
-}
-
-/// Maps a JetStream publish error to retry (unavailable) or give up (refused).
-fn classify(e: jetstream::context::PublishError) -> PublishError {
-    use super::DlqReason;
-    let detail = e.to_string();
-    match e.kind() {
-        PublishErrorKind::StreamNotFound => PublishError::Refused {
-            reason: DlqReason::NoStream,
-            detail,
-        },
-        PublishErrorKind::MaxPayloadExceeded => PublishError::Refused {
-            reason: DlqReason::TooLarge,
-            detail,
-        },
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending => PublishError::Unavailable(detail),
-        // The server answered with a JetStream error (limits, storage): retried within the
-        // budget, then dead-lettered.
-        _ => PublishError::Refused {
-            reason: DlqReason::Rejected,
-            detail,
-        },
     }
 }
 
@@ -427,5 +451,52 @@ async fn topology_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge_wants(replicas: usize) -> stream::Config {
+        let s = NatsSettings {
+            replicas,
+            ..NatsSettings::default()
+        };
+        stream_config("EV", "p.>".into(), &s)
+    }
+
+    #[test]
+    fn an_operators_limits_subjects_and_longer_window_stay() {
+        let want = bridge_wants(3);
+        let operator = stream::Config {
+            subjects: vec!["p.>".into(), "audit.>".into()],
+            duplicate_window: Duration::from_secs(3600),
+            max_age: Duration::from_secs(86_400),
+            max_bytes: 1 << 40,
+            num_replicas: 5,
+            ..want.clone()
+        };
+        assert_eq!(reconciled(&operator, &want), None);
+        assert_eq!(replicas_upgrade(&operator, &want), None);
+    }
+
+    #[test]
+    fn what_the_bridge_needs_is_added_and_nothing_else_changes() {
+        let want = bridge_wants(3);
+        let old = stream::Config {
+            subjects: vec!["other.>".into()],
+            duplicate_window: Duration::from_secs(60),
+            max_messages: 1_000_000,
+            num_replicas: 1,
+            ..want.clone()
+        };
+        let cfg = reconciled(&old, &want).expect("an update");
+        assert_eq!(cfg.subjects, ["other.>", "p.>"]);
+        assert_eq!(cfg.duplicate_window, want.duplicate_window);
+        assert_eq!(cfg.max_messages, 1_000_000);
+        assert_eq!(cfg.num_replicas, 1, "replicas move in their own update");
+        assert_eq!(replicas_upgrade(&cfg, &want), Some(3));
+        assert_eq!(replicas_upgrade(&cfg, &bridge_wants(1)), None);
     }
 }

@@ -1,0 +1,240 @@
+//! Which JetStream publish failures are transient and which are lasting refusals.
+//!
+//! In a cluster, a stream briefly has no leader whenever its leader's node dies or restarts, and
+//! the meta group (which answers the JetStream API) has none while it re-elects. Meanwhile a
+//! publish gets no responders (a 503 status, which async-nats reports as "no stream found for
+//! given subject"), a timeout, or a JetStream error such as "JetStream system temporarily
+//! unavailable". None of these says the event is unpublishable: they are
+//! [`PublishError::Unavailable`] (retried, then spooled, then drained), never dead letters.
+//!
+//! Only when the JetStream API itself answers "no stream takes this subject" (a definite empty
+//! answer of `$JS.API.STREAM.NAMES` filtered by the subject, see [`confirm`]) does no
+//! responders become the lasting refusal `no_stream`. The error codes are the nats-server's
+//! (`server/errors.json`).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
+use serde::Deserialize;
+
+use crate::broker::{DlqReason, PublishError};
+
+/// JetStream errors that a leader election, a node restart or a catching-up peer explains.
+const TRANSIENT_CODES: &[ErrorCode] = &[
+    // JetStream system temporarily unavailable (no meta leader).
+    ErrorCode::CLUSTER_NOT_AVAILABLE,
+    // JetStream cluster can not handle request (this node is not the leader).
+    ErrorCode::CLUSTER_NOT_LEADER,
+    // Incomplete results (a peer did not answer).
+    ErrorCode::CLUSTER_INCOMPLETE,
+    // JetStream cluster not assigned to this server (assignment still propagating).
+    ErrorCode::CLUSTER_NOT_ASSIGNED,
+    // General RAFT error (proposal dropped during a leader change).
+    ErrorCode::RAFT_GENERAL,
+    // Stream is offline (its group has no quorum right now).
+    ErrorCode(10118),
+    // Stream is offline: {reason}.
+    ErrorCode(10194),
+];
+
+/// Longest wait for the JetStream API's answer to "which stream takes this subject".
+pub(super) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Maps a JetStream publish error to transient (`Unavailable`) or lasting (`Refused`).
+///
+/// No responders comes back as `Refused { NoStream }` only provisionally: the broker calls
+/// [`confirm`] before anyone acts on it.
+pub(super) fn classify(e: jetstream::context::PublishError) -> PublishError {
+    let detail = e.to_string();
+    let refused = |reason| PublishError::Refused {
+        reason,
+        detail: detail.clone(),
+    };
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => refused(DlqReason::NoStream),
+        PublishErrorKind::MaxPayloadExceeded => refused(DlqReason::TooLarge),
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending => PublishError::Unavailable(detail),
+        _ => {
+            let source = e.source();
+            if let Some(js) = source.and_then(|s| s.downcast_ref::<jetstream::Error>()) {
+                if TRANSIENT_CODES.contains(&js.error_code()) {
+                    return PublishError::Unavailable(detail);
+                }
+                if js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
+                    return refused(DlqReason::TooLarge);
+                }
+                // Any other JetStream answer (limits, storage, sealed stream): retried within
+                // the budget, then dead-lettered.
+                return refused(DlqReason::Rejected);
+            }
+            if source.is_some_and(|s| s.is::<async_nats::SubjectError>()) {
+                return refused(DlqReason::Rejected);
+            }
+            // No JetStream answer at all: the request could not be handed to the connection, or
+            // the ack was cut off. The server never judged the event.
+            PublishError::Unavailable(detail)
+        }
+    }
+}
+
+/// The answer of `$JS.API.STREAM.NAMES`, or its error.
+#[derive(Deserialize)]
+struct NamesReply {
+    error: Option<ApiError>,
+    #[serde(default)]
+    total: u64,
+    #[serde(default)]
+    streams: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    err_code: u64,
+}
+
+/// What the JetStream API says about the streams taking `subject`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum StreamsForSubject {
+    /// A definite answer: no stream takes it.
+    None,
+    /// This stream takes it (it has no leader at the moment, or the publish raced its creation).
+    Some(String),
+}
+
+/// Asks the JetStream API which stream takes `subject`. Errors (no answer in time, no meta
+/// leader, an API error) say nothing definite.
+pub(super) async fn streams_for_subject(
+    js: &jetstream::Context,
+    subject: &str,
+) -> Result<StreamsForSubject, String> {
+    let request = serde_json::json!({ "subject": subject });
+    let asked = tokio::time::timeout(
+        CONFIRM_TIMEOUT,
+        js.request::<_, _, NamesReply>("STREAM.NAMES", &request),
+    )
+    .await;
+    let reply = match asked {
+        Err(_) => return Err(format!("no answer within {CONFIRM_TIMEOUT:?}")),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(r)) => r,
+    };
+    if let Some(e) = reply.error {
+        return Err(format!("{} (error code {})", e.description, e.err_code));
+    }
+    match reply.streams.unwrap_or_default().into_iter().next() {
+        Some(name) => Ok(StreamsForSubject::Some(name)),
+        None if reply.total == 0 => Ok(StreamsForSubject::None),
+        None => Err(format!("{} streams counted but none named", reply.total)),
+    }
+}
+
+/// Turns a provisional `no_stream` refusal into a transient failure unless the JetStream API
+/// confirms that no stream takes `subject`; any other error passes through.
+pub(super) async fn confirm(
+    js: &jetstream::Context,
+    subject: &str,
+    error: PublishError,
+) -> PublishError {
+    let PublishError::Refused {
+        reason: DlqReason::NoStream,
+        detail,
+    } = error
+    else {
+        return error;
+    };
+    match streams_for_subject(js, subject).await {
+        Ok(StreamsForSubject::None) => PublishError::Refused {
+            reason: DlqReason::NoStream,
+            detail: format!("{detail}; JetStream confirms that no stream takes {subject}"),
+        },
+        Ok(StreamsForSubject::Some(stream)) => PublishError::Unavailable(format!(
+            "{detail}; stream {stream} takes {subject} but did not answer (no leader right now?)"
+        )),
+        Err(why) => PublishError::Unavailable(format!(
+            "{detail}; JetStream could not confirm that no stream takes {subject}: {why}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn js_error(code: u64, status: usize) -> jetstream::context::PublishError {
+        let e: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": status, "err_code": code, "description": "test"
+        }))
+        .expect("a JetStream error parses");
+        jetstream::context::PublishError::with_source(PublishErrorKind::Other, e)
+    }
+
+    #[test]
+    fn elections_restarts_and_timeouts_are_transient() {
+        for code in [10008, 10009, 10004, 10007, 10041, 10118, 10194] {
+            assert!(classify(js_error(code, 503)).is_retryable(), "{code}");
+        }
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::MaxAckPending,
+        ] {
+            let e = jetstream::context::PublishError::new(kind);
+            assert!(classify(e).is_retryable());
+        }
+    }
+
+    #[test]
+    fn limits_and_sizes_are_lasting() {
+        assert!(matches!(
+            classify(js_error(10077, 503)),
+            PublishError::Refused {
+                reason: DlqReason::Rejected,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(js_error(10054, 400)),
+            PublishError::Refused {
+                reason: DlqReason::TooLarge,
+                ..
+            }
+        ));
+        let subject = jetstream::context::PublishError::with_source(
+            PublishErrorKind::Other,
+            async_nats::SubjectError::InvalidFormat,
+        );
+        assert!(!classify(subject).is_retryable());
+    }
+
+    #[test]
+    fn no_responders_is_only_provisionally_no_stream() {
+        let e = jetstream::context::PublishError::new(PublishErrorKind::StreamNotFound);
+        assert!(matches!(
+            classify(e),
+            PublishError::Refused {
+                reason: DlqReason::NoStream,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn stream_names_replies_parse() {
+        let empty: NamesReply = serde_json::from_str(
+            r#"{"type":"io.nats.jetstream.api.v1.stream_names_response","total":0,"offset":0,"limit":1024,"streams":null}"#,
+        )
+        .unwrap();
+        assert!(empty.error.is_none() && empty.total == 0 && empty.streams.is_none());
+        let err: NamesReply = serde_json::from_str(
+            r#"{"type":"x","error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
+        )
+        .unwrap();
+        assert_eq!(err.error.map(|e| e.err_code), Some(10008));
+    }
+}
