@@ -34,6 +34,12 @@ const PURGE_CHUNK: u64 = 10_000;
 /// Ephemeral consumers of the sweeper vanish this long after a crashed sweeper left them.
 const CONSUMER_INACTIVE: Duration = Duration::from_secs(60);
 
+/// How long one lease request (take, renew, release) may wait: a third of the TTL (renewals are
+/// due every third), between 500 ms and 5 s.
+fn lease_request_timeout(ttl: Duration) -> Duration {
+    (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
 /// The NATS backend: its own connection, the KV lease and the cursor store.
 pub(super) struct NatsSweeper {
     client: async_nats::Client,
@@ -71,8 +77,13 @@ impl NatsSweeper {
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
+        // Lease requests wait far less than purges: a request that hangs while the bucket's
+        // stream elects a leader must not outlast the TTL the other replicas are waiting out.
+        let lease_js = jetstream::ContextBuilder::new()
+            .timeout(lease_request_timeout(settings.retention.lease_ttl))
+            .build(client.clone());
         Ok(Self {
-            lease: NatsLease::new(js.clone(), &settings, holder),
+            lease: NatsLease::new(lease_js, &settings, holder),
             cursor: CursorStore::new(js.clone(), &settings),
             client,
             js,
