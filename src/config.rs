@@ -805,6 +805,25 @@ mod tests {
     }
 
     #[test]
+    fn a_nats_server_list_is_checked_without_showing_its_password() {
+        let ok = Settings::from_toml(
+            "[broker.nats]\nurl = \"nats://a:1, nats://b:2,nats://c:3\"\nreplicas = 3\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = Settings::from_toml("[broker.nats]\nurl = \"nats://u:hunter2@a:1,nats://b:x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.url"), "{err}");
+        assert!(err.contains("server 2"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nreplicas = 0\n").is_err());
+        assert!(Settings::from_toml("[broker.nats]\nreplicas = 7\n").is_err());
+        let q = Settings::from_toml("[broker.amqp]\nqueue_type = \"quorum\"\n").unwrap();
+        assert_eq!(q.broker.amqp.queue_type, QueueType::Quorum);
+        assert!(Settings::from_toml("[broker.amqp]\nqueue_type = \"mirrored\"\n").is_err());
+    }
+
+    #[test]
     fn nats_user_needs_a_password() {
         let err = Settings::from_toml("[broker.nats]\nuser = \"bridge\"\n")
             .unwrap_err()

@@ -26,7 +26,7 @@ use super::{LeaseStatus, SweepError, TargetReport, op_err};
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
 use crate::broker::{headers, now_ms};
-use crate::config::Settings;
+use crate::config::{QueueType, Settings};
 
 /// Messages looked at per queue and run at most; the rest waits for the next run.
 pub(super) const GET_BUDGET: u64 = 100_000;
@@ -38,6 +38,13 @@ const CONNECTION_NAME: &str = "pusher-bridge-sweeper";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// AMQP reply code 405: the exclusive queue belongs to another connection.
 const RESOURCE_LOCKED: u16 = 405;
+
+/// Why quorum queues are not swept. The head sweep holds the messages it keeps and requeues
+/// them; a RabbitMQ 3.10 quorum queue puts requeued messages behind the newest ones (measured:
+/// `tests/amqp_quorum.rs`), so a sweep would reorder the queue. Nothing is read, so nothing moves.
+const QUORUM_REFUSAL: &str = "the head sweep would reorder a quorum queue (requeued messages go \
+    to its tail): set retention.events.enabled / retention.dlq.enabled = false and give the \
+    queues a `message-ttl` policy instead (docs/scaling.md)";
 
 /// The exclusive queue whose owner is the sweeper (`<events queue>.sweeper-lease`).
 pub fn lease_queue(settings: &Settings) -> String {
@@ -154,6 +161,9 @@ impl AmqpSweeper {
             Target::Events => self.settings.broker.amqp.queue.clone(),
             Target::Dlq => self.settings.broker.amqp.dlq_queue.clone(),
         };
+        if self.settings.broker.amqp.queue_type == QueueType::Quorum {
+            return Err(SweepError::Broker(QUORUM_REFUSAL.into()));
+        }
         let retention = Retention::for_target(&self.settings, target);
         let conn = self.connection().await?;
         let channel = timed("cannot open a channel", conn.create_channel()).await?;
