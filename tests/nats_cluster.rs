@@ -171,13 +171,14 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<Vec<Posted>>>) -> Vec<Post
 }
 
 /// Every answer was 200, and every event of every webhook is in the events stream exactly
-/// once; nothing in the DLQ, the quarantine file or a spool. Returns (events, spooled, slowest).
+/// once; nothing in the DLQ, the quarantine file or a spool. Returns (events, spooled, slowest
+/// answer, time the spools took to drain after the load ended).
 async fn assert_exactly_once(
     cluster: &NatsCluster,
     settings: &Settings,
     apps: &[Arc<TestApp>],
     posted: &[Posted],
-) -> (usize, usize, Duration) {
+) -> (usize, usize, Duration, Duration) {
     for p in posted {
         assert_eq!(p.status, 200, "{}", p.answer);
     }
@@ -190,7 +191,9 @@ async fn assert_exactly_once(
         })
         .sum();
     let slowest = posted.iter().map(|p| p.took).max().unwrap_or_default();
+    let draining = Instant::now();
     wait_spools_empty(apps, Duration::from_secs(40)).await;
+    let drained = draining.elapsed();
     let js = cluster.jetstream().await;
     let want: Vec<String> = posted.iter().flat_map(|p| ids_of(&p.body, 2)).collect();
     wait_stream_count(
@@ -231,7 +234,7 @@ async fn assert_exactly_once(
         let size = std::fs::metadata(&quarantine).map(|m| m.len()).unwrap_or(0);
         assert_eq!(size, 0, "records in {}", quarantine.display());
     }
-    (want.len(), spooled, slowest)
+    (want.len(), spooled, slowest, drained)
 }
 
 /// Two bridge replicas on `cluster`, up, their streams R3 with a leader and current replicas.
@@ -346,10 +349,12 @@ async fn the_leader_killed_twice_under_load_loses_nothing_and_duplicates_nothing
         answer: a.body,
     });
 
-    let (events, spooled, slowest) = assert_exactly_once(&cluster, &settings, &apps, &posted).await;
+    let (events, spooled, slowest, drained) =
+        assert_exactly_once(&cluster, &settings, &apps, &posted).await;
     println!(
         "FIGURE leader-kill: {} webhooks, {events} events in {elapsed:.1?} ({:.0} events/s answered), \
-         {spooled} spooled, slowest answer {slowest:.2?}; new leader {first:.2?} and {second:.2?} after the kills",
+         {spooled} spooled, slowest answer {slowest:.2?}, spools empty {drained:.2?} after the load; \
+         new leader {first:.2?} and {second:.2?} after the kills",
         posted.len(),
         events as f64 / elapsed.as_secs_f64()
     );
@@ -379,10 +384,12 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
     }
     let posted = collect(load).await;
     let elapsed = started.elapsed();
-    let (events, spooled, slowest) = assert_exactly_once(&cluster, &settings, &apps, &posted).await;
+    let (events, spooled, slowest, drained) =
+        assert_exactly_once(&cluster, &settings, &apps, &posted).await;
     println!(
         "FIGURE rolling-restart: {} webhooks, {events} events in {elapsed:.1?} ({:.0} events/s answered), \
-         {spooled} spooled, slowest answer {slowest:.2?}; nodes current again after {rejoin:.2?}",
+         {spooled} spooled, slowest answer {slowest:.2?}, spools empty {drained:.2?} after the load; \
+         nodes current again after {rejoin:.2?}",
         posted.len(),
         events as f64 / elapsed.as_secs_f64()
     );
