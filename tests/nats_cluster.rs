@@ -397,6 +397,21 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
     delete_streams(&js, &settings).await;
 }
 
+/// The answer of `acquire_lease`, asked again while requests time out (a lease request waits a
+/// third of the TTL: on a loaded machine, or while a new bucket elects its leader, that can pass).
+async fn lease_answer(
+    sweeper: &mut pusher_bridge::sweeper::Sweeper,
+) -> pusher_bridge::sweeper::LeaseStatus {
+    let started = Instant::now();
+    loop {
+        match sweeper.acquire_lease().await {
+            Ok(status) => return status,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(20), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_lease_moves_when_its_holder_and_its_node_die() {
     use pusher_bridge::metrics::Metrics;
@@ -408,11 +423,13 @@ async fn the_sweeper_lease_moves_when_its_holder_and_its_node_die() {
     let js = cluster.jetstream().await;
     let bucket_stream = format!("KV_{}", pusher_bridge::sweeper::lease_bucket(&settings));
 
-    // The bucket is created by the first replica, R3; A holds the lease.
+    // The bucket is created by the first replica, R3. Its stream elects a leader a moment
+    // after creation: a lease request meanwhile times out (a third of the TTL) and the sweeper
+    // tries again, as its loop does on the next interval.
     let mut probe = Sweeper::new(Arc::new(settings.clone()), Arc::new(Metrics::new()))
         .await
         .unwrap();
-    assert_eq!(probe.acquire_lease().await.unwrap(), LeaseStatus::Held);
+    assert_eq!(lease_answer(&mut probe).await, LeaseStatus::Held);
     probe.release().await;
     drop(probe);
     let leader = cluster.wait_stream_healthy(&js, &bucket_stream).await;
@@ -442,9 +459,9 @@ async fn the_sweeper_lease_moves_when_its_holder_and_its_node_die() {
     let mut b = Sweeper::new(Arc::new(b_settings), Arc::new(Metrics::new()))
         .await
         .unwrap();
-    assert_eq!(a.acquire_lease().await.unwrap(), LeaseStatus::Held);
+    assert_eq!(lease_answer(&mut a).await, LeaseStatus::Held);
     assert!(matches!(
-        b.acquire_lease().await.unwrap(),
+        lease_answer(&mut b).await,
         LeaseStatus::Elsewhere(_)
     ));
 
