@@ -427,6 +427,34 @@ pub struct RetentionTarget {
     /// Per event name retention, e.g. `client_event = "1d"` (events target only).
     #[serde(with = "duration_map")]
     pub overrides: BTreeMap<String, Duration>,
+    /// Per app (tenant) rules, keyed by an app id of `[[apps]]`: the seed's trim timers are
+    /// configured per tenant, so one bridge can keep one customer's events 30 days and another's
+    /// one day. The most specific rule wins: app + event, app, event, then `max_age`.
+    pub apps: BTreeMap<String, AppRetention>,
+}
+
+/// `[retention.<target>.apps."<app_id>"]`: one app's retention on one target.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppRetention {
+    /// `false`: this app's messages are never purged (a tenant that keeps everything).
+    pub enabled: bool,
+    /// This app's default retention; unset, the target's event overrides and `max_age` apply.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+    /// Per event name retention of this app (events target only), above every other rule.
+    #[serde(with = "duration_map", skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, Duration>,
+}
+
+impl Default for AppRetention {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: None,
+            overrides: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for RetentionTarget {
@@ -436,6 +464,7 @@ impl Default for RetentionTarget {
             max_age: Duration::from_secs(7 * 86_400),
             interval: Duration::from_secs(3600),
             overrides: BTreeMap::new(),
+            apps: BTreeMap::new(),
         }
     }
 }
@@ -706,6 +735,51 @@ impl Settings {
                 "per-event overrides apply to retention.events only",
             ));
         }
+        self.validate_app_retention()?;
+        Ok(())
+    }
+
+    /// `[retention.<target>.apps."<id>"]`: ids of `[[apps]]`, positive ages, event names as
+    /// for the target's overrides, and no per event overrides on the dead letters.
+    fn validate_app_retention(&self) -> Result<(), ConfigError> {
+        for (target, t) in [
+            ("events", &self.retention.events),
+            ("dlq", &self.retention.dlq),
+        ] {
+            for (id, app) in &t.apps {
+                let key = format!("retention.{target}.apps.\"{id}\"");
+                if !self.apps.iter().any(|a| &a.id == id) {
+                    return Err(invalid(key, "is not the id of any [[apps]] entry"));
+                }
+                if app.max_age.is_some_and(|d| d.is_zero()) {
+                    return Err(invalid(format!("{key}.max_age"), "must be greater than 0"));
+                }
+                if target == "dlq" && !app.overrides.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.overrides"),
+                        "per-event overrides apply to retention.events only",
+                    ));
+                }
+                for (name, age) in &app.overrides {
+                    if name.is_empty()
+                        || name == "*"
+                        || name == ">"
+                        || name.contains(char::is_whitespace)
+                    {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be an event name: not empty, not `*` or `>`, without spaces",
+                        ));
+                    }
+                    if age.is_zero() {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be greater than 0 (0 would purge every such event on each run)",
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -752,6 +826,31 @@ mod tests {
             err.contains("retention.events.overrides.client_event"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn per_app_retention_parses_and_names_unknown_apps() {
+        let s = Settings::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\
+             [retention.events.apps.\"1\"]\nmax_age = \"1d\"\n\
+             [retention.events.apps.\"1\".overrides]\nclient_event = \"1h\"\n\
+             [retention.dlq.apps.\"1\"]\nenabled = false\n",
+        )
+        .unwrap();
+        let app = &s.retention.events.apps["1"];
+        assert!(app.enabled);
+        assert_eq!(app.max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(app.overrides["client_event"], Duration::from_secs(3600));
+        assert!(!s.retention.dlq.apps["1"].enabled);
+        assert_eq!(s.retention.dlq.apps["1"].max_age, None);
+        // And back: check-config's output is a config.
+        let back = Settings::from_toml(&s.to_redacted_toml()).unwrap();
+        assert_eq!(back.retention.events.apps, s.retention.events.apps);
+
+        let err = Settings::from_toml("[retention.events.apps.\"9\"]\nmax_age = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.events.apps.\"9\""), "{err}");
     }
 
     #[test]

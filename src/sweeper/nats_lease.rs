@@ -307,6 +307,11 @@ pub(super) struct Cursor {
     pub long_names: Vec<String>,
     /// Every message below this sequence was already checked.
     pub next_seq: u64,
+    /// Per scan of a target's plan, keyed by target, stream creation time, rules fingerprint
+    /// and scan (`super::nats::scan_key`): everything below was already checked. Absent in
+    /// cursors of older versions.
+    #[serde(default)]
+    pub scans: std::collections::BTreeMap<String, u64>,
 }
 
 /// Reads and writes the cursor in the state bucket.
