@@ -388,12 +388,62 @@ impl Default for SpoolSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSettings {
     /// Trim of the events stream / queue.
+    #[serde(deserialize_with = "target_with_default::events")]
     pub events: RetentionTarget,
     /// Trim of the dead-letter stream / queue.
+    #[serde(deserialize_with = "target_with_default::dlq")]
     pub dlq: RetentionTarget,
     /// How long a replica's sweeper lease lasts without renewal (a crashed holder's lease expires).
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+}
+
+mod target_with_default {
+    //! A `[retention.<target>]` table without `max_age` gets that target's default (30 days for
+    //! the dead letters), not the events' 7 days that `RetentionTarget::default` carries.
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    use super::{RetentionSettings, RetentionTarget};
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        enabled: Option<bool>,
+        #[serde(default, with = "humantime_serde")]
+        max_age: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        interval: Option<Duration>,
+        #[serde(default, with = "super::duration_map")]
+        overrides: std::collections::BTreeMap<String, Duration>,
+        #[serde(default)]
+        apps: std::collections::BTreeMap<String, super::AppRetention>,
+    }
+
+    fn fill(p: Partial, d: RetentionTarget) -> RetentionTarget {
+        RetentionTarget {
+            enabled: p.enabled.unwrap_or(d.enabled),
+            max_age: p.max_age.unwrap_or(d.max_age),
+            interval: p.interval.unwrap_or(d.interval),
+            overrides: p.overrides,
+            apps: p.apps,
+        }
+    }
+
+    pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+        Ok(fill(
+            Partial::deserialize(d)?,
+            RetentionSettings::default().events,
+        ))
+    }
+
+    pub fn dlq<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+        Ok(fill(
+            Partial::deserialize(d)?,
+            RetentionSettings::default().dlq,
+        ))
+    }
 }
 
 impl Default for RetentionSettings {
@@ -826,6 +876,22 @@ mod tests {
             err.contains("retention.events.overrides.client_event"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_partial_retention_table_keeps_its_targets_defaults() {
+        let s = Settings::from_toml(
+            "[retention.dlq]\ninterval = \"2h\"\n[retention.events]\nenabled = false\n",
+        )
+        .unwrap();
+        assert_eq!(s.retention.dlq.max_age, Duration::from_secs(30 * 86_400));
+        assert_eq!(s.retention.dlq.interval, Duration::from_secs(7200));
+        assert_eq!(s.retention.events.max_age, Duration::from_secs(7 * 86_400));
+        assert!(!s.retention.events.enabled && s.retention.dlq.enabled);
+        let err = Settings::from_toml("[retention.dlq]\nmaxage = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maxage"), "{err}");
     }
 
     #[test]
