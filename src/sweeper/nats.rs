@@ -372,6 +372,8 @@ impl NatsSweeper {
             complete: false,
         };
         let mut scanned = 0u64;
+        // App token → event tokens ("" for a subject without one: a dead letter's).
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let result: Result<(), SweepError> = async {
             loop {
                 let mut batch = consumer
@@ -393,14 +395,16 @@ impl NatsSweeper {
                         scan.complete = true;
                         return Ok(());
                     }
-                    if let Some((app, event)) = policy::subject_tokens(&view.prefix, &msg.subject)
-                        && !scan
-                            .pairs
-                            .iter()
-                            .any(|(a, e)| a == app && e.as_deref() == event)
-                    {
-                        scan.pairs
-                            .insert((app.to_string(), event.map(str::to_string)));
+                    if let Some((app, event)) = policy::subject_tokens(&view.prefix, &msg.subject) {
+                        // Looked up by reference: no allocation for the pairs already seen.
+                        let event = event.unwrap_or("");
+                        if let Some(events) = seen.get_mut(app) {
+                            if !events.contains(event) {
+                                events.insert(event.to_string());
+                            }
+                        } else {
+                            seen.insert(app.to_string(), BTreeSet::from([event.to_string()]));
+                        }
                     }
                     scan.next = seq + 1;
                     scanned += 1;
@@ -421,6 +425,12 @@ impl NatsSweeper {
         }
         .await;
         delete_consumer(&view.stream, &consumer).await;
+        for (app, events) in seen {
+            for event in events {
+                let event = (!event.is_empty()).then_some(event);
+                scan.pairs.insert((app.clone(), event));
+            }
+        }
         result.map(|()| scan)
     }
 }
