@@ -151,14 +151,6 @@ impl Retention {
         Some((self.default, RuleKind::Default))
     }
 
-    /// Retention of messages of `event` of an app without its own rules.
-    pub fn max_age_of(&self, event: Option<&str>) -> Duration {
-        event
-            .and_then(|e| self.overrides.get(e))
-            .copied()
-            .unwrap_or(self.default)
-    }
-
     /// Every finite retention of any rule.
     fn ages(&self) -> impl Iterator<Item = Duration> + '_ {
         let apps = self
@@ -204,13 +196,6 @@ impl Retention {
             .filter(|(_, age)| **age > self.default)
             .map(|(name, _)| routing::escape_token(name).into_owned())
             .collect()
-    }
-
-    /// Whether `token` (an escaped subject token) names an event with an override.
-    pub fn is_overridden_token(&self, token: &str) -> bool {
-        self.overrides
-            .keys()
-            .any(|name| routing::escape_token(name) == token)
     }
 
     /// A fingerprint of every rule: the stored scan cursors are valid only for the rules they
@@ -953,9 +938,6 @@ mod tests {
             filter(Some("1"), None, DAY, RuleKind::App).filter("p_dlq"),
             "p_dlq.1.>"
         );
-        let r = rules(1, &[("x.y", 2)]);
-        assert!(r.is_overridden_token("x%2Ey"));
-        assert!(!r.is_overridden_token("x.y"));
     }
 
     #[test]
