@@ -5,9 +5,10 @@
 //!   with its last revision (compare-and-set) at least every `lease_ttl / 3`; if the holder
 //!   stops renewing (crash, partition), the server expires the key after `lease_ttl` and the
 //!   next replica's create succeeds.
-//! - The scan cursor of the events target: key `events-cursor` of bucket
-//!   `<events stream>_sweeper_state` (no expiry), so a sweep never re-reads the part of the
-//!   stream an earlier sweep (of any replica, or of `sweep --once`) already cleaned.
+//! - The scan cursor: key `events-cursor` of bucket `<events stream>_sweeper_state` (no
+//!   expiry; it also holds the dead-letter target's scan positions, see [`Cursor::scans`]), so a
+//!   sweep never re-reads the part of a stream an earlier sweep (of any replica, or of
+//!   `sweep --once`) already cleaned.
 
 use std::time::Duration;
 
