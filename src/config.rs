@@ -406,12 +406,62 @@ impl Default for SpoolSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSettings {
     /// Trim of the events stream / queue.
+    #[serde(deserialize_with = "target_with_default::events")]
     pub events: RetentionTarget,
     /// Trim of the dead-letter stream / queue.
+    #[serde(deserialize_with = "target_with_default::dlq")]
     pub dlq: RetentionTarget,
     /// How long a replica's sweeper lease lasts without renewal (a crashed holder's lease expires).
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+}
+
+mod target_with_default {
+    //! A `[retention.<target>]` table without `max_age` gets that target's default (30 days for
+    //! the dead letters), not the events' 7 days that `RetentionTarget::default` carries.
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    use super::{RetentionSettings, RetentionTarget};
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        enabled: Option<bool>,
+        #[serde(default, with = "humantime_serde")]
+        max_age: Option<Duration>,
+        #[serde(default, with = "humantime_serde")]
+        interval: Option<Duration>,
+        #[serde(default, with = "super::duration_map")]
+        overrides: std::collections::BTreeMap<String, Duration>,
+        #[serde(default)]
+        apps: std::collections::BTreeMap<String, super::AppRetention>,
+    }
+
+    fn fill(p: Partial, d: RetentionTarget) -> RetentionTarget {
+        RetentionTarget {
+            enabled: p.enabled.unwrap_or(d.enabled),
+            max_age: p.max_age.unwrap_or(d.max_age),
+            interval: p.interval.unwrap_or(d.interval),
+            overrides: p.overrides,
+            apps: p.apps,
+        }
+    }
+
+    pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+        Ok(fill(
+            Partial::deserialize(d)?,
+            RetentionSettings::default().events,
+        ))
+    }
+
+    pub fn dlq<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+        Ok(fill(
+            Partial::deserialize(d)?,
+            RetentionSettings::default().dlq,
+        ))
+    }
 }
 
 impl Default for RetentionSettings {
@@ -445,6 +495,34 @@ pub struct RetentionTarget {
     /// Per event name retention, e.g. `client_event = "1d"` (events target only).
     #[serde(with = "duration_map")]
     pub overrides: BTreeMap<String, Duration>,
+    /// Per app (tenant) rules, keyed by an app id of `[[apps]]`: the seed's trim timers are
+    /// configured per tenant, so one bridge can keep one customer's events 30 days and another's
+    /// one day. The most specific rule wins: app + event, app, event, then `max_age`.
+    pub apps: BTreeMap<String, AppRetention>,
+}
+
+/// `[retention.<target>.apps."<app_id>"]`: one app's retention on one target.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppRetention {
+    /// `false`: this app's messages are never purged (a tenant that keeps everything).
+    pub enabled: bool,
+    /// This app's default retention; unset, the target's event overrides and `max_age` apply.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+    /// Per event name retention of this app (events target only), above every other rule.
+    #[serde(with = "duration_map", skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, Duration>,
+}
+
+impl Default for AppRetention {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: None,
+            overrides: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for RetentionTarget {
@@ -454,6 +532,7 @@ impl Default for RetentionTarget {
             max_age: Duration::from_secs(7 * 86_400),
             interval: Duration::from_secs(3600),
             overrides: BTreeMap::new(),
+            apps: BTreeMap::new(),
         }
     }
 }
@@ -736,6 +815,51 @@ impl Settings {
                 "per-event overrides apply to retention.events only",
             ));
         }
+        self.validate_app_retention()?;
+        Ok(())
+    }
+
+    /// `[retention.<target>.apps."<id>"]`: ids of `[[apps]]`, positive ages, event names as
+    /// for the target's overrides, and no per event overrides on the dead letters.
+    fn validate_app_retention(&self) -> Result<(), ConfigError> {
+        for (target, t) in [
+            ("events", &self.retention.events),
+            ("dlq", &self.retention.dlq),
+        ] {
+            for (id, app) in &t.apps {
+                let key = format!("retention.{target}.apps.\"{id}\"");
+                if !self.apps.iter().any(|a| &a.id == id) {
+                    return Err(invalid(key, "is not the id of any [[apps]] entry"));
+                }
+                if app.max_age.is_some_and(|d| d.is_zero()) {
+                    return Err(invalid(format!("{key}.max_age"), "must be greater than 0"));
+                }
+                if target == "dlq" && !app.overrides.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.overrides"),
+                        "per-event overrides apply to retention.events only",
+                    ));
+                }
+                for (name, age) in &app.overrides {
+                    if name.is_empty()
+                        || name == "*"
+                        || name == ">"
+                        || name.contains(char::is_whitespace)
+                    {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be an event name: not empty, not `*` or `>`, without spaces",
+                        ));
+                    }
+                    if age.is_zero() {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be greater than 0 (0 would purge every such event on each run)",
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -782,6 +906,47 @@ mod tests {
             err.contains("retention.events.overrides.client_event"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_partial_retention_table_keeps_its_targets_defaults() {
+        let s = Settings::from_toml(
+            "[retention.dlq]\ninterval = \"2h\"\n[retention.events]\nenabled = false\n",
+        )
+        .unwrap();
+        assert_eq!(s.retention.dlq.max_age, Duration::from_secs(30 * 86_400));
+        assert_eq!(s.retention.dlq.interval, Duration::from_secs(7200));
+        assert_eq!(s.retention.events.max_age, Duration::from_secs(7 * 86_400));
+        assert!(!s.retention.events.enabled && s.retention.dlq.enabled);
+        let err = Settings::from_toml("[retention.dlq]\nmaxage = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maxage"), "{err}");
+    }
+
+    #[test]
+    fn per_app_retention_parses_and_names_unknown_apps() {
+        let s = Settings::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\
+             [retention.events.apps.\"1\"]\nmax_age = \"1d\"\n\
+             [retention.events.apps.\"1\".overrides]\nclient_event = \"1h\"\n\
+             [retention.dlq.apps.\"1\"]\nenabled = false\n",
+        )
+        .unwrap();
+        let app = &s.retention.events.apps["1"];
+        assert!(app.enabled);
+        assert_eq!(app.max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(app.overrides["client_event"], Duration::from_secs(3600));
+        assert!(!s.retention.dlq.apps["1"].enabled);
+        assert_eq!(s.retention.dlq.apps["1"].max_age, None);
+        // And back: check-config's output is a config.
+        let back = Settings::from_toml(&s.to_redacted_toml()).unwrap();
+        assert_eq!(back.retention.events.apps, s.retention.events.apps);
+
+        let err = Settings::from_toml("[retention.events.apps.\"9\"]\nmax_age = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.events.apps.\"9\""), "{err}");
     }
 
     #[test]

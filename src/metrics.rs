@@ -36,7 +36,8 @@ pub const SPOOL_WRITTEN: &str = "pusher_bridge_spool_written";
 pub const SPOOL_DRAINED: &str = "pusher_bridge_spool_drained";
 /// `pusher_bridge_sweeper_runs_total{target, outcome}`; outcome `success`, `failure`, `skipped`.
 pub const SWEEPER_RUNS: &str = "pusher_bridge_sweeper_runs";
-/// `pusher_bridge_sweeper_purged_total{target}`: messages the sweeper purged.
+/// `pusher_bridge_sweeper_purged_total{target, app_id, rule}`: messages the sweeper purged, by
+/// the rule that purged them.
 pub const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
 /// `pusher_bridge_sweeper_last_success_timestamp_seconds{target}`.
 pub const SWEEPER_LAST_SUCCESS: &str = "pusher_bridge_sweeper_last_success_timestamp_seconds";
@@ -124,6 +125,17 @@ pub struct SweepLabels {
     pub target: String,
 }
 
+/// Labels of `sweeper_purged_total`: all bounded by the configuration (never channels).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SweepPurgeLabels {
+    /// `events` or `dlq`.
+    pub target: String,
+    /// An app id of `[[apps]]`, `*` (a purge of every app) or `other` (ids not in `[[apps]]`).
+    pub app_id: String,
+    /// `longest`, `app_event`, `app`, `event` or `default` (`sweeper::RuleKind`).
+    pub rule: &'static str,
+}
+
 /// Labels of `sweeper_runs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SweepRunLabels {
@@ -161,7 +173,7 @@ pub struct Metrics {
     /// See [`SWEEPER_RUNS`].
     pub sweeper_runs: Family<SweepRunLabels, Counter>,
     /// See [`SWEEPER_PURGED`].
-    pub sweeper_purged: Family<SweepLabels, Counter>,
+    pub sweeper_purged: Family<SweepPurgeLabels, Counter>,
     /// See [`SWEEPER_LAST_SUCCESS`].
     pub sweeper_last_success: Family<SweepLabels, Gauge<f64, AtomicU64>>,
 }
@@ -262,7 +274,7 @@ impl Metrics {
         );
         registry.register(
             SWEEPER_PURGED,
-            "Messages purged by the retention sweeper, by target",
+            "Messages purged by the retention sweeper, by target, app and rule",
             m.sweeper_purged.clone(),
         );
         registry.register(
@@ -339,8 +351,10 @@ mod tests {
             })
             .inc();
         m.sweeper_purged
-            .get_or_create(&SweepLabels {
+            .get_or_create(&SweepPurgeLabels {
                 target: "events".into(),
+                app_id: "1".into(),
+                rule: "app",
             })
             .inc();
         m.sweeper_last_success

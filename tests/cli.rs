@@ -120,3 +120,64 @@ fn serve_is_the_default_and_reads_config_pusher_bridge_toml() {
         }
     });
 }
+
+/// Per app retention names an app of `[[apps]]`; anything else is refused naming the key, and
+/// the environment sets per app keys like any other (`__` between levels, the app id a level).
+#[test]
+fn per_app_retention_names_a_configured_app() {
+    for (text, key) in [
+        (
+            format!("{APP}[retention.events.apps.\"999\"]\nmax_age = \"1d\"\n"),
+            "retention.events.apps.\"999\"",
+        ),
+        (
+            format!("{APP}[retention.dlq.apps.\"42\"]\nenabled = false\n"),
+            "retention.dlq.apps.\"42\"",
+        ),
+        (
+            format!("{APP}[retention.dlq.apps.\"1\".overrides]\nclient_event = \"1h\"\n"),
+            "retention.dlq.apps.\"1\".overrides",
+        ),
+        (
+            format!("{APP}[retention.events.apps.\"1\"]\nmax_age = \"0s\"\n"),
+            "retention.events.apps.\"1\".max_age",
+        ),
+        (
+            format!("{APP}[retention.events.apps.\"1\"]\nmaxage = \"1d\"\n"),
+            "maxage",
+        ),
+    ] {
+        let (code, stdout, stderr) = check_config(&text, &[]);
+        assert_eq!(code, 1, "{text}: {stdout}");
+        assert!(stderr.contains(key), "{key} not named in: {stderr}");
+    }
+    let (code, _, stderr) = check_config(
+        APP,
+        &[("PUSHER_BRIDGE_RETENTION__EVENTS__APPS__7__MAX_AGE", "1d")],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("retention.events.apps.\"7\""), "{stderr}");
+
+    let (code, stdout, stderr) = check_config(
+        &format!("{APP}[retention.events.apps.\"1\"]\nmax_age = \"2d\"\n"),
+        &[
+            (
+                "PUSHER_BRIDGE_RETENTION__EVENTS__APPS__1__OVERRIDES__CLIENT_EVENT",
+                "1h",
+            ),
+            ("PUSHER_BRIDGE_RETENTION__DLQ__APPS__1__ENABLED", "false"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let effective = pusher_bridge::config::Settings::from_toml(&stdout).expect("output parses");
+    let app = &effective.retention.events.apps["1"];
+    assert_eq!(
+        app.max_age,
+        Some(std::time::Duration::from_secs(2 * 86_400))
+    );
+    assert_eq!(
+        app.overrides["client_event"],
+        std::time::Duration::from_secs(3600)
+    );
+    assert!(!effective.retention.dlq.apps["1"].enabled);
+}

@@ -260,3 +260,47 @@ fn rust_examples_are_the_compiled_ones() {
         );
     }
 }
+
+/// The README's per app retention example is a valid config (with its apps added) and means what
+/// the README says it means.
+#[test]
+fn per_app_retention_example_means_what_the_readme_says() {
+    use pusher_bridge::sweeper::Target;
+    use pusher_bridge::sweeper::policy::{Retention, RuleKind};
+    use std::time::Duration;
+    let text = readme();
+    let block = toml_block_after(section(&text, "## Retention"), "**Per app.**");
+    let apps = "[[apps]]\nid = \"123456\"\nkey = \"a\"\nsecret = \"s\"\n\
+                [[apps]]\nid = \"654321\"\nkey = \"b\"\nsecret = \"s\"\n\
+                [[apps]]\nid = \"777777\"\nkey = \"c\"\nsecret = \"s\"\n";
+    let s = Settings::from_toml(&format!("{apps}{block}")).expect("the example parses");
+    let events = Retention::for_target(&s, Target::Events);
+    let (hour, day) = (Duration::from_secs(3600), Duration::from_secs(86_400));
+    let rule = |app: &str, event: &str| events.rule_of(Some(app), Some(event));
+    assert_eq!(
+        rule("123456", "client_event"),
+        Some((hour, RuleKind::AppEvent))
+    );
+    assert_eq!(
+        rule("123456", "member_added"),
+        Some((day * 30, RuleKind::App))
+    );
+    assert_eq!(rule("654321", "client_event"), None);
+    assert_eq!(rule("777777", "client_event"), Some((day, RuleKind::Event)));
+    assert_eq!(
+        rule("777777", "member_added"),
+        Some((day * 7, RuleKind::Default))
+    );
+    let dlq = Retention::for_target(&s, Target::Dlq);
+    assert_eq!(
+        dlq.rule_of(Some("123456"), None),
+        Some((day * 90, RuleKind::App))
+    );
+    assert_eq!(
+        dlq.rule_of(Some("654321"), None),
+        Some((day * 30, RuleKind::Default))
+    );
+    // Without its apps the example is refused, naming the key.
+    let err = Settings::from_toml(&block).unwrap_err().to_string();
+    assert!(err.contains("retention.events.apps.\"123456\""), "{err}");
+}

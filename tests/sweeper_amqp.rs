@@ -208,8 +208,17 @@ async fn sweep_once_removes_old_messages_from_the_head_and_keeps_order() {
     assert_eq!(report(&run[1]).purged(), 1);
     assert_eq!(rabbit.peek(d).await, ["dlq-young"]);
     let text = metrics.encode();
+    // No `Pusher-App-Id` header: the app is `other`, under the target's rules.
     assert!(
-        text.contains(r#"pusher_bridge_sweeper_purged_total{target="events"} 3"#),
+        text.contains(
+            r#"pusher_bridge_sweeper_purged_total{target="events",app_id="other",rule="default"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"pusher_bridge_sweeper_purged_total{target="events",app_id="other",rule="event"} 1"#
+        ),
         "{text}"
     );
     assert!(text.contains(r#"pusher_bridge_sweeper_runs_total{target="dlq",outcome="success"} 1"#));

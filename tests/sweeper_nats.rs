@@ -187,12 +187,24 @@ async fn sweep_once_purges_by_age_and_override_and_dry_run_changes_nothing() {
         text.contains(r#"pusher_bridge_sweeper_runs_total{target="events",outcome="success"} 1"#),
         "{text}"
     );
-    assert!(
-        text.contains(r#"pusher_bridge_sweeper_purged_total{target="events"} 4"#),
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"pusher_bridge_sweeper_purged_total{target="events","#
+        ),
+        4.0,
         "{text}"
     );
     assert!(
-        text.contains(r#"pusher_bridge_sweeper_purged_total{target="dlq"} 1"#),
+        text.contains(
+            r#"pusher_bridge_sweeper_purged_total{target="events",app_id="*",rule="event"} 2"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"pusher_bridge_sweeper_purged_total{target="dlq",app_id="*",rule="default"} 1"#
+        ),
         "{text}"
     );
     assert!(text.contains(r#"pusher_bridge_sweeper_last_success_timestamp_seconds{target="dlq"}"#));
@@ -399,7 +411,7 @@ async fn the_loop_sweeps_on_its_interval_and_a_second_replica_takes_over() {
     assert!(
         metric_value(
             &metrics_a.encode(),
-            r#"pusher_bridge_sweeper_purged_total{target="events"}"#
+            r#"pusher_bridge_sweeper_purged_total{target="events","#
         ) >= 4.0
     );
 
@@ -413,7 +425,7 @@ async fn the_loop_sweeps_on_its_interval_and_a_second_replica_takes_over() {
     assert!(
         metric_value(
             &metrics_b.encode(),
-            r#"pusher_bridge_sweeper_purged_total{target="events"}"#
+            r#"pusher_bridge_sweeper_purged_total{target="events","#
         ) >= 4.0
     );
 
@@ -465,7 +477,7 @@ async fn the_server_runs_the_sweeper_and_stops_it_on_shutdown() {
     let success = r#"pusher_bridge_sweeper_runs_total{target="events",outcome="success"}"#;
     assert!(app.metric(success).await >= 1.0);
     assert!(
-        app.metric(r#"pusher_bridge_sweeper_purged_total{target="events"}"#)
+        app.metric(r#"pusher_bridge_sweeper_purged_total{target="events","#)
             .await
             >= 1.0
     );

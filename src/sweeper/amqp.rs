@@ -3,7 +3,8 @@
 //! RabbitMQ cannot delete "messages older than X" by itself without a TTL fixed when the queue is
 //! declared (see `docs/retention.md` for why the bridge does not rely on one), so the sweep reads
 //! the queue head with `basic.get` (oldest first), acks (removes) each message older than its
-//! retention (per event by the `Pusher-Event` header, age from the `timestamp` property), holds
+//! retention (the rule of its app and event, from the `Pusher-App-Id` and `Pusher-Event`
+//! headers; dead letters by app only; age from the `timestamp` property), holds
 //! messages kept by a longer override unacked so it can look behind them, and stops at the first
 //! message younger than every rule. Held messages go back with one `basic.nack(multiple,
 //! requeue)`, which RabbitMQ puts back at their original place at the head of the queue.
@@ -21,7 +22,7 @@ use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use super::policy::{self, Retention, Target, Verdict};
+use super::policy::{self, Retention, RuleKind, Target, Verdict};
 use super::{LeaseStatus, SweepError, TargetReport, op_err};
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
@@ -165,11 +166,21 @@ impl AmqpSweeper {
             return Err(SweepError::Broker(QUORUM_REFUSAL.into()));
         }
         let retention = Retention::for_target(&self.settings, target);
+        let apps: std::collections::BTreeSet<String> =
+            self.settings.apps.iter().map(|a| a.id.clone()).collect();
         let conn = self.connection().await?;
         let channel = timed("cannot open a channel", conn.create_channel()).await?;
         let mut report = TargetReport::new(target, format!("queue {queue}"), dry_run);
         let now = now_ms();
-        let mut purged: std::collections::BTreeMap<Option<String>, u64> = Default::default();
+        report.untouched = retention
+            .apps
+            .iter()
+            .filter(|(_, r)| !r.enabled)
+            .map(|(a, _)| a.clone())
+            .collect();
+        // (app label, scope, retention, rule) → messages.
+        type Line = (String, String, Duration, RuleKind);
+        let mut purged: std::collections::BTreeMap<Line, u64> = Default::default();
         // Delivery tag of the last message held (kept, or counted in a dry run).
         let mut held: Option<u64> = None;
         let mut seen = 0u64;
@@ -187,7 +198,12 @@ impl AmqpSweeper {
                 };
                 seen += 1;
                 let d = &msg.delivery;
-                let event = header_str(d.properties.headers(), headers::EVENT);
+                let app = header_str(d.properties.headers(), headers::APP_ID);
+                // Dead letters have no per event rules: their event name plays no part.
+                let event = match target {
+                    Target::Events => header_str(d.properties.headers(), headers::EVENT),
+                    Target::Dlq => None,
+                };
                 let published_ms = d
                     .properties
                     .timestamp()
@@ -196,7 +212,13 @@ impl AmqpSweeper {
                         header_str(d.properties.headers(), headers::TIME_MS)
                             .and_then(|v| v.parse().ok())
                     });
-                match policy::verdict(&retention, event.as_deref(), published_ms, now) {
+                match policy::verdict(
+                    &retention,
+                    app.as_deref(),
+                    event.as_deref(),
+                    published_ms,
+                    now,
+                ) {
                     Verdict::Purge => {
                         if dry_run {
                             held = Some(d.delivery_tag);
@@ -207,7 +229,17 @@ impl AmqpSweeper {
                             )
                             .await?;
                         }
-                        *purged.entry(event).or_default() += 1;
+                        if let Some((age, rule)) =
+                            retention.rule_of(app.as_deref(), event.as_deref())
+                        {
+                            let scope = match (target, event) {
+                                (Target::Dlq, _) => "*".to_string(),
+                                (Target::Events, Some(e)) => e,
+                                (Target::Events, None) => "(no Pusher-Event)".to_string(),
+                            };
+                            let label = policy::app_label(&apps, app.as_deref());
+                            *purged.entry((label, scope, age, rule)).or_default() += 1;
+                        }
                     }
                     Verdict::Keep => held = Some(d.delivery_tag),
                     Verdict::Stop => {
@@ -236,12 +268,17 @@ impl AmqpSweeper {
         }
         let _ = channel.close(200, "sweep done".into()).await;
         outcome?;
-        for (event, n) in purged {
-            let label = event.clone().unwrap_or_else(|| "(no Pusher-Event)".into());
-            report.push(&label, retention.max_age_of(event.as_deref()), n);
+        for ((app, scope, age, rule), n) in purged {
+            report.push(&app, &scope, age, rule, n);
         }
         if report.lines.is_empty() {
-            report.push("*", retention.longest(), 0);
+            report.push(
+                policy::ANY_APP,
+                "*",
+                retention.longest(),
+                RuleKind::Longest,
+                0,
+            );
         }
         Ok(report)
     }

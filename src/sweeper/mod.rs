@@ -1,7 +1,8 @@
 //! The retention sweeper: trims the events stream / queue and the dead-letter stream / queue of
 //! messages older than their retention, like the seed component's trim timers.
 //!
-//! - [`policy`]: the rules (default `max_age`, per event overrides) as pure functions.
+//! - [`policy`]: the rules (default `max_age`, per event and per app overrides, most specific
+//!   first) as pure functions.
 //! - `nats`: purges by subject filter below the first young sequence; `nats_lease`: the KV
 //!   lease and the scan cursor.
 //! - `amqp`: reads the queue head and acks what is too old; the lease is an exclusive queue.
@@ -24,9 +25,9 @@ use tokio::time::Instant;
 
 pub use self::amqp::lease_queue;
 pub use self::nats_lease::{lease_bucket, state_bucket};
-pub use self::policy::Target;
+pub use self::policy::{RuleKind, Target};
 use crate::config::{BrokerKind, Settings};
-use crate::metrics::{Metrics, SweepLabels, SweepRunLabels};
+use crate::metrics::{Metrics, SweepLabels, SweepPurgeLabels, SweepRunLabels};
 use crate::shutdown::Shutdown;
 
 /// After a run that stopped at its per-run budget, the next run of that target starts this soon
@@ -75,11 +76,15 @@ pub enum LeaseStatus {
     Elsewhere(Option<String>),
 }
 
-/// One line of a report: messages of one scope purged under one retention.
+/// One line of a report: messages of one app and scope purged under one rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PurgeLine {
-    /// `*` (every message past the longest retention) or an event name.
+    /// The app id, `*` (every app) or `other` (app ids that are not in `[[apps]]`).
+    pub app: String,
+    /// `*` (every message of `app`) or an event name.
     pub scope: String,
+    /// Which rule purged them.
+    pub rule: RuleKind,
     /// The retention applied.
     pub max_age: Duration,
     /// Messages purged (or, in a dry run, that would be).
@@ -99,6 +104,8 @@ pub struct TargetReport {
     pub lines: Vec<PurgeLine>,
     /// False when the run stopped at its per-run budget; the next run goes on.
     pub complete: bool,
+    /// Apps whose messages are never purged (`enabled = false`).
+    pub untouched: Vec<String>,
 }
 
 impl TargetReport {
@@ -109,12 +116,24 @@ impl TargetReport {
             dry_run,
             lines: Vec::new(),
             complete: true,
+            untouched: Vec::new(),
         }
     }
 
-    fn push(&mut self, scope: &str, max_age: Duration, purged: u64) {
+    /// Adds `purged` to the line of (app, scope, max_age, rule), creating it at the end.
+    fn push(&mut self, app: &str, scope: &str, max_age: Duration, rule: RuleKind, purged: u64) {
+        if let Some(line) = self
+            .lines
+            .iter_mut()
+            .find(|l| l.app == app && l.scope == scope && l.max_age == max_age && l.rule == rule)
+        {
+            line.purged += purged;
+            return;
+        }
         self.lines.push(PurgeLine {
+            app: app.to_string(),
             scope: scope.to_string(),
+            rule,
             max_age,
             purged,
         });
@@ -130,6 +149,15 @@ impl TargetReport {
         self.lines
             .iter()
             .filter(|l| l.scope == scope)
+            .map(|l| l.purged)
+            .sum()
+    }
+
+    /// Messages purged of one app label (`*`: by purges of every app) and rule.
+    pub fn purged_by(&self, app: &str, rule: RuleKind) -> u64 {
+        self.lines
+            .iter()
+            .filter(|l| l.app == app && l.rule == rule)
             .map(|l| l.purged)
             .sum()
     }
@@ -150,6 +178,11 @@ impl fmt::Display for TargetReport {
             self.purged()
         )?;
         for line in &self.lines {
+            let app = match line.app.as_str() {
+                policy::ANY_APP => "any app".to_string(),
+                policy::OTHER_APP => "apps not in [[apps]]".to_string(),
+                id => format!("app {id}"),
+            };
             let scope = if line.scope == "*" {
                 "any message"
             } else {
@@ -157,10 +190,14 @@ impl fmt::Display for TargetReport {
             };
             write!(
                 f,
-                "\n  {scope} older than {}: {}",
+                "\n  {app}, {scope} older than {} ({} rule): {}",
                 humantime::format_duration(line.max_age),
+                line.rule.as_str(),
                 line.purged
             )?;
+        }
+        for app in &self.untouched {
+            write!(f, "\n  app {app}: disabled, untouched")?;
         }
         if !self.complete {
             write!(
@@ -201,6 +238,33 @@ impl TargetOutcome {
             TargetOutcome::Failed(e) => format!("{t}: failed: {e}"),
         }
     }
+}
+
+/// Every label set of `pusher_bridge_sweeper_purged_total` the configuration can produce
+/// (enabled targets; app labels: the ids of `[[apps]]`, `*`, `other`; rule kinds), so the series
+/// can exist at 0 from start-up. [`Sweeper::new`] creates them.
+pub fn purged_label_sets(settings: &Settings) -> Vec<SweepPurgeLabels> {
+    let apps: std::collections::BTreeSet<String> =
+        settings.apps.iter().map(|a| a.id.clone()).collect();
+    let mut out = Vec::new();
+    for target in Target::ALL {
+        let enabled = match target {
+            Target::Events => settings.retention.events.enabled,
+            Target::Dlq => settings.retention.dlq.enabled,
+        };
+        if !enabled {
+            continue;
+        }
+        let rules = policy::Retention::for_target(settings, target);
+        for (app_id, rule) in rules.label_sets(&apps) {
+            out.push(SweepPurgeLabels {
+                target: target.as_str().into(),
+                app_id,
+                rule: rule.as_str(),
+            });
+        }
+    }
+    out
 }
 
 enum Backend {
@@ -249,6 +313,9 @@ impl Sweeper {
                 ));
             }
         };
+        for labels in purged_label_sets(&settings) {
+            let _ = metrics.sweeper_purged.get_or_create(&labels);
+        }
         Ok(Self {
             settings,
             metrics,
@@ -347,10 +414,16 @@ impl Sweeper {
                         let labels = SweepLabels {
                             target: t.as_str().into(),
                         };
-                        self.metrics
-                            .sweeper_purged
-                            .get_or_create(&labels)
-                            .inc_by(report.purged());
+                        for line in &report.lines {
+                            self.metrics
+                                .sweeper_purged
+                                .get_or_create(&SweepPurgeLabels {
+                                    target: t.as_str().into(),
+                                    app_id: line.app.clone(),
+                                    rule: line.rule.as_str(),
+                                })
+                                .inc_by(line.purged);
+                        }
                         let now = SystemTime::now()
                             .duration_since(UNIX_EPOCH)
                             .map(|d| d.as_secs_f64())

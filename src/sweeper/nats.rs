@@ -7,7 +7,7 @@
 //! request with `filter` and `seq` ("every message of the filter below `seq`"), which is atomic
 //! on the server and leaves the stream's own limits (`max_age`, `max_bytes`) working as before.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -162,77 +162,129 @@ impl NatsSweeper {
             created: info.created.to_string(),
         };
         let retention = Retention::for_target(&self.settings, target);
+        let apps: BTreeSet<String> = self.settings.apps.iter().map(|a| a.id.clone()).collect();
         let plan = retention.nats_plan();
         let now = SystemTime::now();
         let mut report = TargetReport::new(target, format!("stream {stream_name}"), dry_run);
+        report.untouched = disabled_apps(&retention);
 
-        // 1. Everything older than the longest retention.
-        let all = policy::all_filter(&view.prefix);
-        let floor = first_young_seq(&view, &all, now, plan.everything).await?;
-        let n = self
-            .purge_or_count(&view, &all, 0, floor, dry_run, guarded)
-            .await?;
-        report.push("*", plan.everything, n);
-        if guarded {
-            self.lease.keep().await?;
-        }
-
-        // 2. Overrides shorter than that, each by its own filter.
-        for (name, age) in &plan.per_event {
-            let filter = policy::event_filter(&view.prefix, name);
-            let below = first_young_seq(&view, &filter, now, *age).await?;
+        // 1. Everything older than the longest retention (not when an app keeps everything).
+        let mut floor = view.first;
+        if let Some(age) = plan.everything {
+            let all = policy::all_filter(&view.prefix);
+            let below = first_young_seq(&view, &all, now, age).await?;
             let n = self
-                .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
+                .purge_or_count(&view, &all, 0, below, dry_run, guarded)
                 .await?;
-            report.push(name, *age, n);
+            report.push(policy::ANY_APP, "*", age, plan.everything_rule, n);
+            floor = floor.max(below);
             if guarded {
                 self.lease.keep().await?;
             }
         }
 
-        // 3. The default, name by name, when an override keeps some names longer.
-        if let Some(default) = plan.defaults_by_name {
-            let below = first_young_seq(&view, &all, now, default).await?;
-            let long_names = retention.longer_than_default();
-            let stored = self.cursor.load(!dry_run).await?;
-            let resume = stored
-                .filter(|c| {
-                    c.stream_created == view.created
-                        && c.long_names.iter().all(|n| long_names.contains(n))
-                })
-                .map_or(0, |c| c.next_seq);
-            let from = resume.max(floor).max(view.first);
-            let scan = if from < below {
-                self.scan_names(&view, from, below, guarded).await?
-            } else {
-                Scan {
-                    tokens: BTreeSet::new(),
-                    next: from.max(below),
-                    complete: true,
-                }
+        // 2. One filter per rule: apps, apps' events, events of every app.
+        let mut app_floor: BTreeMap<&str, u64> = BTreeMap::new();
+        for f in &plan.filters {
+            let filter = f.filter(&view.prefix);
+            let below = first_young_seq(&view, &filter, now, f.max_age).await?;
+            let from = match (&f.app, &f.event) {
+                (Some(app), Some(_)) => app_floor.get(app.as_str()).copied().unwrap_or(floor),
+                _ => floor,
             };
-            for token in &scan.tokens {
-                if retention.is_overridden_token(token) {
-                    continue;
-                }
-                let filter = policy::event_token_filter(&view.prefix, token);
-                let n = self
-                    .purge_or_count(&view, &filter, floor, below, dry_run, guarded)
-                    .await?;
-                report.push(&routing::unescape_token(token), default, n);
-                if guarded {
-                    self.lease.keep().await?;
-                }
+            let n = self
+                .purge_or_count(&view, &filter, from, below, dry_run, guarded)
+                .await?;
+            if let (Some(app), None) = (&f.app, &f.event) {
+                app_floor.insert(app, below.max(floor));
             }
-            report.complete = scan.complete;
+            let label = f.app.as_deref().map_or(policy::ANY_APP.to_string(), |a| {
+                policy::app_label(&apps, Some(a))
+            });
+            report.push(
+                &label,
+                f.event.as_deref().unwrap_or("*"),
+                f.max_age,
+                f.rule,
+                n,
+            );
+            if guarded {
+                self.lease.keep().await?;
+            }
+        }
+
+        // 3. Rules no filter can express: purge what a scan of the old messages finds.
+        if !plan.scans.is_empty() {
+            let stored = self.cursor.load(!dry_run).await?;
+            let mut cursor = stored.unwrap_or_else(|| Cursor {
+                stream_created: String::new(),
+                long_names: Vec::new(),
+                next_seq: 0,
+                scans: BTreeMap::new(),
+            });
+            let fingerprint = retention.fingerprint();
+            let mut others_floor = floor;
+            for scan in &plan.scans {
+                let key = scan_key(target, &view.created, &fingerprint, &scan.key);
+                let scan_filter = scan.scan_filter(&view.prefix);
+                let below = first_young_seq(&view, &scan_filter, now, scan.max_age).await?;
+                let base = match &scan.within_app {
+                    Some(app) => app_floor.get(app.as_str()).copied().unwrap_or(floor),
+                    None => others_floor,
+                };
+                let resume = cursor.scans.get(&key).copied().unwrap_or(0);
+                let from = resume.max(base).max(view.first);
+                let found = if from < below {
+                    self.scan_tokens(&view, &scan_filter, from, below, guarded)
+                        .await?
+                } else {
+                    Scan {
+                        pairs: BTreeSet::new(),
+                        next: from.max(below),
+                        complete: true,
+                    }
+                };
+                for (filter, (app, scope)) in
+                    scan_purges(&view.prefix, &retention, &apps, scan, &found.pairs)
+                {
+                    let n = self
+                        .purge_or_count(&view, &filter, base, below, dry_run, guarded)
+                        .await?;
+                    report.push(&app, &scope, scan.max_age, scan.rule, n);
+                    if guarded {
+                        self.lease.keep().await?;
+                    }
+                }
+                if scan.within_app.is_none()
+                    && matches!(scan.collect, policy::Collect::Apps { .. })
+                    && scan.of_event.is_none()
+                    && found.complete
+                {
+                    // Every other app's message below this is gone (or was counted).
+                    others_floor = others_floor.max(below);
+                }
+                report.complete &= found.complete;
+                cursor.scans.insert(key, found.next);
+            }
             if !dry_run {
-                self.cursor
-                    .save(&Cursor {
-                        stream_created: view.created.clone(),
-                        long_names,
-                        next_seq: scan.next,
-                    })
-                    .await?;
+                // Positions written under other rules or for a recreated stream are stale.
+                let mine = format!("{}|", target.as_str());
+                let current = scan_key(target, &view.created, &fingerprint, "");
+                cursor
+                    .scans
+                    .retain(|k, _| !k.starts_with(&mine) || k.starts_with(&current));
+                if target == Target::Events {
+                    cursor.stream_created = view.created.clone();
+                    cursor.long_names = retention.longer_than_default();
+                    cursor.next_seq = cursor
+                        .scans
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(&current))
+                        .map(|(_, v)| *v)
+                        .min()
+                        .unwrap_or(0);
+                }
+                self.cursor.save(&cursor).await?;
             }
         }
         Ok(report)
@@ -312,10 +364,12 @@ impl NatsSweeper {
         }
     }
 
-    /// Reads subjects (headers only) of `[from, below)` and collects their event tokens.
-    async fn scan_names(
+    /// Reads subjects (headers only) of `filter` in `[from, below)` and collects their (app,
+    /// event) tokens.
+    async fn scan_tokens(
         &mut self,
         view: &View,
+        filter: &str,
         from: u64,
         below: u64,
         guarded: bool,
@@ -323,15 +377,16 @@ impl NatsSweeper {
         let deliver = consumer::DeliverPolicy::ByStartSequence {
             start_sequence: from.max(1),
         };
-        let filter = policy::all_filter(&view.prefix);
         let consumer =
-            headers_consumer(view, &filter, deliver, "cannot create the scan consumer").await?;
+            headers_consumer(view, filter, deliver, "cannot create the scan consumer").await?;
         let mut scan = Scan {
-            tokens: BTreeSet::new(),
+            pairs: BTreeSet::new(),
             next: from,
             complete: false,
         };
         let mut scanned = 0u64;
+        // App token → event tokens ("" for a subject without one: a dead letter's).
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let result: Result<(), SweepError> = async {
             loop {
                 let mut batch = consumer
@@ -353,10 +408,16 @@ impl NatsSweeper {
                         scan.complete = true;
                         return Ok(());
                     }
-                    if let Some(token) = policy::event_token(&view.prefix, &msg.subject)
-                        && !scan.tokens.contains(token)
-                    {
-                        scan.tokens.insert(token.to_string());
+                    if let Some((app, event)) = policy::subject_tokens(&view.prefix, &msg.subject) {
+                        // Looked up by reference: no allocation for the pairs already seen.
+                        let event = event.unwrap_or("");
+                        if let Some(events) = seen.get_mut(app) {
+                            if !events.contains(event) {
+                                events.insert(event.to_string());
+                            }
+                        } else {
+                            seen.insert(app.to_string(), BTreeSet::from([event.to_string()]));
+                        }
                     }
                     scan.next = seq + 1;
                     scanned += 1;
@@ -377,18 +438,95 @@ impl NatsSweeper {
         }
         .await;
         delete_consumer(&view.stream, &consumer).await;
+        for (app, events) in seen {
+            for event in events {
+                let event = (!event.is_empty()).then_some(event);
+                scan.pairs.insert((app.clone(), event));
+            }
+        }
         result.map(|()| scan)
     }
 }
 
 /// What a scan found.
 struct Scan {
-    /// Escaped event tokens seen.
-    tokens: BTreeSet<String>,
+    /// Escaped (app, event) tokens seen (no event: a dead letter's subject).
+    pairs: BTreeSet<(String, Option<String>)>,
     /// Everything below this was checked.
     next: u64,
     /// The scan reached `below` (false: the per-run budget ran out first).
     complete: bool,
+}
+
+/// The cursor key of one scan: the target, the stream's creation time and the rules'
+/// fingerprint are part of it, so a recreated stream or a changed rule starts the scan over.
+fn scan_key(target: Target, created: &str, fingerprint: &str, scan: &str) -> String {
+    format!("{}|{created}|{fingerprint}|{scan}", target.as_str())
+}
+
+/// Ids of the apps whose messages are never purged, for the report.
+fn disabled_apps(retention: &Retention) -> Vec<String> {
+    retention
+        .apps
+        .iter()
+        .filter(|(_, r)| !r.enabled)
+        .map(|(a, _)| a.clone())
+        .collect()
+}
+
+/// The purges a scan's findings call for: subject filter → (app label, scope), one per filter.
+fn scan_purges(
+    prefix: &str,
+    retention: &Retention,
+    apps: &BTreeSet<String>,
+    scan: &policy::ScanPurge,
+    pairs: &BTreeSet<(String, Option<String>)>,
+) -> BTreeMap<String, (String, String)> {
+    use policy::Collect;
+    let mut out = BTreeMap::new();
+    for (app_token, event_token) in pairs {
+        let raw_app = routing::unescape_token(app_token);
+        let raw_event = event_token.as_deref().map(routing::unescape_token);
+        let label = policy::app_label(apps, Some(&raw_app));
+        match (&scan.collect, event_token, raw_event) {
+            (Collect::Events { skip }, Some(event), Some(raw)) => {
+                let Some(app) = &scan.within_app else {
+                    continue;
+                };
+                if skip.contains(&raw) || raw_app != *app {
+                    continue;
+                }
+                let filter = format!("{prefix}.{app_token}.{event}.>");
+                out.insert(filter, (label, raw));
+            }
+            (Collect::Apps { except }, _, _) => {
+                if except.contains(&raw_app) {
+                    continue;
+                }
+                let (filter, scope) = match &scan.of_event {
+                    None => (format!("{prefix}.{app_token}.>"), "*".to_string()),
+                    Some(e) => (
+                        format!("{prefix}.{app_token}.{}.>", routing::escape_token(e)),
+                        e.clone(),
+                    ),
+                };
+                out.insert(filter, (label, scope));
+            }
+            (Collect::OtherEvents { skip, except }, Some(event), Some(raw)) => {
+                if skip.contains(&raw) || except.contains(&raw_app) {
+                    continue;
+                }
+                if retention.wildcard_ok(&raw, scan.max_age) {
+                    let filter = policy::event_token_filter(prefix, event);
+                    out.insert(filter, (policy::ANY_APP.to_string(), raw));
+                } else {
+                    out.insert(format!("{prefix}.{app_token}.{event}.>"), (label, raw));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn unix_nanos(t: SystemTime) -> i128 {

@@ -5,9 +5,10 @@
 //!   with its last revision (compare-and-set) at least every `lease_ttl / 3`; if the holder
 //!   stops renewing (crash, partition), the server expires the key after `lease_ttl` and the
 //!   next replica's create succeeds.
-//! - The scan cursor of the events target: key `events-cursor` of bucket
-//!   `<events stream>_sweeper_state` (no expiry), so a sweep never re-reads the part of the
-//!   stream an earlier sweep (of any replica, or of `sweep --once`) already cleaned.
+//! - The scan cursor: key `events-cursor` of bucket `<events stream>_sweeper_state` (no
+//!   expiry; it also holds the dead-letter target's scan positions, see [`Cursor::scans`]), so a
+//!   sweep never re-reads the part of a stream an earlier sweep (of any replica, or of
+//!   `sweep --once`) already cleaned.
 
 use std::time::Duration;
 
@@ -320,6 +321,11 @@ pub(super) struct Cursor {
     pub long_names: Vec<String>,
     /// Every message below this sequence was already checked.
     pub next_seq: u64,
+    /// Per scan of a target's plan, keyed by target, stream creation time, rules fingerprint
+    /// and scan (`super::nats::scan_key`): everything below was already checked. Absent in
+    /// cursors of older versions.
+    #[serde(default)]
+    pub scans: std::collections::BTreeMap<String, u64>,
 }
 
 /// Reads and writes the cursor in the state bucket.
