@@ -54,6 +54,16 @@ pub enum DlqReason {
 }
 
 impl DlqReason {
+    /// Every reason (the metrics create a dead-letter series for each at start-up).
+    pub const ALL: [DlqReason; 6] = [
+        DlqReason::Malformed,
+        DlqReason::NoStream,
+        DlqReason::TooLarge,
+        DlqReason::Rejected,
+        DlqReason::Nacked,
+        DlqReason::Unroutable,
+    ];
+
     /// Label / header value.
     pub fn as_str(self) -> &'static str {
         match self {
