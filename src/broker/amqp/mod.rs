@@ -81,7 +81,14 @@ impl AmqpBroker {
         let exchange = short("broker.amqp.exchange", &s.exchange)?;
         let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
         let channels = s.channels.max(1);
+        let log = Arc::new(super::connection_log::ConnectionLog::new(
+            "RabbitMQ",
+            "amqp",
+            s.url.redacted(),
+            metrics.clone(),
+        ));
         let cfg = SessionConfig {
+            log,
             endpoint,
             per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
             declare: settings.broker.declare,
@@ -289,6 +296,7 @@ impl Shared {
             },
             _ => {
                 if let Some(old) = self.take_session() {
+                    self.cfg.log.disconnected(None);
                     old.close("reconnecting").await;
                 }
                 let opened = tokio::time::timeout(
@@ -307,14 +315,13 @@ impl Shared {
                             declared = self.cfg.declare,
                             "connected to RabbitMQ"
                         );
+                        self.cfg.log.connected();
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot connect to RabbitMQ; retrying")
-                    }
-                    Err(_) => tracing::warn!(
-                        timeout_ms = CONNECT_TIMEOUT.as_millis() as u64,
-                        "connecting to RabbitMQ timed out; retrying"
-                    ),
+                    Ok(Err(e)) => self.cfg.log.connect_failed(&e),
+                    Err(_) => self.cfg.log.connect_failed(&format_args!(
+                        "no connection within {} ms",
+                        CONNECT_TIMEOUT.as_millis()
+                    )),
                 }
             }
         }

@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use async_nats::{ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 
+use super::connection_log::ConnectionLog;
 use super::{BrokerError, DeadLetter, Message, PublishError, headers};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
@@ -130,6 +131,12 @@ impl NatsBroker {
         let reconnected = Arc::new(Notify::new());
         let opts = {
             let connected = connected.clone();
+        let log = Arc::new(ConnectionLog::new(
+            "NATS",
+            "nats",
+            s.url.redacted(),
+            metrics.clone(),
+        ));
             let topology_ready = topology_ready.clone();
             let reconnected = reconnected.clone();
             let metrics = metrics.clone();
@@ -141,12 +148,14 @@ impl NatsBroker {
                 let metrics = metrics.clone();
                 async move {
                     match event {
+                let log = log.clone();
                         Event::Connected => {
                             connected.store(true, Ordering::SeqCst);
                             reconnected.notify_one();
                             metrics.set_broker_up(topology_ready.load(Ordering::SeqCst));
                         }
                         Event::Disconnected | Event::Closed => {
+                            log.connected();
                             connected.store(false, Ordering::SeqCst);
                             if declare {
                                 topology_ready.store(false, Ordering::SeqCst);
@@ -154,7 +163,10 @@ impl NatsBroker {
                             metrics.set_broker_up(false);
                         }
                         _ => {}
+                            log.disconnected(None);
                     }
+                        // Failed (re)connection attempts: async-nats retries on its own.
+                        Event::ClientError(e) => log.connect_failed(&e),
                 }
             })
         };
