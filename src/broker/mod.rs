@@ -5,6 +5,7 @@
 //! dead-letter storage. Errors say whether retrying can help ([`PublishError::is_retryable`]).
 
 pub mod amqp;
+pub mod cloudevents;
 pub mod connection_log;
 pub mod nats;
 #[cfg(feature = "bench-null-broker")]

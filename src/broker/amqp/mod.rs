@@ -64,6 +64,8 @@ struct Shared {
     /// Wakes the recovery loop (connection error, closed channel).
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// `broker.cloudevents`: event messages carry `ce-` headers.
+    cloudevents: bool,
 }
 
 impl AmqpBroker {
@@ -103,6 +105,7 @@ impl AmqpBroker {
             next: AtomicUsize::new(0),
             wake: Arc::new(Notify::new()),
             metrics,
+            cloudevents: settings.broker.cloudevents,
         });
         shared.metrics.set_broker_up(false);
         let (shutdown, stop) = watch::channel(false);
@@ -139,7 +142,11 @@ impl AmqpBroker {
             routing_key: message::routing_key(&msg.subject)?,
             msg_id: msg.msg_id.clone(),
             body: msg.body.clone(),
-            properties: message::event_properties(msg, message::now_secs()),
+            properties: message::event_properties(
+                msg,
+                message::now_secs(),
+                self.shared.cloudevents,
+            ),
         };
         self.shared.send(out, timeout).await
     }
@@ -165,7 +172,7 @@ impl AmqpBroker {
                     routing_key: message::routing_key(&msg.subject)?,
                     msg_id: msg.msg_id.clone(),
                     body: msg.body.clone(),
-                    properties: message::event_properties(msg, now),
+                    properties: message::event_properties(msg, now, self.shared.cloudevents),
                 };
                 publisher.enqueue(out)
             })
