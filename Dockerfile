@@ -11,12 +11,14 @@ WORKDIR /src
 # The whole context (see .dockerignore): Cargo.toml may name targets outside src/.
 COPY . .
 # Cache mounts keep the registry and target/ between builds; the binary is copied out of the
-# cache in the same step. The empty spool directory is prepared here because the runtime image
-# has no shell to create it.
+# cache in the same step, stripped (`install -s`: the release profile's line tables and symbols
+# are for profiling on a developer's machine; panics still name file and line), which takes the
+# image's binary from 77 MB to 15 MB (measured). The empty spool directory is prepared here
+# because the runtime image has no shell to create it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin pusher-bridge \
-    && install -D -m 0755 target/release/pusher-bridge /out/pusher-bridge \
+    && install -D -s -m 0755 target/release/pusher-bridge /out/pusher-bridge \
     && mkdir -p /out/var/lib/pusher-bridge/spool
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime

@@ -60,6 +60,7 @@ pub enum StartError {
 pub async fn build(settings: Settings) -> Result<Arc<Bridge>, StartError> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
+    metrics.init_known_series(&settings);
     let spool = Arc::new(
         Spool::open(
             &settings.spool,

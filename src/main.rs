@@ -213,11 +213,11 @@ fn send_test(
     }
     let accepted = results.iter().filter(|r| r.accepted()).count();
     println!("{accepted} of {} webhooks accepted by {url}", results.len());
-    Ok(if accepted == results.len() {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    })
+    let verdict = sendtest::Verdict::of(&results);
+    if let Some(why) = verdict.explanation() {
+        println!("{why}");
+    }
+    Ok(std::process::ExitCode::from(verdict.exit_code()))
 }
 
 fn healthcheck(

@@ -2,6 +2,13 @@
 //!
 //! Names are constants here so the dashboard, the alert rules and the tests can refer to the same
 //! strings; counters are registered without `_total`, which the text encoder appends.
+//!
+//! Every series whose labels are known at start-up is created at 0 by
+//! [`Metrics::init_known_series`] (apps, reasons, sweeper targets, the broker), so that
+//! `increase(...)` alerts see the first event and a dashboard never shows "No data" for
+//! something that simply has not happened yet. [`process`] adds the `process_*` families.
+
+mod process;
 
 use std::sync::atomic::AtomicU64;
 
@@ -10,7 +17,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+pub use self::process::ProcessCollector;
 
 /// `pusher_bridge_webhooks_received_total{app_id, outcome}`.
 pub const WEBHOOKS_RECEIVED: &str = "pusher_bridge_webhooks_received";
@@ -41,6 +51,12 @@ pub const SWEEPER_RUNS: &str = "pusher_bridge_sweeper_runs";
 pub const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
 /// `pusher_bridge_sweeper_last_success_timestamp_seconds{target}`.
 pub const SWEEPER_LAST_SUCCESS: &str = "pusher_bridge_sweeper_last_success_timestamp_seconds";
+/// `pusher_bridge_build_info{version}`, always 1 (the text encoder appends `_info`).
+pub const BUILD_INFO: &str = "pusher_bridge_build";
+/// `pusher_bridge_spool_max_bytes` gauge: `spool.max_bytes`, for "spool nearly full" alerts.
+pub const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
+/// `pusher_bridge_broker_reconnects_total{broker}`: connections re-established after a loss.
+pub const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
 
 /// Every exported family name as it appears in the text output, for tests and deploy checks.
 pub const EXPORTED_NAMES: &[&str] = &[
@@ -58,6 +74,15 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "pusher_bridge_sweeper_runs_total",
     "pusher_bridge_sweeper_purged_total",
     "pusher_bridge_sweeper_last_success_timestamp_seconds",
+    "pusher_bridge_build_info",
+    "pusher_bridge_spool_max_bytes",
+    "pusher_bridge_broker_reconnects_total",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
 ];
 
 /// Outcome label of `webhooks_received_total`.
@@ -145,6 +170,34 @@ pub struct SweepRunLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `broker_reconnects_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    /// `nats` or `amqp`.
+    pub broker: &'static str,
+}
+
+/// Outcomes a webhook can have before its app is known (`app_id="unknown"`).
+const UNKNOWN_APP_OUTCOMES: [Outcome; 4] = [
+    Outcome::Unauthorized,
+    Outcome::BadRequest,
+    Outcome::TooLarge,
+    Outcome::UnsupportedMediaType,
+];
+
+/// Every [`Outcome`].
+const ALL_OUTCOMES: [Outcome; 6] = [
+    Outcome::Accepted,
+    Outcome::Unauthorized,
+    Outcome::BadRequest,
+    Outcome::TooLarge,
+    Outcome::UnsupportedMediaType,
+    Outcome::Unavailable,
+];
+
+/// Outcomes of `sweeper_runs_total`.
+const SWEEP_OUTCOMES: [&str; 3] = ["success", "failure", "skipped"];
+
 /// The registry and handles to every metric; shared by all components.
 pub struct Metrics {
     registry: Registry,
@@ -176,6 +229,10 @@ pub struct Metrics {
     pub sweeper_purged: Family<SweepPurgeLabels, Counter>,
     /// See [`SWEEPER_LAST_SUCCESS`].
     pub sweeper_last_success: Family<SweepLabels, Gauge<f64, AtomicU64>>,
+    /// See [`SPOOL_MAX_BYTES`].
+    pub spool_max_bytes: Gauge,
+    /// See [`BROKER_RECONNECTS`].
+    pub broker_reconnects: Family<BrokerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -210,6 +267,8 @@ impl Metrics {
             sweeper_runs: Family::default(),
             sweeper_purged: Family::default(),
             sweeper_last_success: Family::default(),
+            spool_max_bytes: Gauge::default(),
+            broker_reconnects: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -282,7 +341,105 @@ impl Metrics {
             "Unix time of the last successful sweep, by target",
             m.sweeper_last_success.clone(),
         );
+        registry.register(
+            BUILD_INFO,
+            "The running build; always 1",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            SPOOL_MAX_BYTES,
+            "spool.max_bytes: what pusher_bridge_spool_bytes may reach before webhooks get 503",
+            m.spool_max_bytes.clone(),
+        );
+        registry.register(
+            BROKER_RECONNECTS,
+            "Broker connections re-established after a loss, by broker",
+            m.broker_reconnects.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector::new()));
         Self { registry, ..m }
+    }
+
+    /// Creates at 0 every series whose labels the settings tell: webhook outcomes of each
+    /// configured app (and of `unknown`), dead letters of each app and reason, the broker's
+    /// reconnects, `spool_max_bytes`, and the sweeper series of each enabled target.
+    pub fn init_known_series(&self, settings: &crate::config::Settings) {
+        for outcome in UNKNOWN_APP_OUTCOMES {
+            self.init_webhook("unknown", outcome);
+        }
+        for app in &settings.apps {
+            for outcome in ALL_OUTCOMES {
+                self.init_webhook(&app.id, outcome);
+            }
+            for reason in crate::broker::DlqReason::ALL {
+                self.events_dead_lettered
+                    .get_or_create(&DeadLetterLabels {
+                        app_id: app.id.clone(),
+                        reason: reason.as_str().to_string(),
+                    })
+                    .inc_by(0);
+            }
+        }
+        let broker = match settings.broker.kind {
+            crate::config::BrokerKind::Nats => Some("nats"),
+            crate::config::BrokerKind::Amqp => Some("amqp"),
+            #[cfg(feature = "bench-null-broker")]
+            crate::config::BrokerKind::Null => None,
+        };
+        if let Some(broker) = broker {
+            self.broker_reconnects
+                .get_or_create(&BrokerLabels { broker })
+                .inc_by(0);
+        }
+        self.spool_max_bytes
+            .set(i64::try_from(settings.spool.max_bytes).unwrap_or(i64::MAX));
+        for (target, retention) in [
+            ("events", &settings.retention.events),
+            ("dlq", &settings.retention.dlq),
+        ] {
+            if retention.enabled {
+                self.init_sweeper_target(target);
+            }
+        }
+    }
+
+    fn init_webhook(&self, app_id: &str, outcome: Outcome) {
+        self.webhooks_received
+            .get_or_create(&WebhookLabels {
+                app_id: app_id.to_string(),
+                outcome: outcome.as_str(),
+            })
+            .inc_by(0);
+    }
+
+    /// Creates the sweeper series of `target` (`events`, `dlq`): runs of every outcome and
+    /// purged at 0, last success = now, so "stale" means "no success for that long since
+    /// start-up" and fires for a sweeper that never succeeds.
+    pub fn init_sweeper_target(&self, target: &str) {
+        for outcome in SWEEP_OUTCOMES {
+            self.sweeper_runs
+                .get_or_create(&SweepRunLabels {
+                    target: target.to_string(),
+                    outcome,
+                })
+                .inc_by(0);
+        }
+        let labels = SweepLabels {
+            target: target.to_string(),
+        };
+        // `sweeper_purged` series (per app and rule) are created by `sweeper::Sweeper::new`.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.sweeper_last_success.get_or_create(&labels).set(now);
+    }
+
+    /// Counts one re-established connection of `broker` (`nats`, `amqp`).
+    pub fn broker_reconnected(&self, broker: &'static str) {
+        self.broker_reconnects
+            .get_or_create(&BrokerLabels { broker })
+            .inc();
     }
 
     /// Counts one webhook answer.
@@ -362,6 +519,7 @@ mod tests {
                 target: "events".into(),
             })
             .set(1.0);
+        m.broker_reconnected("nats");
         let text = m.encode();
         for name in EXPORTED_NAMES {
             assert!(
@@ -374,5 +532,59 @@ mod tests {
                 r#"pusher_bridge_webhooks_received_total{app_id="1",outcome="accepted"} 1"#
             )
         );
+    }
+
+    #[test]
+    fn known_series_exist_from_start_up() {
+        let mut settings = crate::config::Settings {
+            apps: vec![crate::config::AppSettings {
+                id: "42".into(),
+                key: "k".into(),
+                secret: crate::config::Secret::new("s"),
+            }],
+            ..Default::default()
+        };
+        settings.retention.dlq.enabled = false;
+        let m = Metrics::new();
+        m.init_known_series(&settings);
+        let text = m.encode();
+        for line in [
+            r#"pusher_bridge_events_dead_lettered_total{app_id="42",reason="no_stream"} 0"#,
+            r#"pusher_bridge_events_dead_lettered_total{app_id="42",reason="malformed"} 0"#,
+            r#"pusher_bridge_webhooks_received_total{app_id="42",outcome="accepted"} 0"#,
+            r#"pusher_bridge_webhooks_received_total{app_id="42",outcome="unavailable"} 0"#,
+            r#"pusher_bridge_webhooks_received_total{app_id="unknown",outcome="unauthorized"} 0"#,
+            r#"pusher_bridge_sweeper_runs_total{target="events",outcome="success"} 0"#,
+            r#"pusher_bridge_sweeper_runs_total{target="events",outcome="failure"} 0"#,
+            r#"pusher_bridge_sweeper_purged_total{target="events"} 0"#,
+            r#"pusher_bridge_broker_reconnects_total{broker="nats"} 0"#,
+            "pusher_bridge_spool_max_bytes 1073741824",
+            r#"pusher_bridge_build_info{version=""#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // Last success starts as the start time; the disabled target has no series.
+        let started: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    r#"pusher_bridge_sweeper_last_success_timestamp_seconds{target="events"} "#,
+                )
+            })
+            .expect("last success of events")
+            .parse()
+            .unwrap();
+        assert!(started > 1.7e9, "{started}");
+        assert!(!text.contains(r#"target="dlq""#), "{text}");
+        // Event names are not known before the events arrive.
+        for name in EXPORTED_NAMES
+            .iter()
+            .filter(|n| **n != "pusher_bridge_events_published_total")
+        {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} missing without any traffic:\n{text}"
+            );
+        }
     }
 }

@@ -126,6 +126,102 @@ impl SendResult {
     }
 }
 
+/// Where an accepted webhook's events went, from the bridge's `200` answer
+/// (`{"published":n,"dead_lettered":n,"spooled":n}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Delivery {
+    /// Acknowledged by the broker.
+    pub published: u64,
+    /// Put on the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Held on the local spool (the broker did not take them in time).
+    pub spooled: u64,
+}
+
+impl SendResult {
+    /// Where the events went, when the bridge accepted the webhook and said so.
+    pub fn delivery(&self) -> Option<Delivery> {
+        let a = self.answer.as_ref().ok()?;
+        if !a.status.is_success() {
+            return None;
+        }
+        serde_json::from_str(&a.body).ok()
+    }
+}
+
+/// Exit code of `send-test` when every webhook was accepted but not every event reached the
+/// broker's stream (some were spooled or dead-lettered). 1 stays for refused webhooks and
+/// errors, and 2 is the argument parser's.
+pub const EXIT_NOT_PUBLISHED: u8 = 3;
+
+/// The outcome of a whole `send-test` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every webhook accepted and every event published (exit 0).
+    Published,
+    /// Every webhook accepted, but events only spooled or dead-lettered
+    /// (exit [`EXIT_NOT_PUBLISHED`]).
+    NotPublished(Delivery),
+    /// Some webhooks were not accepted (exit 1).
+    Refused,
+}
+
+impl Verdict {
+    /// The verdict of `results`.
+    pub fn of(results: &[SendResult]) -> Self {
+        if results.iter().any(|r| !r.accepted()) {
+            return Self::Refused;
+        }
+        let mut total = Delivery::default();
+        for d in results.iter().filter_map(SendResult::delivery) {
+            total.published += d.published;
+            total.dead_lettered += d.dead_lettered;
+            total.spooled += d.spooled;
+        }
+        if total.spooled > 0 || total.dead_lettered > 0 {
+            Self::NotPublished(total)
+        } else {
+            Self::Published
+        }
+    }
+
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Published => 0,
+            Self::NotPublished(_) => EXIT_NOT_PUBLISHED,
+            Self::Refused => 1,
+        }
+    }
+
+    /// What to tell the operator beyond the count of accepted webhooks, if anything.
+    pub fn explanation(&self) -> Option<String> {
+        let Self::NotPublished(d) = self else {
+            return None;
+        };
+        let mut parts = Vec::new();
+        if d.spooled > 0 {
+            parts.push(format!(
+                "{} event(s) only spooled: the bridge cannot reach the broker (see its log and \
+                 /readyz); they are published once it is back",
+                d.spooled
+            ));
+        }
+        if d.dead_lettered > 0 {
+            parts.push(format!(
+                "{} event(s) dead-lettered: see `pusher-bridge dlq list`",
+                d.dead_lettered
+            ));
+        }
+        Some(format!(
+            "not delivered to the broker: {} of {} event(s) published; {}",
+            d.published,
+            d.published + d.spooled + d.dead_lettered,
+            parts.join("; ")
+        ))
+    }
+}
+
 impl std::fmt::Display for SendResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.answer {
@@ -218,6 +314,52 @@ mod tests {
         s.server.listen = "0.0.0.0:9090".into();
         s.server.webhook_path = "/hooks".into();
         assert_eq!(default_url(&s).unwrap(), "http://127.0.0.1:9090/hooks");
+    }
+
+    fn answered(status: u16, body: &str) -> SendResult {
+        SendResult {
+            event: "cache_miss",
+            answer: Ok(HttpAnswer {
+                status: hyper::StatusCode::from_u16(status).unwrap(),
+                body: body.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn verdict_tells_published_from_spooled_and_refused() {
+        let published = answered(200, r#"{"published":1,"dead_lettered":0,"spooled":0}"#);
+        let spooled = answered(200, r#"{"published":0,"dead_lettered":0,"spooled":1}"#);
+        let dead = answered(200, r#"{"published":0,"dead_lettered":1,"spooled":0}"#);
+        let refused = answered(401, r#"{"error":"bad signature"}"#);
+        assert_eq!(Verdict::of(&[published]).exit_code(), 0);
+        let v = Verdict::of(&[
+            answered(200, r#"{"published":1,"dead_lettered":0,"spooled":0}"#),
+            spooled,
+            dead,
+        ]);
+        assert_eq!(
+            v,
+            Verdict::NotPublished(Delivery {
+                published: 1,
+                dead_lettered: 1,
+                spooled: 1
+            })
+        );
+        assert_eq!(v.exit_code(), EXIT_NOT_PUBLISHED);
+        let text = v.explanation().unwrap();
+        assert!(
+            text.contains("1 of 3 event(s) published")
+                && text.contains("1 event(s) only spooled")
+                && text.contains("dlq list"),
+            "{text}"
+        );
+        let v = Verdict::of(&[
+            refused,
+            answered(200, r#"{"published":0,"dead_lettered":0,"spooled":1}"#),
+        ]);
+        assert_eq!(v.exit_code(), 1);
+        assert_eq!(v.explanation(), None);
     }
 
     #[tokio::test]

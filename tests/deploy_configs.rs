@@ -117,7 +117,12 @@ async fn kubernetes_configmap_checks_and_serves() {
             .unwrap()
             .clone()
     };
-    let (config_map, secret, deployment) = (kind("ConfigMap"), kind("Secret"), kind("Deployment"));
+    let (config_map, deployment) = (kind("ConfigMap"), kind("Deployment"));
+    // The Secret lives in its own file (created once, never re-applied with the manifest).
+    let secret = yaml_docs("deploy/kubernetes/secret.example.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == Value::String("Secret".into()))
+        .expect("a Secret");
     let container = &seq(&deployment["spec"]["template"]["spec"]["containers"])[0];
 
     let dir = std::env::temp_dir().join(unique("k8s-config"));

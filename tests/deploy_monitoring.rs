@@ -133,6 +133,34 @@ fn dashboard_is_well_formed_grafana_json() {
     }
 }
 
+/// `PusherBridgeSpoolOld` fires (threshold + `for`) well inside the default duplicate window,
+/// past which a spooled event whose ack was lost can be stored twice.
+#[test]
+fn spool_old_fires_inside_the_duplicate_window() {
+    let doc = yaml(RULES);
+    let rule = seq(&doc["groups"])
+        .iter()
+        .flat_map(|g| seq(&g["rules"]))
+        .find(|r| r["alert"].as_str() == Some("PusherBridgeSpoolOld"))
+        .expect("PusherBridgeSpoolOld");
+    let expr = s(&rule["expr"], "expr");
+    let threshold: f64 = expr
+        .rsplit('>')
+        .next()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no threshold in {expr}"));
+    let pending = humantime::parse_duration(s(&rule["for"], "for")).unwrap();
+    let window = pusher_bridge::config::Settings::default()
+        .broker
+        .nats
+        .duplicate_window;
+    let fires_at = threshold + pending.as_secs_f64();
+    assert!(
+        fires_at <= window.as_secs_f64() * 0.75,
+        "fires at {fires_at} s, the duplicate window is {window:?}"
+    );
+}
+
 #[test]
 fn alert_rules_cover_the_failure_modes() {
     let rules = alert_rules();
@@ -156,8 +184,18 @@ fn alert_rules_cover_the_failure_modes() {
         expr_of("PusherBridgeSweeperStale")
             .contains("pusher_bridge_sweeper_last_success_timestamp_seconds")
     );
+    assert!(
+        expr_of("PusherBridgeSpoolNearlyFull").contains("pusher_bridge_spool_max_bytes"),
+        "an alert on the spool nearing spool.max_bytes"
+    );
     let doc = yaml(RULES);
     for rule in seq(&doc["groups"]).iter().flat_map(|g| seq(&g["rules"])) {
+        // Annotation-based Kubernetes scraping gives the job another name.
+        let expr = s(&rule["expr"], "expr");
+        assert!(
+            !expr.contains("job="),
+            "{expr} needs a particular job label"
+        );
         let severity = s(&rule["labels"]["severity"], "severity");
         assert!(["critical", "warning"].contains(&severity), "{rule:?}");
         assert!(rule["annotations"]["summary"].is_string(), "{rule:?}");

@@ -5,6 +5,8 @@
 //! dead-letter storage. Errors say whether retrying can help ([`PublishError::is_retryable`]).
 
 pub mod amqp;
+pub mod cloudevents;
+pub mod connection_log;
 pub mod nats;
 #[cfg(feature = "bench-null-broker")]
 pub mod null;
@@ -54,6 +56,16 @@ pub enum DlqReason {
 }
 
 impl DlqReason {
+    /// Every reason (the metrics create a dead-letter series for each at start-up).
+    pub const ALL: [DlqReason; 6] = [
+        DlqReason::Malformed,
+        DlqReason::NoStream,
+        DlqReason::TooLarge,
+        DlqReason::Rejected,
+        DlqReason::Nacked,
+        DlqReason::Unroutable,
+    ];
+
     /// Label / header value.
     pub fn as_str(self) -> &'static str {
         match self {

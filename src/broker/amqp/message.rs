@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::broker::{
-    DeadLetter, DlqReason, Message, PublishError, dead_letter_id, header_safe, headers,
+    DeadLetter, DlqReason, Message, PublishError, cloudevents, dead_letter_id, header_safe, headers,
 };
 
 /// `content_type` of every message: the body is the event's JSON.
@@ -62,6 +62,14 @@ fn message_headers(msg: &Message) -> FieldTable {
     event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms)
 }
 
+/// Adds the CloudEvents binary-mode headers of `msg` ([`cloudevents::Attributes`]); the
+/// `datacontenttype` is the `content_type` property, as the RabbitMQ binding maps it.
+fn cloudevents_headers(h: &mut FieldTable, msg: &Message) {
+    for (name, value) in cloudevents::Attributes::of(msg).headers() {
+        put(h, name, value);
+    }
+}
+
 fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> BasicProperties {
     BasicProperties::default()
         .with_content_type(short(CONTENT_TYPE))
@@ -72,9 +80,13 @@ fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> Basi
 }
 
 /// Properties of an event: persistent, JSON, `message_id` = the deterministic id, `timestamp` =
-/// publish time (unix seconds), headers as on NATS.
-pub fn event_properties(msg: &Message, now_secs: u64) -> BasicProperties {
-    base_properties(&msg.msg_id, message_headers(msg), now_secs)
+/// publish time (unix seconds), headers as on NATS (with `cloudevents`, the `ce-` ones too).
+pub fn event_properties(msg: &Message, now_secs: u64, cloudevents: bool) -> BasicProperties {
+    let mut h = message_headers(msg);
+    if cloudevents {
+        cloudevents_headers(&mut h, msg);
+    }
+    base_properties(&msg.msg_id, h, now_secs)
 }
 
 /// Properties of a dead letter: the event's headers plus where it was going, why, how often it
@@ -148,7 +160,7 @@ mod tests {
 
     #[test]
     fn event_properties_are_persistent_json_with_id_time_and_headers() {
-        let p = event_properties(&msg(), 1_700_000_001);
+        let p = event_properties(&msg(), 1_700_000_001, false);
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(
             p.content_type().as_ref().map(|s| s.as_str()),
@@ -167,6 +179,36 @@ mod tests {
             Some("1700000000123")
         );
         assert_eq!(p.headers().as_ref().unwrap().inner().len(), 4);
+    }
+
+    #[test]
+    fn cloudevents_adds_the_ce_headers_only_when_asked() {
+        let p = event_properties(&msg(), 1_700_000_001, true);
+        assert_eq!(header(&p, "ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(header(&p, "ce-id").as_deref(), Some("abc-3"));
+        assert_eq!(
+            header(&p, "ce-type").as_deref(),
+            Some("com.pusher.member_added")
+        );
+        assert_eq!(header(&p, "ce-source").as_deref(), Some("/apps/1"));
+        assert_eq!(header(&p, "ce-subject").as_deref(), Some("presence-a.b"));
+        assert_eq!(
+            header(&p, "ce-time").as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(p.headers().as_ref().unwrap().inner().len(), 10);
+        let dl = DeadLetter {
+            message: msg(),
+            reason: DlqReason::Nacked,
+            detail: String::new(),
+            attempts: 1,
+            first_failure_ms: 1,
+        };
+        assert_eq!(header(&dead_letter_properties(&dl, 7), "ce-id"), None);
     }
 
     #[test]

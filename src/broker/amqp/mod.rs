@@ -64,6 +64,8 @@ struct Shared {
     /// Wakes the recovery loop (connection error, closed channel).
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// `broker.cloudevents`: event messages carry `ce-` headers.
+    cloudevents: bool,
 }
 
 impl AmqpBroker {
@@ -81,7 +83,14 @@ impl AmqpBroker {
         let exchange = short("broker.amqp.exchange", &s.exchange)?;
         let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
         let channels = s.channels.max(1);
+        let log = Arc::new(super::connection_log::ConnectionLog::new(
+            "RabbitMQ",
+            "amqp",
+            s.url.redacted(),
+            metrics.clone(),
+        ));
         let cfg = SessionConfig {
+            log,
             endpoint,
             per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
             declare: settings.broker.declare,
@@ -96,6 +105,7 @@ impl AmqpBroker {
             next: AtomicUsize::new(0),
             wake: Arc::new(Notify::new()),
             metrics,
+            cloudevents: settings.broker.cloudevents,
         });
         shared.metrics.set_broker_up(false);
         let (shutdown, stop) = watch::channel(false);
@@ -132,7 +142,11 @@ impl AmqpBroker {
             routing_key: message::routing_key(&msg.subject)?,
             msg_id: msg.msg_id.clone(),
             body: msg.body.clone(),
-            properties: message::event_properties(msg, message::now_secs()),
+            properties: message::event_properties(
+                msg,
+                message::now_secs(),
+                self.shared.cloudevents,
+            ),
         };
         self.shared.send(out, timeout).await
     }
@@ -158,7 +172,7 @@ impl AmqpBroker {
                     routing_key: message::routing_key(&msg.subject)?,
                     msg_id: msg.msg_id.clone(),
                     body: msg.body.clone(),
-                    properties: message::event_properties(msg, now),
+                    properties: message::event_properties(msg, now, self.shared.cloudevents),
                 };
                 publisher.enqueue(out)
             })
@@ -289,6 +303,7 @@ impl Shared {
             },
             _ => {
                 if let Some(old) = self.take_session() {
+                    self.cfg.log.disconnected(None);
                     old.close("reconnecting").await;
                 }
                 let opened = tokio::time::timeout(
@@ -307,14 +322,13 @@ impl Shared {
                             declared = self.cfg.declare,
                             "connected to RabbitMQ"
                         );
+                        self.cfg.log.connected();
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot connect to RabbitMQ; retrying")
-                    }
-                    Err(_) => tracing::warn!(
-                        timeout_ms = CONNECT_TIMEOUT.as_millis() as u64,
-                        "connecting to RabbitMQ timed out; retrying"
-                    ),
+                    Ok(Err(e)) => self.cfg.log.connect_failed(&e),
+                    Err(_) => self.cfg.log.connect_failed(&format_args!(
+                        "no connection within {} ms",
+                        CONNECT_TIMEOUT.as_millis()
+                    )),
                 }
             }
         }

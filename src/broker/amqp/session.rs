@@ -12,6 +12,7 @@ use super::endpoint::Endpoint;
 use super::publish::ChannelPublisher;
 use super::topology;
 use crate::broker::BrokerError;
+use crate::broker::connection_log::ConnectionLog;
 use crate::config::AmqpSettings;
 use crate::metrics::Metrics;
 
@@ -25,6 +26,8 @@ pub struct SessionConfig {
     pub endpoint: Endpoint,
     /// Publishes allowed to await confirms on one channel.
     pub per_channel_in_flight: usize,
+    /// Warnings about the connection (lost, cannot connect, back).
+    pub log: Arc<ConnectionLog>,
 }
 
 /// A connection and its confirm-mode publishing channels.
@@ -43,7 +46,12 @@ impl Session {
         metrics: Arc<Metrics>,
     ) -> Result<Self, BrokerError> {
         let conn = cfg.endpoint.open().await?;
-        let watcher = tokio::spawn(watch_events(conn.events_listener(), wake, metrics));
+        let watcher = tokio::spawn(watch_events(
+            conn.events_listener(),
+            wake,
+            metrics,
+            cfg.log.clone(),
+        ));
         match Self::prepare(&conn, cfg).await {
             Ok(publishers) => Ok(Self {
                 conn,
@@ -150,12 +158,13 @@ async fn watch_events(
     events: impl futures::Stream<Item = Event>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    log: Arc<ConnectionLog>,
 ) {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         match event {
             Event::Error(e) => {
-                tracing::warn!(error = %e, "RabbitMQ connection failed; reconnecting");
+                log.disconnected(Some(&e));
                 metrics.set_broker_up(false);
                 wake.notify_one();
             }

@@ -15,7 +15,8 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::{ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 
-use super::{BrokerError, DeadLetter, Message, PublishError, headers};
+use super::connection_log::ConnectionLog;
+use super::{BrokerError, DeadLetter, Message, PublishError, cloudevents, headers};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::routing;
@@ -38,6 +39,8 @@ pub struct NatsBroker {
     settings: NatsSettings,
     /// How long the JetStream context waits for an ack (`broker.publish_timeout`).
     ack_timeout: Duration,
+    /// `broker.cloudevents`: event messages carry `ce-` headers.
+    cloudevents: bool,
     topology_task: tokio::task::JoinHandle<()>,
 }
 
@@ -173,6 +176,12 @@ impl NatsBroker {
         let connected = Arc::new(AtomicBool::new(false));
         let topology_ready = Arc::new(AtomicBool::new(!settings.broker.declare));
         let reconnected = Arc::new(Notify::new());
+        let log = Arc::new(ConnectionLog::new(
+            "NATS",
+            "nats",
+            s.url.redacted(),
+            metrics.clone(),
+        ));
         let opts = {
             let connected = connected.clone();
             let topology_ready = topology_ready.clone();
@@ -184,12 +193,14 @@ impl NatsBroker {
                 let topology_ready = topology_ready.clone();
                 let reconnected = reconnected.clone();
                 let metrics = metrics.clone();
+                let log = log.clone();
                 async move {
                     match event {
                         Event::Connected => {
                             connected.store(true, Ordering::SeqCst);
                             reconnected.notify_one();
                             metrics.set_broker_up(topology_ready.load(Ordering::SeqCst));
+                            log.connected();
                         }
                         Event::Disconnected | Event::Closed => {
                             connected.store(false, Ordering::SeqCst);
@@ -197,7 +208,10 @@ impl NatsBroker {
                                 topology_ready.store(false, Ordering::SeqCst);
                             }
                             metrics.set_broker_up(false);
+                            log.disconnected(None);
                         }
+                        // Failed (re)connection attempts: async-nats retries on its own.
+                        Event::ClientError(e) => log.connect_failed(&e),
                         _ => {}
                     }
                 }
@@ -230,6 +244,7 @@ impl NatsBroker {
             prefix,
             settings: s,
             ack_timeout: settings.broker.publish_timeout,
+            cloudevents: settings.broker.cloudevents,
             topology_task,
         })
     }
@@ -265,7 +280,7 @@ impl NatsBroker {
     pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
         self.send(
             msg.subject.clone(),
-            event_headers(msg),
+            event_headers(msg, self.cloudevents),
             msg.body.clone(),
             timeout,
         )
@@ -293,7 +308,7 @@ impl NatsBroker {
             }
             let publish = PublishMessage::build()
                 .payload(m.body.clone())
-                .headers(event_headers(m));
+                .headers(event_headers(m, self.cloudevents));
             let sent =
                 tokio::time::timeout_at(deadline, self.js.send_publish(m.subject.clone(), publish))
                     .await;
@@ -321,7 +336,7 @@ impl NatsBroker {
         timeout: Duration,
     ) -> Result<(), PublishError> {
         let m = &dl.message;
-        let mut h = event_headers(m);
+        let mut h = event_headers(m, false);
         h.insert(
             async_nats::header::NATS_MESSAGE_ID,
             super::dead_letter_id(&m.msg_id).as_str(),
@@ -390,9 +405,10 @@ const CHANNEL: HeaderName = HeaderName::from_static(headers::CHANNEL);
 const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
 
 /// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and the app,
-/// event, channel and `time_ms` for consumers that filter without parsing the body.
-fn event_headers(msg: &Message) -> HeaderMap {
-    [
+/// event, channel and `time_ms` for consumers that filter without parsing the body; with
+/// `cloudevents`, the CloudEvents attributes too (dead letters are not CloudEvents: `false`).
+fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
+    let mut h: HeaderMap = [
         (
             async_nats::header::NATS_MESSAGE_ID,
             HeaderValue::from(msg.msg_id.as_str()),
@@ -404,7 +420,36 @@ fn event_headers(msg: &Message) -> HeaderMap {
         (TIME_MS, HeaderValue::from(msg.time_ms.as_str())),
     ]
     .into_iter()
-    .collect()
+    .collect();
+    if cloudevents {
+        cloudevents_headers(&mut h, msg);
+    }
+    h
+}
+
+/// `ce-` header names, built once (see [`CONTENT_TYPE`]).
+const CE_SPECVERSION: HeaderName = HeaderName::from_static(cloudevents::SPECVERSION);
+const CE_ID: HeaderName = HeaderName::from_static(cloudevents::ID);
+const CE_TYPE: HeaderName = HeaderName::from_static(cloudevents::TYPE);
+const CE_SOURCE: HeaderName = HeaderName::from_static(cloudevents::SOURCE);
+const CE_SUBJECT: HeaderName = HeaderName::from_static(cloudevents::SUBJECT);
+const CE_TIME: HeaderName = HeaderName::from_static(cloudevents::TIME);
+/// The NATS binding's `datacontenttype` header. NATS header names are case-sensitive, so it
+/// is sent beside `Content-Type`, which existing consumers read.
+const CE_CONTENT_TYPE: HeaderName = HeaderName::from_static("content-type");
+
+/// Adds the CloudEvents binary-mode headers of `msg` ([`cloudevents::Attributes`]).
+fn cloudevents_headers(h: &mut HeaderMap, msg: &Message) {
+    let a = cloudevents::Attributes::of(msg);
+    h.insert(CE_SPECVERSION, cloudevents::SPEC_VERSION);
+    h.insert(CE_ID, a.id);
+    h.insert(CE_TYPE, a.kind.as_str());
+    h.insert(CE_SOURCE, a.source.as_str());
+    h.insert(CE_SUBJECT, a.subject);
+    if let Some(t) = &a.time {
+        h.insert(CE_TIME, t.as_str());
+    }
+    h.insert(CE_CONTENT_TYPE, "application/json");
 }
 
 #[allow(clippy::too_many_arguments)] // Why: one call site, all of it the broker's shared state.
@@ -456,6 +501,8 @@ async fn topology_loop(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn bridge_wants(replicas: usize) -> stream::Config {
@@ -498,5 +545,37 @@ mod tests {
         assert_eq!(cfg.num_replicas, 1, "replicas move in their own update");
         assert_eq!(replicas_upgrade(&cfg, &want), Some(3));
         assert_eq!(replicas_upgrade(&cfg, &bridge_wants(1)), None);
+    }
+
+    fn msg() -> Message {
+        Message {
+            subject: "pusher.1.channel_occupied.c".into(),
+            msg_id: "abc-0".into(),
+            body: bytes::Bytes::from_static(b"{}"),
+            app_id: Arc::from("1"),
+            event: "channel_occupied".into(),
+            channel: "c".into(),
+            time_ms: "1700000000123".into(),
+        }
+    }
+
+    #[test]
+    fn cloudevents_headers_only_when_asked() {
+        let plain = event_headers(&msg(), false);
+        assert!(plain.get("ce-id").is_none());
+        let h = event_headers(&msg(), true);
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
+        assert_eq!(get("ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(get("ce-id").as_deref(), Some("abc-0"));
+        assert_eq!(
+            get("ce-type").as_deref(),
+            Some("com.pusher.channel_occupied")
+        );
+        assert_eq!(get("ce-source").as_deref(), Some("/apps/1"));
+        assert_eq!(get("ce-subject").as_deref(), Some("c"));
+        assert_eq!(get("ce-time").as_deref(), Some("2023-11-14T22:13:20.123Z"));
+        assert_eq!(get("content-type").as_deref(), Some("application/json"));
+        assert_eq!(get("Content-Type").as_deref(), Some("application/json"));
+        assert_eq!(get("Nats-Msg-Id").as_deref(), Some("abc-0"));
     }
 }
