@@ -412,8 +412,8 @@ impl Metrics {
             .inc_by(0);
     }
 
-    /// Creates the sweeper series of `target` (`events`, `dlq`): runs of every outcome and
-    /// purged at 0, last success = now, so "stale" means "no success for that long since
+    /// Creates the sweeper series of `target` (`events`, `dlq`): runs of every outcome at 0
+    /// (purged per app and rule comes from the sweeper), last success = now, so "stale" means "no success for that long since
     /// start-up" and fires for a sweeper that never succeeds.
     pub fn init_sweeper_target(&self, target: &str) {
         for outcome in SWEEP_OUTCOMES {
