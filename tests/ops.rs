@@ -53,7 +53,7 @@ async fn nats_away_is_said_plainly_and_back_in_one_line() {
         ),
         format!(r#"pusher_bridge_webhooks_received_total{{app_id="{APP_ID}",outcome="accepted"}}"#),
         r#"pusher_bridge_sweeper_runs_total{target="events",outcome="failure"}"#.into(),
-        r#"pusher_bridge_sweeper_purged_total{target="dlq"}"#.into(),
+        r#"pusher_bridge_sweeper_purged_total{target="dlq",app_id="*",rule="default"}"#.into(),
         r#"pusher_bridge_broker_reconnects_total{broker="nats"}"#.into(),
     ] {
         assert_eq!(value(&text, &series), Some(0.0), "{series} in:\n{text}");
