@@ -149,6 +149,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Log format and level.
     pub log: LogSettings,
+    /// Channel state (occupancy, subscription counts, presence members) kept in NATS KV.
+    pub state: StateSettings,
 }
 
 /// `[server]`: the HTTP side.
@@ -604,6 +606,44 @@ impl Default for LogSettings {
     }
 }
 
+/// `[state]`: channel state kept from the webhooks in a NATS JetStream KV bucket and served
+/// with Pusher's HTTP API paths (see [`crate::state`]).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    /// Keep channel state and serve `GET /apps/{app_id}/channels...`. Off by default.
+    pub enabled: bool,
+    /// NATS holding the KV bucket; default `broker.nats.url` (needed with `broker.kind = "amqp"`
+    /// unless NATS runs at that default). Uses the auth / TLS settings of `[broker.nats]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<SecretUrl>,
+    /// The KV bucket (its stream is `KV_<bucket>`); replicas follow `broker.nats.replicas`.
+    pub bucket: String,
+    /// Name of the durable consumers (NATS: `<durable>_<event>` on the events stream) or the
+    /// durable queue suffix (AMQP: `<broker.amqp.queue>.<durable>`) the state is applied from.
+    pub durable: String,
+    /// Vacated channels and removed members stay as tombstones this long, so a late older
+    /// event (Pusher retries for 5 minutes) cannot bring them back; then they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_ttl: Duration,
+    /// How often each replica drops tombstones older than `tombstone_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            nats_url: None,
+            bucket: "PUSHER_STATE".into(),
+            durable: "state".into(),
+            tombstone_ttl: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Which file the settings come from: `--config`, else `$PUSHER_BRIDGE_CONFIG`, else
 /// `config/pusher-bridge.toml` when it exists, else none (built-in defaults).
 pub fn resolve_path(cli: Option<&Path>) -> Option<PathBuf> {
@@ -814,6 +854,7 @@ impl Settings {
         if self.spool.segment_bytes == 0 {
             return Err(invalid("spool.segment_bytes", "must be greater than 0"));
         }
+        self.validate_state()?;
         if !self.retention.dlq.overrides.is_empty() {
             return Err(invalid(
                 "retention.dlq.overrides",
@@ -864,6 +905,41 @@ impl Settings {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks of `[state]`.
+    fn validate_state(&self) -> Result<(), ConfigError> {
+        let s = &self.state;
+        let bucket_ok = !s.bucket.is_empty()
+            && s.bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !bucket_ok {
+            return Err(invalid(
+                "state.bucket",
+                "must be non-empty and hold only A-Z a-z 0-9 _ -",
+            ));
+        }
+        let durable_ok = !s.durable.is_empty()
+            && s.durable
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !durable_ok {
+            return Err(invalid(
+                "state.durable",
+                "must be non-empty and hold only A-Z a-z 0-9 _ -",
+            ));
+        }
+        if s.tombstone_ttl < Duration::from_secs(600) {
+            return Err(invalid(
+                "state.tombstone_ttl",
+                "must be at least 10m: Pusher retries webhooks for 5 minutes",
+            ));
+        }
+        if s.sweep_interval.is_zero() {
+            return Err(invalid("state.sweep_interval", "must be greater than 0"));
         }
         Ok(())
     }

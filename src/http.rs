@@ -57,6 +57,16 @@ fn json(status: StatusCode, value: serde_json::Value) -> Resp {
 /// Serves HTTP on `listener` until `shutdown` completes, then lets in-flight requests finish
 /// for up to `server.shutdown_grace`.
 pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Future<Output = ()>) {
+    serve_with_state(listener, bridge, None, shutdown).await;
+}
+
+/// [`serve`], plus the channel-state query API (`/apps/...`) when `state` is given.
+pub async fn serve_with_state(
+    listener: TcpListener,
+    bridge: Arc<Bridge>,
+    state: Option<crate::state::api::SharedApi>,
+    shutdown: impl Future<Output = ()>,
+) {
     let graceful = GracefulShutdown::new();
     let header_timeout = bridge.settings().server.header_read_timeout;
     let grace = bridge.settings().server.shutdown_grace;
@@ -75,9 +85,11 @@ pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Fu
                 };
                 let _ = stream.set_nodelay(true);
                 let bridge = bridge.clone();
+                let state = state.clone();
                 let service = service_fn(move |req| {
                     let bridge = bridge.clone();
-                    async move { Ok::<_, Infallible>(route(req, &bridge).await) }
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(req, &bridge, state.as_deref()).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -103,10 +115,18 @@ pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Fu
     }
 }
 
-async fn route(req: Request<Incoming>, bridge: &Bridge) -> Resp {
+async fn route(
+    req: Request<Incoming>,
+    bridge: &Bridge,
+    state: Option<&crate::state::StateApi>,
+) -> Resp {
     let path = req.uri().path();
     if path == bridge.settings().server.webhook_path {
         return webhook(req, bridge).await;
+    }
+    if path.starts_with("/apps/") {
+        let (status, body) = crate::state::api::http_answer(req.method(), req.uri(), state).await;
+        return json(status, body);
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),

@@ -15,6 +15,8 @@
 //! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
 //! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
 //! - [`shutdown`]: the stop signal background tasks select on.
+//! - [`state`]: channel state (occupancy, subscription counts, presence members) in NATS KV,
+//!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
 
@@ -29,6 +31,7 @@ pub mod routing;
 pub mod sendtest;
 pub mod shutdown;
 pub mod spool;
+pub mod state;
 pub mod sweeper;
 pub mod webhook;
 
@@ -53,6 +56,9 @@ pub enum StartError {
     /// The spool directory could not be opened (or another process holds it).
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The channel state (`[state]`) could not be set up.
+    #[error(transparent)]
+    State(#[from] state::StateError),
 }
 
 /// Opens the spool, connects the broker and builds the webhook pipeline (no listener yet, no
@@ -105,12 +111,17 @@ pub async fn run(
         bridge.settings().broker.publish_timeout,
         bridge.settings().spool.drain_interval,
     );
+    let (state_api, state_task) =
+        start_state(bridge.settings(), bridge.metrics(), &background).await?;
     let drainer = tokio::spawn(drainer.run(background));
     let shutdown = async move {
         shutdown.await;
         stop_background.trigger();
     };
-    http::serve(listener, bridge.clone(), shutdown).await;
+    http::serve_with_state(listener, bridge.clone(), state_api, shutdown).await;
+    if let Some(task) = state_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     let wait = std::time::Duration::from_secs(5);
     if tokio::time::timeout(wait, drainer).await.is_err() {
         tracing::warn!("the spool drainer did not stop in time");
@@ -121,4 +132,45 @@ pub async fn run(
     bridge.spool().close().await;
     bridge.broker().close().await;
     Ok(())
+}
+
+/// With `[state] enabled`: connects to the KV's NATS (and, for a NATS broker at another URL, to
+/// the events' NATS), declares the AMQP state queue before any webhook is served, and spawns the
+/// applier. Returns the query API and the task.
+async fn start_state(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+    background: &shutdown::Shutdown,
+) -> Result<
+    (
+        Option<state::api::SharedApi>,
+        Option<tokio::task::JoinHandle<()>>,
+    ),
+    StartError,
+> {
+    if !settings.state.enabled {
+        return Ok((None, None));
+    }
+    let kv_settings = state::kv_nats_settings(settings);
+    let kv = state::connect(&kv_settings).await?;
+    let events = match settings.broker.kind {
+        config::BrokerKind::Amqp => {
+            if let Err(e) = state::applier::amqp::declare(settings).await {
+                // Declared again by the applier once RabbitMQ answers.
+                tracing::warn!(error = %e, "state: could not declare the state queue yet");
+            }
+            None
+        }
+        _ if kv_settings.url == settings.broker.nats.url => Some(kv.clone()),
+        _ => Some(state::connect(&settings.broker.nats).await?),
+    };
+    let api = Arc::new(state::StateApi::new(settings, kv.clone()));
+    let task = tokio::spawn(state::run(
+        Arc::new(settings.clone()),
+        kv,
+        events,
+        metrics.clone(),
+        background.clone(),
+    ));
+    Ok((Some(api), Some(task)))
 }

@@ -62,6 +62,32 @@ enum Command {
         #[command(subcommand)]
         action: DlqCommand,
     },
+    /// Show the channel state ([state]) read from its KV bucket.
+    State {
+        #[command(subcommand)]
+        action: StateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// The occupied channels, with subscription count and (presence) user count.
+    Channels {
+        /// App id (default: the first configured app).
+        #[arg(long)]
+        app: Option<String>,
+        /// Only channels whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// The members of a presence channel, one user id per line.
+    Members {
+        /// The channel, e.g. presence-room-1.
+        channel: String,
+        /// App id (default: the first configured app).
+        #[arg(long)]
+        app: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +153,7 @@ fn main() -> std::process::ExitCode {
         Command::SendTest { url, event } => send_test(cli.config.as_ref(), url, &event),
         Command::Healthcheck { ready, timeout } => healthcheck(cli.config.as_ref(), ready, timeout),
         Command::Sweep { once, dry_run } => sweep(cli.config.as_ref(), once, dry_run),
+        Command::State { action } => state(cli.config.as_ref(), action),
     };
     match result {
         Ok(code) => code,
@@ -290,4 +317,27 @@ fn sweep(
             std::process::ExitCode::SUCCESS
         })
     })
+}
+
+fn state(path: Option<&PathBuf>, action: StateCommand) -> anyhow::Result<std::process::ExitCode> {
+    use pusher_bridge::state::client;
+    let settings = load(path)?;
+    let app = |app: Option<String>| {
+        client::app_or_first(&settings, app.as_deref())
+            .context("no --app given and no [[apps]] configured")
+    };
+    let lines = match action {
+        StateCommand::Channels { app: id, prefix } => {
+            let id = app(id)?;
+            small_runtime()?.block_on(client::channel_lines(&settings, &id, &prefix))?
+        }
+        StateCommand::Members { channel, app: id } => {
+            let id = app(id)?;
+            small_runtime()?.block_on(client::member_lines(&settings, &id, &channel))?
+        }
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

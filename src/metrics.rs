@@ -57,6 +57,12 @@ pub const BUILD_INFO: &str = "pusher_bridge_build";
 pub const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
 /// `pusher_bridge_broker_reconnects_total{broker}`: connections re-established after a loss.
 pub const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
+/// `pusher_bridge_state_updates_total{outcome}`: state events applied (`applied`), ignored as
+/// older than the stored state (`stale`), or whose KV write failed (`failed`, retried later).
+pub const STATE_UPDATES: &str = "pusher_bridge_state_updates";
+/// `pusher_bridge_state_lag_seconds` gauge: age (now minus the webhook's `time_ms`) of the
+/// last event the state applier processed.
+pub const STATE_LAG: &str = "pusher_bridge_state_lag_seconds";
 
 /// Every exported family name as it appears in the text output, for tests and deploy checks.
 pub const EXPORTED_NAMES: &[&str] = &[
@@ -83,6 +89,8 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "process_open_fds",
     "process_max_fds",
     "process_start_time_seconds",
+    "pusher_bridge_state_updates_total",
+    "pusher_bridge_state_lag_seconds",
 ];
 
 /// Outcome label of `webhooks_received_total`.
@@ -114,6 +122,38 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
         }
     }
+}
+
+/// Outcome label of `state_updates_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateOutcome {
+    /// The update changed the state and was written.
+    Applied,
+    /// Older than (or the same as) what the state holds: nothing written.
+    Stale,
+    /// The KV write failed (retried), or the event could not be read (dropped).
+    Failed,
+}
+
+impl StateOutcome {
+    /// Every outcome, so the series exist from start-up.
+    pub const ALL: [StateOutcome; 3] = [Self::Applied, Self::Stale, Self::Failed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Labels of `state_updates_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// See [`StateOutcome`].
+    pub outcome: &'static str,
 }
 
 /// Labels of `webhooks_received_total`.
@@ -233,6 +273,10 @@ pub struct Metrics {
     pub spool_max_bytes: Gauge,
     /// See [`BROKER_RECONNECTS`].
     pub broker_reconnects: Family<BrokerLabels, Counter>,
+    /// See [`STATE_UPDATES`].
+    pub state_updates: Family<StateLabels, Counter>,
+    /// See [`STATE_LAG`].
+    pub state_lag: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -269,6 +313,8 @@ impl Metrics {
             sweeper_last_success: Family::default(),
             spool_max_bytes: Gauge::default(),
             broker_reconnects: Family::default(),
+            state_updates: Family::default(),
+            state_lag: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -356,6 +402,21 @@ impl Metrics {
             "Broker connections re-established after a loss, by broker",
             m.broker_reconnects.clone(),
         );
+        registry.register(
+            STATE_UPDATES,
+            "Channel-state events by outcome: applied, stale (ignored), failed",
+            m.state_updates.clone(),
+        );
+        registry.register(
+            STATE_LAG,
+            "Seconds between the last state event's webhook time and its processing",
+            m.state_lag.clone(),
+        );
+        for outcome in StateOutcome::ALL {
+            let _ = m.state_updates.get_or_create(&StateLabels {
+                outcome: outcome.as_str(),
+            });
+        }
         registry.register_collector(Box::new(ProcessCollector::new()));
         Self { registry, ..m }
     }
@@ -439,6 +500,15 @@ impl Metrics {
     pub fn broker_reconnected(&self, broker: &'static str) {
         self.broker_reconnects
             .get_or_create(&BrokerLabels { broker })
+            .inc();
+    }
+
+    /// Counts one state event's outcome.
+    pub fn state_update(&self, outcome: StateOutcome) {
+        self.state_updates
+            .get_or_create(&StateLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 

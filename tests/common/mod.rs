@@ -30,6 +30,7 @@ pub mod load;
 pub mod nats_cluster;
 pub mod process;
 pub mod relay;
+pub mod state;
 
 pub use self::amqp::*;
 

@@ -1,0 +1,290 @@
+//! Applies the state from a durable copy of the events, so that every event answered 200 is
+//! applied eventually, also when the KV was unreachable at that moment:
+//!
+//! - NATS: one durable pull consumer per state event on the events stream (NATS 2.9 filters a
+//!   consumer by one subject): `<durable>_<event>` filtered to `<prefix>.*.<event>.>`. Every
+//!   replica pulls from the same consumers; a message is acked only after its KV write (or when
+//!   the write was not needed), else it is redelivered after a pause.
+//! - AMQP: a durable queue `<broker.amqp.queue>.<durable>` bound to the events exchange for the
+//!   same events, consumed with manual acks on the same terms.
+//!
+//! Order does not matter: the merge is order-safe and writes are compare-and-set
+//! ([`super::store`]), so any number of replicas may apply at once.
+
+pub mod amqp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::StateError;
+use super::merge::{Change, Stamp, Update};
+use super::store::{Applied, StateStore};
+use crate::broker::now_ms;
+use crate::metrics::{Metrics, StateOutcome};
+use crate::routing;
+use crate::shutdown::Shutdown;
+
+/// The events the state is made of.
+pub const STATE_EVENTS: [&str; 5] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "subscription_count",
+];
+
+/// Messages applied at once per replica (the KV round trips overlap).
+const CONCURRENCY: usize = 64;
+/// A message whose KV write failed comes back after this pause.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why a message cannot become a state update (it is dropped: retrying cannot help).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the JSON object of an event.
+    #[error("not an event object: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A field the state needs is missing or has the wrong type.
+    #[error("{0}")]
+    Field(&'static str),
+}
+
+#[derive(Deserialize)]
+struct EventBody {
+    name: Option<String>,
+    channel: Option<String>,
+    user_id: Option<serde_json::Value>,
+    subscription_count: Option<serde_json::Value>,
+    app_id: Option<String>,
+    time_ms: Option<serde_json::Value>,
+}
+
+fn as_i64(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_f64().map(|f| f as i64))
+}
+
+/// Turns a published event (body and message id `<digest>-<index>`) into a state update;
+/// `Ok(None)` for events the state does not keep.
+pub fn decode(body: &[u8], message_id: Option<&str>) -> Result<Option<Update>, DecodeError> {
+    let e: EventBody = serde_json::from_slice(body).map_err(DecodeError::Json)?;
+    let Some(name) = e.name.as_deref() else {
+        return Err(DecodeError::Field("no event name"));
+    };
+    if !STATE_EVENTS.contains(&name) {
+        return Ok(None);
+    }
+    let channel = e.channel.ok_or(DecodeError::Field("no channel"))?;
+    let app_id = e.app_id.ok_or(DecodeError::Field("no app_id"))?;
+    let time_ms = e
+        .time_ms
+        .as_ref()
+        .and_then(as_i64)
+        .ok_or(DecodeError::Field("no numeric time_ms"))?;
+    let user = || match &e.user_id {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        // Some senders send numbers; the id is the same text either way.
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(DecodeError::Field("no user_id")),
+    };
+    let change = match name {
+        "channel_occupied" => Change::Occupied(true),
+        "channel_vacated" => Change::Occupied(false),
+        "member_added" => Change::Member {
+            user_id: user()?,
+            present: true,
+        },
+        "member_removed" => Change::Member {
+            user_id: user()?,
+            present: false,
+        },
+        _ => {
+            let count = match &e.subscription_count {
+                Some(serde_json::Value::Number(n)) => n.as_u64(),
+                Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+                _ => None,
+            };
+            Change::SubscriptionCount(
+                count.ok_or(DecodeError::Field("subscription_count is not a count"))?,
+            )
+        }
+    };
+    let (webhook, index) = message_id
+        .and_then(|id| id.rsplit_once('-'))
+        .and_then(|(digest, index)| Some((digest.to_string(), index.parse().ok()?)))
+        .unwrap_or_default();
+    Ok(Some(Update {
+        app_id,
+        channel,
+        change,
+        stamp: Stamp {
+            time_ms,
+            index,
+            webhook,
+        },
+    }))
+}
+
+/// What to do with the message an update came from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done (written, stale, or not a state event): ack.
+    Ack,
+    /// The KV write failed: redeliver later.
+    Retry,
+    /// Can never be applied: drop (and count as failed).
+    Drop,
+}
+
+/// Decodes and applies one message, counting the outcome.
+pub async fn apply_message(
+    store: &StateStore,
+    metrics: &Metrics,
+    body: &[u8],
+    message_id: Option<&str>,
+) -> Verdict {
+    let update = match decode(body, message_id) {
+        Ok(Some(u)) => u,
+        Ok(None) => return Verdict::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, message_id, "state: dropping an event it cannot read");
+            metrics.state_update(StateOutcome::Failed);
+            return Verdict::Drop;
+        }
+    };
+    match store.apply(&update).await {
+        Ok(applied) => {
+            metrics.state_update(match applied {
+                Applied::Written => StateOutcome::Applied,
+                Applied::Stale => StateOutcome::Stale,
+            });
+            let lag_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX) - update.stamp.time_ms;
+            metrics.state_lag.set(lag_ms.max(0) as f64 / 1000.0);
+            Verdict::Ack
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, app_id = %update.app_id, channel = %update.channel, "state: update failed, will retry");
+            metrics.state_update(StateOutcome::Failed);
+            Verdict::Retry
+        }
+    }
+}
+
+/// Name of the durable consumer of one event.
+pub fn consumer_name(durable: &str, event: &str) -> String {
+    format!("{durable}_{event}")
+}
+
+/// Creates (or finds) the durable consumers on the events stream.
+async fn nats_consumers(
+    js: &jetstream::Context,
+    stream: &str,
+    prefix: &str,
+    durable: &str,
+) -> Result<Vec<consumer::PullConsumer>, StateError> {
+    let stream = js.get_stream(stream).await.map_err(|e| StateError::Kv {
+        what: "cannot find the events stream",
+        source: Box::new(e),
+    })?;
+    let mut out = Vec::with_capacity(STATE_EVENTS.len());
+    for event in STATE_EVENTS {
+        let name = consumer_name(durable, event);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some("pusher-bridge channel state".into()),
+            filter_subject: format!("{prefix}.*.{}.>", routing::escape_token(event)),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 4096,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let c = stream
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| StateError::Kv {
+                what: "cannot create the state consumer",
+                source: Box::new(e),
+            })?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Pulls from the durable consumers and applies until a consumer's stream ends or `shutdown`.
+async fn consume_nats_once(
+    js: &jetstream::Context,
+    settings: &crate::config::Settings,
+    store: &StateStore,
+    metrics: &Metrics,
+) -> Result<(), StateError> {
+    let consumers = nats_consumers(
+        js,
+        &settings.broker.nats.stream,
+        &settings.broker.subject_prefix,
+        &settings.state.durable,
+    )
+    .await?;
+    let mut streams = Vec::with_capacity(consumers.len());
+    for c in &consumers {
+        streams.push(c.messages().await.map_err(|e| StateError::Kv {
+            what: "cannot pull from the state consumer",
+            source: Box::new(e),
+        })?);
+    }
+    futures::stream::select_all(streams)
+        .for_each_concurrent(CONCURRENCY, |msg| async move {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    // Missed heartbeats while NATS is away and the like: the stream goes on.
+                    tracing::debug!(error = %e, "state consumer");
+                    return;
+                }
+            };
+            let id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_string());
+            let kind = match apply_message(store, metrics, &msg.payload, id.as_deref()).await {
+                Verdict::Ack => AckKind::Ack,
+                Verdict::Retry => AckKind::Nak(Some(RETRY_PAUSE)),
+                Verdict::Drop => AckKind::Term,
+            };
+            if let Err(e) = msg.ack_with(kind).await {
+                // Redelivered after ack_wait; applying it again changes nothing.
+                tracing::debug!(error = %e, "state: ack failed");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// The NATS applier: until `shutdown`, (re)creates the consumers and applies what they deliver.
+pub async fn run_nats(
+    settings: Arc<crate::config::Settings>,
+    events: async_nats::Client,
+    store: StateStore,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let js = jetstream::new(events);
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            result = consume_nats_once(&js, &settings, &store, &metrics) => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "state applier: retrying in 1 s");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+    }
+}

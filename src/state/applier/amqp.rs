@@ -1,0 +1,216 @@
+//! The AMQP source of the state: a durable queue `<broker.amqp.queue>.<state.durable>` bound to
+//! the events exchange for the state events, consumed with manual acks. Declared at start-up
+//! before webhooks are served (see [`declare`]), so it holds a copy of every event published
+//! from then on, whether the KV is reachable or not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use super::{CONCURRENCY, RETRY_PAUSE, STATE_EVENTS, Verdict, apply_message};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::routing;
+use crate::shutdown::Shutdown;
+use crate::state::{StateError, StateStore};
+
+/// Heartbeat of the applier's connection, in seconds.
+const HEARTBEAT_SECS: u16 = 10;
+/// How long connecting and declaring may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The state queue's name: `<broker.amqp.queue>.<state.durable>`.
+pub fn queue_name(settings: &Settings) -> String {
+    format!("{}.{}", settings.broker.amqp.queue, settings.state.durable)
+}
+
+/// The binding keys: `<prefix>.*.<event>.#` for each state event.
+pub fn binding_keys(settings: &Settings) -> Vec<String> {
+    STATE_EVENTS
+        .iter()
+        .map(|e| {
+            format!(
+                "{}.*.{}.#",
+                settings.broker.subject_prefix,
+                routing::escape_token(e)
+            )
+        })
+        .collect()
+}
+
+fn short(value: &str) -> Result<ShortString, StateError> {
+    ShortString::try_new(value)
+        .map_err(|_| StateError::Amqp(format!("name longer than 255 bytes: {value}")))
+}
+
+/// Declares the events exchange (as the broker does), the state queue and its bindings.
+pub async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), StateError> {
+    let err = |what: &str, e: lapin::Error| StateError::Amqp(format!("{what}: {e}"));
+    let exchange = short(&settings.broker.amqp.exchange)?;
+    let queue = short(&queue_name(settings))?;
+    channel
+        .exchange_declare(
+            exchange.clone(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| err("events exchange", e))?;
+    channel
+        .queue_declare(
+            queue.clone(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| err("state queue", e))?;
+    for key in binding_keys(settings) {
+        channel
+            .queue_bind(
+                queue.clone(),
+                exchange.clone(),
+                short(&key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| err("state queue binding", e))?;
+    }
+    Ok(())
+}
+
+async fn connect(settings: &Settings) -> Result<lapin::Connection, StateError> {
+    let name = format!("{}-state", settings.broker.amqp.connection_name);
+    crate::broker::amqp::endpoint::connect(
+        &settings.broker.amqp,
+        &name,
+        HEARTBEAT_SECS,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| StateError::Amqp(e.to_string()))
+}
+
+/// Declares the state queue once on its own connection (start-up, before serving webhooks, so
+/// no accepted event misses the queue). Fails when RabbitMQ is unreachable; the applier
+/// declares again on every connect.
+pub async fn declare(settings: &Settings) -> Result<(), StateError> {
+    let conn = connect(settings).await?;
+    let result = async {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| StateError::Amqp(e.to_string()))?;
+        declare_on(&ch, settings).await
+    }
+    .await;
+    let _ = conn.close(200, "declared".into()).await;
+    result
+}
+
+/// Connects, declares and consumes until the connection or consumer ends.
+async fn consume_once(
+    settings: &Settings,
+    store: &StateStore,
+    metrics: &Metrics,
+) -> Result<(), StateError> {
+    let conn = connect(settings).await?;
+    let amqp = |e: lapin::Error| StateError::Amqp(e.to_string());
+    let ch = conn.create_channel().await.map_err(amqp)?;
+    declare_on(&ch, settings).await?;
+    ch.basic_qos(
+        u16::try_from(CONCURRENCY * 4).unwrap_or(256),
+        BasicQosOptions::default(),
+    )
+    .await
+    .map_err(amqp)?;
+    let consumer = ch
+        .basic_consume(
+            short(&queue_name(settings))?,
+            "pusher-bridge-state".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+    consumer
+        .for_each_concurrent(CONCURRENCY, |delivery| async move {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(error = %e, "state consumer");
+                    return;
+                }
+            };
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string());
+            let result = match apply_message(store, metrics, &delivery.data, id.as_deref()).await {
+                Verdict::Ack => delivery.ack(BasicAckOptions::default()).await,
+                Verdict::Drop => {
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await
+                }
+                Verdict::Retry => {
+                    // Requeued at once it would come straight back: pause first.
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                // Unacked deliveries return to the queue when the channel closes.
+                tracing::debug!(error = %e, "state: ack failed");
+            }
+        })
+        .await;
+    let _ = conn.close(200, "consumer ended".into()).await;
+    Ok(())
+}
+
+/// The AMQP applier: until `shutdown`, (re)connects and applies what the state queue delivers.
+pub async fn run(
+    settings: Arc<Settings>,
+    store: StateStore,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            result = consume_once(&settings, &store, &metrics) => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "state applier: retrying in 1 s");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+    }
+}

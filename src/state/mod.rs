@@ -1,0 +1,148 @@
+//! Channel state (`[state]`): which channels are occupied, their last subscription count and
+//! each presence channel's members, per app, kept in a NATS JetStream KV bucket from the
+//! webhooks and served with the paths and signing of Pusher's HTTP API.
+//!
+//! - [`keys`]: the key layout and the reversible escape of channel names and user ids.
+//! - [`merge`]: the order-safe merge, a pure function (newer `time_ms`, then later place in the
+//!   webhook, wins; tombstones keep vacated channels and removed members).
+//! - [`store`]: the bucket, compare-and-set writes retried on conflict, reads, tombstone sweep.
+//! - [`applier`]: applies the state from a durable copy of the events (NATS consumers or an AMQP
+//!   queue), acking each event only after its KV write.
+//! - [`api`]: the query API on `server.listen`.
+//! - [`client`]: the `pusher-bridge state ...` commands.
+
+pub mod api;
+pub mod applier;
+pub mod client;
+pub mod keys;
+pub mod merge;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{NatsSettings, Settings};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+pub use api::StateApi;
+pub use store::StateStore;
+
+/// Why the channel state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The NATS connection for the KV (or the events) could not be set up.
+    #[error("cannot connect to NATS for the channel state: {0}")]
+    Connect(String),
+    /// A KV or JetStream operation failed (retried by the applier; 503 for the query API).
+    #[error("{what}: {source}")]
+    Kv {
+        /// What the bridge was doing.
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Too many writers collided on one key in a row (the event is retried later).
+    #[error("gave up on {key} after repeated concurrent updates")]
+    Contended {
+        /// The KV key.
+        key: String,
+    },
+    /// The AMQP side of the applier failed.
+    #[error("RabbitMQ: {0}")]
+    Amqp(String),
+}
+
+/// `[broker.nats]` pointed at the KV's server (`state.nats_url`, default `broker.nats.url`).
+pub fn kv_nats_settings(settings: &Settings) -> NatsSettings {
+    let mut nats = settings.broker.nats.clone();
+    if let Some(url) = &settings.state.nats_url {
+        nats.url = url.clone();
+    }
+    nats
+}
+
+/// Connects to NATS as `[broker.nats]` says (auth, TLS), in the background: the client retries
+/// until the server answers, so the bridge starts while NATS is away.
+pub async fn connect(nats: &NatsSettings) -> Result<async_nats::Client, StateError> {
+    let opts = crate::broker::nats::connect_options(nats)
+        .await
+        .map_err(|e| StateError::Connect(e.to_string()))?
+        .name("pusher-bridge-state");
+    opts.connect(nats.url.expose())
+        .await
+        .map_err(|e| StateError::Connect(format!("{}: {e}", nats.url.redacted())))
+}
+
+/// Opens the bucket, retrying every second until it opens or `shutdown`.
+async fn open_store(
+    client: &async_nats::Client,
+    settings: &Settings,
+    shutdown: &mut Shutdown,
+) -> Option<StateStore> {
+    loop {
+        match StateStore::open(
+            client.clone(),
+            &settings.state.bucket,
+            settings.broker.nats.replicas,
+        )
+        .await
+        {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::warn!(error = %e, "state: bucket not open yet, retrying"),
+        }
+        tokio::select! {
+            () = shutdown.wait() => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The state's background work: the applier and the tombstone sweep, until `shutdown`.
+/// `events` is the connection to the events broker when that is NATS.
+pub async fn run(
+    settings: Arc<Settings>,
+    kv: async_nats::Client,
+    events: Option<async_nats::Client>,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) {
+    let Some(store) = open_store(&kv, &settings, &mut shutdown).await else {
+        return;
+    };
+    let sweeper = tokio::spawn(sweep_loop(
+        store.clone(),
+        settings.state.tombstone_ttl,
+        settings.state.sweep_interval,
+        shutdown.clone(),
+    ));
+    match events {
+        Some(events) => applier::run_nats(settings, events, store, metrics, shutdown).await,
+        None => applier::amqp::run(settings, store, metrics, shutdown).await,
+    }
+    let _ = sweeper.await;
+}
+
+/// Drops old tombstones every `interval` (every replica may: deletes are revision-exact).
+async fn sweep_loop(
+    store: StateStore,
+    horizon: Duration,
+    interval: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let now = i64::try_from(crate::broker::now_ms()).unwrap_or(i64::MAX);
+        match store.sweep_once(now, horizon).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(dropped = n, "state: dropped old tombstones"),
+            Err(e) => tracing::warn!(error = %e, "state: tombstone sweep failed"),
+        }
+    }
+}

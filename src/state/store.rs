@@ -1,0 +1,378 @@
+//! The state bucket: opened (created by hand if absent), records written with compare-and-set
+//! and retried on conflict, read one by one or by key filter, and tombstones swept.
+//!
+//! Every write names the revision it read (`update(key, value, revision)`, revision 0 meaning
+//! "absent"), so two replicas applying events to the same key never lose one another's update:
+//! the loser of a race reads again and merges again. Tombstones are dropped by deleting the
+//! exact stream message (revision) that holds them: if a writer replaced it meanwhile, the
+//! delete finds nothing and the new value stays; if the delete came first, the writer's
+//! expected revision no longer matches and it retries from "absent". No delete markers remain.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StateError;
+use super::keys::{self, Parsed};
+use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
+
+/// How often a write is retried after losing a compare-and-set race before it counts as failed
+/// (and is redelivered later).
+const MAX_ATTEMPTS: u32 = 50;
+/// A filtered read gives up after this long.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What applying one update did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The record changed and was written.
+    Written,
+    /// The update was older than (or the same as) the stored record.
+    Stale,
+}
+
+/// One record read from the bucket.
+#[derive(Clone, Debug)]
+pub struct Stored<T> {
+    /// The key, parsed.
+    pub key: Parsed,
+    /// The record.
+    pub record: T,
+    /// Its revision (stream sequence).
+    pub revision: u64,
+}
+
+/// The state bucket.
+#[derive(Clone)]
+pub struct StateStore {
+    client: async_nats::Client,
+    store: kv::Store,
+    bucket: String,
+}
+
+/// The KV stream as the KV convention wants it (history 1), created by hand: async-nats 0.51's
+/// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
+/// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
+fn bucket_config(bucket: &str, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("pusher-bridge channel state".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: false,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// Wraps a KV client error with what the bridge was doing.
+fn kv_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> StateError {
+    move |e| StateError::Kv {
+        what,
+        source: Box::new(e),
+    }
+}
+
+impl StateStore {
+    /// Opens the bucket, creating it if it does not exist (another replica may create it at the
+    /// same moment: that is fine).
+    pub async fn open(
+        client: async_nats::Client,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<Self, StateError> {
+        let js = jetstream::new(client.clone());
+        let store = match js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => {
+                if let Err(e) = js.create_stream(bucket_config(bucket, replicas)).await {
+                    // Lost a creation race, or a real failure: opening tells which.
+                    tracing::debug!(bucket, error = %e, "creating the state bucket failed");
+                }
+                js.get_key_value(bucket)
+                    .await
+                    .map_err(|e| kv_err("cannot open the state bucket")(e))?
+            }
+        };
+        Ok(Self {
+            client,
+            store,
+            bucket: bucket.to_string(),
+        })
+    }
+
+    /// Opens an existing bucket only (the CLI and the query API read; they never create).
+    pub async fn existing(client: async_nats::Client, bucket: &str) -> Result<Self, StateError> {
+        let js = jetstream::new(client.clone());
+        let store = js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| kv_err("cannot open the state bucket")(e))?;
+        Ok(Self {
+            client,
+            store,
+            bucket: bucket.to_string(),
+        })
+    }
+
+    /// The bucket's name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Applies one update: read, merge, compare-and-set, again on conflict.
+    pub async fn apply(&self, update: &Update) -> Result<Applied, StateError> {
+        match &update.change {
+            Change::Member { user_id, present } => {
+                let key = keys::member_key(&update.app_id, &update.channel, user_id);
+                self.cas(&key, |current: Option<&MemberRecord>| {
+                    merge::merge_member(current, *present, &update.stamp)
+                })
+                .await
+            }
+            change => {
+                let key = keys::channel_key(&update.app_id, &update.channel);
+                self.cas(&key, |current: Option<&ChannelRecord>| {
+                    merge::merge_channel(current, change, &update.stamp)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn cas<T: Serialize + DeserializeOwned>(
+        &self,
+        key: &str,
+        merge: impl Fn(Option<&T>) -> Merged<T>,
+    ) -> Result<Applied, StateError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let (current, revision) = self.read::<T>(key).await?;
+            let next = match merge(current.as_ref()) {
+                Merged::Stale => return Ok(Applied::Stale),
+                Merged::Changed(next) => next,
+            };
+            let value =
+                serde_json::to_vec(&next).map_err(|e| kv_err("cannot encode a state record")(e))?;
+            match self.store.update(key, Bytes::from(value), revision).await {
+                Ok(_) => return Ok(Applied::Written),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // Another writer got there first: read its value and merge again. A short,
+                    // growing pause spreads replicas that keep colliding.
+                    let pause = Duration::from_millis(u64::from(attempt.min(10)) * 2);
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(kv_err("cannot write a state record")(e)),
+            }
+        }
+        Err(StateError::Contended {
+            key: key.to_string(),
+        })
+    }
+
+    /// The record at `key` and its revision (0 when absent, deleted or unreadable).
+    async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<(Option<T>, u64), StateError> {
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| kv_err("cannot read a state record")(e))?;
+        Ok(match entry {
+            None => (None, 0),
+            Some(e) if e.operation != kv::Operation::Put => (None, e.revision),
+            Some(e) => match serde_json::from_slice(&e.value) {
+                Ok(v) => (Some(v), e.revision),
+                Err(err) => {
+                    // Not written by the bridge: it is replaced by the next event's record.
+                    tracing::warn!(key, error = %err, "unreadable state record");
+                    (None, e.revision)
+                }
+            },
+        })
+    }
+
+    /// One channel's record.
+    pub async fn channel(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Option<ChannelRecord>, StateError> {
+        Ok(self
+            .read::<ChannelRecord>(&keys::channel_key(app_id, channel))
+            .await?
+            .0)
+    }
+
+    /// Every channel record of an app (tombstones included).
+    pub async fn channels(&self, app_id: &str) -> Result<Vec<Stored<ChannelRecord>>, StateError> {
+        self.scan(&keys::channels_filter(app_id)).await
+    }
+
+    /// Every member record of one channel (tombstones included).
+    pub async fn members(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Vec<Stored<MemberRecord>>, StateError> {
+        self.scan(&keys::members_filter(app_id, channel)).await
+    }
+
+    /// Every member record of an app, all channels (one read for `user_count` of a listing).
+    pub async fn app_members(&self, app_id: &str) -> Result<Vec<Stored<MemberRecord>>, StateError> {
+        self.scan(&format!("{}.{}.>", keys::escape(app_id), keys::MEMBERS))
+            .await
+    }
+
+    /// The present members of a channel, as the query API counts them (members older than the
+    /// channel's last vacate do not count), sorted by user id.
+    pub async fn present_members(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Result<Vec<String>, StateError> {
+        let record = self.channel(app_id, channel).await?.unwrap_or_default();
+        let mut users: Vec<String> = self
+            .members(app_id, channel)
+            .await?
+            .into_iter()
+            .filter(|m| record.counts_member(&m.record))
+            .filter_map(|m| match m.key {
+                Parsed::Member { user_id, .. } => Some(user_id),
+                Parsed::Channel { .. } => None,
+            })
+            .collect();
+        users.sort();
+        Ok(users)
+    }
+
+    /// The last value of every key matching `filter` (relative to the bucket) that decodes as
+    /// `T`: an ordered consumer delivering the last message per subject, read until the
+    /// server says nothing is pending.
+    async fn scan<T: DeserializeOwned>(&self, filter: &str) -> Result<Vec<Stored<T>>, StateError> {
+        let prefix = format!("$KV.{}.", self.bucket);
+        let consumer = self
+            .store
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("pusher-bridge state read".into()),
+                filter_subject: format!("{prefix}{filter}"),
+                replay_policy: consumer::ReplayPolicy::Instant,
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| kv_err("cannot read the state bucket")(e))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| kv_err("cannot read the state bucket")(e))?;
+        let read = async {
+            while let Some(msg) = messages.next().await {
+                let msg = msg.map_err(|e| kv_err("cannot read the state bucket")(e))?;
+                let info = msg.info().map_err(|e| StateError::Kv {
+                    what: "unexpected state message",
+                    source: e,
+                })?;
+                let (pending, revision) = (info.pending, info.stream_sequence);
+                let deleted = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|op| op.as_str() != "PUT");
+                let key = msg
+                    .subject
+                    .as_str()
+                    .strip_prefix(&prefix)
+                    .and_then(keys::parse);
+                if !deleted
+                    && let Some(key) = key
+                    && let Ok(record) = serde_json::from_slice::<T>(&msg.payload)
+                {
+                    out.push(Stored {
+                        key,
+                        record,
+                        revision,
+                    });
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+            Ok::<_, StateError>(())
+        };
+        match tokio::time::timeout(SCAN_TIMEOUT, read).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StateError::Kv {
+                    what: "reading the state bucket timed out",
+                    source: "timeout".into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops tombstones whose newest stamp is older than `now_ms - horizon`: vacated channels,
+    /// removed members, and members left over from before a long-gone vacate. Returns how many
+    /// it dropped. Safe to run on every replica at once (deletes name the exact revision).
+    pub async fn sweep_once(&self, now_ms: i64, horizon: Duration) -> Result<u64, StateError> {
+        let cutoff = now_ms.saturating_sub(i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX));
+        let old = |s: Option<&merge::Stamp>| s.is_some_and(|s| s.time_ms < cutoff);
+        let channels: Vec<Stored<ChannelRecord>> =
+            self.scan(&format!("*.{}.>", keys::CHANNELS)).await?;
+        let members: Vec<Stored<MemberRecord>> =
+            self.scan(&format!("*.{}.>", keys::MEMBERS)).await?;
+        let by_channel: std::collections::HashMap<(String, String), &ChannelRecord> = channels
+            .iter()
+            .filter_map(|c| match &c.key {
+                Parsed::Channel { app_id, channel } => {
+                    Some(((app_id.clone(), channel.clone()), &c.record))
+                }
+                Parsed::Member { .. } => None,
+            })
+            .collect();
+        let mut doomed = Vec::new();
+        for m in &members {
+            let Parsed::Member {
+                app_id, channel, ..
+            } = &m.key
+            else {
+                continue;
+            };
+            let removed = !m.record.present && old(Some(&m.record.at));
+            let left_over = by_channel
+                .get(&(app_id.clone(), channel.clone()))
+                .is_some_and(|c| !c.counts_member(&m.record) && old(c.vacated_at.as_ref()));
+            if removed || (m.record.present && left_over) {
+                doomed.push(m.revision);
+            }
+        }
+        for c in &channels {
+            if c.record.is_tombstone() && old(c.record.newest()) {
+                doomed.push(c.revision);
+            }
+        }
+        let mut dropped = 0;
+        for revision in doomed {
+            // Fails when replaced by a newer revision meanwhile (or swept by another replica).
+            if let Ok(true) = self.store.stream.delete_message(revision).await {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+}
