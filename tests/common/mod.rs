@@ -29,6 +29,7 @@ pub mod deploy;
 pub mod load;
 pub mod nats_cluster;
 pub mod process;
+pub mod rabbit_cluster;
 pub mod relay;
 pub mod state;
 
