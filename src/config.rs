@@ -705,17 +705,29 @@ fn describe(e: &figment::Error) -> String {
     };
     let mut out = what;
     if !e.path.is_empty() {
-        let key = match (&e.metadata, &e.profile) {
-            (Some(m), Some(profile)) => m.interpolate(profile, &e.path),
-            _ => e.path.join("."),
-        };
-        out.push_str(&format!(": `{key}`"));
+        out.push_str(&format!(": `{}`", e.path.join(".")));
     }
-    if let Some(m) = &e.metadata {
-        out.push_str(&format!(" in {}", m.name));
-        if let Some(source) = &m.source {
-            out.push_str(&format!(" {source}"));
+    match &e.metadata {
+        // figment names the provider `PUSHER_BRIDGE_` environment variable(s): name the one.
+        Some(m) if m.name.contains("environment") => {
+            let var: Vec<String> = e
+                .path
+                .iter()
+                .take_while(|p| !p.chars().all(|c| c.is_ascii_digit()))
+                .map(|p| p.to_ascii_uppercase())
+                .collect();
+            out.push_str(&format!(
+                " in environment variable {ENV_PREFIX}{}",
+                var.join("__")
+            ));
         }
+        Some(m) => {
+            out.push_str(&format!(" in {}", m.name));
+            if let Some(source) = &m.source {
+                out.push_str(&format!(" {source}"));
+            }
+        }
+        None => {}
     }
     out
 }

@@ -237,6 +237,40 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
     }
 }
 
+/// Deepest nesting of objects and arrays accepted in one event. Pusher's events are flat (their
+/// `data` is a string); the JSON parsers of consumers stop at about 128 levels (serde_json), so a
+/// deeper event would be published as a message nobody can read.
+pub const MAX_EVENT_DEPTH: usize = 32;
+
+/// Whether `json` nests objects / arrays more than `max` deep: one pass over the bytes, strings
+/// skipped (`json` is valid JSON, so brackets balance).
+fn nested_deeper_than(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The routing-relevant fields of one event.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EventHead<'a> {
@@ -269,6 +303,11 @@ struct HeadShape<'a> {
 pub fn event_head(event: &RawValue) -> Result<EventHead<'_>, String> {
     if !event.get().starts_with('{') {
         return Err("event is not a JSON object".into());
+    }
+    if nested_deeper_than(event.get(), MAX_EVENT_DEPTH) {
+        return Err(format!(
+            "event is nested deeper than {MAX_EVENT_DEPTH} levels"
+        ));
     }
     let head: HeadShape<'_> = serde_json::from_str(event.get())
         .map_err(|e| format!("event has a non-string name or channel: {e}"))?;
@@ -500,6 +539,61 @@ mod tests {
         for e in hook.events {
             assert!(event_head(e).is_err(), "{}", e.get());
         }
+    }
+
+    #[test]
+    fn names_longer_than_pusher_allows_and_deep_events_are_malformed() {
+        let event = |channel: &str, extra: &str| {
+            format!(r#"{{"name":"member_added","channel":"{channel}"{extra}}}"#)
+        };
+        let ok = |text: String| {
+            let e: &RawValue = serde_json::from_str(Box::leak(text.into_boxed_str())).unwrap();
+            event_head(e).map(|_| ())
+        };
+        assert!(ok(event(&"é".repeat(200), "")).is_ok());
+        assert!(
+            ok(event(&"c".repeat(201), ""))
+                .unwrap_err()
+                .contains("longer than 200")
+        );
+        assert!(ok(event(&".".repeat(1340), "")).is_err());
+        let user = |id: &str| event("presence-r", &format!(r#","user_id":"{id}""#));
+        assert!(ok(user(&"u".repeat(200))).is_ok());
+        assert!(ok(user(&"u".repeat(201))).unwrap_err().contains("user_id"));
+        assert!(ok(event("presence-r", r#","user_id":12345"#)).is_ok());
+        let nested = |n: usize| format!(r#","x":{}"\"[{{"{}"#, "[".repeat(n), "]".repeat(n));
+        assert!(ok(event("c", &nested(31))).is_ok());
+        assert!(
+            ok(event("c", &nested(32)))
+                .unwrap_err()
+                .contains("nested deeper")
+        );
+    }
+
+    #[test]
+    fn the_events_array_stops_at_the_limit() {
+        let body = |n: usize| {
+            let events = vec![r#"{"name":"a","channel":"c"}"#; n].join(",");
+            format!(r#"{{"events":[{events}],"time_ms":1,"other":{{"events":1}}}}"#)
+        };
+        assert_eq!(parse(body(3).as_bytes(), 3).unwrap().events.len(), 3);
+        assert!(matches!(
+            parse(body(4).as_bytes(), 3),
+            Err(PayloadError::TooManyEvents { max: 3 })
+        ));
+        // Syntax errors after the limit are not reached: still 413, not 400.
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[1,2,3,4,"#, 3),
+            Err(PayloadError::TooManyEvents { .. })
+        ));
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[],"events":[]}"#, 3),
+            Err(PayloadError::Shape(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[]} x"#, 3),
+            Err(PayloadError::Shape(_))
+        ));
     }
 
     #[test]
