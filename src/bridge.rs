@@ -73,10 +73,10 @@ pub struct Bridge {
     spool: Arc<Spool>,
 }
 
-/// Bodies at least this large are parsed, and their messages built, on the blocking pool: a
-/// 1 MiB body costs milliseconds of CPU (more in a debug build) that would otherwise stall
-/// every other webhook on the runtime (one thread by default).
-const OFFLOAD_BYTES: usize = 64 * 1024;
+/// Bodies at least this large are authenticated ([`crate::http`]), parsed and turned into
+/// messages on the blocking pool: a 1 MiB body costs milliseconds of CPU (tens in a debug
+/// build) that would otherwise stall every other webhook on the runtime (one thread by default).
+pub(crate) const OFFLOAD_BYTES: usize = 64 * 1024;
 
 /// Parses a webhook (at most `server.max_events_per_webhook` events), applies
 /// `server.max_webhook_age`, and builds its messages and the dead letters of unroutable events.

@@ -180,7 +180,7 @@ fn open_files_limit() -> Option<u64> {
 
 async fn route(
     req: Request<Incoming>,
-    bridge: &Bridge,
+    bridge: &Arc<Bridge>,
     state: Option<&crate::state::StateApi>,
 ) -> Resp {
     let path = req.uri().path();
@@ -225,7 +225,7 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
             && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
-async fn webhook(req: Request<Incoming>, bridge: &Bridge) -> Resp {
+async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
     let started = Instant::now();
     let mut app_label: Option<Arc<str>> = None;
     let result = accept_webhook(req, bridge, &mut app_label).await;
@@ -280,7 +280,7 @@ fn accepted_body(a: &crate::bridge::Accepted) -> String {
 
 async fn accept_webhook(
     req: Request<Incoming>,
-    bridge: &Bridge,
+    bridge: &Arc<Bridge>,
     app_label: &mut Option<Arc<str>>,
 ) -> Result<crate::bridge::Accepted, WebhookError> {
     if req.method() != Method::POST {
@@ -310,11 +310,29 @@ async fn accept_webhook(
         Ok(Err(e)) => return Err(WebhookError::BadRequest(format!("cannot read body: {e}"))),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let app = bridge.authenticate(
-        key.as_ref().map(HeaderValue::as_bytes),
-        signature.as_ref().map(HeaderValue::as_bytes),
-        &body,
-    );
+    let app = if body.len() >= crate::bridge::OFFLOAD_BYTES {
+        // The HMAC of a large body is CPU time the runtime's thread must not spend.
+        let (b, k, sig, bytes) = (bridge.clone(), key.clone(), signature.clone(), body.clone());
+        tokio::task::spawn_blocking(move || {
+            b.authenticate(
+                k.as_ref().map(HeaderValue::as_bytes),
+                sig.as_ref().map(HeaderValue::as_bytes),
+                &bytes,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(WebhookError::Unavailable(format!(
+                "signature check stopped: {e}"
+            )))
+        })
+    } else {
+        bridge.authenticate(
+            key.as_ref().map(HeaderValue::as_bytes),
+            signature.as_ref().map(HeaderValue::as_bytes),
+            &body,
+        )
+    };
     let app = match app {
         Ok(app) => app,
         Err(e) => {
