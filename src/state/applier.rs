@@ -37,8 +37,9 @@ pub const STATE_EVENTS: [&str; 5] = [
     "subscription_count",
 ];
 
-/// Messages applied at once per replica (the KV round trips overlap).
-const CONCURRENCY: usize = 64;
+/// Messages applied at once per replica (the KV round trips overlap; on a replicated bucket
+/// each write also waits for its read-back, see `store`, so the room is generous).
+const CONCURRENCY: usize = 256;
 /// A message whose KV write failed comes back after this pause.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 

@@ -70,7 +70,9 @@ pub async fn connect(nats: &NatsSettings) -> Result<async_nats::Client, StateErr
         .await
         .map_err(|e| StateError::Connect(e.to_string()))?
         .name("pusher-bridge-state");
-    opts.connect(nats.url.expose())
+    let servers = crate::broker::nats::servers::server_addrs(nats.url.expose())
+        .map_err(|e| StateError::Connect(format!("state.nats_url: {e}")))?;
+    opts.connect(servers)
         .await
         .map_err(|e| StateError::Connect(format!("{}: {e}", nats.url.redacted())))
 }

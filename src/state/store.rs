@@ -7,6 +7,15 @@
 //! exact stream message (revision) that holds them: if a writer replaced it meanwhile, the
 //! delete finds nothing and the new value stays; if the delete came first, the writer's
 //! expected revision no longer matches and it retries from "absent". No delete markers remain.
+//!
+//! On a replicated bucket the compare-and-set alone is not enough with NATS before 2.9.21: the
+//! leader checks the expected revision before it proposes a write, not when the write is
+//! applied, so two writes that name the same revision can both be taken when they are in flight
+//! together (nats-server#4320), the second silently dropping the first one's update (a cluster
+//! test saw a subscription count end 8 updates short). So on a bucket with more than one replica
+//! a writer reads its key again [`VERIFY_AFTER`] after its write was acknowledged, when every
+//! write that was in flight beside it has been applied, and merges and writes again if its
+//! update is not in what it reads. The merge is idempotent, so writing again is always safe.
 
 use std::time::Duration;
 
@@ -23,6 +32,10 @@ use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
 /// How often a write is retried after losing a compare-and-set race before it counts as failed
 /// (and is redelivered later).
 const MAX_ATTEMPTS: u32 = 50;
+/// On a replicated bucket, how long after its acknowledged write a writer reads its key again
+/// (see the module doc): well past the time a write spends in flight on a healthy cluster (a
+/// write delayed by an election is applied by the new leader before it answers reads).
+const VERIFY_AFTER: Duration = Duration::from_millis(200);
 /// A filtered read gives up after this long.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,11 +65,17 @@ pub struct StateStore {
     client: async_nats::Client,
     store: kv::Store,
     bucket: String,
+    /// More than one replica: writes are read back (see the module doc).
+    replicated: bool,
 }
 
 /// The KV stream as the KV convention wants it (history 1), created by hand: async-nats 0.51's
 /// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
 /// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
+/// Direct gets are off: NATS before 2.9.17 lets a restarted replica answer them before it has
+/// caught up (nats-server#4162), and a compare-and-set and the query API both need the latest
+/// value, which only the stream leader's `STREAM.MSG.GET` gives (a cluster test saw a count
+/// stuck at an old value for a minute after a node restart with direct gets on).
 fn bucket_config(bucket: &str, replicas: usize) -> stream::Config {
     stream::Config {
         name: format!("KV_{bucket}"),
@@ -67,9 +86,29 @@ fn bucket_config(bucket: &str, replicas: usize) -> stream::Config {
         num_replicas: replicas.max(1),
         allow_rollup: true,
         deny_delete: false,
-        allow_direct: true,
+        allow_direct: false,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
+    }
+}
+
+/// A bucket made by an earlier version (or by `nats kv add`) may allow direct gets; the bridge's
+/// reads must go to the leader (see [`bucket_config`]), and the KV client decides by the stream
+/// config it reads when it opens the bucket. A bucket that does not exist yet is left alone.
+async fn turn_direct_gets_off(js: &jetstream::Context, bucket: &str) {
+    let Ok(mut stream) = js.get_stream(format!("KV_{bucket}")).await else {
+        return;
+    };
+    let Ok(info) = stream.info().await else {
+        return;
+    };
+    if !info.config.allow_direct {
+        return;
+    }
+    let mut config = info.config.clone();
+    config.allow_direct = false;
+    if let Err(e) = js.update_stream(config).await {
+        tracing::warn!(bucket, error = %e, "cannot turn direct gets off on the state bucket; reads may be stale after a node restart");
     }
 }
 
@@ -92,6 +131,7 @@ impl StateStore {
         replicas: usize,
     ) -> Result<Self, StateError> {
         let js = jetstream::new(client.clone());
+        turn_direct_gets_off(&js, bucket).await;
         let store = match js.get_key_value(bucket).await {
             Ok(store) => store,
             Err(_) => {
@@ -104,10 +144,12 @@ impl StateStore {
                     .map_err(|e| kv_err("cannot open the state bucket")(e))?
             }
         };
+        let replicated = store.stream.cached_info().config.num_replicas > 1;
         Ok(Self {
             client,
             store,
             bucket: bucket.to_string(),
+            replicated,
         })
     }
 
@@ -118,10 +160,12 @@ impl StateStore {
             .get_key_value(bucket)
             .await
             .map_err(|e| kv_err("cannot open the state bucket")(e))?;
+        let replicated = store.stream.cached_info().config.num_replicas > 1;
         Ok(Self {
             client,
             store,
             bucket: bucket.to_string(),
+            replicated,
         })
     }
 
@@ -155,15 +199,23 @@ impl StateStore {
         key: &str,
         merge: impl Fn(Option<&T>) -> Merged<T>,
     ) -> Result<Applied, StateError> {
+        let mut written = false;
         for attempt in 0..MAX_ATTEMPTS {
             let (current, revision) = self.read::<T>(key).await?;
             let next = match merge(current.as_ref()) {
+                // Our own earlier write (or a newer one) holds the update.
+                Merged::Stale if written => return Ok(Applied::Written),
                 Merged::Stale => return Ok(Applied::Stale),
                 Merged::Changed(next) => next,
             };
             let value =
                 serde_json::to_vec(&next).map_err(|e| kv_err("cannot encode a state record")(e))?;
             match self.store.update(key, Bytes::from(value), revision).await {
+                Ok(_) if self.replicated => {
+                    // Read it back once the writes in flight beside it are applied.
+                    written = true;
+                    tokio::time::sleep(VERIFY_AFTER).await;
+                }
                 Ok(_) => return Ok(Applied::Written),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     // Another writer got there first: read its value and merge again. A short,

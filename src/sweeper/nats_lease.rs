@@ -71,7 +71,9 @@ fn bucket_stream(
         num_replicas: replicas.max(1),
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        // Leader reads only: NATS before 2.9.17 lets a restarted replica answer direct gets
+        // before it has caught up (nats-server#4162), and a lease decision needs the latest value.
+        allow_direct: false,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
@@ -125,8 +127,8 @@ impl Bucket {
     }
 
     /// Opens the bucket, creating it if absent (with `broker.nats.replicas` replicas), correcting
-    /// its `max_age` if `retention.lease_ttl` changed since it was created and raising its
-    /// replicas to `broker.nats.replicas`.
+    /// its `max_age` if `retention.lease_ttl` changed since it was created, raising its
+    /// replicas to `broker.nats.replicas` and turning direct gets off (see [`bucket_stream`]).
     async fn create_or_update(&self) -> Result<kv::Store, SweepError> {
         let (js, bucket) = (&self.js, &self.name);
         match js.get_key_value(bucket).await {
@@ -135,12 +137,16 @@ impl Bucket {
                 // Replicas are raised to `broker.nats.replicas`, never lowered (an operator
                 // may have moved the bucket to more servers).
                 let replicas = current.num_replicas.max(self.replicas);
-                if current.max_age == self.max_age && current.num_replicas == replicas {
+                if current.max_age == self.max_age
+                    && current.num_replicas == replicas
+                    && !current.allow_direct
+                {
                     return Ok(store);
                 }
                 let mut cfg = current.clone();
                 cfg.max_age = self.max_age;
                 cfg.num_replicas = replicas;
+                cfg.allow_direct = false;
                 match js.update_stream(cfg).await {
                     Ok(_) => {}
                     // Too few servers for more replicas: the bucket works as it is.
