@@ -35,6 +35,9 @@ pub enum WebhookError {
     /// Body over `server.max_body_bytes`.
     #[error("body too large")]
     TooLarge,
+    /// More events than `server.max_events_per_webhook` (answered 413 like a large body).
+    #[error("more than {0} events in one webhook (server.max_events_per_webhook)")]
+    TooManyEvents(usize),
     /// The body did not arrive within `server.body_read_timeout`.
     #[error("body not received in time")]
     BodyTimeout,
@@ -68,6 +71,37 @@ pub struct Bridge {
     metrics: Arc<Metrics>,
     in_flight: Arc<Semaphore>,
     spool: Arc<Spool>,
+}
+
+/// Bodies at least this large are authenticated ([`crate::http`]), parsed and turned into
+/// messages on the blocking pool: a 1 MiB body costs milliseconds of CPU (tens in a debug
+/// build) that would otherwise stall every other webhook on the runtime (one thread by default).
+pub(crate) const OFFLOAD_BYTES: usize = 64 * 1024;
+
+/// Parses a webhook (at most `server.max_events_per_webhook` events), applies
+/// `server.max_webhook_age`, and builds its messages and the dead letters of unroutable events.
+fn parse_and_prepare(
+    settings: &Settings,
+    app: &AppKey,
+    body: &[u8],
+) -> Result<(Vec<Message>, Vec<DeadLetter>), WebhookError> {
+    let hook =
+        webhook::parse(body, settings.server.max_events_per_webhook).map_err(|e| match e {
+            webhook::PayloadError::TooManyEvents { max } => WebhookError::TooManyEvents(max),
+            e => WebhookError::BadRequest(e.to_string()),
+        })?;
+    if let Some(max_age) = settings.server.max_webhook_age {
+        let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
+        if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
+            return Err(WebhookError::Unauthorized("webhook time_ms is too old"));
+        }
+    }
+    Ok(Bridge::prepare(
+        &settings.broker.subject_prefix,
+        app,
+        &hook,
+        body,
+    ))
 }
 
 /// A failed publish: the error and how many attempts were made.
@@ -162,17 +196,17 @@ impl Bridge {
     }
 
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
-    pub async fn handle(&self, app: &AppKey, body: &Bytes) -> Result<Accepted, WebhookError> {
+    pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
         let deadline = started + self.settings.broker.response_budget;
-        let hook = webhook::parse(body).map_err(|e| WebhookError::BadRequest(e.to_string()))?;
-        if let Some(max_age) = self.settings.server.max_webhook_age {
-            let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
-            if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
-                return Err(WebhookError::Unauthorized("webhook time_ms is too old"));
-            }
-        }
-        let (messages, mut dead) = self.prepare(app, &hook, body);
+        let (messages, mut dead) = if body.len() >= OFFLOAD_BYTES {
+            let (settings, app, body) = (self.settings.clone(), app.clone(), body.clone());
+            tokio::task::spawn_blocking(move || parse_and_prepare(&settings, &app, &body))
+                .await
+                .map_err(|e| WebhookError::Unavailable(format!("webhook parsing stopped: {e}")))??
+        } else {
+            parse_and_prepare(&self.settings, app, body)?
+        };
         if !self.spool.is_empty() {
             // Earlier events are still waiting: queue behind them (the drainer keeps order).
             let spooled = self.make_durable(messages, dead).await?;
@@ -230,14 +264,13 @@ impl Bridge {
 
     /// Turns the webhook's events into messages; unroutable ones become dead letters.
     fn prepare(
-        &self,
+        prefix: &str,
         app: &AppKey,
         hook: &webhook::Webhook<'_>,
         body: &[u8],
     ) -> (Vec<Message>, Vec<DeadLetter>) {
         let digest = routing::webhook_digest(&app.app_id, body);
         let suffix = webhook::body_suffix(app, hook.time_ms);
-        let prefix = &self.settings.broker.subject_prefix;
         let mut messages = Vec::with_capacity(hook.events.len());
         let mut dead = Vec::new();
         for (i, event) in hook.events.iter().enumerate() {
@@ -300,35 +333,39 @@ impl Bridge {
         .await
     }
 
+    /// Dead-letters `dead` in chunks of `broker.max_in_flight`, each chunk's permits taken at
+    /// once. One permit per letter, all awaited in one `join_all`, grew with the square of the
+    /// count: each wake-up of the join re-polled every waiting acquire, and tokio's cooperative
+    /// budget let only 128 of them through per round (8,000 malformed events took 1.5 s).
     async fn dead_letter_all(
         &self,
         dead: &[DeadLetter],
         deadline: Instant,
     ) -> Vec<Result<(), Failure>> {
-        join_all(
-            dead.iter()
-                .map(|d| self.with_retries(deadline, |t| self.broker.publish_dead_letter(d, t))),
-        )
-        .await
+        let mut results = Vec::with_capacity(dead.len());
+        for chunk in dead.chunks(self.settings.broker.max_in_flight) {
+            let wanted = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            let permits =
+                tokio::time::timeout_at(deadline, self.in_flight.acquire_many(wanted)).await;
+            let Ok(Ok(_permits)) = permits else {
+                results.extend(chunk.iter().map(|_| Err(Failure::no_room())));
+                continue;
+            };
+            results.extend(
+                join_all(chunk.iter().map(|d| {
+                    self.retry_loop(deadline, None, |t| self.broker.publish_dead_letter(d, t))
+                }))
+                .await,
+            );
+        }
+        results
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room.
     /// Unavailable brokers are not retried (their events go to the spool at once); refusals
-    /// that may pass on retry (`Rejected`, `Nacked`) are retried within the deadline.
-    async fn with_retries<F, Fut>(&self, deadline: Instant, attempt: F) -> Result<(), Failure>
-    where
-        F: Fn(Duration) -> Fut,
-        Fut: Future<Output = Result<(), PublishError>>,
-    {
-        let permit = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await;
-        let Ok(Ok(_permit)) = permit else {
-            return Err(Failure::no_room());
-        };
-        self.retry_loop(deadline, None, attempt).await
-    }
-
-    /// The retry policy of [`Bridge::with_retries`]; `first` is the outcome of a first attempt
-    /// already made elsewhere (a batch), if any. The caller holds the in-flight permits.
+    /// that may pass on retry (`Rejected`, `Nacked`) are retried within the deadline. `first`
+    /// is the outcome of a first attempt already made elsewhere (a batch), if any. The caller
+    /// holds the in-flight permits.
     async fn retry_loop<F, Fut>(
         &self,
         deadline: Instant,

@@ -95,27 +95,31 @@ impl SecretUrl {
 }
 
 /// Replaces the password of every `scheme://user:password@host` in `url` (comma-separated server
-/// lists included) with `***`.
+/// lists included, with or without a scheme: `user:pass@host` too) with `***`; a lone
+/// `token@host` becomes `***@host`. The last `@` of each part ends the user info, so a password
+/// holding `/`, `?` or `@` is hidden whole (an `@` elsewhere only hides more).
 pub fn redact_url(url: &str) -> String {
     url.split(',')
         .map(|part| {
-            let Some(scheme_end) = part.find("://") else {
-                return part.to_string();
-            };
-            let rest = &part[scheme_end + 3..];
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let Some(at) = rest[..authority_end].rfind('@') else {
+            let authority_start = part.find("://").map_or(0, |i| i + 3);
+            let rest = &part[authority_start..];
+            let Some(at) = rest.rfind('@') else {
                 return part.to_string();
             };
             let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
+            let lead = userinfo.len() - userinfo.trim_start().len();
+            let masked = match userinfo.trim_start().split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
                 // A lone token (`nats://token@host`) is itself the secret.
-                "***".to_string()
+                None => "***".to_string(),
             };
-            format!("{}{}{}", &part[..scheme_end + 3], masked, &rest[at..])
+            format!(
+                "{}{}{}{}",
+                &part[..authority_start],
+                &userinfo[..lead],
+                masked,
+                &rest[at..]
+            )
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -181,6 +185,15 @@ pub struct ServerSettings {
     /// thousands of webhooks a second (docs/performance.md). 0 starts one thread per CPU core;
     /// n > 1 starts n, for machines where one core is not enough.
     pub worker_threads: usize,
+    /// Webhooks carrying more events than this are refused with 413 (outcome `too_large`)
+    /// before their events are looked at: Pusher's batches are small (sockudo sends at most
+    /// 100), and a signed body packed with hundreds of thousands of tiny events would otherwise
+    /// cost CPU and memory out of all proportion to its size.
+    pub max_events_per_webhook: usize,
+    /// Connections served at once. One more waits in the listen backlog (not refused) until a
+    /// connection ends, and a warning says the limit was reached (at most once a minute). Keeps
+    /// memory bounded and leaves file descriptors for the broker and the spool.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -194,6 +207,8 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(10),
             max_webhook_age: None,
             worker_threads: 1,
+            max_events_per_webhook: 1000,
+            max_connections: 1024,
         }
     }
 }
@@ -657,6 +672,97 @@ pub fn resolve_path(cli: Option<&Path>) -> Option<PathBuf> {
     default.exists().then_some(default)
 }
 
+/// A figment error as [`ConfigError::Load`], naming the key, the source (file or environment
+/// variable) and, for syntax errors, the line and column, but never the value: the value may
+/// be a secret (a malformed `PUSHER_BRIDGE_APPS`, a TOML line `secret = "...` missing its quote).
+fn load_error(error: figment::Error) -> ConfigError {
+    let described: Vec<String> = error.into_iter().map(|e| describe(&e)).collect();
+    ConfigError::Load(described.join("; "))
+}
+
+fn describe(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let what = match &e.kind {
+        Kind::Message(m) => without_source_lines(m),
+        Kind::InvalidType(actual, expected) => {
+            format!(
+                "invalid type: found {}, expected {expected}",
+                kind_of(actual)
+            )
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!(
+                "invalid value: found {}, expected {expected}",
+                kind_of(actual)
+            )
+        }
+        Kind::Unsupported(actual) => format!("unsupported type {}", kind_of(actual)),
+        // Lengths, field names, integer ranges, and the value of an enum key (`broker.kind`,
+        // `log.format`: a closed set of words, never a secret): shown as they help.
+        other => other.to_string(),
+    };
+    let mut out = what;
+    if !e.path.is_empty() {
+        out.push_str(&format!(": `{}`", e.path.join(".")));
+    }
+    match &e.metadata {
+        // figment names the provider `PUSHER_BRIDGE_` environment variable(s): name the one.
+        Some(m) if m.name.contains("environment") => {
+            let var: Vec<String> = e
+                .path
+                .iter()
+                .take_while(|p| !p.chars().all(|c| c.is_ascii_digit()))
+                .map(|p| p.to_ascii_uppercase())
+                .collect();
+            out.push_str(&format!(
+                " in environment variable {ENV_PREFIX}{}",
+                var.join("__")
+            ));
+        }
+        Some(m) => {
+            out.push_str(&format!(" in {}", m.name));
+            if let Some(source) = &m.source {
+                out.push_str(&format!(" {source}"));
+            }
+        }
+        None => {}
+    }
+    out
+}
+
+/// A TOML syntax error without the excerpt of the file it quotes (`3 | secret = "...`,
+/// `  |   ^`): the position (`line 3, column 10`) and the reason stay.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|line| {
+            let t = line
+                .trim_start()
+                .trim_start_matches(|c: char| c.is_ascii_digit());
+            !t.trim_start().starts_with('|') && !line.trim().is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// What kind of value was found, without the value.
+fn kind_of(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a float",
+        Actual::Char(_) => "a character",
+        Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit => "unit",
+        Actual::Option => "an option",
+        Actual::Seq => "a sequence",
+        Actual::Map => "a map",
+        _ => "another type",
+    }
+}
+
 impl Settings {
     /// Loads defaults < `file` < environment, then validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -677,9 +783,7 @@ impl Settings {
                 // environment's case, so compare without it.
                 .filter(|k| !k.as_str().eq_ignore_ascii_case("config")),
         );
-        let settings: Settings = figment
-            .extract()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let settings: Settings = figment.extract().map_err(load_error)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -688,7 +792,7 @@ impl Settings {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let settings: Settings = Figment::from(Toml::string(text))
             .extract()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(load_error)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -716,6 +820,15 @@ impl Settings {
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if self.server.max_events_per_webhook == 0 {
+            return Err(invalid(
+                "server.max_events_per_webhook",
+                "must be greater than 0",
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
         }
         let mut keys = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
@@ -1122,6 +1235,39 @@ mod tests {
             "nats://a:***@h:1,nats://h2:2"
         );
         assert_eq!(redact_url("nats://h:1"), "nats://h:1");
+        assert_eq!(redact_url("u:p4ss@h:1"), "u:***@h:1");
+        assert_eq!(redact_url("tok3n@h:1, v:pw@h2"), "***@h:1, v:***@h2");
+        assert_eq!(redact_url("amqp://u:pa/ss@h/%2f"), "amqp://u:***@h/%2f");
+        assert_eq!(redact_url("amqp://u:p@ss@h"), "amqp://u:***@h");
+    }
+
+    #[test]
+    fn load_errors_name_the_key_but_never_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"hunter2-secret\nx = 1\n",
+        )
+        .unwrap();
+        let e = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+        std::fs::write(
+            &path,
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = 12345678\n",
+        )
+        .unwrap();
+        let e = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(!e.contains("12345678"), "{e}");
+        assert!(e.contains("apps") && e.contains("secret"), "{e}");
+        let e = Settings::from_toml("[server]\nmax_body_bytes = \"hunter2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("hunter2") && e.contains("server.max_body_bytes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Routes: `POST <webhook_path>`, `GET /metrics`, `GET /healthz`, `GET /readyz`. Request headers
 //! must arrive within `server.header_read_timeout` and the body within
-//! `server.body_read_timeout`; the body limit is enforced while reading.
+//! `server.body_read_timeout`; the body limit is enforced while reading. At most
+//! `server.max_connections` connections are served at once; more wait to be accepted.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::bridge::{Bridge, WebhookError};
 use crate::metrics::Outcome;
@@ -32,7 +34,9 @@ pub fn status_of(e: &WebhookError) -> (StatusCode, Outcome) {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Outcome::UnsupportedMediaType,
         ),
-        WebhookError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Outcome::TooLarge),
+        WebhookError::TooLarge | WebhookError::TooManyEvents(_) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, Outcome::TooLarge)
+        }
         WebhookError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Outcome::BadRequest),
         WebhookError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Outcome::Unauthorized),
         WebhookError::BadRequest(_) => (StatusCode::BAD_REQUEST, Outcome::BadRequest),
@@ -70,8 +74,34 @@ pub async fn serve_with_state(
     let graceful = GracefulShutdown::new();
     let header_timeout = bridge.settings().server.header_read_timeout;
     let grace = bridge.settings().server.shutdown_grace;
+    let max_connections = bridge.settings().server.max_connections;
+    warn_if_few_file_descriptors(max_connections);
+    // As mini-redis does: a permit before each accept, held by the connection's task. At the
+    // limit the next client waits in the listen backlog instead of being refused.
+    let connections = Arc::new(Semaphore::new(max_connections));
+    let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+                    last_full_warning = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "server.max_connections reached: new connections wait until one ends"
+                    );
+                }
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // Never closed; stop serving rather than spin if it were.
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -97,6 +127,7 @@ pub async fn serve_with_state(
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -115,9 +146,41 @@ pub async fn serve_with_state(
     }
 }
 
+/// At most one "max_connections reached" warning per this long (a flood would repeat it).
+const FULL_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// File descriptors kept for everything but client connections (broker, spool, stdio).
+const RESERVED_FDS: u64 = 64;
+
+/// Warns when the process may run out of file descriptors before `server.max_connections`
+/// (accept would then fail instead of connections waiting for a permit).
+fn warn_if_few_file_descriptors(max_connections: usize) {
+    let Some(soft) = open_files_limit() else {
+        return;
+    };
+    if (max_connections as u64).saturating_add(RESERVED_FDS) > soft {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = soft,
+            "server.max_connections is above the open-files limit (ulimit -n) less {RESERVED_FDS}: \
+             raise the limit or lower server.max_connections"
+        );
+    }
+}
+
+/// The soft `Max open files` of this process (Linux `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 async fn route(
     req: Request<Incoming>,
-    bridge: &Bridge,
+    bridge: &Arc<Bridge>,
     state: Option<&crate::state::StateApi>,
 ) -> Resp {
     let path = req.uri().path();
@@ -162,7 +225,7 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
             && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
-async fn webhook(req: Request<Incoming>, bridge: &Bridge) -> Resp {
+async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
     let started = Instant::now();
     let mut app_label: Option<Arc<str>> = None;
     let result = accept_webhook(req, bridge, &mut app_label).await;
@@ -217,7 +280,7 @@ fn accepted_body(a: &crate::bridge::Accepted) -> String {
 
 async fn accept_webhook(
     req: Request<Incoming>,
-    bridge: &Bridge,
+    bridge: &Arc<Bridge>,
     app_label: &mut Option<Arc<str>>,
 ) -> Result<crate::bridge::Accepted, WebhookError> {
     if req.method() != Method::POST {
@@ -247,11 +310,29 @@ async fn accept_webhook(
         Ok(Err(e)) => return Err(WebhookError::BadRequest(format!("cannot read body: {e}"))),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let app = bridge.authenticate(
-        key.as_ref().map(HeaderValue::as_bytes),
-        signature.as_ref().map(HeaderValue::as_bytes),
-        &body,
-    );
+    let app = if body.len() >= crate::bridge::OFFLOAD_BYTES {
+        // The HMAC of a large body is CPU time the runtime's thread must not spend.
+        let (b, k, sig, bytes) = (bridge.clone(), key.clone(), signature.clone(), body.clone());
+        tokio::task::spawn_blocking(move || {
+            b.authenticate(
+                k.as_ref().map(HeaderValue::as_bytes),
+                sig.as_ref().map(HeaderValue::as_bytes),
+                &bytes,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(WebhookError::Unavailable(format!(
+                "signature check stopped: {e}"
+            )))
+        })
+    } else {
+        bridge.authenticate(
+            key.as_ref().map(HeaderValue::as_bytes),
+            signature.as_ref().map(HeaderValue::as_bytes),
+            &body,
+        )
+    };
     let app = match app {
         Ok(app) => app,
         Err(e) => {
@@ -304,6 +385,7 @@ mod tests {
             (WebhookError::MethodNotAllowed, 405),
             (WebhookError::UnsupportedMediaType, 415),
             (WebhookError::TooLarge, 413),
+            (WebhookError::TooManyEvents(1000), 413),
             (WebhookError::BodyTimeout, 408),
             (WebhookError::Unauthorized("x"), 401),
             (WebhookError::BadRequest("x".into()), 400),

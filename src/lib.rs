@@ -15,6 +15,7 @@
 //! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
 //! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
 //! - [`shutdown`]: the stop signal background tasks select on.
+//! - [`logging`]: the log output, every configured secret masked in every line.
 //! - [`state`]: channel state (occupancy, subscription counts, presence members) in NATS KV,
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
 //!
@@ -25,6 +26,7 @@ pub mod broker;
 pub mod config;
 pub mod dlq;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod probe;
 pub mod routing;

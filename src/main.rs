@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pusher_bridge::config::{self, LogFormat, Settings};
+use pusher_bridge::config::{self, Settings};
 use pusher_bridge::{probe, sendtest};
 
 /// mimalloc instead of the system allocator: the webhook path allocates small, short-lived
@@ -108,18 +108,7 @@ fn load(cli_path: Option<&PathBuf>) -> anyhow::Result<Settings> {
 }
 
 fn init_logs(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match settings.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    pusher_bridge::logging::init(settings);
 }
 
 async fn shutdown_signal() {

@@ -170,8 +170,32 @@ pub struct WebhookLabels {
 pub struct EventLabels {
     /// The app id.
     pub app_id: String,
-    /// The event name.
-    pub event: String,
+    /// The event name if Pusher documents it ([`KNOWN_EVENTS`]), else [`OTHER_EVENT`].
+    pub event: &'static str,
+}
+
+/// The event names Pusher sends, each its own `event` label value.
+pub const KNOWN_EVENTS: [&str; 7] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+];
+
+/// The `event` label of every other name: names come from the webhook body, and one series
+/// per name sent would let a sender grow `/metrics` without bound (the subject keeps the name).
+pub const OTHER_EVENT: &str = "other";
+
+/// The `event` label value of an event named `name`.
+pub fn event_label(name: &str) -> &'static str {
+    KNOWN_EVENTS
+        .iter()
+        .find(|known| **known == name)
+        .copied()
+        .unwrap_or(OTHER_EVENT)
 }
 
 /// Labels of `events_dead_lettered_total`.
@@ -423,7 +447,8 @@ impl Metrics {
 
     /// Creates at 0 every series whose labels the settings tell: webhook outcomes of each
     /// configured app (and of `unknown`), dead letters of each app and reason, the broker's
-    /// reconnects, `spool_max_bytes`, and the sweeper series of each enabled target.
+    /// reconnects, published events of each app and event label, `spool_max_bytes`, and the
+    /// sweeper series of each enabled target.
     pub fn init_known_series(&self, settings: &crate::config::Settings) {
         for outcome in UNKNOWN_APP_OUTCOMES {
             self.init_webhook("unknown", outcome);
@@ -431,6 +456,14 @@ impl Metrics {
         for app in &settings.apps {
             for outcome in ALL_OUTCOMES {
                 self.init_webhook(&app.id, outcome);
+            }
+            for event in KNOWN_EVENTS.iter().copied().chain([OTHER_EVENT]) {
+                self.events_published
+                    .get_or_create(&EventLabels {
+                        app_id: app.id.clone(),
+                        event,
+                    })
+                    .inc_by(0);
             }
             for reason in crate::broker::DlqReason::ALL {
                 self.events_dead_lettered
@@ -522,12 +555,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one event the broker acknowledged (directly or from the spool).
+    /// Counts one event the broker acknowledged (directly or from the spool), under its
+    /// [`event_label`].
     pub fn published(&self, app_id: &str, event: &str) {
         self.events_published
             .get_or_create(&EventLabels {
                 app_id: app_id.to_string(),
-                event: event.to_string(),
+                event: event_label(event),
             })
             .inc();
     }
@@ -561,6 +595,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn event_labels_are_the_known_names_and_other() {
+        let m = Metrics::new();
+        for i in 0..500 {
+            m.published("1", &format!("made_up_{i}"));
+        }
+        for name in KNOWN_EVENTS {
+            m.published("1", name);
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("pusher_bridge_events_published_total{"))
+            .count();
+        assert_eq!(series, KNOWN_EVENTS.len() + 1, "{text}");
+        assert!(text.contains(r#"event="other"} 500"#), "{text}");
+        assert_eq!(event_label("member_added"), "member_added");
+        assert_eq!(event_label("Member_added"), OTHER_EVENT);
+    }
+
+    #[test]
     fn every_exported_name_appears() {
         let m = Metrics::new();
         m.webhook("1", Outcome::Accepted);
@@ -568,7 +622,7 @@ mod tests {
         m.events_published
             .get_or_create(&EventLabels {
                 app_id: "1".into(),
-                event: "e".into(),
+                event: "channel_occupied",
             })
             .inc();
         m.sweeper_runs

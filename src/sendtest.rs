@@ -285,7 +285,7 @@ mod tests {
     fn every_sample_is_a_webhook_the_bridge_parses() {
         for name in EVENT_TYPES {
             let body = sample_webhook(name, 1_700_000_000_000).unwrap();
-            let hook = parse(body.as_bytes()).unwrap();
+            let hook = parse(body.as_bytes(), 100).unwrap();
             assert_eq!(hook.events.len(), 1, "{name}");
             let head = event_head(hook.events[0]).unwrap();
             assert_eq!(head.name, name);

@@ -6,11 +6,13 @@
 //! then that text with `"app_id"` and `"time_ms"` spliced in, never a re-serialisation.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
@@ -103,7 +105,7 @@ impl AppRegistry {
     }
 }
 
-/// Why a signed body is not a webhook (answered 400).
+/// Why a signed body is not a webhook (answered 400, or 413 for [`PayloadError::TooManyEvents`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     /// Not JSON, or not an object with `time_ms` and `events`.
@@ -112,7 +114,20 @@ pub enum PayloadError {
     /// `time_ms` is present but not a number.
     #[error("time_ms is not a number")]
     TimeNotNumber,
+    /// `events` holds more than `server.max_events_per_webhook` entries (parsing stopped there).
+    #[error("more than {max} events in one webhook (server.max_events_per_webhook)")]
+    TooManyEvents {
+        /// The configured limit.
+        max: usize,
+    },
 }
+
+/// The longest channel name accepted, in characters. Pusher allows 164; its server SDKs accept
+/// up to 200, so 200 it is: longer names are no channel Pusher could have sent.
+pub const MAX_CHANNEL_CHARS: usize = 200;
+/// The longest presence `user_id` accepted, in characters (Pusher allows 128; 200 as for
+/// channels, so ids any SDK lets through are not refused here).
+pub const MAX_USER_ID_CHARS: usize = 200;
 
 /// A parsed webhook, borrowing from the raw body.
 #[derive(Debug)]
@@ -123,26 +138,137 @@ pub struct Webhook<'a> {
     pub events: Vec<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
-struct WebhookShape<'a> {
-    #[serde(borrow)]
-    time_ms: &'a RawValue,
-    #[serde(borrow)]
-    events: Vec<&'a RawValue>,
-}
-
-/// Parses the body of a webhook (after its signature was checked).
-pub fn parse(body: &[u8]) -> Result<Webhook<'_>, PayloadError> {
-    let shape: WebhookShape<'_> =
-        serde_json::from_slice(body).map_err(|e| PayloadError::Shape(e.to_string()))?;
-    let time_ms = shape.time_ms.get();
+/// Parses the body of a webhook (after its signature was checked), with at most `max_events`
+/// events: the events array is read element by element and parsing stops at the first one over
+/// the limit, so a packed body costs no more than `max_events` events (time and memory).
+pub fn parse(body: &[u8], max_events: usize) -> Result<Webhook<'_>, PayloadError> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = de
+        .deserialize_map(ShapeVisitor {
+            max_events,
+            over: &over,
+        })
+        .and_then(|shape| de.end().map(|()| shape));
+    let (time_ms, events) = match parsed {
+        Ok(shape) => shape,
+        Err(_) if over.get() => return Err(PayloadError::TooManyEvents { max: max_events }),
+        Err(e) => return Err(PayloadError::Shape(e.to_string())),
+    };
+    let time_ms = time_ms.get();
     if !time_ms.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         return Err(PayloadError::TimeNotNumber);
     }
-    Ok(Webhook {
-        time_ms,
-        events: shape.events,
-    })
+    Ok(Webhook { time_ms, events })
+}
+
+/// The top-level object: `time_ms` and `events` kept (borrowed), every other key skipped.
+struct ShapeVisitor<'c> {
+    max_events: usize,
+    over: &'c Cell<bool>,
+}
+
+impl<'de> Visitor<'de> for ShapeVisitor<'_> {
+    type Value = (&'de RawValue, Vec<&'de RawValue>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with `time_ms` and `events`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut time_ms = None;
+        let mut events = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "time_ms" if time_ms.is_some() => {
+                    return Err(de::Error::duplicate_field("time_ms"));
+                }
+                "events" if events.is_some() => return Err(de::Error::duplicate_field("events")),
+                "time_ms" => time_ms = Some(map.next_value::<&'de RawValue>()?),
+                "events" => {
+                    events = Some(map.next_value_seed(EventsSeed {
+                        max: self.max_events,
+                        over: self.over,
+                    })?)
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        let time_ms = time_ms.ok_or_else(|| de::Error::missing_field("time_ms"))?;
+        let events = events.ok_or_else(|| de::Error::missing_field("events"))?;
+        Ok((time_ms, events))
+    }
+}
+
+/// The `events` array, at most `max` elements; `over` tells the caller why it stopped.
+struct EventsSeed<'c> {
+    max: usize,
+    over: &'c Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for EventsSeed<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventsSeed<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // The size hint is the sender's word (serde_json gives none): never trust it for memory.
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max).min(64));
+        while let Some(event) = seq.next_element::<&'de RawValue>()? {
+            if events.len() == self.max {
+                self.over.set(true);
+                return Err(de::Error::custom("too many events"));
+            }
+            events.push(event);
+        }
+        Ok(events)
+    }
+}
+
+/// Deepest nesting of objects and arrays accepted in one event. Pusher's events are flat (their
+/// `data` is a string); the JSON parsers of consumers stop at about 128 levels (serde_json), so a
+/// deeper event would be published as a message nobody can read.
+pub const MAX_EVENT_DEPTH: usize = 32;
+
+/// Whether `json` nests objects / arrays more than `max` deep: one pass over the bytes, strings
+/// skipped (`json` is valid JSON, so brackets balance).
+fn nested_deeper_than(json: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The routing-relevant fields of one event.
@@ -167,6 +293,9 @@ struct HeadShape<'a> {
     app_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     time_ms: Option<&'a RawValue>,
+    /// Any JSON type: only a string is checked (its length), other types pass as they are.
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
 }
 
 /// Reads `name` and `channel` of one event, or says why it cannot be routed (the reason goes
@@ -175,12 +304,30 @@ pub fn event_head(event: &RawValue) -> Result<EventHead<'_>, String> {
     if !event.get().starts_with('{') {
         return Err("event is not a JSON object".into());
     }
+    if nested_deeper_than(event.get(), MAX_EVENT_DEPTH) {
+        return Err(format!(
+            "event is nested deeper than {MAX_EVENT_DEPTH} levels"
+        ));
+    }
     let head: HeadShape<'_> = serde_json::from_str(event.get())
         .map_err(|e| format!("event has a non-string name or channel: {e}"))?;
     let name = head.name.ok_or("event has no `name`")?;
     let channel = head.channel.ok_or("event has no `channel`")?;
     check_token("name", &name)?;
     check_token("channel", &channel)?;
+    if channel.chars().count() > MAX_CHANNEL_CHARS {
+        return Err(format!(
+            "event `channel` is longer than {MAX_CHANNEL_CHARS} characters"
+        ));
+    }
+    if let Some(user_id) = head.user_id
+        && let Ok(user_id) = serde_json::from_str::<Cow<'_, str>>(user_id.get())
+        && user_id.chars().count() > MAX_USER_ID_CHARS
+    {
+        return Err(format!(
+            "event `user_id` is longer than {MAX_USER_ID_CHARS} characters"
+        ));
+    }
     Ok(EventHead {
         name,
         channel,
@@ -304,7 +451,7 @@ mod tests {
             let body = v["raw_body"].as_str().unwrap().as_bytes();
             let sig = v["headers"]["x-pusher-signature"].as_str().unwrap();
             assert!(a.verify(body, sig.as_bytes()), "fixture {i}");
-            let hook = parse(body).unwrap();
+            let hook = parse(body, 100).unwrap();
             for e in &hook.events {
                 let head = event_head(e).unwrap();
                 let out = message_body(e, &head, &body_suffix(&a, hook.time_ms));
@@ -334,7 +481,7 @@ mod tests {
             {"name":"subscription_count","channel":"c","subscription_count":5},
             {"name":"member_updated","channel":"presence-r","future":[1,2.5,null,{"x":false}]}
         ]}"#;
-        let hook = parse(body).unwrap();
+        let hook = parse(body, 100).unwrap();
         assert_eq!(hook.events.len(), 8);
         let suffix = body_suffix(&a, hook.time_ms);
         for e in &hook.events {
@@ -377,20 +524,76 @@ mod tests {
 
     #[test]
     fn malformed_payloads_and_events() {
-        assert!(parse(b"not json").is_err());
-        assert!(parse(br#"{"events":[]}"#).is_err());
-        assert!(parse(br#"{"time_ms":1}"#).is_err());
-        assert!(parse(br#"{"time_ms":"1","events":[]}"#).is_err());
-        assert!(parse(br#"{"time_ms":1,"events":{}}"#).is_err());
-        assert!(parse(br#"[1]"#).is_err());
+        assert!(parse(b"not json", 100).is_err());
+        assert!(parse(br#"{"events":[]}"#, 100).is_err());
+        assert!(parse(br#"{"time_ms":1}"#, 100).is_err());
+        assert!(parse(br#"{"time_ms":"1","events":[]}"#, 100).is_err());
+        assert!(parse(br#"{"time_ms":1,"events":{}}"#, 100).is_err());
+        assert!(parse(br#"[1]"#, 100).is_err());
         let hook = parse(
             br#"{"time_ms":1.5e3,"events":[1,"x",{"name":"a"},{"channel":"c"},{"name":2,"channel":"c"},{"name":"a","channel":"a b"},{"name":"a","channel":"x>"},{"name":"","channel":"c"}]}"#,
+            100,
         )
         .unwrap();
         assert_eq!(hook.time_ms, "1.5e3");
         for e in hook.events {
             assert!(event_head(e).is_err(), "{}", e.get());
         }
+    }
+
+    #[test]
+    fn names_longer_than_pusher_allows_and_deep_events_are_malformed() {
+        let event = |channel: &str, extra: &str| {
+            format!(r#"{{"name":"member_added","channel":"{channel}"{extra}}}"#)
+        };
+        let ok = |text: String| {
+            let e: &RawValue = serde_json::from_str(Box::leak(text.into_boxed_str())).unwrap();
+            event_head(e).map(|_| ())
+        };
+        assert!(ok(event(&"é".repeat(200), "")).is_ok());
+        assert!(
+            ok(event(&"c".repeat(201), ""))
+                .unwrap_err()
+                .contains("longer than 200")
+        );
+        assert!(ok(event(&".".repeat(1340), "")).is_err());
+        let user = |id: &str| event("presence-r", &format!(r#","user_id":"{id}""#));
+        assert!(ok(user(&"u".repeat(200))).is_ok());
+        assert!(ok(user(&"u".repeat(201))).unwrap_err().contains("user_id"));
+        assert!(ok(event("presence-r", r#","user_id":12345"#)).is_ok());
+        let nested = |n: usize| format!(r#","x":{}"\"[{{"{}"#, "[".repeat(n), "]".repeat(n));
+        assert!(ok(event("c", &nested(31))).is_ok());
+        assert!(
+            ok(event("c", &nested(32)))
+                .unwrap_err()
+                .contains("nested deeper")
+        );
+    }
+
+    #[test]
+    fn the_events_array_stops_at_the_limit() {
+        let body = |n: usize| {
+            let events = vec![r#"{"name":"a","channel":"c"}"#; n].join(",");
+            format!(r#"{{"events":[{events}],"time_ms":1,"other":{{"events":1}}}}"#)
+        };
+        assert_eq!(parse(body(3).as_bytes(), 3).unwrap().events.len(), 3);
+        assert!(matches!(
+            parse(body(4).as_bytes(), 3),
+            Err(PayloadError::TooManyEvents { max: 3 })
+        ));
+        // Syntax errors after the limit are not reached: still 413, not 400.
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[1,2,3,4,"#, 3),
+            Err(PayloadError::TooManyEvents { .. })
+        ));
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[],"events":[]}"#, 3),
+            Err(PayloadError::Shape(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"time_ms":1,"events":[]} x"#, 3),
+            Err(PayloadError::Shape(_))
+        ));
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl BridgeProcess {
         }
     }
 
+    /// Its process id (None once it was terminated).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything it printed on standard output so far.
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()

@@ -1,0 +1,216 @@
+//! The log output: `tracing` lines on stdout, with every configured secret masked.
+//!
+//! The bridge's own log lines never carry a secret ([`crate::config::Secret`] prints `***`), but
+//! the broker clients log what they are given: at `debug` async-nats prints its connect options
+//! (`password: Some("...")`) and at `trace` lapin prints the AMQP frames, the SASL response with
+//! the password included. Filtering their targets would also take away the lines needed to debug
+//! a connection, so instead every formatted line goes through [`Redactor`], which replaces each
+//! secret of the settings, in each form a log line can hold it (as typed, percent-decoded,
+//! escaped for `Debug` or JSON, as a list of byte values), with `***` before it is written.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::{LogFormat, Settings};
+
+/// The mask written in place of a secret.
+const MASK: &str = "***";
+
+/// Starts the global `tracing` subscriber: `RUST_LOG` if set (else `log.level`), `log.format`,
+/// secrets masked.
+pub fn init(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(Redactor::new(&secrets_of(settings)));
+    match settings.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Every secret in `settings`: app secrets, the NATS password and token, and the password or
+/// token in each broker URL.
+pub fn secrets_of(settings: &Settings) -> Vec<String> {
+    let nats = &settings.broker.nats;
+    let mut secrets: Vec<String> = settings
+        .apps
+        .iter()
+        .map(|a| a.secret.expose().to_string())
+        .chain(nats.password.iter().map(|p| p.expose().to_string()))
+        .chain(nats.token.iter().map(|t| t.expose().to_string()))
+        .collect();
+    let urls = [
+        Some(&nats.url),
+        Some(&settings.broker.amqp.url),
+        settings.state.nats_url.as_ref(),
+    ];
+    for url in urls.into_iter().flatten() {
+        secrets.extend(url_secrets(url.expose()));
+    }
+    secrets
+}
+
+/// The password (or lone token) of each `[scheme://]userinfo@host` in a comma-separated list;
+/// the same reading of the user info as [`crate::config::redact_url`].
+fn url_secrets(url: &str) -> Vec<String> {
+    url.split(',')
+        .filter_map(|part| {
+            let rest = &part[part.find("://").map_or(0, |i| i + 3)..];
+            let userinfo = rest[..rest.rfind('@')?].trim_start();
+            Some(match userinfo.split_once(':') {
+                Some((_, password)) => password.to_string(),
+                None => userinfo.to_string(),
+            })
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Decodes `%XX` escapes (the form a URL password reaches the client in); other bytes stay.
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The ways `secret` can appear in a log line.
+fn forms(secret: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in [secret.to_string(), percent_decoded(secret)] {
+        let debug = format!("{s:?}");
+        out.push(debug[1..debug.len() - 1].to_string());
+        let json = serde_json::Value::String(s.clone()).to_string();
+        out.push(json[1..json.len() - 1].to_string());
+        // `Debug` of a byte slice or vector: `[112, 97, 115, 115]`.
+        let list: Vec<String> = s.bytes().map(|b| b.to_string()).collect();
+        out.push(list.join(", "));
+        out.push(s);
+    }
+    out
+}
+
+/// A [`MakeWriter`] for stdout that masks the secrets it was built with in every line.
+#[derive(Clone)]
+pub struct Redactor {
+    /// Every form of every secret, longest first (so a longer form is masked whole).
+    forms: Arc<[String]>,
+}
+
+impl Redactor {
+    /// Masks `secrets` (empty ones ignored).
+    pub fn new(secrets: &[String]) -> Self {
+        let mut forms: Vec<String> = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .flat_map(|s| forms(s))
+            .filter(|f| !f.is_empty())
+            .collect();
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        forms.dedup();
+        Self {
+            forms: forms.into(),
+        }
+    }
+
+    /// `line` with every secret masked.
+    pub fn redact(&self, line: &str) -> String {
+        let mut out = line.to_string();
+        for form in self.forms.iter() {
+            if out.contains(form.as_str()) {
+                out = out.replace(form.as_str(), MASK);
+            }
+        }
+        out
+    }
+}
+
+/// The writer of one log line.
+pub struct RedactingWriter<'a> {
+    redactor: &'a Redactor,
+}
+
+impl Write for RedactingWriter<'_> {
+    /// The formatter hands over each event whole, so masking per call sees whole secrets.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let line = self.redactor.redact(&String::from_utf8_lossy(buf));
+        io::stdout().lock().write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for Redactor {
+    type Writer = RedactingWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter { redactor: self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AppSettings, Secret, SecretUrl};
+
+    #[test]
+    fn every_form_of_every_secret_is_masked() {
+        let mut s = Settings {
+            apps: vec![AppSettings {
+                id: "1".into(),
+                key: "k".into(),
+                secret: Secret::new("app-s3cret"),
+            }],
+            ..Settings::default()
+        };
+        s.broker.nats.url = SecretUrl::new("nats://u:n%40tspw@h:1,tok3n@h2:2");
+        s.broker.amqp.url = SecretUrl::new("amqp://guest:am\"qp@h/%2f");
+        s.broker.nats.password = Some(Secret::new("pl4in"));
+        let r = Redactor::new(&secrets_of(&s));
+        for line in [
+            "app-s3cret",
+            r#"password: Some("n@tspw")"#,
+            "nats://u:n%40tspw@h",
+            "tok3n",
+            r#"am\"qp"#,
+            "[97, 109, 34, 113, 112]",
+            "pl4in",
+        ] {
+            let out = r.redact(&format!("x {line} y"));
+            assert!(out.contains(MASK), "{out}");
+            for secret in [
+                "s3cret", "n@tspw", "n%40tspw", "tok3n", "qp", "pl4in", "113, 112",
+            ] {
+                assert!(!out.contains(secret), "{out}");
+            }
+        }
+        assert_eq!(r.redact("nothing here"), "nothing here");
+    }
+}
