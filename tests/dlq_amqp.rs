@@ -359,3 +359,67 @@ async fn a_missing_dlq_queue_is_named() {
         Err(DlqError::Missing { .. })
     ));
 }
+
+/// The issue-10 regression: with many publishes in flight, a confirm may carry another
+/// message's `basic.return`. 300 `unroutable` letters, a queue bound for the even event names
+/// only; after each of three replays every letter is in exactly one place (the events queue
+/// once, or still in the DLQ), and the DLQ holds exactly the unroutable ones.
+#[tokio::test]
+async fn a_replay_of_routable_and_unroutable_letters_leaves_each_in_exactly_one_place() {
+    let t = Topology::new(false).await;
+    let a = &t.settings.broker.amqp;
+    let n = 300;
+    let letters: Vec<_> = (0..n).map(|i| letter(&t, i, "unroutable")).collect();
+    for l in &letters {
+        if l.event.trim_start_matches("ev").parse::<usize>().unwrap() % 2 == 0 {
+            let key = routing::subject(&t.settings.broker.subject_prefix, APP_ID, &l.event, "*");
+            // `routing::subject` escapes the channel: bind `<prefix>.<app>.<event>.#` instead.
+            let key = format!("{}.#", key.trim_end_matches(".*"));
+            bind_queue(&t.ch, &a.queue, &a.exchange, &key).await;
+        }
+    }
+    for l in &letters {
+        t.dead_letter(l).await;
+    }
+    let routable: std::collections::BTreeSet<String> = letters
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, l)| l.msg_id.clone())
+        .collect();
+    let mut delivered: std::collections::BTreeMap<String, usize> = Default::default();
+    for run in 0..3 {
+        let summary = dlq::replay(&t.settings, &ProgressBar::hidden())
+            .await
+            .unwrap();
+        for d in t.drain_events().await {
+            let id = d.properties.message_id().as_ref().unwrap().to_string();
+            *delivered.entry(id).or_insert(0) += 1;
+        }
+        let left: std::collections::BTreeSet<String> = dlq::list_all(&t.settings)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.msg_id)
+            .collect();
+        let expected_replayed = if run == 0 { routable.len() as u64 } else { 0 };
+        assert_eq!(
+            summary.replayed,
+            expected_replayed,
+            "run {run}: {}",
+            summary.report()
+        );
+        for l in &letters {
+            let in_queue = delivered.get(&l.msg_id).copied().unwrap_or(0);
+            let in_dlq = usize::from(left.contains(&l.msg_id));
+            assert_eq!(
+                in_queue + in_dlq,
+                1,
+                "run {run}: {} is {in_queue} time(s) in the queue and {in_dlq} in the DLQ",
+                l.msg_id
+            );
+            assert_eq!(in_queue == 1, routable.contains(&l.msg_id), "{}", l.msg_id);
+        }
+    }
+    t.clean_up().await;
+}

@@ -409,3 +409,73 @@ async fn the_command_line_lists_as_table_and_json_and_exits_by_what_is_left() {
     assert!(err.contains("does not exist"), "{err}");
     b.close().await;
 }
+
+/// The issue-10 regression on NATS: 300 `no_stream` letters, an events stream that takes the
+/// even event names only; after each of three replays every letter is in exactly one place
+/// (the events stream once, or still in the DLQ). The replayed events come from the bridge's
+/// own publisher: with `broker.cloudevents` they carry the `ce-` headers of a live event.
+#[tokio::test]
+async fn a_replay_of_takeable_and_untakeable_letters_leaves_each_in_exactly_one_place() {
+    let js = jetstream_ctx(&nats_url()).await;
+    let mut settings = own_streams(&js, "{p}.none.>").await;
+    settings.broker.cloudevents = true;
+    let n = 300;
+    let prefix = settings.broker.subject_prefix.clone();
+    let mut st = js.get_stream(&settings.broker.nats.stream).await.unwrap();
+    let mut cfg = st.info().await.unwrap().config.clone();
+    cfg.subjects = (0..n)
+        .step_by(2)
+        .map(|i| format!("{prefix}.{APP_ID}.ev{i}.>"))
+        .collect();
+    js.update_stream(cfg).await.unwrap();
+    let b = broker(&settings).await;
+    let letters: Vec<_> = (0..n)
+        .map(|i| letter(&settings, i, DlqReason::NoStream))
+        .collect();
+    store(&b, &letters).await;
+    let takeable = |i: usize| i.is_multiple_of(2);
+    for run in 0..3 {
+        let summary = dlq::replay(&settings, &ProgressBar::hidden())
+            .await
+            .unwrap();
+        let want_replayed = if run == 0 { n as u64 / 2 } else { 0 };
+        assert_eq!(
+            summary.replayed,
+            want_replayed,
+            "run {run}: {}",
+            summary.report()
+        );
+        let stored = stream_messages(&js, &settings.broker.nats.stream, n / 2).await;
+        let mut in_stream = std::collections::HashMap::new();
+        for m in &stored {
+            *in_stream
+                .entry(m.header("Nats-Msg-Id").unwrap().to_string())
+                .or_insert(0usize) += 1;
+            assert_eq!(
+                m.header("ce-specversion"),
+                Some("1.0"),
+                "ce- headers on replay"
+            );
+            assert_eq!(m.header("ce-id"), m.header("Nats-Msg-Id"));
+        }
+        let left: std::collections::HashSet<String> = dlq::list_all(&settings)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.msg_id)
+            .collect();
+        for (i, l) in letters.iter().enumerate() {
+            let id = &l.message.msg_id;
+            let s = in_stream.get(id).copied().unwrap_or(0);
+            let d = usize::from(left.contains(id));
+            assert_eq!(
+                s + d,
+                1,
+                "run {run}: {id} is {s} time(s) in the stream and {d} in the DLQ"
+            );
+            assert_eq!(s == 1, takeable(i), "{id}");
+        }
+    }
+    b.close().await;
+    delete_streams(&js, &settings).await;
+}

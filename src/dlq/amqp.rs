@@ -5,31 +5,26 @@
 //! Listing takes every letter without acknowledging it and closes the channel at the end, so
 //! RabbitMQ puts them all back in their places: nothing is removed or reordered, but while the
 //! listing runs those letters are held by it and invisible to other readers of the queue.
-//! Replay publishes each letter to `broker.amqp.exchange` with its original routing key and
-//! message id (persistent, `mandatory`, on a channel with publisher confirms) and acknowledges
+//! Replay publishes each letter through the bridge's own publisher ([`crate::broker::Broker`]:
+//! `broker.amqp.exchange`, the original routing key and message id, the properties of a live
+//! event, `mandatory`, publisher confirms, returns attributed by message id) and acknowledges
 //! the letter only after the broker confirmed the publish and did not return it as unroutable.
 //! Letters that stay are held until the end of the run (so the same letter is not fetched again)
 //! and then rejected with requeue, which puts them back in order.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use indicatif::ProgressBar;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection};
+use lapin::{Acker, BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
+use crate::broker::Broker;
 use crate::broker::amqp::endpoint;
-use crate::broker::amqp::message::{self, header_text};
+use crate::broker::amqp::message::header_text;
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
@@ -151,31 +146,13 @@ pub async fn list(
     result
 }
 
-/// The properties of a normal event message, from a letter: those the bridge gives an event
-/// (JSON, persistent, its headers), with the original message id. An id too long for AMQP is
-/// an error rather than cut, since a changed id would defeat deduplication downstream.
-pub fn event_properties(r: &DeadLetterRecord) -> Result<BasicProperties, &'static str> {
-    let msg_id = ShortString::try_new(r.msg_id.as_str())
-        .map_err(|_| "the message id is too long for AMQP")?;
-    let h = message::event_headers(&r.app_id, &r.event, &r.channel, &r.time_ms);
-    Ok(BasicProperties::default()
-        .with_content_type(message::CONTENT_TYPE.into())
-        .with_delivery_mode(message::PERSISTENT)
-        .with_message_id(msg_id)
-        .with_headers(h))
-}
-
-type ConfirmFuture =
-    Pin<Box<dyn Future<Output = (DeadLetterRecord, Acker, Result<(), String>)> + Send>>;
-
-/// See [`super::replay`].
+/// See [`super::replay`]: letters fetched here, published by `publisher` (the bridge's own).
 pub async fn replay(
     settings: &Settings,
+    publisher: &Broker,
     progress: &ProgressBar,
 ) -> Result<ReplaySummary, DlqError> {
     let a = &settings.broker.amqp;
-    let exchange = ShortString::try_new(a.exchange.as_str())
-        .map_err(|e| DlqError::Operation(format!("broker.amqp.exchange: {e}")))?;
     let conn = connect(settings).await?;
     let (get_ch, dlq_queue, count) = match open_dlq(&conn, &a.dlq_queue).await {
         Ok(x) => x,
@@ -184,19 +161,6 @@ pub async fn replay(
             return Err(e);
         }
     };
-    let pub_ch = match conn.create_channel().await {
-        Ok(ch) => ch,
-        Err(e) => {
-            close(&conn, &[&get_ch]).await;
-            return Err(DlqError::Operation(format!("cannot open a channel: {e}")));
-        }
-    };
-    if let Err(e) = pub_ch.confirm_select(ConfirmSelectOptions::default()).await {
-        close(&conn, &[&get_ch, &pub_ch]).await;
-        return Err(DlqError::Operation(format!(
-            "cannot enable publisher confirms: {e}"
-        )));
-    }
     progress.set_length(count);
     let timeout = settings.broker.publish_timeout;
     let mut summary = ReplaySummary {
@@ -205,7 +169,9 @@ pub async fn replay(
     };
     // Letters that stay, unacknowledged until the end so `basic.get` does not hand them out again.
     let mut held: Vec<Acker> = Vec::new();
-    let mut window: FuturesOrdered<ConfirmFuture> = FuturesOrdered::new();
+    // Up to a window of letters published in their order on one channel, confirms awaited
+    // together, then settled in order: the events queue gets them in the DLQ's order.
+    let mut batch: Vec<(DeadLetterRecord, Acker)> = Vec::with_capacity(REPLAY_WINDOW);
     let mut position = 0;
     while position < count {
         let (r, acker) = match get(&get_ch, &dlq_queue, position + 1).await {
@@ -218,66 +184,34 @@ pub async fn replay(
         };
         position += 1;
         summary.seen += 1;
-        let prepared = match r.replay_blocker() {
-            Some(why) => Err(why),
-            None => ShortString::try_new(r.subject.as_str())
-                .map_err(|_| "the routing key is too long for AMQP")
-                .and_then(|rk| event_properties(&r).map(|p| (rk, p))),
-        };
-        let (routing_key, props) = match prepared {
-            Ok(x) => x,
-            Err(why) => {
-                summary.leave(&r, why);
-                held.push(acker);
-                progress.inc(1);
-                continue;
-            }
-        };
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        };
-        match pub_ch
-            .basic_publish(exchange.clone(), routing_key, opts, &r.body, props)
-            .await
-        {
-            Ok(confirm) => window.push_back(Box::pin(async move {
-                let result = match tokio::time::timeout(timeout, confirm).await {
-                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
-                        "unroutable: {} {}",
-                        returned.reply_code, returned.reply_text
-                    )),
-                    Ok(Ok(Confirmation::Nack(_))) => Err("nacked by the broker".to_string()),
-                    Ok(Ok(Confirmation::NotRequested)) => {
-                        Err("publisher confirms are off".to_string())
-                    }
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no publisher confirm within {timeout:?}")),
-                };
-                (r, acker, result)
-            })),
-            Err(e) => {
-                // The publishing channel is gone (the exchange does not exist, the connection
-                // dropped): nothing further can be replayed in this run.
-                summary.leave(&r, format!("publish failed: {e}"));
-                held.push(acker);
-                progress.inc(1);
-                summary.stopped = Some(format!("cannot publish to exchange {}: {e}", a.exchange));
-                break;
-            }
-        }
-        if window.len() >= REPLAY_WINDOW
-            && let Some((r, acker, result)) = window.next().await
-        {
-            settle(r, acker, result, &mut held, &mut summary).await;
+        if let Some(why) = r.replay_blocker() {
+            summary.leave(&r, why);
+            held.push(acker);
             progress.inc(1);
+            continue;
+        }
+        batch.push((r, acker));
+        if batch.len() >= REPLAY_WINDOW {
+            flush(
+                publisher,
+                timeout,
+                &mut batch,
+                &mut held,
+                &mut summary,
+                progress,
+            )
+            .await;
         }
     }
-    while let Some((r, acker, result)) = window.next().await {
-        settle(r, acker, result, &mut held, &mut summary).await;
-        progress.inc(1);
-    }
+    flush(
+        publisher,
+        timeout,
+        &mut batch,
+        &mut held,
+        &mut summary,
+        progress,
+    )
+    .await;
     // Back in their places, in order.
     let requeue = BasicNackOptions {
         multiple: false,
@@ -286,9 +220,30 @@ pub async fn replay(
     for acker in held {
         let _ = acker.nack(requeue).await;
     }
-    close(&conn, &[&pub_ch, &get_ch]).await;
+    close(&conn, &[&get_ch]).await;
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// Publishes the batch's letters in order and settles each.
+async fn flush(
+    publisher: &Broker,
+    timeout: Duration,
+    batch: &mut Vec<(DeadLetterRecord, Acker)>,
+    held: &mut Vec<Acker>,
+    summary: &mut ReplaySummary,
+    progress: &ProgressBar,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let messages: Vec<_> = batch.iter().map(|(r, _)| r.to_message()).collect();
+    let refs: Vec<_> = messages.iter().collect();
+    let results = publisher.publish_in_order(&refs, timeout).await;
+    for ((r, acker), result) in batch.drain(..).zip(results) {
+        settle(r, acker, result.map_err(|e| e.to_string()), held, summary).await;
+        progress.inc(1);
+    }
 }
 
 /// After the confirm: acknowledges (removes) the letter; after a failure: holds it.
@@ -363,32 +318,5 @@ mod tests {
     fn no_headers_gives_an_unreplayable_record() {
         let r = record(1, &BasicProperties::default(), Vec::new());
         assert!(r.replay_blocker().is_some());
-    }
-
-    #[test]
-    fn replay_properties_are_those_of_an_event_message() {
-        let props = BasicProperties::default().with_headers(table(&[
-            ("Pusher-App-Id", long("42")),
-            ("Pusher-Event", long("e")),
-            ("Pusher-Channel", long("c")),
-            ("Pusher-Time-Ms", long("9")),
-            ("Pusher-Bridge-Msg-Id", long("id-1")),
-            ("Pusher-Bridge-Reason", long("nacked")),
-        ]));
-        let p = event_properties(&record(1, &props, Vec::new())).unwrap();
-        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("id-1"));
-        assert_eq!(p.delivery_mode(), &Some(message::PERSISTENT));
-        assert_eq!(
-            p.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/json")
-        );
-        let h = p.headers().as_ref().unwrap().inner();
-        assert_eq!(h.len(), 4);
-        assert_eq!(h.get("Pusher-Channel"), Some(&long("c")));
-        assert_eq!(h.get("Pusher-Time-Ms"), Some(&long("9")));
-
-        let mut too_long = record(1, &props, Vec::new());
-        too_long.msg_id = "x".repeat(300);
-        assert!(event_properties(&too_long).is_err());
     }
 }

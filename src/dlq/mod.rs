@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{DEAD_LETTER_ID_PREFIX, DlqReason, headers};
+use crate::broker::{Broker, DEAD_LETTER_ID_PREFIX, DlqReason, Message, headers};
 use crate::config::{BrokerKind, Settings};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
@@ -151,6 +151,21 @@ impl DeadLetterRecord {
             Some("the letter has no original message id")
         } else {
             None
+        }
+    }
+
+    /// The event message this letter was dead-lettered from: what replay publishes, through
+    /// the broker's own publisher, so it gets exactly the headers / properties of a live event
+    /// (also the `ce-` ones of `broker.cloudevents`).
+    pub fn to_message(&self) -> Message {
+        Message {
+            subject: self.subject.clone(),
+            msg_id: self.msg_id.clone(),
+            body: self.body.clone(),
+            app_id: self.app_id.as_str().into(),
+            event: self.event.clone(),
+            channel: self.channel.clone(),
+            time_ms: self.time_ms.clone(),
         }
     }
 
@@ -473,20 +488,48 @@ fn null_broker() -> DlqError {
     DlqError::Connect("the benchmark-only null broker keeps no dead letters".into())
 }
 
+/// How long replay waits for the broker's publisher to connect (and declare, with
+/// `broker.declare`) before giving up.
+const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `dlq replay`: publishes every replayable dead letter to its original subject / routing key
 /// with its original message id and removes each one once the broker acknowledged it. Letters
 /// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
 /// letter handled.
+///
+/// The letters are read (and removed) by the broker's `dlq` module; they are published by the
+/// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
+/// same confirm handling, and on RabbitMQ the same attribution of `basic.return`s to the message
+/// they belong to (a confirm's attached return may be another message's when several are in
+/// flight, which once left letters in neither the queue nor the DLQ).
 pub async fn replay(
     settings: &Settings,
     progress: &ProgressBar,
 ) -> Result<ReplaySummary, DlqError> {
-    match settings.broker.kind {
-        BrokerKind::Nats => nats::replay(settings, progress).await,
-        BrokerKind::Amqp => amqp::replay(settings, progress).await,
+    #[cfg(feature = "bench-null-broker")]
+    if settings.broker.kind == BrokerKind::Null {
+        return Err(null_broker());
+    }
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    // Replay publishes into the topology as it is: a letter that no queue or stream takes now
+    // stays a letter, rather than the tool creating the bridge's catch-all queue for it.
+    let mut publishing = settings.clone();
+    publishing.broker.declare = false;
+    let publisher = Broker::connect(&publishing, metrics).await?;
+    if !publisher.wait_up(PUBLISHER_WAIT).await {
+        publisher.close().await;
+        return Err(DlqError::Connect(format!(
+            "the broker's publisher was not up within {PUBLISHER_WAIT:?}"
+        )));
+    }
+    let result = match settings.broker.kind {
+        BrokerKind::Nats => nats::replay(settings, &publisher, progress).await,
+        BrokerKind::Amqp => amqp::replay(settings, &publisher, progress).await,
         #[cfg(feature = "bench-null-broker")]
         BrokerKind::Null => Err(null_broker()),
-    }
+    };
+    publisher.close().await;
+    result
 }
 
 #[cfg(test)]

@@ -2,24 +2,21 @@
 //! (subjects `<prefix>_dlq.<app>.<reason>`), read in sequence order with the stream's message
 //! get API (which removes nothing). Replay publishes each letter to its original subject with
 //! `Nats-Msg-Id` = the original id, so JetStream drops it if the event did get through after all,
-//! and deletes the letter by sequence only after the publish ack.
+//! and deletes the letter by sequence only after the publish ack. The publishing is the bridge's
+//! own publisher's ([`crate::broker::Broker`]), so a replayed event carries the headers of a live
+//! one.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{
-    self, ErrorCode, context::GetStreamErrorKind, message::PublishMessage,
-    stream::RawMessageErrorKind,
+    self, ErrorCode, context::GetStreamErrorKind, stream::RawMessageErrorKind,
 };
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
-use crate::broker::headers;
+use crate::broker::Broker;
 use crate::config::Settings;
 
 /// How long the tools wait for the first connection to NATS before giving up.
@@ -153,18 +150,6 @@ pub async fn list(
     Ok(n)
 }
 
-/// The headers of a normal event message, from a letter.
-fn event_headers(r: &DeadLetterRecord) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(async_nats::header::NATS_MESSAGE_ID, r.msg_id.as_str());
-    h.insert("Content-Type", "application/json");
-    h.insert(headers::APP_ID, r.app_id.as_str());
-    h.insert(headers::EVENT, r.event.as_str());
-    h.insert(headers::CHANNEL, r.channel.as_str());
-    h.insert(headers::TIME_MS, r.time_ms.as_str());
-    h
-}
-
 /// Why a subject cannot be published to on NATS (empty tokens, wildcards, white space).
 fn subject_problem(subject: &str) -> Option<&'static str> {
     if subject
@@ -179,11 +164,10 @@ fn subject_problem(subject: &str) -> Option<&'static str> {
     }
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = (DeadLetterRecord, Result<(), String>)> + Send>>;
-
-/// See [`super::replay`].
+/// See [`super::replay`]: letters read here, published by `publisher` (the bridge's own).
 pub async fn replay(
     settings: &Settings,
+    publisher: &Broker,
     progress: &ProgressBar,
 ) -> Result<ReplaySummary, DlqError> {
     let js = connect(settings).await?;
@@ -194,7 +178,9 @@ pub async fn replay(
         total: cursor.count,
         ..Default::default()
     };
-    let mut window: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+    // Up to a window of letters published in their order, acks awaited together, then
+    // settled in order: the events stream stores them in the DLQ's order.
+    let mut batch: Vec<DeadLetterRecord> = Vec::with_capacity(REPLAY_WINDOW);
     loop {
         let r = match cursor.next().await {
             Ok(Some(r)) => r,
@@ -210,36 +196,51 @@ pub async fn replay(
             progress.inc(1);
             continue;
         }
-        let publish = PublishMessage::build()
-            .payload(r.body.clone())
-            .headers(event_headers(&r));
-        match js.send_publish(r.subject.clone(), publish).await {
-            Ok(ack) => window.push_back(Box::pin(async move {
-                let result = match tokio::time::timeout(timeout, ack).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no publish ack within {timeout:?}")),
-                };
-                (r, result)
-            })),
-            Err(e) => {
-                summary.leave(&r, format!("publish failed: {e}"));
-                progress.inc(1);
-            }
-        }
-        if window.len() >= REPLAY_WINDOW
-            && let Some((r, result)) = window.next().await
-        {
-            settle(&cursor.stream, r, result, &mut summary).await;
-            progress.inc(1);
+        batch.push(r);
+        if batch.len() >= REPLAY_WINDOW {
+            flush(
+                publisher,
+                timeout,
+                &cursor.stream,
+                &mut batch,
+                &mut summary,
+                progress,
+            )
+            .await;
         }
     }
-    while let Some((r, result)) = window.next().await {
-        settle(&cursor.stream, r, result, &mut summary).await;
-        progress.inc(1);
-    }
+    flush(
+        publisher,
+        timeout,
+        &cursor.stream,
+        &mut batch,
+        &mut summary,
+        progress,
+    )
+    .await;
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// Publishes the batch's letters in order and settles each.
+async fn flush(
+    publisher: &Broker,
+    timeout: Duration,
+    dlq: &jetstream::stream::Stream,
+    batch: &mut Vec<DeadLetterRecord>,
+    summary: &mut ReplaySummary,
+    progress: &ProgressBar,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let messages: Vec<_> = batch.iter().map(DeadLetterRecord::to_message).collect();
+    let refs: Vec<_> = messages.iter().collect();
+    let results = publisher.publish_in_order(&refs, timeout).await;
+    for (r, result) in batch.drain(..).zip(results) {
+        settle(dlq, r, result.map_err(|e| e.to_string()), summary).await;
+        progress.inc(1);
+    }
 }
 
 /// After the publish ack: deletes the letter; after a failure: leaves it.
@@ -264,6 +265,7 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::headers;
 
     #[test]
     fn headers_are_read_without_regard_to_case() {
@@ -277,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_headers_are_those_of_an_event_message() {
+    fn a_letter_turns_back_into_its_event_message() {
         let mut h = HeaderMap::new();
         h.insert(headers::APP_ID, "1");
         h.insert(headers::EVENT, "e");
@@ -285,17 +287,13 @@ mod tests {
         h.insert(headers::TIME_MS, "5");
         h.insert(headers::DLQ_MSG_ID, "id-0");
         h.insert(headers::DLQ_SUBJECT, "p.1.e.c");
-        let out = event_headers(&record(1, &h, bytes::Bytes::new()));
-        assert_eq!(header_value(&out, "Nats-Msg-Id").as_deref(), Some("id-0"));
-        assert_eq!(
-            header_value(&out, "Content-Type").as_deref(),
-            Some("application/json")
-        );
-        assert_eq!(header_value(&out, headers::APP_ID).as_deref(), Some("1"));
-        assert_eq!(header_value(&out, headers::EVENT).as_deref(), Some("e"));
-        assert_eq!(header_value(&out, headers::CHANNEL).as_deref(), Some("c"));
-        assert_eq!(header_value(&out, headers::TIME_MS).as_deref(), Some("5"));
-        assert_eq!(header_value(&out, headers::DLQ_REASON), None);
+        let m = record(1, &h, bytes::Bytes::from_static(b"{}")).to_message();
+        assert_eq!(m.subject, "p.1.e.c");
+        assert_eq!(m.msg_id, "id-0");
+        assert_eq!(&*m.app_id, "1");
+        assert_eq!((m.event.as_str(), m.channel.as_str()), ("e", "c"));
+        assert_eq!(m.time_ms, "5");
+        assert_eq!(&m.body[..], b"{}");
     }
 
     #[test]
