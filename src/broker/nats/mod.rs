@@ -16,7 +16,7 @@ use async_nats::{ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 
 use super::connection_log::ConnectionLog;
-use super::{BrokerError, DeadLetter, Message, PublishError, cloudevents, headers};
+use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::routing;
@@ -306,6 +306,11 @@ impl NatsBroker {
                 )));
                 continue;
             }
+            if let Err(e) = check_subject(&m.subject) {
+                // Refused for good without being sent: the events behind it go on.
+                pending.push(Err(e));
+                continue;
+            }
             let publish = PublishMessage::build()
                 .payload(m.body.clone())
                 .headers(event_headers(m, self.cloudevents));
@@ -361,6 +366,7 @@ impl NatsBroker {
         body: bytes::Bytes,
         timeout: Duration,
     ) -> Result<(), PublishError> {
+        check_subject(&subject)?;
         if !self.is_up() {
             return Err(PublishError::Unavailable("not connected to NATS".into()));
         }
@@ -407,6 +413,27 @@ const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
 /// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and the app,
 /// event, channel and `time_ms` for consumers that filter without parsing the body; with
 /// `cloudevents`, the CloudEvents attributes too (dead letters are not CloudEvents: `false`).
+/// The longest subject the bridge hands to NATS. nats-server reads a publish's control line
+/// (`HPUB <subject> <reply inbox> <header size> <total size>`) into a 4,096-byte buffer and
+/// drops the connection of a client whose line is longer, which would break every publish in
+/// flight beside it and, for a spooled event, every drain after it. 256 bytes are left for the
+/// reply inbox and the sizes.
+pub const MAX_SUBJECT_BYTES: usize = 4096 - 256;
+
+/// A subject NATS cannot take is refused for good (`too_large`) before it is sent.
+fn check_subject(subject: &str) -> Result<(), PublishError> {
+    if subject.len() > MAX_SUBJECT_BYTES {
+        return Err(PublishError::Refused {
+            reason: DlqReason::TooLarge,
+            detail: format!(
+                "subject of {} bytes: NATS takes at most {MAX_SUBJECT_BYTES}",
+                subject.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
     let mut h: HeaderMap = [
         (
