@@ -62,6 +62,9 @@ enum Command {
         #[command(subcommand)]
         action: DlqCommand,
     },
+    /// List the records the drainer set aside in the spool's quarantine.log (the next start
+    /// takes them back onto the spool).
+    Quarantine,
     /// Show the channel state ([state]) read from its KV bucket.
     State {
         #[command(subcommand)]
@@ -143,6 +146,7 @@ fn main() -> std::process::ExitCode {
         Command::Healthcheck { ready, timeout } => healthcheck(cli.config.as_ref(), ready, timeout),
         Command::Sweep { once, dry_run } => sweep(cli.config.as_ref(), once, dry_run),
         Command::State { action } => state(cli.config.as_ref(), action),
+        Command::Quarantine => quarantine(cli.config.as_ref()),
     };
     match result {
         Ok(code) => code,
@@ -151,6 +155,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn quarantine(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(path)?;
+    let dir = &settings.spool.dir;
+    let lines = pusher_bridge::spool::quarantine_lines(dir)?;
+    for line in &lines {
+        println!("{line}");
+    }
+    println!(
+        "{} record(s) in {}; the bridge's next start takes them back onto the spool",
+        lines.len(),
+        dir.join(pusher_bridge::spool::QUARANTINE_FILE).display()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn check_config(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {

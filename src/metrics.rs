@@ -55,6 +55,10 @@ pub const SWEEPER_LAST_SUCCESS: &str = "pusher_bridge_sweeper_last_success_times
 pub const BUILD_INFO: &str = "pusher_bridge_build";
 /// `pusher_bridge_spool_max_bytes` gauge: `spool.max_bytes`, for "spool nearly full" alerts.
 pub const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
+/// `pusher_bridge_spool_quarantined` gauge: records in the spool's `quarantine.log` (dead
+/// letters the dead-letter queue refused, frames this version cannot decode), taken back onto
+/// the spool at the next start.
+pub const SPOOL_QUARANTINED: &str = "pusher_bridge_spool_quarantined";
 /// `pusher_bridge_broker_reconnects_total{broker}`: connections re-established after a loss.
 pub const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
 /// `pusher_bridge_state_updates_total{outcome}`: state events applied (`applied`), ignored as
@@ -82,6 +86,7 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "pusher_bridge_sweeper_last_success_timestamp_seconds",
     "pusher_bridge_build_info",
     "pusher_bridge_spool_max_bytes",
+    "pusher_bridge_spool_quarantined",
     "pusher_bridge_broker_reconnects_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -295,6 +300,8 @@ pub struct Metrics {
     pub sweeper_last_success: Family<SweepLabels, Gauge<f64, AtomicU64>>,
     /// See [`SPOOL_MAX_BYTES`].
     pub spool_max_bytes: Gauge,
+    /// See [`SPOOL_QUARANTINED`].
+    pub spool_quarantined: Gauge,
     /// See [`BROKER_RECONNECTS`].
     pub broker_reconnects: Family<BrokerLabels, Counter>,
     /// See [`STATE_UPDATES`].
@@ -336,6 +343,7 @@ impl Metrics {
             sweeper_purged: Family::default(),
             sweeper_last_success: Family::default(),
             spool_max_bytes: Gauge::default(),
+            spool_quarantined: Gauge::default(),
             broker_reconnects: Family::default(),
             state_updates: Family::default(),
             state_lag: Gauge::default(),
@@ -420,6 +428,11 @@ impl Metrics {
             SPOOL_MAX_BYTES,
             "spool.max_bytes: what pusher_bridge_spool_bytes may reach before webhooks get 503",
             m.spool_max_bytes.clone(),
+        );
+        registry.register(
+            SPOOL_QUARANTINED,
+            "Records in the spool's quarantine.log (the dead-letter queue refused them); taken back onto the spool at the next start",
+            m.spool_quarantined.clone(),
         );
         registry.register(
             BROKER_RECONNECTS,

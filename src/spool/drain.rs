@@ -5,9 +5,12 @@
 //! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records: the
 //! batch's events are handed to the broker in order and their acks awaited together
 //! ([`Broker::publish_in_order`]), so the stream keeps the arrival order; [`Drainer::run`] calls
-//! it when an append lands, on an interval, and stops on shutdown. A refused event becomes a dead letter; a dead letter the dead-letter queue
-//! refuses is kept aside in the quarantine file; an unavailable broker ends the pass (the records
-//! stay and are retried on the next one).
+//! it when an append lands, on an interval, and stops on shutdown. A refused event becomes a
+//! dead letter; a dead letter the dead-letter queue refuses for a lasting reason is set aside in
+//! the quarantine file so it does not block the records behind it (`pusher-bridge quarantine`
+//! lists it, `pusher_bridge_spool_quarantined` counts it, the next start takes it back onto the
+//! spool); an unavailable broker ends the pass (the records stay and are retried on the next
+//! one).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +117,7 @@ impl Drainer {
                 .position(|o| matches!(o, Outcome::Unavailable))
                 .unwrap_or(outcomes.len());
             let mut quarantine = Vec::new();
+            let mut quarantined = 0;
             for (item, outcome) in batch.items.iter().zip(&outcomes).take(done) {
                 let message = match item {
                     Item::Record(s) => Some(s.record.message()),
@@ -133,13 +137,14 @@ impl Drainer {
                     }
                     Outcome::Quarantine(frame) => {
                         report.quarantined += 1;
+                        quarantined += 1;
                         quarantine.extend_from_slice(frame);
                     }
                     Outcome::Unavailable => {}
                 }
             }
             if !quarantine.is_empty() {
-                self.spool.quarantine(quarantine).await?;
+                self.spool.quarantine(quarantine, quarantined).await?;
             }
             self.spool.commit(&batch, done).await?;
             if done < outcomes.len() {

@@ -30,7 +30,9 @@ pub use record::{Record, Spooled};
 
 /// Records the drainer reads (and publishes with acks awaited together) per batch.
 pub const DRAIN_BATCH: usize = 512;
-/// File holding records no broker would take (dead letters the DLQ refused, undecodable frames).
+/// File holding records the drainer set aside so they do not block the records behind them
+/// (dead letters the DLQ refused, frames this version cannot decode); read by
+/// `pusher-bridge quarantine`, taken back onto the spool at every start.
 pub const QUARANTINE_FILE: &str = "quarantine.log";
 
 /// Why the spool could not take or give records.
@@ -189,7 +191,62 @@ impl Spool {
         .await
         .map_err(|e| SpoolError::Io(format!("spool recovery stopped: {e}")))??;
         let tx = writer::start(shared.clone(), file, settings.segment_bytes)?;
-        Ok(Self { shared, tx })
+        let spool = Self { shared, tx };
+        spool.take_back_quarantine().await;
+        Ok(spool)
+    }
+
+    /// Puts the records of `quarantine.log` back on the spool, behind what waits there, and
+    /// removes the file: the drainer tries them again (a dead letter the dead-letter queue
+    /// refused goes there again once it takes it; a frame an older version could not decode is
+    /// decoded by this one). This is the quarantine's replay, run at every start; a record the
+    /// dead-letter queue still refuses comes back to the file. If the spool has no room the file
+    /// stays and the gauge says how many records it holds.
+    async fn take_back_quarantine(&self) {
+        let path = self.shared.dir.join(QUARANTINE_FILE);
+        let kept = match read_quarantine(&self.shared.dir) {
+            Ok(kept) => kept,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the spool's quarantine file");
+                return;
+            }
+        };
+        if kept.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            self.shared.metrics.spool_quarantined.set(0);
+            return;
+        }
+        let n = kept.len();
+        let frames: Vec<u8> = kept.into_iter().flat_map(|q| q.frame).collect();
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(writer::Request::Append {
+                frames,
+                events: n as u64,
+                first_ms: now_ms(),
+                reply,
+            })
+            .await;
+        let written = match sent {
+            Ok(()) => answer.await.unwrap_or(Err(SpoolError::Closed)),
+            Err(_) => Err(SpoolError::Closed),
+        };
+        match written.and_then(|()| {
+            std::fs::remove_file(&path).map_err(|e| io_err("cannot remove", &path, e))
+        }) {
+            Ok(()) => {
+                self.shared.metrics.spool_quarantined.set(0);
+                tracing::warn!(
+                    records = n,
+                    "took the records of the spool's quarantine file back onto the spool"
+                );
+            }
+            Err(e) => {
+                self.shared.metrics.spool_quarantined.set(n as i64);
+                tracing::error!(records = n, error = %e, "cannot take the quarantined records back onto the spool; they stay in {}", path.display());
+            }
+        }
     }
 
     /// Appends `records` as one unit and returns once they are on disk (fsynced). Either all of
@@ -316,9 +373,14 @@ impl Spool {
             .map_err(|e| SpoolError::Io(format!("cursor write stopped: {e}")))?
     }
 
-    /// Keeps frames no broker would take in `quarantine.log` (fsynced), outside the spool's
-    /// accounting, for an operator to look at.
-    pub async fn quarantine(&self, frames: Vec<u8>) -> Result<(), SpoolError> {
+    /// Keeps `records` frames the drainer could not hand to any broker destination in
+    /// `quarantine.log` (fsynced), outside the spool's accounting, so the records behind them
+    /// go on; `pusher-bridge quarantine` lists them and the next start takes them back.
+    pub async fn quarantine(&self, frames: Vec<u8>, records: usize) -> Result<(), SpoolError> {
+        self.shared
+            .metrics
+            .spool_quarantined
+            .inc_by(i64::try_from(records).unwrap_or(i64::MAX));
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let _guard = shared.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,6 +397,65 @@ impl Spool {
         .await
         .map_err(|e| SpoolError::Io(format!("quarantine write stopped: {e}")))?
     }
+}
+
+/// One record of `quarantine.log`: its frame as stored and what it decodes to.
+#[derive(Debug)]
+pub struct Quarantined {
+    /// The whole frame (header and payload), as the spool stores it.
+    pub frame: Vec<u8>,
+    /// The record, or why this version cannot decode it.
+    pub record: Result<Spooled, record::DecodeError>,
+}
+
+/// The records of the quarantine file in `dir` (none when it does not exist). Reading stops at
+/// the first frame that is not whole (the tail of a write a crash cut short).
+pub fn read_quarantine(dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
+    let path = dir.join(QUARANTINE_FILE);
+    let buf = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("cannot read", &path, e)),
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let record::Parsed::Frame { payload, next } = record::parse_at(&buf, pos) {
+        out.push(Quarantined {
+            frame: buf[pos..next].to_vec(),
+            record: record::decode(&buf[payload]),
+        });
+        pos = next;
+    }
+    if pos < buf.len() {
+        tracing::warn!(
+            bytes = buf.len() - pos,
+            "the end of the spool's quarantine file is not a whole record (a cut-short write); ignored"
+        );
+    }
+    Ok(out)
+}
+
+/// One line per record of the quarantine file in `dir`, for `pusher-bridge quarantine`:
+/// `event|dead_letter subject=.. msg_id=.. [reason=.. detail=..]`, or `undecodable: <why>`.
+pub fn quarantine_lines(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    Ok(read_quarantine(dir)?
+        .into_iter()
+        .map(|q| match q.record {
+            Ok(s) => match &s.record {
+                Record::Event(m) => {
+                    format!("event subject={} msg_id={}", m.subject, m.msg_id)
+                }
+                Record::DeadLetter(dl) => format!(
+                    "dead_letter subject={} msg_id={} reason={} detail={}",
+                    dl.message.subject,
+                    dl.message.msg_id,
+                    dl.reason.as_str(),
+                    dl.detail
+                ),
+            },
+            Err(e) => format!("undecodable: {e}"),
+        })
+        .collect())
 }
 
 fn read_batch(shared: &Shared, max: usize) -> Result<Batch, SpoolError> {
