@@ -162,10 +162,10 @@ impl Bridge {
         &self.settings
     }
 
-    /// Whether events can be made durable now (for `/readyz`): the broker is up or the spool
-    /// has room for a webhook.
+    /// Whether events can be made durable now and will move on (for `/readyz`): the broker is
+    /// up or the spool has room for a webhook, and the spool's drainer is not stalled.
     pub fn is_ready(&self) -> bool {
-        self.broker.is_up() || self.spool.has_room()
+        (self.broker.is_up() || self.spool.has_room()) && !self.spool.is_stalled()
     }
 
     /// The app id configured for `key`, for metric labels of refused webhooks.

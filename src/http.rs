@@ -196,6 +196,12 @@ async fn route(
         (&Method::GET | &Method::HEAD, "/readyz") => {
             if bridge.is_ready() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
+            } else if bridge.spool().is_stalled() {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: the spool is not draining although the broker is up\n",
+                )
             } else {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -59,6 +59,9 @@ pub const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
 /// letters the dead-letter queue refused, frames this version cannot decode), taken back onto
 /// the spool at the next start.
 pub const SPOOL_QUARANTINED: &str = "pusher_bridge_spool_quarantined";
+/// `pusher_bridge_spool_drain_stalled` gauge: 1 while records wait, the broker is up and the
+/// drainer has handled none of them for a minute (`/readyz` answers 503 meanwhile).
+pub const SPOOL_DRAIN_STALLED: &str = "pusher_bridge_spool_drain_stalled";
 /// `pusher_bridge_broker_reconnects_total{broker}`: connections re-established after a loss.
 pub const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
 /// `pusher_bridge_state_updates_total{outcome}`: state events applied (`applied`), ignored as
@@ -87,6 +90,7 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "pusher_bridge_build_info",
     "pusher_bridge_spool_max_bytes",
     "pusher_bridge_spool_quarantined",
+    "pusher_bridge_spool_drain_stalled",
     "pusher_bridge_broker_reconnects_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -302,6 +306,8 @@ pub struct Metrics {
     pub spool_max_bytes: Gauge,
     /// See [`SPOOL_QUARANTINED`].
     pub spool_quarantined: Gauge,
+    /// See [`SPOOL_DRAIN_STALLED`].
+    pub spool_drain_stalled: Gauge,
     /// See [`BROKER_RECONNECTS`].
     pub broker_reconnects: Family<BrokerLabels, Counter>,
     /// See [`STATE_UPDATES`].
@@ -344,6 +350,7 @@ impl Metrics {
             sweeper_last_success: Family::default(),
             spool_max_bytes: Gauge::default(),
             spool_quarantined: Gauge::default(),
+            spool_drain_stalled: Gauge::default(),
             broker_reconnects: Family::default(),
             state_updates: Family::default(),
             state_lag: Gauge::default(),
@@ -433,6 +440,11 @@ impl Metrics {
             SPOOL_QUARANTINED,
             "Records in the spool's quarantine.log (the dead-letter queue refused them); taken back onto the spool at the next start",
             m.spool_quarantined.clone(),
+        );
+        registry.register(
+            SPOOL_DRAIN_STALLED,
+            "1 while spooled records wait, the broker is up and none was handled for a minute",
+            m.spool_drain_stalled.clone(),
         );
         registry.register(
             BROKER_RECONNECTS,

@@ -27,6 +27,41 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// Attempts for refusals that may pass on retry (`rejected`, `nacked`) before dead-lettering.
 const REFUSAL_ATTEMPTS: u32 = 3;
 
+/// How long the drainer may handle no record while records wait and the broker is up before it
+/// counts as stalled. A drain batch takes at most `broker.publish_timeout` (5 s by default) per
+/// try; a minute without one handled record means something keeps refusing the head of the
+/// spool in a way the drainer cannot get past.
+pub const STALL_AFTER: Duration = Duration::from_secs(60);
+
+/// Tells a stuck drainer from a waiting one: stalled once records have waited with the broker
+/// up for [`STALL_AFTER`] and none was handled. An empty spool or a broker that is down (the
+/// spool is doing its job then) resets the clock, as does every handled record.
+#[derive(Debug)]
+pub struct StallWatch {
+    since: tokio::time::Instant,
+}
+
+impl StallWatch {
+    /// A watch whose clock starts `now`.
+    pub fn new(now: tokio::time::Instant) -> Self {
+        Self { since: now }
+    }
+
+    /// After a look at the spool: whether the drainer is stalled now.
+    pub fn observe(
+        &mut self,
+        now: tokio::time::Instant,
+        waiting: bool,
+        broker_up: bool,
+        handled: usize,
+    ) -> bool {
+        if !waiting || !broker_up || handled > 0 {
+            self.since = now;
+        }
+        now.duration_since(self.since) >= STALL_AFTER
+    }
+}
+
 /// What one [`Drainer::drain_once`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DrainReport {
@@ -234,7 +269,27 @@ impl Drainer {
     /// (every 100 ms while records wait), until `shutdown` fires.
     /// Tidies an idle spool (deletes the drained segment) and keeps the spool gauges fresh.
     pub async fn run(self, mut shutdown: Shutdown) {
+        let mut watch = StallWatch::new(tokio::time::Instant::now());
+        let mut handled = 0;
         loop {
+            let stalled = watch.observe(
+                tokio::time::Instant::now(),
+                !self.spool.is_empty(),
+                self.broker.is_up(),
+                std::mem::take(&mut handled),
+            );
+            if stalled != self.spool.is_stalled() {
+                if stalled {
+                    tracing::error!(
+                        waiting = self.spool.events(),
+                        "the spool drainer has handled no record for {}s although the broker is up; /readyz answers 503",
+                        STALL_AFTER.as_secs()
+                    );
+                } else {
+                    tracing::info!("the spool drainer is making progress again");
+                }
+                self.spool.set_stalled(stalled);
+            }
             if shutdown.is_triggered() {
                 break;
             }
@@ -261,6 +316,7 @@ impl Drainer {
                 () = shutdown.wait() => break,
                 result = self.drain_once() => match result {
                     Ok(r) if r.published + r.dead_lettered + r.quarantined > 0 => {
+                        handled = r.published + r.dead_lettered + r.quarantined;
                         tracing::info!(
                             published = r.published,
                             dead_lettered = r.dead_lettered,
@@ -277,5 +333,35 @@ impl Drainer {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    #[test]
+    fn only_records_waiting_with_the_broker_up_and_nothing_handled_stall() {
+        let t0 = tokio::time::Instant::now();
+        let mut w = StallWatch::new(t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!w.observe(at(30), true, true, 0));
+        assert!(
+            w.observe(at(60), true, true, 0),
+            "a minute without progress"
+        );
+        assert!(!w.observe(at(61), true, true, 5), "progress clears it");
+        assert!(!w.observe(at(100), true, true, 0));
+        assert!(
+            !w.observe(at(130), true, false, 0),
+            "broker down: the spool waits, rightly"
+        );
+        assert!(!w.observe(at(189), true, true, 0));
+        assert!(w.observe(at(190), true, true, 0));
+        assert!(
+            !w.observe(at(191), false, true, 0),
+            "an empty spool is not stuck"
+        );
+        assert!(!w.observe(at(250), false, true, 0));
     }
 }

@@ -105,6 +105,8 @@ struct Shared {
     appended: Notify,
     /// Serialises cursor writes and quarantine appends.
     files: Mutex<()>,
+    /// The drainer makes no progress although it could (see [`drain::StallWatch`]).
+    stalled: std::sync::atomic::AtomicBool,
     /// Held for the life of the spool: one process per directory.
     _lock: File,
 }
@@ -183,6 +185,7 @@ impl Spool {
                 metrics,
                 appended: Notify::new(),
                 files: Mutex::new(()),
+                stalled: std::sync::atomic::AtomicBool::new(false),
                 _lock: lock,
             });
             shared.update_gauges(&shared.state());
@@ -285,6 +288,24 @@ impl Spool {
         if self.tx.send(writer::Request::Close(reply)).await.is_ok() {
             let _ = done.await;
         }
+    }
+
+    /// Whether the drainer is stuck: records wait, the broker is up, and none was handled for
+    /// [`drain::STALL_AFTER`] (`/readyz` answers 503, so traffic goes to other replicas).
+    pub fn is_stalled(&self) -> bool {
+        self.shared
+            .stalled
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        self.shared
+            .stalled
+            .store(stalled, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .spool_drain_stalled
+            .set(i64::from(stalled));
     }
 
     /// Records waiting to be drained.
