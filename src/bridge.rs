@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
 use crate::config::Settings;
+use crate::delivery;
 use crate::metrics::Metrics;
 use crate::routing;
 use crate::spool::{Record, Spool, SpoolError};
@@ -361,11 +362,11 @@ impl Bridge {
         results
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room.
-    /// Unavailable brokers are not retried (their events go to the spool at once); refusals
-    /// that may pass on retry (`Rejected`, `Nacked`) are retried within the deadline. `first`
-    /// is the outcome of a first attempt already made elsewhere (a batch), if any. The caller
-    /// holds the in-flight permits.
+    /// Runs `attempt` until it succeeds or the delivery policy ([`delivery::next_step`], with
+    /// the time left until `deadline` and a quarter of `broker.response_budget` kept for the
+    /// dead-letter publish of a refusal) says to spool or dead-letter. `first` is the outcome
+    /// of a first attempt already made elsewhere (a batch), if any. The caller holds the
+    /// in-flight permits.
     async fn retry_loop<F, Fut>(
         &self,
         deadline: Instant,
@@ -378,7 +379,6 @@ impl Bridge {
     {
         let mut attempts = 0;
         let mut first_failure_ms = 0;
-        let mut backoff = Duration::from_millis(25);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = remaining.min(self.settings.broker.publish_timeout);
@@ -394,28 +394,21 @@ impl Bridge {
             if first_failure_ms == 0 {
                 first_failure_ms = now_ms();
             }
-            let retry = match &error {
-                PublishError::Unavailable(_) => self.broker.is_up(),
-                PublishError::Refused { reason, .. } => {
-                    matches!(reason, DlqReason::Rejected | DlqReason::Nacked)
+            let budget = delivery::Budget::Time {
+                remaining: deadline.saturating_duration_since(Instant::now()),
+                reserve: self.settings.broker.response_budget / 4,
+            };
+            match delivery::next_step(&error, attempts, self.broker.is_up(), budget) {
+                delivery::Step::Retry(pause) => tokio::time::sleep(pause).await,
+                // The caller spools `Unavailable` and dead-letters `Refused`, as the policy says.
+                delivery::Step::Spool | delivery::Step::DeadLetter => {
+                    return Err(Failure {
+                        error,
+                        attempts,
+                        first_failure_ms,
+                    });
                 }
-            };
-            // A refusal that is still refused at the end goes to the dead-letter queue inside
-            // the same deadline: keep a quarter of the budget for that publish.
-            let reserve = match &error {
-                PublishError::Refused { .. } => self.settings.broker.response_budget / 4,
-                PublishError::Unavailable(_) => Duration::ZERO,
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if !retry || remaining <= backoff + reserve + Duration::from_millis(10) {
-                return Err(Failure {
-                    error,
-                    attempts,
-                    first_failure_ms,
-                });
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(400));
         }
     }
 

@@ -9,6 +9,8 @@
 //! - [`bridge`]: the pipeline shared by all brokers: publish concurrently, await every ack,
 //!   dead-letter refusals, answer only when every event is durable.
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
+//! - `delivery`: the delivery policy (retry, spool or dead-letter after a failed publish) that
+//!   the webhook path and the spool drainer share.
 //! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
@@ -24,6 +26,7 @@
 pub mod bridge;
 pub mod broker;
 pub mod config;
+mod delivery;
 pub mod dlq;
 pub mod http;
 pub mod logging;

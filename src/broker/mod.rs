@@ -2,7 +2,9 @@
 //!
 //! The webhook pipeline ([`crate::bridge`]) only sees [`Broker`], [`Message`], [`DeadLetter`] and
 //! [`PublishError`]; each broker folder holds its connection, topology, publishing and
-//! dead-letter storage. Errors say whether retrying can help ([`PublishError::is_retryable`]).
+//! dead-letter storage. Errors say whether the failure is transient ([`PublishError::Unavailable`])
+//! or the broker's lasting answer ([`PublishError::Refused`]); what to do about it (retry, spool,
+//! dead-letter) is the delivery policy's call (`crate::delivery`).
 
 pub mod amqp;
 pub mod cloudevents;
@@ -173,7 +175,8 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Whether the same publish may succeed later.
+    /// Whether the failure is transient (the same publish may succeed once the broker is back);
+    /// a publish in order stops at such a failure so nothing behind it overtakes it.
     pub fn is_retryable(&self) -> bool {
         matches!(self, PublishError::Unavailable(_))
     }

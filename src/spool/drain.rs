@@ -19,6 +19,7 @@ use futures::future::join_all;
 
 use super::{DRAIN_BATCH, Item, Spool, SpoolError, record};
 use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
+use crate::delivery;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -209,16 +210,16 @@ impl Drainer {
         };
         let mut result = first.unwrap_or_else(|| Err(PublishError::Unavailable("not sent".into())));
         let mut attempts = 1;
-        // Refusals that may pass (`rejected`, `nacked`) are retried a little before giving up.
-        while let Err(PublishError::Refused {
-            reason: DlqReason::Rejected | DlqReason::Nacked,
-            ..
-        }) = &result
-        {
-            if attempts >= REFUSAL_ATTEMPTS {
+        // The delivery policy with a number of tries: refusals that may pass (`rejected`,
+        // `nacked`) are retried a little; an unavailable broker leaves the record where it is
+        // (the next pass tries it again, so nothing behind it overtakes it).
+        while let Err(error) = &result {
+            let budget = delivery::Budget::Tries(REFUSAL_ATTEMPTS.saturating_sub(attempts));
+            let delivery::Step::Retry(pause) = delivery::next_step(error, attempts, false, budget)
+            else {
                 break;
-            }
-            tokio::time::sleep(Duration::from_millis(50 << attempts)).await;
+            };
+            tokio::time::sleep(pause).await;
             attempts += 1;
             result = self.broker.publish(m, self.publish_timeout).await;
         }
