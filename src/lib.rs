@@ -160,10 +160,8 @@ async fn start_state(
     let kv = state::connect(&kv_settings).await?;
     let events = match settings.broker.kind {
         config::BrokerKind::Amqp => {
-            if let Err(e) = state::applier::amqp::declare(settings).await {
-                // Declared again by the applier once RabbitMQ answers.
-                tracing::warn!(error = %e, "state: could not declare the state queue yet");
-            }
+            // The broker declares the state queue on every connect, before it publishes
+            // (`broker::amqp::session`); the applier declares it again when it connects.
             None
         }
         _ if kv_settings.url == settings.broker.nats.url => Some(kv.clone()),

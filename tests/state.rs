@@ -541,3 +541,51 @@ async fn the_sweep_drops_only_old_tombstones() {
     let js = jetstream_ctx(&nats_url()).await;
     let _ = js.delete_stream(format!("KV_{bucket}")).await;
 }
+
+/// RabbitMQ away when the bridge starts: the webhooks are spooled, and once a RabbitMQ node
+/// comes up the bridge's connection declares the state queue before the drainer publishes, so
+/// the state has every spooled event (its own private node, killed and started again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_away_at_start_up_loses_no_state_event() {
+    let Some(mut rabbit) = common::rabbit_cluster::RabbitCluster::start_nodes(1).await else {
+        println!("NOTICE: no root or no rabbitmq-server here: this state test checked nothing");
+        return;
+    };
+    let mut s = state_settings(BrokerKind::Amqp);
+    s.broker.amqp.url = SecretUrl::new(rabbit.url(0));
+    rabbit.kill(0);
+    // Not `spawn_ready`: the broker is not up, but the spool makes events durable.
+    let app = TestApp::spawn(s.clone()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready with a spool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = now_ms() - 10_000;
+    let room = "presence-late-rabbit";
+    for (i, user) in ["a", "b", "c"].iter().enumerate() {
+        let answer = app
+            .post_signed(&body(
+                t0 + i as u64,
+                &[occupancy(room, true), member(room, user, true)],
+            ))
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert!(answer.body.contains(r#""spooled":2"#), "{}", answer.body);
+    }
+    rabbit.restart(0).await;
+    wait_for(
+        &app,
+        &app_path(&format!("/channels/{room}/users")),
+        &[],
+        Duration::from_secs(60),
+        |b| user_ids(b) == ["a", "b", "c"],
+    )
+    .await;
+    app.stop().await;
+    let js = jetstream_ctx(&nats_url()).await;
+    let _ = js.delete_stream(format!("KV_{}", s.state.bucket)).await;
+}

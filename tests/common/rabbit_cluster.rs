@@ -53,6 +53,11 @@ impl RabbitCluster {
     /// Starts three nodes and clusters them; `None` when this machine cannot (not root, no
     /// RabbitMQ installed).
     pub async fn start() -> Option<Self> {
+        Self::start_nodes(3).await
+    }
+
+    /// Starts `n` nodes (the second and later join the first).
+    pub async fn start_nodes(n: usize) -> Option<Self> {
         let is_root = Command::new("id")
             .arg("-u")
             .output()
@@ -66,7 +71,7 @@ impl RabbitCluster {
         }
         let tag = unique("pbr");
         let root = std::env::temp_dir().join(&tag);
-        let nodes = (0..3)
+        let nodes = (0..n)
             .map(|i| RabbitNode {
                 name: format!("{tag}-n{i}@localhost"),
                 port: free_port(),
@@ -92,14 +97,14 @@ impl RabbitCluster {
             .expect("chown runs");
         assert!(chown.success());
         let mut cluster = Self { nodes, root };
-        for i in 0..3 {
+        for i in 0..n {
             cluster.spawn(i);
         }
-        for i in 0..3 {
+        for i in 0..n {
             cluster.await_startup(i).await;
         }
         let first = cluster.nodes[0].name.clone();
-        for i in 1..3 {
+        for i in 1..n {
             let name = cluster.nodes[i].name.clone();
             tokio::task::block_in_place(|| {
                 for args in [

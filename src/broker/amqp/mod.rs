@@ -95,6 +95,7 @@ impl AmqpBroker {
             per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
             declare: settings.broker.declare,
             settings: s,
+            state: settings.state.enabled.then(|| Arc::new(settings.clone())),
         };
         let shared = Arc::new(Shared {
             cfg,

@@ -28,6 +28,10 @@ pub struct SessionConfig {
     pub per_channel_in_flight: usize,
     /// Warnings about the connection (lost, cannot connect, back).
     pub log: Arc<ConnectionLog>,
+    /// With `[state] enabled`: the settings the channel-state queue is declared from, on every
+    /// connect before any publish, so no event the broker takes misses the state's copy (also
+    /// when RabbitMQ was away at start-up).
+    pub state: Option<Arc<crate::config::Settings>>,
 }
 
 /// A connection and its confirm-mode publishing channels.
@@ -81,6 +85,16 @@ impl Session {
                 .map_err(|e| BrokerError::Topology(e.to_string()))?;
             topology::declare(&channel, &cfg.settings).await?;
             let _ = channel.close(200, "topology declared".into()).await;
+        }
+        if let Some(settings) = &cfg.state {
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+            crate::state::applier::amqp::declare_on(&channel, settings)
+                .await
+                .map_err(|e| BrokerError::Topology(format!("the channel-state queue: {e}")))?;
+            let _ = channel.close(200, "state queue declared".into()).await;
         }
         let mut publishers = Vec::with_capacity(cfg.settings.channels);
         for _ in 0..cfg.settings.channels.max(1) {

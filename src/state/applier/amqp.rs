@@ -1,7 +1,8 @@
 //! The AMQP source of the state: a durable queue `<broker.amqp.queue>.<state.durable>` bound to
-//! the events exchange for the state events, consumed with manual acks. Declared at start-up
-//! before webhooks are served (see [`declare`]), so it holds a copy of every event published
-//! from then on, whether the KV is reachable or not.
+//! the events exchange for the state events, consumed with manual acks. The bridge's AMQP broker
+//! declares it ([`declare_on`]) on every connect before it publishes anything, so it holds a
+//! copy of every event published, whether the KV is reachable or not (and whether RabbitMQ was
+//! there when the bridge started or came later).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,23 +104,6 @@ async fn connect(settings: &Settings) -> Result<lapin::Connection, StateError> {
     )
     .await
     .map_err(|e| StateError::Amqp(e.to_string()))
-}
-
-/// Declares the state queue once on its own connection (start-up, before serving webhooks, so
-/// no accepted event misses the queue). Fails when RabbitMQ is unreachable; the applier
-/// declares again on every connect.
-pub async fn declare(settings: &Settings) -> Result<(), StateError> {
-    let conn = connect(settings).await?;
-    let result = async {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| StateError::Amqp(e.to_string()))?;
-        declare_on(&ch, settings).await
-    }
-    .await;
-    let _ = conn.close(200, "declared".into()).await;
-    result
 }
 
 /// Connects, declares and consumes until the connection or consumer ends.
