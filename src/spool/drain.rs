@@ -29,7 +29,7 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 const REFUSAL_ATTEMPTS: u32 = 3;
 
 /// How long the drainer may handle no record while records wait and the broker is up before it
-/// counts as stalled. A drain batch takes at most `broker.publish_timeout` (5 s by default) per
+/// counts as stalled. A drain batch takes at most `broker.publish_timeout` (1.5 s by default) per
 /// try; a minute without one handled record means something keeps refusing the head of the
 /// spool in a way the drainer cannot get past.
 pub const STALL_AFTER: Duration = Duration::from_secs(60);
