@@ -441,3 +441,178 @@ impl Bridge {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `Bridge::handle` against the in-memory broker ([`crate::broker::fake`]): where every
+    //! event ends for each broker outcome.
+
+    use super::*;
+    use crate::broker::fake::{FakeBroker, refused, timeout};
+
+    struct Rig {
+        bridge: Bridge,
+        app: Arc<AppKey>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let toml = format!(
+                "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\
+                 [broker]\nresponse_budget = \"400ms\"\npublish_timeout = \"100ms\"\n\
+                 [spool]\ndir = {:?}\n",
+                dir.path().display().to_string()
+            );
+            let settings = Arc::new(Settings::from_toml(&toml).unwrap());
+            let metrics = Arc::new(Metrics::new());
+            let spool = Arc::new(
+                Spool::open(&settings.spool, 1024, metrics.clone())
+                    .await
+                    .unwrap(),
+            );
+            let broker = Arc::new(Broker::Fake(Box::default()));
+            let bridge = Bridge::new(settings, broker, metrics, spool);
+            let app = bridge.apps.get("k").unwrap().clone();
+            Self {
+                bridge,
+                app,
+                _dir: dir,
+            }
+        }
+
+        fn fake(&self) -> &FakeBroker {
+            match &**self.bridge.broker() {
+                Broker::Fake(f) => f,
+                _ => unreachable!("the rig uses the fake broker"),
+            }
+        }
+
+        /// Posts one webhook with an event per channel name.
+        async fn post(&self, channels: &[&str]) -> Result<Accepted, WebhookError> {
+            let events: Vec<String> = channels
+                .iter()
+                .map(|c| format!(r#"{{"name":"channel_occupied","channel":"{c}"}}"#))
+                .collect();
+            let body = format!(
+                r#"{{"time_ms":{},"events":[{}]}}"#,
+                now_ms(),
+                events.join(",")
+            );
+            let body = Bytes::from(body);
+            let sig = self.app.sign(&body);
+            let app = self
+                .bridge
+                .authenticate(Some(b"k"), Some(sig.as_bytes()), &body)
+                .unwrap();
+            self.bridge.handle(&app, &body).await
+        }
+    }
+
+    fn subject(channel: &str) -> String {
+        routing::subject("pusher", "1", "channel_occupied", channel)
+    }
+
+    fn accepted(published: usize, dead_lettered: usize, spooled: usize) -> Accepted {
+        Accepted {
+            published,
+            dead_lettered,
+            spooled,
+        }
+    }
+
+    #[tokio::test]
+    async fn acked_events_are_published() {
+        let rig = Rig::new().await;
+        assert_eq!(rig.post(&["a", "b"]).await.unwrap(), accepted(2, 0, 0));
+        assert_eq!(rig.fake().published(), [subject("a"), subject("b")]);
+        assert!(rig.bridge.spool().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_nack_is_retried_and_a_lasting_nack_dead_lettered_within_the_budget() {
+        let rig = Rig::new().await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Nacked)]);
+        rig.fake()
+            .script(&subject("b"), vec![refused(DlqReason::Nacked); 100]);
+        let started = Instant::now();
+        assert_eq!(rig.post(&["a", "b"]).await.unwrap(), accepted(1, 1, 0));
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "within the budget"
+        );
+        assert_eq!(rig.fake().tries(&subject("a")), 2);
+        assert!(rig.fake().tries(&subject("b")) > 1);
+        assert_eq!(rig.fake().published(), [subject("a")]);
+        assert_eq!(
+            rig.fake().dead_letters(),
+            [(subject("b"), DlqReason::Nacked)]
+        );
+    }
+
+    #[tokio::test]
+    async fn returns_and_lasting_refusals_are_dead_lettered_at_once() {
+        let rig = Rig::new().await;
+        let reasons = [
+            ("r", DlqReason::Unroutable),
+            ("s", DlqReason::NoStream),
+            ("t", DlqReason::TooLarge),
+        ];
+        for (c, reason) in reasons {
+            rig.fake().script(&subject(c), vec![refused(reason)]);
+        }
+        assert_eq!(
+            rig.post(&["r", "s", "t", "ok"]).await.unwrap(),
+            accepted(1, 3, 0)
+        );
+        for (c, reason) in reasons {
+            assert_eq!(rig.fake().tries(&subject(c)), 1, "{reason:?} not retried");
+        }
+        let mut dead = rig.fake().dead_letters();
+        dead.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(dead, reasons.map(|(c, r)| (subject(c), r)));
+        assert!(rig.bridge.spool().is_empty(), "nothing refused is spooled");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_retried_while_the_broker_is_up_then_spooled() {
+        let rig = Rig::new().await;
+        rig.fake().script(&subject("a"), vec![timeout()]);
+        rig.fake().script(&subject("b"), vec![timeout(); 1000]);
+        assert_eq!(rig.post(&["a", "b"]).await.unwrap(), accepted(1, 0, 1));
+        assert_eq!(rig.fake().published(), [subject("a")]);
+        assert!(
+            rig.fake().dead_letters().is_empty(),
+            "transient is not lasting"
+        );
+        assert_eq!(rig.bridge.spool().events(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_broker_spools_at_once_and_later_webhooks_queue_behind() {
+        let rig = Rig::new().await;
+        rig.fake().set_up(false);
+        let started = Instant::now();
+        assert_eq!(rig.post(&["a", "b"]).await.unwrap(), accepted(0, 0, 2));
+        assert!(started.elapsed() < Duration::from_millis(100), "no retries");
+        assert_eq!(rig.fake().tries(&subject("a")), 1);
+        rig.fake().set_up(true);
+        // The spool holds events: the next webhook goes behind them, not past them.
+        assert_eq!(rig.post(&["c"]).await.unwrap(), accepted(0, 0, 1));
+        assert_eq!(rig.fake().tries(&subject("c")), 0);
+        assert_eq!(rig.bridge.spool().events(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_the_dlq_cannot_take_now_is_spooled() {
+        let rig = Rig::new().await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Unroutable)]);
+        rig.fake().script_dead(vec![timeout(); 1000]);
+        assert_eq!(rig.post(&["a"]).await.unwrap(), accepted(0, 0, 1));
+        assert!(rig.fake().dead_letters().is_empty());
+        assert_eq!(rig.bridge.spool().events(), 1);
+    }
+}

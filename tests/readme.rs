@@ -9,11 +9,11 @@ use pusher_bridge::config::Settings;
 
 // The README's Rust examples, compiled here; `rust_examples_are_the_compiled_ones` checks that the
 // README holds them verbatim.
-#[allow(dead_code)]
+#[expect(dead_code, reason = "the snippet's functions are compiled, not called")]
 #[path = "snippets/nats_consumer.rs"]
 mod nats_consumer;
 
-#[allow(dead_code)]
+#[expect(dead_code, reason = "the snippet's functions are compiled, not called")]
 #[path = "snippets/amqp_consumer.rs"]
 mod amqp_consumer;
 

@@ -4,11 +4,15 @@
 //! [`PublishError`]; each broker folder holds its connection, topology, publishing and
 //! dead-letter storage. Errors say whether the failure is transient ([`PublishError::Unavailable`])
 //! or the broker's lasting answer ([`PublishError::Refused`]); what to do about it (retry, spool,
-//! dead-letter) is the delivery policy's call (`crate::delivery`).
+//! dead-letter) is the delivery policy's call (`crate::delivery`). Unit tests put the scripted
+//! in-memory [`fake`] broker behind the same enum, so the bridge and the drainer are tested for
+//! every outcome without a server.
 
 pub mod amqp;
 pub mod cloudevents;
 pub mod connection_log;
+#[cfg(test)]
+pub mod fake;
 pub mod nats;
 #[cfg(feature = "bench-null-broker")]
 pub mod null;
@@ -205,6 +209,9 @@ pub enum Broker {
     /// Benchmark only: acknowledges everything, stores nothing.
     #[cfg(feature = "bench-null-broker")]
     Null(null::NullBroker),
+    /// Unit tests only: the scripted in-memory broker ([`fake`]).
+    #[cfg(test)]
+    Fake(Box<fake::FakeBroker>),
 }
 
 impl Broker {
@@ -233,6 +240,8 @@ impl Broker {
             Broker::Amqp(b) => b.is_up(),
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(b) => b.is_up(),
+            #[cfg(test)]
+            Broker::Fake(b) => b.is_up(),
         }
     }
 
@@ -243,6 +252,8 @@ impl Broker {
             Broker::Amqp(b) => b.publish(msg, timeout).await,
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(b) => b.publish(msg, timeout).await,
+            #[cfg(test)]
+            Broker::Fake(b) => b.publish(msg, timeout).await,
         }
     }
 
@@ -259,6 +270,8 @@ impl Broker {
             Broker::Amqp(b) => b.publish_in_order(msgs, timeout).await,
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(_) => msgs.iter().map(|_| Ok(())).collect(),
+            #[cfg(test)]
+            Broker::Fake(b) => b.publish_in_order(msgs, timeout).await,
         }
     }
 
@@ -273,6 +286,8 @@ impl Broker {
             Broker::Amqp(b) => b.publish_dead_letter(dl, timeout).await,
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(b) => b.publish_dead_letter(dl, timeout).await,
+            #[cfg(test)]
+            Broker::Fake(b) => b.publish_dead_letter(dl, timeout).await,
         }
     }
 
@@ -295,6 +310,8 @@ impl Broker {
             Broker::Amqp(b) => b.close().await,
             #[cfg(feature = "bench-null-broker")]
             Broker::Null(b) => b.close().await,
+            #[cfg(test)]
+            Broker::Fake(_) => {}
         }
     }
 }

@@ -29,7 +29,7 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 const REFUSAL_ATTEMPTS: u32 = 3;
 
 /// How long the drainer may handle no record while records wait and the broker is up before it
-/// counts as stalled. A drain batch takes at most `broker.publish_timeout` (5 s by default) per
+/// counts as stalled. A drain batch takes at most `broker.publish_timeout` (1.5 s by default) per
 /// try; a minute without one handled record means something keeps refusing the head of the
 /// spool in a way the drainer cannot get past.
 pub const STALL_AFTER: Duration = Duration::from_secs(60);
@@ -364,5 +364,150 @@ mod stall_tests {
             "an empty spool is not stuck"
         );
         assert!(!w.observe(at(250), false, true, 0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drainer against the in-memory broker ([`crate::broker::fake`]): every outcome, and
+    //! a record refused for a lasting reason never blocks the ones behind it.
+
+    use super::*;
+    use crate::broker::fake::{FakeBroker, refused, timeout};
+    use crate::config::SpoolSettings;
+    use crate::spool::Record;
+
+    fn msg(subject: &str) -> Message {
+        Message {
+            subject: subject.into(),
+            msg_id: format!("id-{subject}"),
+            body: bytes::Bytes::from_static(b"{}"),
+            app_id: "1".into(),
+            event: "e".into(),
+            channel: subject.into(),
+            time_ms: "1".into(),
+        }
+    }
+
+    struct Rig {
+        drainer: Drainer,
+        spool: Arc<Spool>,
+        broker: Arc<Broker>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn new(subjects: &[&str]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = SpoolSettings {
+                dir: dir.path().to_path_buf(),
+                ..SpoolSettings::default()
+            };
+            let metrics = Arc::new(Metrics::new());
+            let spool = Arc::new(Spool::open(&settings, 1024, metrics.clone()).await.unwrap());
+            let records: Vec<Record> = subjects.iter().map(|s| Record::Event(msg(s))).collect();
+            spool.append(&records).await.unwrap();
+            let broker = Arc::new(Broker::Fake(Box::default()));
+            let drainer = Drainer::new(
+                spool.clone(),
+                broker.clone(),
+                metrics,
+                Duration::from_millis(100),
+                Duration::from_millis(10),
+            );
+            Self {
+                drainer,
+                spool,
+                broker,
+                _dir: dir,
+            }
+        }
+
+        fn fake(&self) -> &FakeBroker {
+            match &*self.broker {
+                Broker::Fake(f) => f,
+                _ => unreachable!("the rig uses the fake broker"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn acked_records_are_published_in_order_and_leave_the_spool() {
+        let rig = Rig::new(&["a", "b", "c"]).await;
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!(report.published, 3);
+        assert!(!report.interrupted);
+        assert_eq!(rig.fake().published(), ["a", "b", "c"]);
+        assert!(rig.spool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn lasting_refusals_are_dead_lettered_without_blocking_the_records_behind() {
+        let rig = Rig::new(&["a", "poison", "unroutable", "nacked", "b"]).await;
+        rig.fake()
+            .script("poison", vec![refused(DlqReason::TooLarge)]);
+        rig.fake()
+            .script("unroutable", vec![refused(DlqReason::Unroutable)]);
+        rig.fake()
+            .script("nacked", vec![refused(DlqReason::Nacked); 10]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!((report.published, report.dead_lettered), (2, 3));
+        assert_eq!(rig.fake().published(), ["a", "b"]);
+        assert_eq!(
+            rig.fake().tries("poison"),
+            1,
+            "a lasting refusal is not retried"
+        );
+        assert_eq!(rig.fake().tries("nacked"), REFUSAL_ATTEMPTS);
+        let mut dead = rig.fake().dead_letters();
+        dead.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            dead,
+            [
+                ("nacked".to_string(), DlqReason::Nacked),
+                ("poison".to_string(), DlqReason::TooLarge),
+                ("unroutable".to_string(), DlqReason::Unroutable),
+            ]
+        );
+        assert!(rig.spool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_keeps_the_record_and_everything_behind_it_for_the_next_pass() {
+        let rig = Rig::new(&["a", "slow", "b"]).await;
+        rig.fake().script("slow", vec![timeout()]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert!(report.interrupted);
+        assert_eq!(report.published, 1);
+        assert!(
+            rig.fake().dead_letters().is_empty(),
+            "transient is not lasting"
+        );
+        assert_eq!(rig.spool.events(), 2);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!(report.published, 2);
+        assert_eq!(rig.fake().published(), ["a", "slow", "b"], "order kept");
+        assert!(rig.spool.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_broker_is_not_drained_and_a_dlq_timeout_keeps_the_record() {
+        let rig = Rig::new(&["a", "gone"]).await;
+        rig.fake().set_up(false);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert!(report.interrupted);
+        assert_eq!(rig.fake().tries("a"), 0);
+        rig.fake().set_up(true);
+        rig.fake()
+            .script("gone", vec![refused(DlqReason::Unroutable)]);
+        rig.fake().script_dead(vec![timeout()]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert!(report.interrupted);
+        assert_eq!((report.published, report.dead_lettered), (1, 0));
+        assert_eq!(
+            rig.spool.events(),
+            1,
+            "the refused record waits for the DLQ"
+        );
     }
 }

@@ -6,7 +6,10 @@
 //! front of RabbitMQ for the AMQP tests that need it gone, frozen or behind TLS; [`amqp`] holds
 //! the tests' own RabbitMQ connections, declarations, reads and clean-up.
 
-#![allow(dead_code)] // Why: each test binary uses a different part of the shared harness.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the shared harness (`expect` would fail in the ones that use it all)"
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

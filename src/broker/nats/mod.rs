@@ -479,7 +479,10 @@ fn cloudevents_headers(h: &mut HeaderMap, msg: &Message) {
     h.insert(CE_CONTENT_TYPE, "application/json");
 }
 
-#[allow(clippy::too_many_arguments)] // Why: one call site, all of it the broker's shared state.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, all of it the broker's shared state"
+)]
 async fn topology_loop(
     js: jetstream::Context,
     declare: bool,
