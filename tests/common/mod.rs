@@ -408,7 +408,7 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts one and waits until it accepts connections.
     pub async fn start() -> Self {
-        Self::start_on(free_port()).await
+        Self::start_on(server_port()).await
     }
 
     /// Starts one on `port`.
@@ -475,6 +475,24 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free TCP port for a server a test kills and starts again on the same port: below the
+/// kernel's ephemeral range (32768 and up here), so that while the server is down no client
+/// connection of the machine can be given that port as its local end (which made a restarted
+/// cluster node fail to listen now and then). Spread by process id and a counter, checked free.
+pub fn server_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 10_000 + (std::process::id() % 1000) * 22;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (base + n * 7919 % 22_000) % 22_000 + 10_000;
+        let port = u16::try_from(port).unwrap_or(10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::time::Instant;
 
-use super::{free_port, unique};
+use super::{server_port, unique};
 
 /// One node: its name, ports, store and process.
 pub struct ClusterNode {
@@ -48,9 +48,9 @@ impl NatsCluster {
         let nodes = (0..3)
             .map(|i| ClusterNode {
                 name: format!("{name}-n{i}"),
-                port: free_port(),
-                route_port: free_port(),
-                monitor_port: free_port(),
+                port: server_port(),
+                route_port: server_port(),
+                monitor_port: server_port(),
                 dir: std::env::temp_dir().join(unique(&format!("nats-cluster-n{i}"))),
                 child: None,
             })

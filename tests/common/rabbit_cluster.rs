@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{free_port, unique};
+use super::{server_port, unique};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
@@ -74,8 +74,8 @@ impl RabbitCluster {
         let nodes = (0..n)
             .map(|i| RabbitNode {
                 name: format!("{tag}-n{i}@localhost"),
-                port: free_port(),
-                dist_port: free_port(),
+                port: server_port(),
+                dist_port: server_port(),
                 dir: root.join(format!("n{i}")),
                 child: None,
             })
