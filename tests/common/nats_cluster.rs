@@ -87,7 +87,11 @@ impl NatsCluster {
             ])
             .args(["--routes", &routes])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(node.dir.with_extension("log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .expect("nats-server runs");
         node.child = Some(child);
@@ -101,7 +105,10 @@ impl NatsCluster {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("cluster node {i} did not start");
+        let log =
+            std::fs::read_to_string(self.nodes[i].dir.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        panic!("cluster node {i} did not start; its last lines: {tail:?}");
     }
 
     /// `nats://` URL of node `i`.
@@ -278,6 +285,7 @@ impl Drop for NatsCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
             let _ = std::fs::remove_dir_all(&self.nodes[i].dir);
+            let _ = std::fs::remove_file(self.nodes[i].dir.with_extension("log"));
         }
     }
 }
