@@ -173,45 +173,41 @@ pub async fn replay(
     // together, then settled in order: the events queue gets them in the DLQ's order.
     let mut batch: Vec<(DeadLetterRecord, Acker)> = Vec::with_capacity(REPLAY_WINDOW);
     let mut position = 0;
-    while position < count {
-        let (r, acker) = match get(&get_ch, &dlq_queue, position + 1).await {
-            Ok(Some(x)) => x,
-            Ok(None) => break,
-            Err(e) => {
-                summary.stopped = Some(e.to_string());
-                break;
-            }
+    loop {
+        let next = if position < count {
+            get(&get_ch, &dlq_queue, position + 1)
+                .await
+                .unwrap_or_else(|e| {
+                    summary.stopped = Some(e.to_string());
+                    None
+                })
+        } else {
+            None
         };
-        position += 1;
-        summary.seen += 1;
-        if let Some(why) = r.replay_blocker() {
-            summary.leave(&r, why);
-            held.push(acker);
-            progress.inc(1);
-            continue;
+        let done = next.is_none();
+        if let Some((r, acker)) = next {
+            position += 1;
+            summary.seen += 1;
+            match r.replay_blocker() {
+                Some(why) => {
+                    summary.leave(&r, why);
+                    held.push(acker);
+                    progress.inc(1);
+                }
+                None => batch.push((r, acker)),
+            }
         }
-        batch.push((r, acker));
-        if batch.len() >= REPLAY_WINDOW {
-            flush(
-                publisher,
-                timeout,
-                &mut batch,
-                &mut held,
-                &mut summary,
-                progress,
-            )
-            .await;
+        if done || batch.len() >= REPLAY_WINDOW {
+            let results = super::republish(publisher, batch.iter().map(|(r, _)| r), timeout).await;
+            for ((r, acker), result) in batch.drain(..).zip(results) {
+                settle(r, acker, result, &mut held, &mut summary).await;
+                progress.inc(1);
+            }
+        }
+        if done {
+            break;
         }
     }
-    flush(
-        publisher,
-        timeout,
-        &mut batch,
-        &mut held,
-        &mut summary,
-        progress,
-    )
-    .await;
     // Back in their places, in order.
     let requeue = BasicNackOptions {
         multiple: false,
@@ -223,27 +219,6 @@ pub async fn replay(
     close(&conn, &[&get_ch]).await;
     progress.finish_and_clear();
     Ok(summary)
-}
-
-/// Publishes the batch's letters in order and settles each.
-async fn flush(
-    publisher: &Broker,
-    timeout: Duration,
-    batch: &mut Vec<(DeadLetterRecord, Acker)>,
-    held: &mut Vec<Acker>,
-    summary: &mut ReplaySummary,
-    progress: &ProgressBar,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let messages: Vec<_> = batch.iter().map(|(r, _)| r.to_message()).collect();
-    let refs: Vec<_> = messages.iter().collect();
-    let results = publisher.publish_in_order(&refs, timeout).await;
-    for ((r, acker), result) in batch.drain(..).zip(results) {
-        settle(r, acker, result.map_err(|e| e.to_string()), held, summary).await;
-        progress.inc(1);
-    }
 }
 
 /// After the confirm: acknowledges (removes) the letter; after a failure: holds it.

@@ -488,6 +488,23 @@ fn null_broker() -> DlqError {
     DlqError::Connect("the benchmark-only null broker keeps no dead letters".into())
 }
 
+/// Publishes `letters` as their event messages, in this order, all acks awaited together
+/// ([`Broker::publish_in_order`]): one result per letter, for the broker's `settle`.
+async fn republish<'a>(
+    publisher: &Broker,
+    letters: impl Iterator<Item = &'a DeadLetterRecord>,
+    timeout: std::time::Duration,
+) -> Vec<Result<(), String>> {
+    let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
+    let refs: Vec<&Message> = messages.iter().collect();
+    publisher
+        .publish_in_order(&refs, timeout)
+        .await
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect()
+}
+
 /// How long replay waits for the broker's publisher to connect (and declare, with
 /// `broker.declare`) before giving up.
 const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -182,65 +182,34 @@ pub async fn replay(
     // settled in order: the events stream stores them in the DLQ's order.
     let mut batch: Vec<DeadLetterRecord> = Vec::with_capacity(REPLAY_WINDOW);
     loop {
-        let r = match cursor.next().await {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => {
-                summary.stopped = Some(e.to_string());
-                break;
+        let next = cursor.next().await.unwrap_or_else(|e| {
+            summary.stopped = Some(e.to_string());
+            None
+        });
+        let done = next.is_none();
+        if let Some(r) = next {
+            summary.seen += 1;
+            match r.replay_blocker().or_else(|| subject_problem(&r.subject)) {
+                Some(why) => {
+                    summary.leave(&r, why);
+                    progress.inc(1);
+                }
+                None => batch.push(r),
             }
-        };
-        summary.seen += 1;
-        if let Some(why) = r.replay_blocker().or_else(|| subject_problem(&r.subject)) {
-            summary.leave(&r, why);
-            progress.inc(1);
-            continue;
         }
-        batch.push(r);
-        if batch.len() >= REPLAY_WINDOW {
-            flush(
-                publisher,
-                timeout,
-                &cursor.stream,
-                &mut batch,
-                &mut summary,
-                progress,
-            )
-            .await;
+        if done || batch.len() >= REPLAY_WINDOW {
+            let results = super::republish(publisher, batch.iter(), timeout).await;
+            for (r, result) in batch.drain(..).zip(results) {
+                settle(&cursor.stream, r, result, &mut summary).await;
+                progress.inc(1);
+            }
+        }
+        if done {
+            break;
         }
     }
-    flush(
-        publisher,
-        timeout,
-        &cursor.stream,
-        &mut batch,
-        &mut summary,
-        progress,
-    )
-    .await;
     progress.finish_and_clear();
     Ok(summary)
-}
-
-/// Publishes the batch's letters in order and settles each.
-async fn flush(
-    publisher: &Broker,
-    timeout: Duration,
-    dlq: &jetstream::stream::Stream,
-    batch: &mut Vec<DeadLetterRecord>,
-    summary: &mut ReplaySummary,
-    progress: &ProgressBar,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let messages: Vec<_> = batch.iter().map(DeadLetterRecord::to_message).collect();
-    let refs: Vec<_> = messages.iter().collect();
-    let results = publisher.publish_in_order(&refs, timeout).await;
-    for (r, result) in batch.drain(..).zip(results) {
-        settle(dlq, r, result.map_err(|e| e.to_string()), summary).await;
-        progress.inc(1);
-    }
 }
 
 /// After the publish ack: deletes the letter; after a failure: leaves it.
