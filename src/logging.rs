@@ -74,34 +74,13 @@ fn url_secrets(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// Decodes `%XX` escapes (the form a URL password reaches the client in); other bytes stay.
-fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The ways `secret` can appear in a log line.
 fn forms(secret: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for s in [secret.to_string(), percent_decoded(secret)] {
+    for s in [
+        secret.to_string(),
+        crate::broker::nats::url_auth::percent_decode(secret),
+    ] {
         let debug = format!("{s:?}");
         out.push(debug[1..debug.len() - 1].to_string());
         let json = serde_json::Value::String(s.clone()).to_string();

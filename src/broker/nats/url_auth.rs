@@ -40,8 +40,9 @@ pub fn url_credentials(urls: &str) -> Option<UrlCredentials> {
 }
 
 /// Decodes `%XX` escapes (a password may hold `@`, `:` or `/` only in escaped form); invalid
-/// escapes are kept as they are.
-fn percent_decode(s: &str) -> String {
+/// escapes are kept as they are. Also what the log mask decodes secrets with
+/// (`crate::logging`), since a URL password reaches the clients decoded.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
