@@ -42,6 +42,43 @@ pub fn pairs(s: &AmqpSettings) -> [(&str, &str); 2] {
     ]
 }
 
+/// Declares the durable topic exchange `exchange` (a no-op when it exists so).
+pub(crate) async fn declare_exchange(
+    channel: &Channel,
+    exchange: ShortString,
+) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the durable queue `queue` with `args` (a no-op when it exists so).
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    queue: ShortString,
+    args: FieldTable,
+) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Declares both exchanges and queues and binds them. Declaring what exists with the same
 /// settings is a no-op; a queue that exists with other arguments makes RabbitMQ refuse
 /// (`PRECONDITION_FAILED`), which is reported (and retried) rather than worked around.
@@ -50,27 +87,10 @@ pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), BrokerEr
     for (exchange, queue) in pairs(s) {
         let ex = name("broker.amqp exchange", exchange)?;
         let q = name("broker.amqp queue", queue)?;
-        channel
-            .exchange_declare(
-                ex.clone(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        declare_exchange(channel, ex.clone())
             .await
             .map_err(|e| err(&format!("exchange {exchange}"), e))?;
-        channel
-            .queue_declare(
-                q.clone(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                queue_arguments(s.queue_type),
-            )
+        declare_queue(channel, q.clone(), queue_arguments(s.queue_type))
             .await
             .map_err(|e| err(&format!("queue {queue}"), e))?;
         channel

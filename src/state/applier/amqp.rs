@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
 
 use super::{CONCURRENCY, RETRY_PAUSE, STATE_EVENTS, Verdict, apply_message};
+use crate::broker::amqp::topology;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::routing;
@@ -56,27 +56,10 @@ pub async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), St
     let err = |what: &str, e: lapin::Error| StateError::Amqp(format!("{what}: {e}"));
     let exchange = short(&settings.broker.amqp.exchange)?;
     let queue = short(&queue_name(settings))?;
-    channel
-        .exchange_declare(
-            exchange.clone(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    topology::declare_exchange(channel, exchange.clone())
         .await
         .map_err(|e| err("events exchange", e))?;
-    channel
-        .queue_declare(
-            queue.clone(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    topology::declare_queue(channel, queue.clone(), FieldTable::default())
         .await
         .map_err(|e| err("state queue", e))?;
     for key in binding_keys(settings) {
