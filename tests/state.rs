@@ -589,3 +589,22 @@ async fn rabbitmq_away_at_start_up_loses_no_state_event() {
     let js = jetstream_ctx(&nats_url()).await;
     let _ = js.delete_stream(format!("KV_{}", s.state.bucket)).await;
 }
+
+/// The README's "other methods 405" on the query API: a signed path asked with POST or DELETE.
+#[tokio::test]
+async fn the_query_api_answers_other_methods_with_405() {
+    let s = state_settings(BrokerKind::Nats);
+    let app = TestApp::spawn_ready(s.clone()).await;
+    let target = signed(&app_path("/channels"), &[], APP_KEY, APP_SECRET, now_secs());
+    for method in [hyper::Method::POST, hyper::Method::DELETE] {
+        let req = hyper::Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}{target}", app.addr))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let answer = app.request(req).await;
+        assert_eq!(answer.status, 405, "{method} {}", answer.body);
+    }
+    app.stop().await;
+    cleanup_state(BrokerKind::Nats, &s).await;
+}
