@@ -183,16 +183,9 @@ pub struct EventLabels {
     pub event: &'static str,
 }
 
-/// The event names Pusher sends, each its own `event` label value.
-pub const KNOWN_EVENTS: [&str; 7] = [
-    "channel_occupied",
-    "channel_vacated",
-    "member_added",
-    "member_removed",
-    "client_event",
-    "cache_miss",
-    "subscription_count",
-];
+/// The event names Pusher sends ([`crate::sendtest::EVENT_TYPES`]), each its own `event` label
+/// value.
+pub const KNOWN_EVENTS: [&str; 7] = crate::sendtest::EVENT_TYPES;
 
 /// The `event` label of every other name: names come from the webhook body, and one series
 /// per name sent would let a sender grow `/metrics` without bound (the subject keeps the name).

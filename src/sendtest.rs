@@ -14,7 +14,8 @@ use crate::config::Settings;
 use crate::probe::{self, HttpAnswer, ProbeError};
 use crate::webhook::AppRegistry;
 
-/// Every event type Pusher sends, in the order `send-test` posts them.
+/// Every event type Pusher sends, in the order `send-test` posts them (also the `event`
+/// label values of the metrics, [`crate::metrics::KNOWN_EVENTS`]).
 pub const EVENT_TYPES: [&str; 7] = [
     "channel_occupied",
     "channel_vacated",
