@@ -16,41 +16,53 @@ use futures::future::join_all;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
+use crate::broker::{Broker, DeadLetter, Message, PublishError, now_ms};
 use crate::config::Settings;
 use crate::delivery;
 use crate::metrics::Metrics;
-use crate::routing;
 use crate::spool::{Record, Spool, SpoolError};
 use crate::webhook::{self, AppKey, AppRegistry};
 
-/// Why a webhook was not accepted; [`crate::http`] maps each to its status code.
+/// Why the pipeline did not accept an authentic request's webhook; [`crate::http`] maps each
+/// to its status code (with the refusals only HTTP can make).
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    /// Not a POST.
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    /// Content type is not JSON.
-    #[error("content type must be application/json")]
-    UnsupportedMediaType,
-    /// Body over `server.max_body_bytes`.
-    #[error("body too large")]
-    TooLarge,
+    /// The signature does not match, or `time_ms` is too old.
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] webhook::AuthError),
     /// More events than `server.max_events_per_webhook` (answered 413 like a large body).
     #[error("more than {0} events in one webhook (server.max_events_per_webhook)")]
     TooManyEvents(usize),
-    /// The body did not arrive within `server.body_read_timeout`.
-    #[error("body not received in time")]
-    BodyTimeout,
-    /// Key missing or unknown, signature missing or wrong.
-    #[error("unauthorized: {0}")]
-    Unauthorized(&'static str),
     /// Signed correctly but not a webhook.
     #[error("bad request: {0}")]
-    BadRequest(String),
-    /// The events could not be made durable.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    BadRequest(#[source] webhook::PayloadError),
+    /// The events the broker could not take could not be spooled either (full, disk error).
+    #[error("unavailable: {events} events could not be made durable: {source}")]
+    NotDurable {
+        /// How many events (and dead letters) were to be spooled.
+        events: usize,
+        /// Why the spool refused them.
+        #[source]
+        source: SpoolError,
+    },
+    /// A blocking-pool task (a large body's signature check or parse) did not finish.
+    #[error("unavailable: {what} stopped: {source}")]
+    Stopped {
+        /// Which task.
+        what: &'static str,
+        /// Why it ended (a panic, the runtime shutting down).
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl From<webhook::PayloadError> for WebhookError {
+    fn from(e: webhook::PayloadError) -> Self {
+        match e {
+            webhook::PayloadError::TooManyEvents { max } => WebhookError::TooManyEvents(max),
+            e => WebhookError::BadRequest(e),
+        }
+    }
 }
 
 /// What happened to an accepted webhook's events.
@@ -86,18 +98,9 @@ fn parse_and_prepare(
     app: &AppKey,
     body: &[u8],
 ) -> Result<(Vec<Message>, Vec<DeadLetter>), WebhookError> {
-    let hook =
-        webhook::parse(body, settings.server.max_events_per_webhook).map_err(|e| match e {
-            webhook::PayloadError::TooManyEvents { max } => WebhookError::TooManyEvents(max),
-            e => WebhookError::BadRequest(e.to_string()),
-        })?;
-    if let Some(max_age) = settings.server.max_webhook_age {
-        let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
-        if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
-            return Err(WebhookError::Unauthorized("webhook time_ms is too old"));
-        }
-    }
-    Ok(Bridge::prepare(
+    let hook = webhook::parse(body, settings.server.max_events_per_webhook)?;
+    webhook::check_age(&hook, settings.server.max_webhook_age)?;
+    Ok(webhook::prepare(
         &settings.broker.subject_prefix,
         app,
         &hook,
@@ -169,31 +172,9 @@ impl Bridge {
         (self.broker.is_up() || self.spool.has_room()) && !self.spool.is_stalled()
     }
 
-    /// The app id configured for `key`, for metric labels of refused webhooks.
-    pub fn app_id_for_key(&self, key: &str) -> Option<String> {
-        self.apps.get(key.trim()).map(|a| a.app_id.to_string())
-    }
-
-    /// Finds the app of `X-Pusher-Key` and checks `X-Pusher-Signature` over the raw body.
-    pub fn authenticate(
-        &self,
-        key: Option<&[u8]>,
-        signature: Option<&[u8]>,
-        body: &[u8],
-    ) -> Result<Arc<AppKey>, WebhookError> {
-        let key = key.ok_or(WebhookError::Unauthorized("X-Pusher-Key missing"))?;
-        let key = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| self.apps.get(k.trim()))
-            .ok_or(WebhookError::Unauthorized("unknown X-Pusher-Key"))?;
-        let signature =
-            signature.ok_or(WebhookError::Unauthorized("X-Pusher-Signature missing"))?;
-        if !key.verify(body, signature.trim_ascii()) {
-            return Err(WebhookError::Unauthorized(
-                "X-Pusher-Signature does not match",
-            ));
-        }
-        Ok(key.clone())
+    /// The configured app keys ([`crate::http`] authenticates each request against them).
+    pub fn apps(&self) -> &AppRegistry {
+        &self.apps
     }
 
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
@@ -204,7 +185,10 @@ impl Bridge {
             let (settings, app, body) = (self.settings.clone(), app.clone(), body.clone());
             tokio::task::spawn_blocking(move || parse_and_prepare(&settings, &app, &body))
                 .await
-                .map_err(|e| WebhookError::Unavailable(format!("webhook parsing stopped: {e}")))??
+                .map_err(|source| WebhookError::Stopped {
+                    what: "webhook parsing",
+                    source,
+                })??
         } else {
             parse_and_prepare(&self.settings, app, body)?
         };
@@ -261,49 +245,6 @@ impl Bridge {
             accepted.spooled = self.make_durable(pending, pending_dead).await?;
         }
         Ok(accepted)
-    }
-
-    /// Turns the webhook's events into messages; unroutable ones become dead letters.
-    fn prepare(
-        prefix: &str,
-        app: &AppKey,
-        hook: &webhook::Webhook<'_>,
-        body: &[u8],
-    ) -> (Vec<Message>, Vec<DeadLetter>) {
-        let digest = routing::webhook_digest(&app.app_id, body);
-        let suffix = webhook::body_suffix(app, hook.time_ms);
-        let mut messages = Vec::with_capacity(hook.events.len());
-        let mut dead = Vec::new();
-        for (i, event) in hook.events.iter().enumerate() {
-            let msg_id = routing::message_id(&digest, i);
-            match webhook::event_head(event) {
-                Ok(head) => messages.push(Message {
-                    subject: routing::subject(prefix, &app.app_id, &head.name, &head.channel),
-                    msg_id,
-                    body: Bytes::from(webhook::message_body(event, &head, &suffix)),
-                    app_id: app.app_id.clone(),
-                    event: head.name.into_owned(),
-                    channel: head.channel.into_owned(),
-                    time_ms: hook.time_ms.to_string(),
-                }),
-                Err(detail) => dead.push(DeadLetter {
-                    message: Message {
-                        subject: String::new(),
-                        msg_id,
-                        body: Bytes::copy_from_slice(event.get().as_bytes()),
-                        app_id: app.app_id.clone(),
-                        event: String::new(),
-                        channel: String::new(),
-                        time_ms: hook.time_ms.to_string(),
-                    },
-                    reason: DlqReason::Malformed,
-                    detail,
-                    attempts: 0,
-                    first_failure_ms: now_ms(),
-                }),
-            }
-        }
-        (messages, dead)
     }
 
     /// First attempt: every event handed to the broker in webhook order with all acks awaited
@@ -427,16 +368,14 @@ impl Bridge {
             .collect();
         match self.spool.append(&records).await {
             Ok(()) => Ok(records.len()),
-            Err(e @ SpoolError::Full { .. }) => Err(WebhookError::Unavailable(format!(
-                "{} events could not be made durable: {e}",
-                records.len()
-            ))),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write to the spool");
-                Err(WebhookError::Unavailable(format!(
-                    "{} events could not be made durable: {e}",
-                    records.len()
-                )))
+            Err(source) => {
+                if !matches!(source, SpoolError::Full { .. }) {
+                    tracing::error!(error = %source, "cannot write to the spool");
+                }
+                Err(WebhookError::NotDurable {
+                    events: records.len(),
+                    source,
+                })
             }
         }
     }
@@ -448,7 +387,9 @@ mod tests {
     //! event ends for each broker outcome.
 
     use super::*;
+    use crate::broker::DlqReason;
     use crate::broker::fake::{FakeBroker, refused, timeout};
+    use crate::routing;
 
     struct Rig {
         bridge: Bridge,
@@ -501,12 +442,7 @@ mod tests {
                 events.join(",")
             );
             let body = Bytes::from(body);
-            let sig = self.app.sign(&body);
-            let app = self
-                .bridge
-                .authenticate(Some(b"k"), Some(sig.as_bytes()), &body)
-                .unwrap();
-            self.bridge.handle(&app, &body).await
+            self.bridge.handle(&self.app, &body).await
         }
     }
 

@@ -1,5 +1,6 @@
-//! The HTTP side: routes, request limits, and the one place where [`WebhookError`] becomes a
-//! status code and a metric outcome.
+//! The HTTP side: routes, request limits, the webhook's key lookup and signature check (by
+//! [`crate::webhook`]), and the one place where a refusal ([`RequestError`]) becomes a status
+//! code and a metric outcome.
 //!
 //! Routes: `POST <webhook_path>`, `GET /metrics`, `GET /healthz`, `GET /readyz`. Request headers
 //! must arrive within `server.header_read_timeout` and the body within
@@ -23,24 +24,62 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::bridge::{Bridge, WebhookError};
+use crate::bridge::{Accepted, Bridge, OFFLOAD_BYTES, WebhookError};
 use crate::metrics::Outcome;
+use crate::webhook::AuthError;
+
+/// Why a webhook request was refused: what only HTTP can see (method, headers, reading the
+/// body), or the pipeline's own refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not a POST.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Content type is not JSON.
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    /// Body over `server.max_body_bytes`.
+    #[error("body too large")]
+    TooLarge,
+    /// The body did not arrive within `server.body_read_timeout`.
+    #[error("body not received in time")]
+    BodyTimeout,
+    /// The connection failed while the body was read.
+    #[error("bad request: cannot read body: {0}")]
+    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The authentic webhook's refusal by the pipeline, or the key / signature check's.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+}
+
+impl From<AuthError> for RequestError {
+    fn from(e: AuthError) -> Self {
+        RequestError::Webhook(e.into())
+    }
+}
 
 /// Status code and metric outcome of each refusal: the whole mapping, in one place.
-pub fn status_of(e: &WebhookError) -> (StatusCode, Outcome) {
+pub fn status_of(e: &RequestError) -> (StatusCode, Outcome) {
+    use WebhookError as W;
     match e {
-        WebhookError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Outcome::BadRequest),
-        WebhookError::UnsupportedMediaType => (
+        RequestError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Outcome::BadRequest),
+        RequestError::UnsupportedMediaType => (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Outcome::UnsupportedMediaType,
         ),
-        WebhookError::TooLarge | WebhookError::TooManyEvents(_) => {
+        RequestError::TooLarge | RequestError::Webhook(W::TooManyEvents(_)) => {
             (StatusCode::PAYLOAD_TOO_LARGE, Outcome::TooLarge)
         }
-        WebhookError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Outcome::BadRequest),
-        WebhookError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, Outcome::Unauthorized),
-        WebhookError::BadRequest(_) => (StatusCode::BAD_REQUEST, Outcome::BadRequest),
-        WebhookError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, Outcome::Unavailable),
+        RequestError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, Outcome::BadRequest),
+        RequestError::Webhook(W::Unauthorized(_)) => {
+            (StatusCode::UNAUTHORIZED, Outcome::Unauthorized)
+        }
+        RequestError::BodyRead(_) | RequestError::Webhook(W::BadRequest(_)) => {
+            (StatusCode::BAD_REQUEST, Outcome::BadRequest)
+        }
+        RequestError::Webhook(W::NotDurable { .. } | W::Stopped { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Outcome::Unavailable)
+        }
     }
 }
 
@@ -248,13 +287,10 @@ async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
         Err(e) => {
             let (status, outcome) = status_of(&e);
             metrics.webhook(app_id, outcome);
-            match &e {
-                WebhookError::Unavailable(_) => {
-                    tracing::error!(app_id, error = %e, "webhook refused")
-                }
-                _ => {
-                    tracing::warn!(app_id, status = status.as_u16(), error = %e, "webhook refused")
-                }
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(app_id, error = %e, "webhook refused");
+            } else {
+                tracing::warn!(app_id, status = status.as_u16(), error = %e, "webhook refused");
             }
             let mut resp = json(status, serde_json::json!({ "error": e.to_string() }));
             if status == StatusCode::METHOD_NOT_ALLOWED {
@@ -272,7 +308,7 @@ async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
 
 /// `{"published":n,"dead_lettered":n,"spooled":n}`, written directly (this is the answer to
 /// every accepted webhook; a `serde_json::Value` would allocate a map for it).
-fn accepted_body(a: &crate::bridge::Accepted) -> String {
+fn accepted_body(a: &Accepted) -> String {
     use std::fmt::Write;
     let mut body = String::with_capacity(64);
     // Writing into a String cannot fail.
@@ -288,13 +324,13 @@ async fn accept_webhook(
     req: Request<Incoming>,
     bridge: &Arc<Bridge>,
     app_label: &mut Option<Arc<str>>,
-) -> Result<crate::bridge::Accepted, WebhookError> {
+) -> Result<Accepted, RequestError> {
     if req.method() != Method::POST {
-        return Err(WebhookError::MethodNotAllowed);
+        return Err(RequestError::MethodNotAllowed);
     }
     let headers = req.headers();
     if !is_json(headers.get(header::CONTENT_TYPE)) {
-        return Err(WebhookError::UnsupportedMediaType);
+        return Err(RequestError::UnsupportedMediaType);
     }
     let server = &bridge.settings().server;
     let max = server.max_body_bytes;
@@ -303,55 +339,38 @@ async fn accept_webhook(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return Err(WebhookError::TooLarge);
+        return Err(RequestError::TooLarge);
     }
     let key = headers.get("x-pusher-key").cloned();
     let signature = headers.get("x-pusher-signature").cloned();
     let limited = Limited::new(req.into_body(), usize::try_from(max).unwrap_or(usize::MAX));
     let body = match tokio::time::timeout(server.body_read_timeout, limited.collect()).await {
-        Err(_) => return Err(WebhookError::BodyTimeout),
+        Err(_) => return Err(RequestError::BodyTimeout),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(WebhookError::TooLarge);
+            return Err(RequestError::TooLarge);
         }
-        Ok(Err(e)) => return Err(WebhookError::BadRequest(format!("cannot read body: {e}"))),
+        Ok(Err(e)) => return Err(RequestError::BodyRead(e)),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let app = if body.len() >= crate::bridge::OFFLOAD_BYTES {
-        // The HMAC of a large body is CPU time the runtime's thread must not spend.
-        let (b, k, sig, bytes) = (bridge.clone(), key.clone(), signature.clone(), body.clone());
-        tokio::task::spawn_blocking(move || {
-            b.authenticate(
-                k.as_ref().map(HeaderValue::as_bytes),
-                sig.as_ref().map(HeaderValue::as_bytes),
-                &bytes,
-            )
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(WebhookError::Unavailable(format!(
-                "signature check stopped: {e}"
-            )))
-        })
-    } else {
-        bridge.authenticate(
-            key.as_ref().map(HeaderValue::as_bytes),
-            signature.as_ref().map(HeaderValue::as_bytes),
-            &body,
-        )
-    };
-    let app = match app {
-        Ok(app) => app,
-        Err(e) => {
-            *app_label = key
-                .as_ref()
-                .and_then(|k| k.to_str().ok())
-                .and_then(|k| bridge.app_id_for_key(k))
-                .map(Arc::from);
-            return Err(e);
-        }
-    };
+    let app = bridge
+        .apps()
+        .app_of(key.as_ref().map(HeaderValue::as_bytes))?
+        .clone();
     *app_label = Some(app.app_id.clone());
-    bridge.handle(&app, &body).await
+    let signature = signature.as_ref().map(HeaderValue::as_bytes);
+    if body.len() >= OFFLOAD_BYTES {
+        // The HMAC of a large body is CPU time the runtime's thread must not spend.
+        let (app, sig, bytes) = (app.clone(), signature.map(<[u8]>::to_vec), body.clone());
+        tokio::task::spawn_blocking(move || app.check(sig.as_deref(), &bytes))
+            .await
+            .map_err(|source| WebhookError::Stopped {
+                what: "signature check",
+                source,
+            })??;
+    } else {
+        app.check(signature, &body)?;
+    }
+    Ok(bridge.handle(&app, &body).await?)
 }
 
 #[cfg(test)]
@@ -373,7 +392,7 @@ mod tests {
 
     #[test]
     fn accepted_body_is_the_json_it_was() {
-        let a = crate::bridge::Accepted {
+        let a = Accepted {
             published: 3,
             dead_lettered: 1,
             spooled: 0,
@@ -388,14 +407,25 @@ mod tests {
     #[test]
     fn every_error_has_its_status() {
         let cases = [
-            (WebhookError::MethodNotAllowed, 405),
-            (WebhookError::UnsupportedMediaType, 415),
-            (WebhookError::TooLarge, 413),
-            (WebhookError::TooManyEvents(1000), 413),
-            (WebhookError::BodyTimeout, 408),
-            (WebhookError::Unauthorized("x"), 401),
-            (WebhookError::BadRequest("x".into()), 400),
-            (WebhookError::Unavailable("x".into()), 503),
+            (RequestError::MethodNotAllowed, 405),
+            (RequestError::UnsupportedMediaType, 415),
+            (RequestError::TooLarge, 413),
+            (WebhookError::TooManyEvents(1000).into(), 413),
+            (RequestError::BodyTimeout, 408),
+            (AuthError::SignatureMismatch.into(), 401),
+            (RequestError::BodyRead("x".into()), 400),
+            (
+                WebhookError::from(crate::webhook::PayloadError::TimeNotNumber).into(),
+                400,
+            ),
+            (
+                WebhookError::NotDurable {
+                    events: 1,
+                    source: crate::spool::SpoolError::Closed,
+                }
+                .into(),
+                503,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(status_of(&e).0.as_u16(), code, "{e}");

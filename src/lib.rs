@@ -3,8 +3,10 @@
 //!
 //! How the crate is laid out, following one webhook:
 //! - [`config`]: typed settings (defaults < TOML < `PUSHER_BRIDGE_*` env), secrets redacted.
-//! - [`http`]: hyper server, routes, limits and the mapping of errors to status codes.
-//! - [`webhook`]: app lookup by key, HMAC signature check, borrowed parsing of the body.
+//! - [`http`]: hyper server, routes, limits, the HTTP-only refusals and the mapping of every
+//!   refusal to its status code.
+//! - [`webhook`]: app lookup by key and HMAC signature check (called by `http`), borrowed
+//!   parsing of the body, and the messages and dead letters its events become.
 //! - [`routing`]: subjects / routing keys, token escaping, deterministic message ids.
 //! - [`bridge`]: the pipeline shared by all brokers: publish concurrently, await every ack,
 //!   dead-letter refusals, answer only when every event is durable.

@@ -1,5 +1,7 @@
 //! The Pusher webhook itself: which app sent it (key lookup), whether it is authentic
-//! (HMAC-SHA256 over the raw body, compared in constant time) and what events it carries.
+//! (HMAC-SHA256 over the raw body, compared in constant time), what events it carries, and the
+//! messages and dead letters they become ([`prepare`]). [`crate::http`] calls the lookup and
+//! the signature check ([`AppRegistry::authenticate`]); [`crate::bridge`] calls the rest.
 //!
 //! Parsing borrows from the raw body: each event's JSON text is kept byte for byte (key order,
 //! unknown fields, value types) and only `name` and `channel` are looked at. The message body is
@@ -9,14 +11,18 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
+use crate::broker::{DeadLetter, DlqReason, Message, now_ms};
 use crate::config::AppSettings;
+use crate::routing;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,6 +58,16 @@ impl AppKey {
         let mut mac = self.mac.clone();
         mac.update(body);
         mac.verify_slice(&expected).is_ok()
+    }
+
+    /// Checks `X-Pusher-Signature` (surrounding whitespace ignored) over the raw body.
+    pub fn check(&self, signature: Option<&[u8]>, body: &[u8]) -> Result<(), AuthError> {
+        let signature = signature.ok_or(AuthError::SignatureMissing)?;
+        if self.verify(body, signature.trim_ascii()) {
+            Ok(())
+        } else {
+            Err(AuthError::SignatureMismatch)
+        }
     }
 
     /// The hex signature Pusher would send for `body` (used by `send-test` and tests).
@@ -99,10 +115,40 @@ impl AppRegistry {
         self.by_key.get(key)
     }
 
+    /// The app of `X-Pusher-Key` (surrounding whitespace ignored), before its signature is
+    /// checked: a refused webhook of a known key is counted under its app id.
+    pub fn app_of(&self, key: Option<&[u8]>) -> Result<&Arc<AppKey>, AuthError> {
+        let key = key.ok_or(AuthError::KeyMissing)?;
+        std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| self.get(k.trim()))
+            .ok_or(AuthError::UnknownKey)
+    }
+
     /// Whether no app is configured (every webhook would be refused).
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
+}
+
+/// Why a webhook is not authentic (answered 401).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `X-Pusher-Key` header.
+    #[error("X-Pusher-Key missing")]
+    KeyMissing,
+    /// `X-Pusher-Key` is not a configured key.
+    #[error("unknown X-Pusher-Key")]
+    UnknownKey,
+    /// No `X-Pusher-Signature` header.
+    #[error("X-Pusher-Signature missing")]
+    SignatureMissing,
+    /// The signature is not the HMAC of the body under the key's secret.
+    #[error("X-Pusher-Signature does not match")]
+    SignatureMismatch,
+    /// `time_ms` is older than `server.max_webhook_age` (a replayed capture).
+    #[error("webhook time_ms is too old")]
+    TooOld,
 }
 
 /// Why a signed body is not a webhook (answered 400, or 413 for [`PayloadError::TooManyEvents`]).
@@ -350,6 +396,62 @@ fn check_token(field: &str, value: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a webhook whose `time_ms` is older than `max_age` (`server.max_webhook_age`).
+pub(crate) fn check_age(hook: &Webhook<'_>, max_age: Option<Duration>) -> Result<(), AuthError> {
+    let Some(max_age) = max_age else {
+        return Ok(());
+    };
+    let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
+    if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
+        return Err(AuthError::TooOld);
+    }
+    Ok(())
+}
+
+/// Turns the webhook's events into messages on `prefix`'s subjects; unroutable events become
+/// `malformed` dead letters carrying their raw JSON text.
+pub(crate) fn prepare(
+    prefix: &str,
+    app: &AppKey,
+    hook: &Webhook<'_>,
+    body: &[u8],
+) -> (Vec<Message>, Vec<DeadLetter>) {
+    let digest = routing::webhook_digest(&app.app_id, body);
+    let suffix = body_suffix(app, hook.time_ms);
+    let mut messages = Vec::with_capacity(hook.events.len());
+    let mut dead = Vec::new();
+    for (i, event) in hook.events.iter().enumerate() {
+        let msg_id = routing::message_id(&digest, i);
+        match event_head(event) {
+            Ok(head) => messages.push(Message {
+                subject: routing::subject(prefix, &app.app_id, &head.name, &head.channel),
+                msg_id,
+                body: Bytes::from(message_body(event, &head, &suffix)),
+                app_id: app.app_id.clone(),
+                event: head.name.into_owned(),
+                channel: head.channel.into_owned(),
+                time_ms: hook.time_ms.to_string(),
+            }),
+            Err(detail) => dead.push(DeadLetter {
+                message: Message {
+                    subject: String::new(),
+                    msg_id,
+                    body: Bytes::copy_from_slice(event.get().as_bytes()),
+                    app_id: app.app_id.clone(),
+                    event: String::new(),
+                    channel: String::new(),
+                    time_ms: hook.time_ms.to_string(),
+                },
+                reason: DlqReason::Malformed,
+                detail,
+                attempts: 0,
+                first_failure_ms: now_ms(),
+            }),
+        }
+    }
+    (messages, dead)
 }
 
 /// The per-webhook tail of every message body: `,"app_id":"<id>","time_ms":<n>}`.

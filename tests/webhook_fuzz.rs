@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use proptest::prelude::*;
 use pusher_bridge::bridge::WebhookError;
 use pusher_bridge::config::{AppSettings, Secret};
-use pusher_bridge::webhook::{self, AppRegistry, PayloadError};
+use pusher_bridge::webhook::{self, AppRegistry};
 use serde_json::Value;
 
 /// The global allocator, counting live bytes and their peak.
@@ -54,10 +54,7 @@ fn answer(body: &[u8]) -> (u16, usize) {
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let status = match webhook::parse(body, MAX_EVENTS) {
-        Err(PayloadError::TooManyEvents { max }) => {
-            pusher_bridge::http::status_of(&WebhookError::TooManyEvents(max)).0
-        }
-        Err(e) => pusher_bridge::http::status_of(&WebhookError::BadRequest(e.to_string())).0,
+        Err(e) => pusher_bridge::http::status_of(&WebhookError::from(e).into()).0,
         Ok(hook) => {
             assert!(hook.events.len() <= MAX_EVENTS);
             let suffix = webhook::body_suffix(app, hook.time_ms);
