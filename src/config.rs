@@ -891,6 +891,11 @@ impl Settings {
         {
             return Err(invalid("broker.nats.url", e.to_string()));
         }
+        if let Some(url) = &self.state.nats_url
+            && let Err(e) = crate::broker::nats::servers::server_addrs(url.expose())
+        {
+            return Err(invalid("state.nats_url", e.to_string()));
+        }
         if self.broker.nats.stream == self.broker.nats.dlq_stream {
             return Err(invalid(
                 "broker.nats.dlq_stream",

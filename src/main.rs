@@ -151,10 +151,26 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pusher-bridge: {e:#}");
+            eprintln!("pusher-bridge: {}", report(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-joined like `{:#}`, each cause once: the library's messages
+/// already end with the client error they keep as their source.
+fn report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn quarantine(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {

@@ -186,18 +186,65 @@ impl PublishError {
     }
 }
 
-/// A broker could not be set up (bad URL, topology refused).
+/// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A broker could not be set up (bad URL, unreachable, topology refused).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// Connecting failed.
-    #[error("cannot connect to the broker: {0}")]
-    Connect(String),
-    /// Declaring streams / exchanges / queues failed.
-    #[error("cannot declare the broker topology: {0}")]
-    Topology(String),
-    /// Reading or changing stored messages (dead letters, retention) failed.
-    #[error("broker operation failed: {0}")]
-    Operation(String),
+    /// Connecting failed, or a connection setting (URL, TLS CA file, creds file) is unusable.
+    #[error("cannot connect to the broker: {what}{}", cause(.source))]
+    Connect {
+        /// What failed, with the URL redacted.
+        what: String,
+        /// The client's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Declaring streams / exchanges / queues failed, or a name is too long to declare.
+    #[error("cannot declare the broker topology: {what}{}", cause(.source))]
+    Topology {
+        /// What was being declared.
+        what: String,
+        /// The broker's answer, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl BrokerError {
+    /// A connection failure of `what`, caused by `source`.
+    pub(crate) fn connect(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BrokerError::Connect {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A connection setting or answer that has no client error behind it.
+    pub(crate) fn connect_msg(what: impl Into<String>) -> Self {
+        BrokerError::Connect {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A declaration of `what` the broker refused with `source`.
+    pub(crate) fn topology(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BrokerError::Topology {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// `: <source>` for a message that shows its cause, or nothing: the log lines keep the client's
+/// words although the error also keeps the source itself (`main` prints each cause once).
+pub(crate) fn cause<E: std::fmt::Display>(source: &Option<E>) -> String {
+    source
+        .as_ref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default()
 }
 
 /// The configured broker.

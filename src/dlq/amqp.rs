@@ -63,12 +63,13 @@ async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortStrin
     let ch = conn
         .create_channel()
         .await
-        .map_err(|e| DlqError::Operation(format!("cannot open a channel: {e}")))?;
+        .map_err(|e| DlqError::op("cannot open a channel", e))?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    let name = ShortString::try_new(queue).map_err(|e| DlqError::Operation(e.to_string()))?;
+    let name = ShortString::try_new(queue)
+        .map_err(|e| DlqError::op(format!("queue name {queue}"), e.to_string()))?;
     match ch
         .queue_declare(name.clone(), passive, FieldTable::default())
         .await
@@ -83,7 +84,7 @@ async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortStrin
                     name: queue.to_string(),
                 }
             }
-            _ => DlqError::Operation(format!("cannot inspect queue {queue}: {e}")),
+            _ => DlqError::op(format!("cannot inspect queue {queue}"), e),
         }),
     }
 }
@@ -97,7 +98,7 @@ async fn get(
     let got = ch
         .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
         .await
-        .map_err(|e| DlqError::Operation(format!("cannot fetch from {queue}: {e}")))?;
+        .map_err(|e| DlqError::op(format!("cannot fetch from {queue}"), e))?;
     Ok(got.map(|m| {
         let d = m.delivery;
         (record(position, &d.properties, d.data), d.acker)

@@ -21,7 +21,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{Broker, DEAD_LETTER_ID_PREFIX, DlqReason, Message, headers};
+use crate::broker::{
+    BoxError, Broker, BrokerError, DEAD_LETTER_ID_PREFIX, DlqReason, Message, cause, headers,
+};
 use crate::config::{BrokerKind, Settings};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
@@ -39,8 +41,8 @@ pub const DETAIL_WIDTH: usize = 60;
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     /// The broker cannot be reached or refused the login.
-    #[error("cannot connect to the broker: {0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] BrokerError),
     /// The dead-letter stream / queue of the configuration does not exist.
     #[error(
         "the dead-letter {kind} `{name}` does not exist (has the bridge run with this configuration?)"
@@ -52,21 +54,25 @@ pub enum DlqError {
         name: String,
     },
     /// A broker request failed midway.
-    #[error("broker operation failed: {0}")]
-    Operation(String),
+    #[error("broker operation failed: {what}{}", cause(.source))]
+    Operation {
+        /// What was being done.
+        what: String,
+        /// The client's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Writing the listing failed.
     #[error("cannot write the listing: {0}")]
     Output(#[from] std::io::Error),
 }
 
-/// The broker module's shared connection code (`broker::amqp::endpoint`) reports in its own
-/// error type; its connection failures stay connection failures here.
-impl From<crate::broker::BrokerError> for DlqError {
-    fn from(e: crate::broker::BrokerError) -> Self {
-        use crate::broker::BrokerError;
-        match e {
-            BrokerError::Connect(m) => DlqError::Connect(m),
-            BrokerError::Topology(m) | BrokerError::Operation(m) => DlqError::Operation(m),
+impl DlqError {
+    /// A broker request for `what` that failed with `source`.
+    fn op(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        DlqError::Operation {
+            what: what.into(),
+            source: Some(source.into()),
         }
     }
 }
@@ -485,7 +491,7 @@ pub async fn print_list(settings: &Settings, json: bool) -> Result<u64, DlqError
 /// The benchmark-only null broker stores nothing, dead letters included.
 #[cfg(feature = "bench-null-broker")]
 fn null_broker() -> DlqError {
-    DlqError::Connect("the benchmark-only null broker keeps no dead letters".into())
+    BrokerError::connect_msg("the benchmark-only null broker keeps no dead letters").into()
 }
 
 /// Publishes `letters` as their event messages, in this order, all acks awaited together
@@ -535,9 +541,10 @@ pub async fn replay(
     let publisher = Broker::connect(&publishing, metrics).await?;
     if !publisher.wait_up(PUBLISHER_WAIT).await {
         publisher.close().await;
-        return Err(DlqError::Connect(format!(
+        return Err(BrokerError::connect_msg(format!(
             "the broker's publisher was not up within {PUBLISHER_WAIT:?}"
-        )));
+        ))
+        .into());
     }
     let result = match settings.broker.kind {
         BrokerKind::Nats => nats::replay(settings, &publisher, progress).await,

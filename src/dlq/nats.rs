@@ -16,7 +16,7 @@ use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 
 use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
-use crate::broker::Broker;
+use crate::broker::{Broker, nats};
 use crate::config::Settings;
 
 /// How long the tools wait for the first connection to NATS before giving up.
@@ -26,26 +26,8 @@ pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// an error instead of a hang.
 pub async fn connect(settings: &Settings) -> Result<jetstream::Context, DlqError> {
     let s = &settings.broker.nats;
-    let opts = crate::broker::nats::connect_options(s)
-        .await
-        .map_err(|e| DlqError::Connect(e.to_string()))?
-        .name("pusher-bridge dlq");
-    let servers = crate::broker::nats::servers::server_addrs(s.url.expose())
-        .map_err(|e| DlqError::Connect(crate::broker::BrokerError::from(e).to_string()))?;
-    let client = opts
-        .connect(servers)
-        .await
-        .map_err(|e| DlqError::Connect(e.to_string()))?;
-    let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
-    while client.connection_state() != async_nats::connection::State::Connected {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(DlqError::Connect(format!(
-                "no connection to NATS at {} within {CONNECT_WAIT:?}",
-                s.url.redacted()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let client = nats::connect_client(s, "pusher-bridge dlq").await?;
+    nats::wait_connected(&client, s, CONNECT_WAIT).await?;
     Ok(jetstream::ContextBuilder::new()
         .timeout(settings.broker.publish_timeout)
         .max_ack_inflight(REPLAY_WINDOW * 2)
@@ -71,12 +53,12 @@ impl Cursor {
                     name: name.to_string(),
                 }
             }
-            _ => DlqError::Operation(format!("cannot read stream {name}: {e}")),
+            _ => DlqError::op(format!("cannot read stream {name}"), e),
         })?;
         let state = stream
             .info()
             .await
-            .map_err(|e| DlqError::Operation(format!("cannot read stream {name}: {e}")))?
+            .map_err(|e| DlqError::op(format!("cannot read stream {name}"), e))?
             .state
             .clone();
         Ok(Self {
@@ -105,10 +87,10 @@ impl Cursor {
             Ok(m) => m,
             Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
             Err(e) => {
-                return Err(DlqError::Operation(format!(
-                    "cannot read dead letter at sequence {}: {e}",
-                    self.next
-                )));
+                return Err(DlqError::op(
+                    format!("cannot read dead letter at sequence {}", self.next),
+                    e,
+                ));
             }
         };
         if m.sequence > self.last {

@@ -47,8 +47,25 @@ pub enum SpoolError {
         free: u64,
     },
     /// Reading or writing the spool directory failed.
-    #[error("spool I/O error: {0}")]
-    Io(String),
+    #[error("spool I/O error: {what}: {source}")]
+    Io {
+        /// What was being done, and to which file.
+        what: String,
+        /// The operating system's error (shared: one failed group commit fails every append
+        /// waiting in it).
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// A blocking-pool task of the spool (recovery, a read, a cursor or quarantine write) did
+    /// not finish.
+    #[error("{what} stopped: {source}")]
+    Stopped {
+        /// Which task.
+        what: &'static str,
+        /// Why it ended (a panic, the runtime shutting down).
+        #[source]
+        source: Arc<tokio::task::JoinError>,
+    },
     /// Another process holds the spool directory.
     #[error("spool directory {0} is in use by another process")]
     Locked(PathBuf),
@@ -58,7 +75,18 @@ pub enum SpoolError {
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> SpoolError {
-    SpoolError::Io(format!("{what} {}: {e}", path.display()))
+    SpoolError::Io {
+        what: format!("{what} {}", path.display()),
+        source: Arc::new(e),
+    }
+}
+
+/// The error of a spool task on the blocking pool that did not finish.
+fn stopped(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> SpoolError {
+    move |e| SpoolError::Stopped {
+        what,
+        source: Arc::new(e),
+    }
 }
 
 /// A place in the spool: a segment and a byte offset (a frame boundary) in it.
@@ -192,7 +220,7 @@ impl Spool {
             Ok::<_, SpoolError>((file, shared))
         })
         .await
-        .map_err(|e| SpoolError::Io(format!("spool recovery stopped: {e}")))??;
+        .map_err(stopped("spool recovery"))??;
         let tx = writer::start(shared.clone(), file, settings.segment_bytes)?;
         let spool = Self { shared, tx };
         spool.take_back_quarantine().await;
@@ -361,7 +389,7 @@ impl Spool {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || read_batch(&shared, max))
             .await
-            .map_err(|e| SpoolError::Io(format!("spool read stopped: {e}")))?
+            .map_err(stopped("spool read"))?
     }
 
     /// Marks the first `n` records of `batch` as drained: moves the cursor past them and
@@ -391,7 +419,7 @@ impl Spool {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || recover::write_cursor(&shared, pos))
             .await
-            .map_err(|e| SpoolError::Io(format!("cursor write stopped: {e}")))?
+            .map_err(stopped("cursor write"))?
     }
 
     /// Keeps `records` frames the drainer could not hand to any broker destination in
@@ -416,7 +444,7 @@ impl Spool {
                 .map_err(|e| io_err("cannot write", &path, e))
         })
         .await
-        .map_err(|e| SpoolError::Io(format!("quarantine write stopped: {e}")))?
+        .map_err(stopped("quarantine write"))?
     }
 }
 

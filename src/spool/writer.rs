@@ -55,7 +55,10 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("spool-writer".into())
         .spawn(move || w.run(rx))
-        .map_err(|e| SpoolError::Io(format!("cannot start the spool writer: {e}")))?;
+        .map_err(|e| SpoolError::Io {
+            what: "cannot start the spool writer".into(),
+            source: Arc::new(e),
+        })?;
     Ok(tx)
 }
 
@@ -172,7 +175,10 @@ impl Writer {
             // and the next append starts a new segment.
             let _ = self.file.set_len(self.len);
             self.broken = true;
-            let err = SpoolError::Io(format!("cannot write the spool segment: {e}"));
+            let err = SpoolError::Io {
+                what: "cannot write the spool segment".into(),
+                source: Arc::new(e),
+            };
             tracing::error!(error = %err, "spool append failed");
             for reply in accepted {
                 let _ = reply.send(Err(err.clone()));

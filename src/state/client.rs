@@ -3,6 +3,7 @@
 
 use super::keys::Parsed;
 use super::{StateError, StateStore, connect, kv_nats_settings};
+use crate::broker::BrokerError;
 use crate::config::Settings;
 
 /// The app a command asks about: `--app`, else the first configured app.
@@ -19,7 +20,12 @@ async fn open(settings: &Settings) -> Result<StateStore, StateError> {
         StateStore::existing(client, &settings.state.bucket),
     )
     .await
-    .map_err(|_| StateError::Connect(format!("no answer from {}", nats.url.redacted())))?
+    .map_err(|_| {
+        StateError::from(BrokerError::connect_msg(format!(
+            "no answer from {}",
+            nats.url.redacted()
+        )))
+    })?
 }
 
 /// One line per occupied channel whose name starts with `prefix`:

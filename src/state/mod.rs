@@ -21,6 +21,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::broker::{BrokerError, cause};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -31,9 +32,10 @@ pub use store::StateStore;
 /// Why the channel state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The NATS connection for the KV (or the events) could not be set up.
-    #[error("cannot connect to NATS for the channel state: {0}")]
-    Connect(String),
+    /// The NATS connection for the KV (or the events) could not be set up, or the bucket did
+    /// not answer.
+    #[error("channel state: {0}")]
+    Connect(#[from] BrokerError),
     /// A KV or JetStream operation failed (retried by the applier; 503 for the query API).
     #[error("{what}: {source}")]
     Kv {
@@ -50,8 +52,14 @@ pub enum StateError {
         key: String,
     },
     /// The AMQP side of the applier failed.
-    #[error("RabbitMQ: {0}")]
-    Amqp(String),
+    #[error("RabbitMQ: {what}{}", cause(.source))]
+    Amqp {
+        /// What was being done.
+        what: String,
+        /// lapin's error, when there is one.
+        #[source]
+        source: Option<lapin::Error>,
+    },
 }
 
 /// `[broker.nats]` pointed at the KV's server (`state.nats_url`, default `broker.nats.url`).
@@ -66,15 +74,7 @@ pub fn kv_nats_settings(settings: &Settings) -> NatsSettings {
 /// Connects to NATS as `[broker.nats]` says (auth, TLS), in the background: the client retries
 /// until the server answers, so the bridge starts while NATS is away.
 pub async fn connect(nats: &NatsSettings) -> Result<async_nats::Client, StateError> {
-    let opts = crate::broker::nats::connect_options(nats)
-        .await
-        .map_err(|e| StateError::Connect(e.to_string()))?
-        .name("pusher-bridge-state");
-    let servers = crate::broker::nats::servers::server_addrs(nats.url.expose())
-        .map_err(|e| StateError::Connect(format!("state.nats_url: {e}")))?;
-    opts.connect(servers)
-        .await
-        .map_err(|e| StateError::Connect(format!("{}: {e}", nats.url.redacted())))
+    Ok(crate::broker::nats::connect_client(nats, "pusher-bridge-state").await?)
 }
 
 /// Opens the bucket, retrying every second until it opens or `shutdown`.

@@ -23,10 +23,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::FieldTable;
 
 use super::policy::{self, Retention, RuleKind, Target, Verdict};
-use super::{LeaseStatus, SweepError, TargetReport, op_err};
+use super::{LeaseStatus, SweepError, TargetReport, broker_msg, op_err};
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
-use crate::broker::{headers, now_ms};
+use crate::broker::{BrokerError, headers, now_ms};
 use crate::config::{QueueType, Settings};
 
 /// Messages looked at per queue and run at most; the rest waits for the next run.
@@ -59,7 +59,7 @@ async fn timed<T>(
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(op_err(what, e)),
-        Err(_) => Err(SweepError::Broker(format!("{what}: no answer in time"))),
+        Err(_) => Err(broker_msg(format!("{what}: no answer in time"))),
     }
 }
 
@@ -92,7 +92,7 @@ impl AmqpSweeper {
         }
         self.conn
             .as_ref()
-            .ok_or_else(|| SweepError::Connect("no AMQP connection".into()))
+            .ok_or_else(|| BrokerError::connect_msg("no AMQP connection").into())
     }
 
     pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
@@ -124,8 +124,8 @@ impl AmqpSweeper {
             }
             Ok(Err(e)) if locked(&e) => Ok(LeaseStatus::Elsewhere(None)),
             Ok(Err(e)) => Err(op_err("cannot declare the lease queue", e)),
-            Err(_) => Err(SweepError::Broker(
-                "cannot declare the lease queue: no answer in time".into(),
+            Err(_) => Err(broker_msg(
+                "cannot declare the lease queue: no answer in time",
             )),
         }
     }
@@ -163,7 +163,7 @@ impl AmqpSweeper {
             Target::Dlq => self.settings.broker.amqp.dlq_queue.clone(),
         };
         if self.settings.broker.amqp.queue_type == QueueType::Quorum {
-            return Err(SweepError::Broker(QUORUM_REFUSAL.into()));
+            return Err(broker_msg(QUORUM_REFUSAL));
         }
         let retention = Retention::for_target(&self.settings, target);
         let apps: std::collections::BTreeSet<String> =

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 pub use self::amqp::lease_queue;
 pub use self::nats_lease::{lease_bucket, state_bucket};
 pub use self::policy::{RuleKind, Target};
+use crate::broker::{BoxError, BrokerError, cause};
 use crate::config::{BrokerKind, Settings};
 use crate::metrics::{Metrics, SweepLabels, SweepPurgeLabels, SweepRunLabels};
 use crate::shutdown::Shutdown;
@@ -40,31 +41,36 @@ const FIRST_RUN_DELAY: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     /// The broker cannot be reached.
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(#[from] BrokerError),
     /// The broker refused or failed an operation (missing stream / queue, timeout).
-    #[error("{0}")]
-    Broker(String),
+    #[error("{what}{}", cause(.source))]
+    Broker {
+        /// What was being done, or what went wrong.
+        what: String,
+        /// The client's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The lease ended during the run; the run stopped so two replicas never sweep at once.
     #[error("the sweeper lease was lost during the run")]
     LeaseLost,
 }
 
-/// The broker module's shared connection code (`broker::amqp::endpoint`) reports in its own
-/// error type; its connection failures stay connection failures here.
-impl From<crate::broker::BrokerError> for SweepError {
-    fn from(e: crate::broker::BrokerError) -> Self {
-        use crate::broker::BrokerError;
-        match e {
-            BrokerError::Connect(m) => SweepError::Connect(m),
-            BrokerError::Topology(m) | BrokerError::Operation(m) => SweepError::Broker(m),
-        }
+/// A failed broker request: `what` was being done, `e` is the broker's answer.
+fn op_err(what: impl fmt::Display, e: impl Into<BoxError>) -> SweepError {
+    SweepError::Broker {
+        what: what.to_string(),
+        source: Some(e.into()),
     }
 }
 
-/// A failed broker request: `what` was being done, `e` is the broker's answer.
-fn op_err(what: impl fmt::Display, e: impl fmt::Display) -> SweepError {
-    SweepError::Broker(format!("{what}: {e}"))
+/// A broker request that failed without a client error (no answer in time, a refusal).
+fn broker_msg(what: impl Into<String>) -> SweepError {
+    SweepError::Broker {
+        what: what.into(),
+        source: None,
+    }
 }
 
 /// Whether this replica may sweep.
@@ -308,8 +314,8 @@ impl Sweeper {
             BrokerKind::Amqp => Backend::Amqp(Box::new(amqp::AmqpSweeper::new(settings.clone()))),
             #[cfg(feature = "bench-null-broker")]
             BrokerKind::Null => {
-                return Err(SweepError::Broker(
-                    "the benchmark-only null broker stores nothing to sweep".into(),
+                return Err(broker_msg(
+                    "the benchmark-only null broker stores nothing to sweep",
                 ));
             }
         };
@@ -396,7 +402,7 @@ impl Sweeper {
                 Err(e) => {
                     for t in wanted {
                         self.count(t, "failure");
-                        out.push((t, TargetOutcome::Failed(SweepError::Broker(e.to_string()))));
+                        out.push((t, TargetOutcome::Failed(broker_msg(e.to_string()))));
                     }
                     return out;
                 }

@@ -64,16 +64,9 @@ struct View {
 impl NatsSweeper {
     /// Starts connecting (in the background, like the broker) and returns at once.
     pub(super) async fn new(settings: Arc<Settings>, holder: String) -> Result<Self, SweepError> {
-        let opts = crate::broker::nats::connect_options(&settings.broker.nats)
-            .await
-            .map_err(|e| SweepError::Connect(e.to_string()))?
-            .name("pusher-bridge-sweeper");
-        let servers = crate::broker::nats::servers::server_addrs(settings.broker.nats.url.expose())
-            .map_err(crate::broker::BrokerError::from)?;
-        let client = opts
-            .connect(servers)
-            .await
-            .map_err(|e| SweepError::Connect(e.to_string()))?;
+        let client =
+            crate::broker::nats::connect_client(&settings.broker.nats, "pusher-bridge-sweeper")
+                .await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
@@ -91,22 +84,9 @@ impl NatsSweeper {
         })
     }
 
-    async fn wait_connected(&self) -> Result<(), SweepError> {
-        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
-        while self.client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(SweepError::Connect(format!(
-                    "not connected to NATS at {}",
-                    self.settings.broker.nats.url.redacted()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        Ok(())
-    }
-
     pub(super) async fn acquire(&mut self) -> Result<LeaseStatus, SweepError> {
-        self.wait_connected().await?;
+        crate::broker::nats::wait_connected(&self.client, &self.settings.broker.nats, CONNECT_WAIT)
+            .await?;
         self.lease.acquire().await
     }
 
@@ -131,7 +111,8 @@ impl NatsSweeper {
         dry_run: bool,
         guarded: bool,
     ) -> Result<TargetReport, SweepError> {
-        self.wait_connected().await?;
+        crate::broker::nats::wait_connected(&self.client, &self.settings.broker.nats, CONNECT_WAIT)
+            .await?;
         let (stream_name, prefix) = match target {
             Target::Events => (
                 self.settings.broker.nats.stream.clone(),

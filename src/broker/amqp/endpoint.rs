@@ -30,10 +30,13 @@ pub fn parse_url(url: &SecretUrl, default_heartbeat: u16) -> Result<AMQPUri, Bro
     let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
         // The parser quotes the whole URL, password included.
         let e = e.replace(url.expose(), &url.redacted());
-        BrokerError::Connect(format!(
-            "broker.amqp.url {} is not an amqp:// or amqps:// URL: {e}",
-            url.redacted()
-        ))
+        BrokerError::connect(
+            format!(
+                "broker.amqp.url {} is not an amqp:// or amqps:// URL",
+                url.redacted()
+            ),
+            e,
+        )
     })?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(default_heartbeat);
@@ -53,18 +56,18 @@ pub async fn tls_config(s: &AmqpSettings, uri: &AMQPUri) -> Result<OwnedTLSConfi
         return Ok(config);
     };
     if uri.scheme != AMQPScheme::AMQPS {
-        return Err(BrokerError::Connect(
-            "broker.amqp.tls_ca_file is set but broker.amqp.url is not amqps://".into(),
+        return Err(BrokerError::connect_msg(
+            "broker.amqp.tls_ca_file is set but broker.amqp.url is not amqps://",
         ));
     }
     let pem = tokio::fs::read_to_string(path).await.map_err(|e| {
-        BrokerError::Connect(format!(
-            "cannot read broker.amqp.tls_ca_file {}: {e}",
-            path.display()
-        ))
+        BrokerError::connect(
+            format!("cannot read broker.amqp.tls_ca_file {}", path.display()),
+            e,
+        )
     })?;
     if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(BrokerError::Connect(format!(
+        return Err(BrokerError::connect_msg(format!(
             "broker.amqp.tls_ca_file {} holds no PEM certificate",
             path.display()
         )));
@@ -117,7 +120,7 @@ impl Endpoint {
     /// Opens a connection (TCP, TLS, AMQP handshake). Not bounded in time: callers put their
     /// own timeout around it (the broker's covers the topology declarations too).
     pub async fn open(&self) -> Result<Connection, BrokerError> {
-        let fail = |e: lapin::Error| BrokerError::Connect(format!("{}: {e}", self.redacted));
+        let fail = |e: lapin::Error| BrokerError::connect(self.redacted.clone(), e);
         let runtime = lapin::runtime::default_runtime().map_err(fail)?;
         Connection::connect_uri_with_config(
             self.uri.clone(),
@@ -142,7 +145,7 @@ pub async fn connect(
     let endpoint = Endpoint::new(s, connection_name, default_heartbeat).await?;
     match tokio::time::timeout(timeout, endpoint.open()).await {
         Ok(result) => result,
-        Err(_) => Err(BrokerError::Connect(format!(
+        Err(_) => Err(BrokerError::connect_msg(format!(
             "no answer from RabbitMQ at {} within {timeout:?}",
             endpoint.redacted
         ))),

@@ -78,7 +78,7 @@ impl AmqpBroker {
                 .await?;
         let short = |key: &str, v: &str| {
             ShortString::try_new(v)
-                .map_err(|_| BrokerError::Connect(format!("{key} is longer than 255 bytes")))
+                .map_err(|_| BrokerError::connect_msg(format!("{key} is longer than 255 bytes")))
         };
         let exchange = short("broker.amqp.exchange", &s.exchange)?;
         let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;

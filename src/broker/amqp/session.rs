@@ -82,7 +82,7 @@ impl Session {
             let channel = conn
                 .create_channel()
                 .await
-                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+                .map_err(|e| BrokerError::topology("a channel to declare on", e))?;
             topology::declare(&channel, &cfg.settings).await?;
             let _ = channel.close(200, "topology declared".into()).await;
         }
@@ -90,17 +90,17 @@ impl Session {
             let channel = conn
                 .create_channel()
                 .await
-                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+                .map_err(|e| BrokerError::topology("a channel to declare on", e))?;
             crate::state::applier::amqp::declare_on(&channel, settings)
                 .await
-                .map_err(|e| BrokerError::Topology(format!("the channel-state queue: {e}")))?;
+                .map_err(|e| BrokerError::topology("the channel-state queue", e))?;
             let _ = channel.close(200, "state queue declared".into()).await;
         }
         let mut publishers = Vec::with_capacity(cfg.settings.channels);
         for _ in 0..cfg.settings.channels.max(1) {
             let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight)
                 .await
-                .map_err(|e| BrokerError::Connect(format!("cannot open a channel: {e}")))?;
+                .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
             publishers.push(RwLock::new(Arc::new(p)));
         }
         Ok(publishers)

@@ -15,8 +15,10 @@ use crate::config::{AmqpSettings, QueueType};
 pub const BIND_ALL: &str = "#";
 
 fn name(key: &str, value: &str) -> Result<ShortString, BrokerError> {
-    ShortString::try_new(value)
-        .map_err(|_| BrokerError::Topology(format!("{key} is longer than 255 bytes")))
+    ShortString::try_new(value).map_err(|_| BrokerError::Topology {
+        what: format!("{key} is longer than 255 bytes"),
+        source: None,
+    })
 }
 
 /// The arguments of the events and dead-letter queues: none for a classic queue (as they were
@@ -83,7 +85,7 @@ pub(crate) async fn declare_queue(
 /// settings is a no-op; a queue that exists with other arguments makes RabbitMQ refuse
 /// (`PRECONDITION_FAILED`), which is reported (and retried) rather than worked around.
 pub async fn declare(channel: &Channel, s: &AmqpSettings) -> Result<(), BrokerError> {
-    let err = |what: &str, e: lapin::Error| BrokerError::Topology(format!("{what}: {e}"));
+    let err = |what: &str, e: lapin::Error| BrokerError::topology(what, e);
     for (exchange, queue) in pairs(s) {
         let ex = name("broker.amqp exchange", exchange)?;
         let q = name("broker.amqp queue", queue)?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
-use async_nats::{ConnectOptions, Event, HeaderMap};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use tokio::sync::Notify;
 
 use super::connection_log::ConnectionLog;
@@ -58,7 +58,7 @@ pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerE
         });
     if let Some(path) = &s.creds_file {
         opts = opts.credentials_file(path).await.map_err(|e| {
-            BrokerError::Connect(format!("cannot read creds file {}: {e}", path.display()))
+            BrokerError::connect(format!("cannot read creds file {}", path.display()), e)
         })?;
     }
     if let (Some(user), Some(pass)) = (&s.user, &s.password) {
@@ -84,6 +84,42 @@ pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerE
         opts = opts.require_tls(true);
     }
     Ok(opts)
+}
+
+/// Connects `opts` to every server of `broker.nats.url`. Returns at once: the client connects
+/// in the background and reconnects (`retry_on_initial_connect`).
+async fn connect_with(s: &NatsSettings, opts: ConnectOptions) -> Result<Client, BrokerError> {
+    let servers = servers::server_addrs(s.url.expose())?;
+    opts.connect(servers)
+        .await
+        .map_err(|e| BrokerError::connect(s.url.redacted(), e))
+}
+
+/// The one way the tools and side tasks (`dlq`, the sweeper, the channel state) reach NATS:
+/// the bridge's auth, TLS and server list, under their own connection `name`, connecting in
+/// the background like the bridge. Tools that need the server now call [`wait_connected`].
+pub(crate) async fn connect_client(s: &NatsSettings, name: &str) -> Result<Client, BrokerError> {
+    connect_with(s, connect_options(s).await?.name(name)).await
+}
+
+/// Waits up to `wait` for `client`'s connection, so a wrong URL or a server that is down is an
+/// error instead of a hang.
+pub(crate) async fn wait_connected(
+    client: &Client,
+    s: &NatsSettings,
+    wait: Duration,
+) -> Result<(), BrokerError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BrokerError::connect_msg(format!(
+                "no connection to NATS at {} within {wait:?}",
+                s.url.redacted()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Stream settings the bridge owns: name, subjects, duplicate window, replicas.
@@ -136,12 +172,12 @@ pub async fn ensure_stream(
             let info = existing
                 .info()
                 .await
-                .map_err(|e| BrokerError::Topology(e.to_string()))?;
+                .map_err(|e| BrokerError::topology(format!("stream {}", want.name), e))?;
             let mut current = info.config.clone();
             if let Some(cfg) = reconciled(&current, &want) {
                 js.update_stream(&cfg)
                     .await
-                    .map_err(|e| BrokerError::Topology(e.to_string()))?;
+                    .map_err(|e| BrokerError::topology(format!("stream {}", want.name), e))?;
                 current = cfg;
             }
             if let Some(replicas) = replicas_upgrade(&current, &want) {
@@ -161,11 +197,13 @@ pub async fn ensure_stream(
             }
             Ok(())
         }
-        Err(_) => js
-            .create_stream(want)
-            .await
-            .map(|_| ())
-            .map_err(|e| BrokerError::Topology(e.to_string())),
+        Err(_) => {
+            let what = format!("stream {}", want.name);
+            js.create_stream(want)
+                .await
+                .map(|_| ())
+                .map_err(|e| BrokerError::topology(what, e))
+        }
     }
 }
 
@@ -217,10 +255,7 @@ impl NatsBroker {
                 }
             })
         };
-        let client = opts
-            .connect(servers::server_addrs(s.url.expose()).map_err(BrokerError::from)?)
-            .await
-            .map_err(|e| BrokerError::Connect(e.to_string()))?;
+        let client = connect_with(&s, opts).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.broker.publish_timeout)
             .max_ack_inflight(settings.broker.max_in_flight.max(1))

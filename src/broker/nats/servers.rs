@@ -30,7 +30,7 @@ pub enum ServerListError {
 
 impl From<ServerListError> for BrokerError {
     fn from(e: ServerListError) -> Self {
-        BrokerError::Connect(format!("broker.nats.url: {e}"))
+        BrokerError::connect("broker.nats.url", e)
     }
 }
 

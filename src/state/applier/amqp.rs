@@ -47,13 +47,18 @@ pub fn binding_keys(settings: &Settings) -> Vec<String> {
 }
 
 fn short(value: &str) -> Result<ShortString, StateError> {
-    ShortString::try_new(value)
-        .map_err(|_| StateError::Amqp(format!("name longer than 255 bytes: {value}")))
+    ShortString::try_new(value).map_err(|_| StateError::Amqp {
+        what: format!("name longer than 255 bytes: {value}"),
+        source: None,
+    })
 }
 
 /// Declares the events exchange (as the broker does), the state queue and its bindings.
 pub async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), StateError> {
-    let err = |what: &str, e: lapin::Error| StateError::Amqp(format!("{what}: {e}"));
+    let err = |what: &str, e: lapin::Error| StateError::Amqp {
+        what: what.to_string(),
+        source: Some(e),
+    };
     let exchange = short(&settings.broker.amqp.exchange)?;
     let queue = short(&queue_name(settings))?;
     topology::declare_exchange(channel, exchange.clone())
@@ -86,7 +91,7 @@ async fn connect(settings: &Settings) -> Result<lapin::Connection, StateError> {
         CONNECT_TIMEOUT,
     )
     .await
-    .map_err(|e| StateError::Amqp(e.to_string()))
+    .map_err(StateError::from)
 }
 
 /// Connects, declares and consumes until the connection or consumer ends.
@@ -96,7 +101,10 @@ async fn consume_once(
     metrics: &Metrics,
 ) -> Result<(), StateError> {
     let conn = connect(settings).await?;
-    let amqp = |e: lapin::Error| StateError::Amqp(e.to_string());
+    let amqp = |e: lapin::Error| StateError::Amqp {
+        what: "state queue consumer".to_string(),
+        source: Some(e),
+    };
     let ch = conn.create_channel().await.map_err(amqp)?;
     declare_on(&ch, settings).await?;
     ch.basic_qos(
