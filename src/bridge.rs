@@ -168,7 +168,7 @@ impl Bridge {
 
     /// Whether events can be made durable now and will move on (for `/readyz`): the broker is
     /// up or the spool has room for a webhook, and the spool's drainer is not stalled.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         (self.broker.is_up() || self.spool.has_room()) && !self.spool.is_stalled()
     }
 

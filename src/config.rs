@@ -16,11 +16,11 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Prefix of the environment variables that override file keys.
-pub const ENV_PREFIX: &str = "PUSHER_BRIDGE_";
+pub(crate) const ENV_PREFIX: &str = "PUSHER_BRIDGE_";
 /// Environment variable naming the config file (not itself a config key).
-pub const CONFIG_ENV: &str = "PUSHER_BRIDGE_CONFIG";
+pub(crate) const CONFIG_ENV: &str = "PUSHER_BRIDGE_CONFIG";
 /// The config file used when neither `--config` nor `$PUSHER_BRIDGE_CONFIG` names one.
-pub const DEFAULT_CONFIG_PATH: &str = "config/pusher-bridge.toml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/pusher-bridge.toml";
 
 /// A configuration problem, naming the key at fault so the operator can fix it.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ impl SecretUrl {
 /// lists included, with or without a scheme: `user:pass@host` too) with `***`; a lone
 /// `token@host` becomes `***@host`. The last `@` of each part ends the user info, so a password
 /// holding `/`, `?` or `@` is hidden whole (an `@` elsewhere only hides more).
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     url.split(',')
         .map(|part| {
             let authority_start = part.find("://").map_or(0, |i| i + 3);
@@ -566,7 +566,7 @@ mod duration_map {
 
     use serde::{Deserialize, Deserializer, Serializer, ser::SerializeMap};
 
-    pub fn serialize<S: Serializer>(
+    pub(crate) fn serialize<S: Serializer>(
         map: &BTreeMap<String, Duration>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
@@ -806,7 +806,7 @@ impl Settings {
     }
 
     /// Checks values that parse but cannot work.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         let path = &self.server.webhook_path;
         if !path.starts_with('/') {

@@ -104,7 +104,7 @@ pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Fu
 }
 
 /// [`serve`], plus the channel-state query API (`/apps/...`) when `state` is given.
-pub async fn serve_with_state(
+pub(crate) async fn serve_with_state(
     listener: TcpListener,
     bridge: Arc<Bridge>,
     state: Option<crate::state::api::SharedApi>,

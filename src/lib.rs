@@ -24,6 +24,9 @@
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
+//! The types an embedder or a test names most ([`Settings`], [`Bridge`], [`Broker`],
+//! [`Metrics`], [`Spool`] and their errors) are re-exported here; the rest of each module is
+//! `pub(crate)` unless the binary, the tests or the examples need it.
 
 pub mod bridge;
 pub mod broker;
@@ -47,12 +50,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::bridge::Bridge;
-use crate::broker::{Broker, BrokerError};
-use crate::config::Settings;
-use crate::metrics::Metrics;
+pub use crate::bridge::{Accepted, Bridge, WebhookError};
+pub use crate::broker::{Broker, BrokerError, Message};
+pub use crate::config::Settings;
+pub use crate::metrics::Metrics;
+pub use crate::spool::{Spool, SpoolError};
 use crate::spool::drain::Drainer;
-use crate::spool::{Spool, SpoolError};
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]

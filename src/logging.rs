@@ -38,7 +38,7 @@ pub fn init(settings: &Settings) {
 
 /// Every secret in `settings`: app secrets, the NATS password and token, and the password or
 /// token in each broker URL.
-pub fn secrets_of(settings: &Settings) -> Vec<String> {
+pub(crate) fn secrets_of(settings: &Settings) -> Vec<String> {
     let nats = &settings.broker.nats;
     let mut secrets: Vec<String> = settings
         .apps
@@ -95,7 +95,7 @@ fn forms(secret: &str) -> Vec<String> {
 
 /// A [`MakeWriter`] for stdout that masks the secrets it was built with in every line.
 #[derive(Clone)]
-pub struct Redactor {
+pub(crate) struct Redactor {
     /// Every form of every secret, longest first (so a longer form is masked whole).
     forms: Arc<[String]>,
 }
@@ -117,7 +117,7 @@ impl Redactor {
     }
 
     /// `line` with every secret masked.
-    pub fn redact(&self, line: &str) -> String {
+    pub(crate) fn redact(&self, line: &str) -> String {
         let mut out = line.to_string();
         for form in self.forms.iter() {
             if out.contains(form.as_str()) {
@@ -129,7 +129,7 @@ impl Redactor {
 }
 
 /// The writer of one log line.
-pub struct RedactingWriter<'a> {
+pub(crate) struct RedactingWriter<'a> {
     redactor: &'a Redactor,
 }
 

@@ -20,56 +20,57 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-pub use self::process::ProcessCollector;
+pub(crate) use self::process::ProcessCollector;
 
 /// `pusher_bridge_webhooks_received_total{app_id, outcome}`.
-pub const WEBHOOKS_RECEIVED: &str = "pusher_bridge_webhooks_received";
+pub(crate) const WEBHOOKS_RECEIVED: &str = "pusher_bridge_webhooks_received";
 /// `pusher_bridge_events_published_total{app_id, event}`.
-pub const EVENTS_PUBLISHED: &str = "pusher_bridge_events_published";
+pub(crate) const EVENTS_PUBLISHED: &str = "pusher_bridge_events_published";
 /// `pusher_bridge_events_dead_lettered_total{app_id, reason}`.
-pub const EVENTS_DEAD_LETTERED: &str = "pusher_bridge_events_dead_lettered";
+pub(crate) const EVENTS_DEAD_LETTERED: &str = "pusher_bridge_events_dead_lettered";
 /// `pusher_bridge_publish_duration_seconds` histogram (one webhook's publishing, all acks).
-pub const PUBLISH_DURATION: &str = "pusher_bridge_publish_duration_seconds";
+pub(crate) const PUBLISH_DURATION: &str = "pusher_bridge_publish_duration_seconds";
 /// `pusher_bridge_webhook_duration_seconds` histogram (request received to answer).
-pub const WEBHOOK_DURATION: &str = "pusher_bridge_webhook_duration_seconds";
+pub(crate) const WEBHOOK_DURATION: &str = "pusher_bridge_webhook_duration_seconds";
 /// `pusher_bridge_broker_up` gauge, 1 or 0.
-pub const BROKER_UP: &str = "pusher_bridge_broker_up";
+pub(crate) const BROKER_UP: &str = "pusher_bridge_broker_up";
 /// `pusher_bridge_spool_events` gauge: events waiting on the local spool.
-pub const SPOOL_EVENTS: &str = "pusher_bridge_spool_events";
+pub(crate) const SPOOL_EVENTS: &str = "pusher_bridge_spool_events";
 /// `pusher_bridge_spool_bytes` gauge: bytes the spool holds on disk.
-pub const SPOOL_BYTES: &str = "pusher_bridge_spool_bytes";
+pub(crate) const SPOOL_BYTES: &str = "pusher_bridge_spool_bytes";
 /// `pusher_bridge_spool_oldest_age_seconds` gauge: age of the oldest spooled event.
-pub const SPOOL_OLDEST_AGE: &str = "pusher_bridge_spool_oldest_age_seconds";
+pub(crate) const SPOOL_OLDEST_AGE: &str = "pusher_bridge_spool_oldest_age_seconds";
 /// `pusher_bridge_spool_written_total`: events written to the spool.
-pub const SPOOL_WRITTEN: &str = "pusher_bridge_spool_written";
+pub(crate) const SPOOL_WRITTEN: &str = "pusher_bridge_spool_written";
 /// `pusher_bridge_spool_drained_total`: spooled events the broker acknowledged.
-pub const SPOOL_DRAINED: &str = "pusher_bridge_spool_drained";
+pub(crate) const SPOOL_DRAINED: &str = "pusher_bridge_spool_drained";
 /// `pusher_bridge_sweeper_runs_total{target, outcome}`; outcome `success`, `failure`, `skipped`.
-pub const SWEEPER_RUNS: &str = "pusher_bridge_sweeper_runs";
+pub(crate) const SWEEPER_RUNS: &str = "pusher_bridge_sweeper_runs";
 /// `pusher_bridge_sweeper_purged_total{target, app_id, rule}`: messages the sweeper purged, by
 /// the rule that purged them.
-pub const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
+pub(crate) const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
 /// `pusher_bridge_sweeper_last_success_timestamp_seconds{target}`.
-pub const SWEEPER_LAST_SUCCESS: &str = "pusher_bridge_sweeper_last_success_timestamp_seconds";
+pub(crate) const SWEEPER_LAST_SUCCESS: &str =
+    "pusher_bridge_sweeper_last_success_timestamp_seconds";
 /// `pusher_bridge_build_info{version}`, always 1 (the text encoder appends `_info`).
-pub const BUILD_INFO: &str = "pusher_bridge_build";
+pub(crate) const BUILD_INFO: &str = "pusher_bridge_build";
 /// `pusher_bridge_spool_max_bytes` gauge: `spool.max_bytes`, for "spool nearly full" alerts.
-pub const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
+pub(crate) const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
 /// `pusher_bridge_spool_quarantined` gauge: records in the spool's `quarantine.log` (dead
 /// letters the dead-letter queue refused, frames this version cannot decode), taken back onto
 /// the spool at the next start.
-pub const SPOOL_QUARANTINED: &str = "pusher_bridge_spool_quarantined";
+pub(crate) const SPOOL_QUARANTINED: &str = "pusher_bridge_spool_quarantined";
 /// `pusher_bridge_spool_drain_stalled` gauge: 1 while records wait, the broker is up and the
 /// drainer has handled none of them for a minute (`/readyz` answers 503 meanwhile).
-pub const SPOOL_DRAIN_STALLED: &str = "pusher_bridge_spool_drain_stalled";
+pub(crate) const SPOOL_DRAIN_STALLED: &str = "pusher_bridge_spool_drain_stalled";
 /// `pusher_bridge_broker_reconnects_total{broker}`: connections re-established after a loss.
-pub const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
+pub(crate) const BROKER_RECONNECTS: &str = "pusher_bridge_broker_reconnects";
 /// `pusher_bridge_state_updates_total{outcome}`: state events applied (`applied`), ignored as
 /// older than the stored state (`stale`), or whose KV write failed (`failed`, retried later).
-pub const STATE_UPDATES: &str = "pusher_bridge_state_updates";
+pub(crate) const STATE_UPDATES: &str = "pusher_bridge_state_updates";
 /// `pusher_bridge_state_lag_seconds` gauge: age (now minus the webhook's `time_ms`) of the
 /// last event the state applier processed.
-pub const STATE_LAG: &str = "pusher_bridge_state_lag_seconds";
+pub(crate) const STATE_LAG: &str = "pusher_bridge_state_lag_seconds";
 
 /// Every exported family name as it appears in the text output, for tests and deploy checks.
 pub const EXPORTED_NAMES: &[&str] = &[
@@ -135,7 +136,7 @@ impl Outcome {
 
 /// Outcome label of `state_updates_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateOutcome {
+pub(crate) enum StateOutcome {
     /// The update changed the state and was written.
     Applied,
     /// Older than (or the same as) what the state holds: nothing written.
@@ -185,14 +186,14 @@ pub struct EventLabels {
 
 /// The event names Pusher sends ([`crate::sendtest::EVENT_TYPES`]), each its own `event` label
 /// value.
-pub const KNOWN_EVENTS: [&str; 7] = crate::sendtest::EVENT_TYPES;
+pub(crate) const KNOWN_EVENTS: [&str; 7] = crate::sendtest::EVENT_TYPES;
 
 /// The `event` label of every other name: names come from the webhook body, and one series
 /// per name sent would let a sender grow `/metrics` without bound (the subject keeps the name).
-pub const OTHER_EVENT: &str = "other";
+pub(crate) const OTHER_EVENT: &str = "other";
 
 /// The `event` label value of an event named `name`.
-pub fn event_label(name: &str) -> &'static str {
+pub(crate) fn event_label(name: &str) -> &'static str {
     KNOWN_EVENTS
         .iter()
         .find(|known| **known == name)
@@ -467,7 +468,7 @@ impl Metrics {
     /// configured app (and of `unknown`), dead letters of each app and reason, the broker's
     /// reconnects, published events of each app and event label, `spool_max_bytes`, and the
     /// sweeper series of each enabled target.
-    pub fn init_known_series(&self, settings: &crate::config::Settings) {
+    pub(crate) fn init_known_series(&self, settings: &crate::config::Settings) {
         for outcome in UNKNOWN_APP_OUTCOMES {
             self.init_webhook("unknown", outcome);
         }
@@ -527,7 +528,7 @@ impl Metrics {
     /// Creates the sweeper series of `target` (`events`, `dlq`): runs of every outcome at 0
     /// (purged per app and rule comes from the sweeper), last success = now, so "stale" means "no success for that long since
     /// start-up" and fires for a sweeper that never succeeds.
-    pub fn init_sweeper_target(&self, target: &str) {
+    pub(crate) fn init_sweeper_target(&self, target: &str) {
         for outcome in SWEEP_OUTCOMES {
             self.sweeper_runs
                 .get_or_create(&SweepRunLabels {
@@ -548,14 +549,14 @@ impl Metrics {
     }
 
     /// Counts one re-established connection of `broker` (`nats`, `amqp`).
-    pub fn broker_reconnected(&self, broker: &'static str) {
+    pub(crate) fn broker_reconnected(&self, broker: &'static str) {
         self.broker_reconnects
             .get_or_create(&BrokerLabels { broker })
             .inc();
     }
 
     /// Counts one state event's outcome.
-    pub fn state_update(&self, outcome: StateOutcome) {
+    pub(crate) fn state_update(&self, outcome: StateOutcome) {
         self.state_updates
             .get_or_create(&StateLabels {
                 outcome: outcome.as_str(),
@@ -595,7 +596,7 @@ impl Metrics {
     }
 
     /// Sets `broker_up`.
-    pub fn set_broker_up(&self, up: bool) {
+    pub(crate) fn set_broker_up(&self, up: bool) {
         self.broker_up.set(i64::from(up));
     }
 

@@ -62,7 +62,7 @@ pub struct HttpAnswer {
 
 /// `http://<addr>` for reaching the bridge on the machine it runs on: an unspecified listen
 /// address (`0.0.0.0`, `[::]`) is mapped to the loopback address of its family.
-pub fn local_base_url(settings: &Settings) -> Result<String, ConfigError> {
+pub(crate) fn local_base_url(settings: &Settings) -> Result<String, ConfigError> {
     let mut addr = settings.listen_addr()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
@@ -74,7 +74,7 @@ pub fn local_base_url(settings: &Settings) -> Result<String, ConfigError> {
 }
 
 /// Parses `url` and checks it is plain `http://` (the client has no TLS).
-pub fn parse_http_url(url: &str) -> Result<Uri, ProbeError> {
+pub(crate) fn parse_http_url(url: &str) -> Result<Uri, ProbeError> {
     let bad = |reason: &str| ProbeError::Url {
         url: url.to_string(),
         reason: reason.to_string(),

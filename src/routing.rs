@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use sha2::{Digest, Sha256};
 
 /// Escapes one subject token: `%` → `%25`, `.` → `%2E`.
-pub fn escape_token(token: &str) -> Cow<'_, str> {
+pub(crate) fn escape_token(token: &str) -> Cow<'_, str> {
     if !token.contains(['%', '.']) {
         return Cow::Borrowed(token);
     }
@@ -26,7 +26,7 @@ pub fn escape_token(token: &str) -> Cow<'_, str> {
 }
 
 /// Reverses [`escape_token`] (for tools that show subjects to people).
-pub fn unescape_token(token: &str) -> String {
+pub(crate) fn unescape_token(token: &str) -> String {
     token.replace("%2E", ".").replace("%25", "%")
 }
 

@@ -16,7 +16,7 @@ use crate::webhook::AppRegistry;
 
 /// Every event type Pusher sends, in the order `send-test` posts them (also the `event`
 /// label values of the metrics, [`crate::metrics::KNOWN_EVENTS`]).
-pub const EVENT_TYPES: [&str; 7] = [
+pub(crate) const EVENT_TYPES: [&str; 7] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
@@ -27,7 +27,7 @@ pub const EVENT_TYPES: [&str; 7] = [
 ];
 
 /// How long one post may take before it counts as failed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why `send-test` could not run at all (individual failed posts are in [`SendResult`]).
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,7 @@ impl Selection {
 }
 
 /// The sample event object (JSON text) of `name`, with the fields Pusher sends for it.
-pub fn sample_event(name: &str) -> Option<&'static str> {
+pub(crate) fn sample_event(name: &str) -> Option<&'static str> {
     Some(match name {
         "channel_occupied" => r#"{"name":"channel_occupied","channel":"send-test"}"#,
         "channel_vacated" => r#"{"name":"channel_vacated","channel":"send-test"}"#,
@@ -100,13 +100,13 @@ pub fn sample_event(name: &str) -> Option<&'static str> {
 }
 
 /// A webhook body carrying the sample event of `name`, stamped `time_ms`.
-pub fn sample_webhook(name: &str, time_ms: u128) -> Option<String> {
+pub(crate) fn sample_webhook(name: &str, time_ms: u128) -> Option<String> {
     sample_event(name).map(|event| format!(r#"{{"time_ms":{time_ms},"events":[{event}]}}"#))
 }
 
 /// The URL `send-test` posts to by default: the configured listen address (unspecified mapped
 /// to loopback) and webhook path.
-pub fn default_url(settings: &Settings) -> Result<String, SendTestError> {
+pub(crate) fn default_url(settings: &Settings) -> Result<String, SendTestError> {
     let base = probe::local_base_url(settings).map_err(ProbeError::from)?;
     Ok(format!("{base}{}", settings.server.webhook_path))
 }
@@ -153,7 +153,7 @@ impl SendResult {
 /// Exit code of `send-test` when every webhook was accepted but not every event reached the
 /// broker's stream (some were spooled or dead-lettered). 1 stays for refused webhooks and
 /// errors, and 2 is the argument parser's.
-pub const EXIT_NOT_PUBLISHED: u8 = 3;
+pub(crate) const EXIT_NOT_PUBLISHED: u8 = 3;
 
 /// The outcome of a whole `send-test` run.
 #[derive(Debug, Clone, PartialEq, Eq)]

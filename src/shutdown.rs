@@ -29,7 +29,7 @@ impl ShutdownTrigger {
 
 impl Shutdown {
     /// Whether the shutdown has been signalled.
-    pub fn is_triggered(&self) -> bool {
+    pub(crate) fn is_triggered(&self) -> bool {
         *self.0.borrow() || self.0.has_changed().is_err()
     }
 

@@ -50,7 +50,7 @@ impl std::fmt::Debug for AppKey {
 impl AppKey {
     /// Whether `signature` (hex, as sent in `X-Pusher-Signature`) is HMAC-SHA256 of `body` under
     /// this key's secret. Never panics; compares in constant time.
-    pub fn verify(&self, body: &[u8], signature: &[u8]) -> bool {
+    pub(crate) fn verify(&self, body: &[u8], signature: &[u8]) -> bool {
         let mut expected = [0u8; 32];
         if signature.len() != 64 || hex::decode_to_slice(signature, &mut expected).is_err() {
             return false;
@@ -117,7 +117,7 @@ impl AppRegistry {
 
     /// The app of `X-Pusher-Key` (surrounding whitespace ignored), before its signature is
     /// checked: a refused webhook of a known key is counted under its app id.
-    pub fn app_of(&self, key: Option<&[u8]>) -> Result<&Arc<AppKey>, AuthError> {
+    pub(crate) fn app_of(&self, key: Option<&[u8]>) -> Result<&Arc<AppKey>, AuthError> {
         let key = key.ok_or(AuthError::KeyMissing)?;
         std::str::from_utf8(key)
             .ok()
@@ -173,7 +173,7 @@ pub enum PayloadError {
 pub const MAX_CHANNEL_CHARS: usize = 200;
 /// The longest presence `user_id` accepted, in characters (Pusher allows 128; 200 as for
 /// channels, so ids any SDK lets through are not refused here).
-pub const MAX_USER_ID_CHARS: usize = 200;
+pub(crate) const MAX_USER_ID_CHARS: usize = 200;
 
 /// A parsed webhook, borrowing from the raw body.
 #[derive(Debug)]
@@ -286,7 +286,7 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
 /// Deepest nesting of objects and arrays accepted in one event. Pusher's events are flat (their
 /// `data` is a string); the JSON parsers of consumers stop at about 128 levels (serde_json), so a
 /// deeper event would be published as a message nobody can read.
-pub const MAX_EVENT_DEPTH: usize = 32;
+pub(crate) const MAX_EVENT_DEPTH: usize = 32;
 
 /// Whether `json` nests objects / arrays more than `max` deep: one pass over the bytes, strings
 /// skipped (`json` is valid JSON, so brackets balance).

@@ -18,30 +18,30 @@ use std::time::{Duration, UNIX_EPOCH};
 use super::Message;
 
 /// `ce-specversion`.
-pub const SPECVERSION: &str = "ce-specversion";
+pub(crate) const SPECVERSION: &str = "ce-specversion";
 /// `ce-id`.
-pub const ID: &str = "ce-id";
+pub(crate) const ID: &str = "ce-id";
 /// `ce-type`.
 pub const TYPE: &str = "ce-type";
 /// `ce-source`.
-pub const SOURCE: &str = "ce-source";
+pub(crate) const SOURCE: &str = "ce-source";
 /// `ce-subject`.
 pub const SUBJECT: &str = "ce-subject";
 /// `ce-time`.
-pub const TIME: &str = "ce-time";
+pub(crate) const TIME: &str = "ce-time";
 /// The CloudEvents version the headers follow.
-pub const SPEC_VERSION: &str = "1.0";
+pub(crate) const SPEC_VERSION: &str = "1.0";
 /// What `ce-type` starts with: reverse DNS of the event's origin, then Pusher's event name.
-pub const TYPE_PREFIX: &str = "com.pusher.";
+pub(crate) const TYPE_PREFIX: &str = "com.pusher.";
 /// What `ce-source` starts with, followed by the app id.
-pub const SOURCE_PREFIX: &str = "/apps/";
+pub(crate) const SOURCE_PREFIX: &str = "/apps/";
 
 /// Last millisecond RFC 3339 can write (the end of year 9999).
 const MAX_TIME_MS: u64 = 253_402_300_800_000 - 1;
 
 /// The CloudEvents attributes of one event message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attributes<'a> {
+pub(crate) struct Attributes<'a> {
     /// `ce-id`.
     pub id: &'a str,
     /// `ce-type`.
@@ -84,7 +84,7 @@ impl<'a> Attributes<'a> {
 /// `time_ms` (the webhook's number as sent: digits, or a JSON number with a fraction or an
 /// exponent) as RFC 3339 with milliseconds; `None` for a negative, non-numeric or out-of-range
 /// value, since `time` is an optional attribute and a wrong one is worse than none.
-pub fn rfc3339(time_ms: &str) -> Option<String> {
+pub(crate) fn rfc3339(time_ms: &str) -> Option<String> {
     let ms = match time_ms.parse::<u64>() {
         Ok(ms) => ms,
         Err(_) => {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 
 /// Shortest time between two warnings about one broker connection.
-pub const WARN_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// The connection log of one broker.
-pub struct ConnectionLog {
+pub(crate) struct ConnectionLog {
     /// `NATS` or `RabbitMQ`, for the message.
     broker: &'static str,
     /// `nats` or `amqp`, the metric label.
@@ -81,7 +81,7 @@ impl ConnectionLog {
     }
 
     /// A connection attempt failed with `error`.
-    pub fn connect_failed(&self, error: &dyn std::fmt::Display) {
+    pub(crate) fn connect_failed(&self, error: &dyn std::fmt::Display) {
         let now = Instant::now();
         let mut s = self.state();
         if s.up {
@@ -116,7 +116,7 @@ impl ConnectionLog {
 
     /// The connection was lost (`error` when the client told why). Repeated reports of the same
     /// loss are ignored.
-    pub fn disconnected(&self, error: Option<&dyn std::fmt::Display>) {
+    pub(crate) fn disconnected(&self, error: Option<&dyn std::fmt::Display>) {
         let now = Instant::now();
         let mut s = self.state();
         if !s.up {

@@ -65,13 +65,13 @@ impl FakeBroker {
     }
 
     /// The next dead-letter publishes fail with `outcomes`, in order.
-    pub fn script_dead(&self, outcomes: Vec<PublishError>) {
+    pub(crate) fn script_dead(&self, outcomes: Vec<PublishError>) {
         lock(&self.dead_script).extend(outcomes.into_iter().map(Err));
     }
 
     /// Connects or disconnects the broker (`is_up`; a down broker answers every publish
     /// `Unavailable`).
-    pub fn set_up(&self, up: bool) {
+    pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
     }
 
@@ -84,7 +84,7 @@ impl FakeBroker {
     }
 
     /// The stored dead letters: (subject, reason).
-    pub fn dead_letters(&self) -> Vec<(String, DlqReason)> {
+    pub(crate) fn dead_letters(&self) -> Vec<(String, DlqReason)> {
         lock(&self.dead)
             .iter()
             .map(|d| (d.message.subject.clone(), d.reason))
@@ -118,7 +118,7 @@ impl FakeBroker {
     }
 
     /// Like the real brokers: after the first transient failure the rest are not sent.
-    pub async fn publish_in_order(
+    pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],
         timeout: Duration,

@@ -10,7 +10,7 @@
 
 pub mod amqp;
 pub mod cloudevents;
-pub mod connection_log;
+pub(crate) mod connection_log;
 #[cfg(test)]
 pub mod fake;
 pub mod nats;
@@ -141,20 +141,20 @@ pub mod headers {
 /// What a dead letter's own message id starts with (`dlq-<msg_id>`, docs/dlq.md). The id is
 /// derived from the event's, so a webhook delivered twice yields one letter per event; the
 /// `dlq` tools strip the prefix to find the original id when its header is missing.
-pub const DEAD_LETTER_ID_PREFIX: &str = "dlq-";
+pub(crate) const DEAD_LETTER_ID_PREFIX: &str = "dlq-";
 
 /// The message id of the dead letter of the event `msg_id` (`dlq-<msg_id>`), on both brokers.
-pub fn dead_letter_id(msg_id: &str) -> String {
+pub(crate) fn dead_letter_id(msg_id: &str) -> String {
     format!("{DEAD_LETTER_ID_PREFIX}{msg_id}")
 }
 
 /// Longest `Pusher-Bridge-Detail` header, in characters.
-pub const MAX_DETAIL_CHARS: usize = 512;
+pub(crate) const MAX_DETAIL_CHARS: usize = 512;
 
 /// The detail of a dead letter as a header value, the same on both brokers: control characters
 /// (line breaks, which NATS headers cannot hold) become spaces and the text is cut at
 /// [`MAX_DETAIL_CHARS`] characters, so a long broker answer cannot bloat every dead letter.
-pub fn header_safe(detail: &str) -> String {
+pub(crate) fn header_safe(detail: &str) -> String {
     detail
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -181,13 +181,13 @@ pub enum PublishError {
 impl PublishError {
     /// Whether the failure is transient (the same publish may succeed once the broker is back);
     /// a publish in order stops at such a failure so nothing behind it overtakes it.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, PublishError::Unavailable(_))
     }
 }
 
 /// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A broker could not be set up (bad URL, unreachable, topology refused).
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +307,7 @@ impl Broker {
     /// Publishes `msgs` so that the broker stores them in this order, acks awaited together
     /// (the spool drainer's batches). After the first one that cannot be sent, the rest are not
     /// sent. RabbitMQ publishes them one after the other, each confirm awaited before the next.
-    pub async fn publish_in_order(
+    pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],
         timeout: Duration,

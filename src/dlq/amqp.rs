@@ -28,7 +28,7 @@ use crate::broker::amqp::message::header_text;
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
-pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// The connection's name in the management UI and `rabbitmqctl list_connections`.
 const CONNECTION_NAME: &str = "pusher-bridge dlq";
 

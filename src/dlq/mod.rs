@@ -30,11 +30,11 @@ use crate::config::{BrokerKind, Settings};
 pub const REPLAY_WINDOW: usize = 64;
 /// How many of the letters a replay left behind are kept in [`ReplaySummary::left_letters`];
 /// the rest are only counted, so a huge dead-letter queue cannot exhaust memory.
-pub const MAX_LEFT_DETAILS: usize = 100;
+pub(crate) const MAX_LEFT_DETAILS: usize = 100;
 /// How many "left:" lines [`ReplaySummary::report`] prints; `dlq list` shows them all.
-pub const REPORT_LINES: usize = 20;
+pub(crate) const REPORT_LINES: usize = 20;
 /// Width of the detail column of the table; longer details are cut.
-pub const DETAIL_WIDTH: usize = 60;
+pub(crate) const DETAIL_WIDTH: usize = 60;
 
 /// Listing or replaying dead letters failed as a whole (single letters that cannot be replayed
 /// are not errors: they are counted in [`ReplaySummary`]).
@@ -111,7 +111,7 @@ impl DeadLetterRecord {
     /// Builds a record from a stored letter. `header` looks a header up by its name (the names of
     /// [`crate::broker::headers`]); `stored_id` is the letter's own message id (`dlq-<msg_id>`),
     /// used for the original id when the `Pusher-Bridge-Msg-Id` header is missing.
-    pub fn from_headers(
+    pub(crate) fn from_headers(
         position: u64,
         header: impl Fn(&str) -> Option<String>,
         stored_id: Option<&str>,
@@ -143,7 +143,7 @@ impl DeadLetterRecord {
     }
 
     /// The reason as the bridge's enum, when it is one the bridge knows.
-    pub fn reason_kind(&self) -> Option<DlqReason> {
+    pub(crate) fn reason_kind(&self) -> Option<DlqReason> {
         DlqReason::parse(&self.reason)
     }
 
@@ -163,7 +163,7 @@ impl DeadLetterRecord {
     /// The event message this letter was dead-lettered from: what replay publishes, through
     /// the broker's own publisher, so it gets exactly the headers / properties of a live event
     /// (also the `ce-` ones of `broker.cloudevents`).
-    pub fn to_message(&self) -> Message {
+    pub(crate) fn to_message(&self) -> Message {
         Message {
             subject: self.subject.clone(),
             msg_id: self.msg_id.clone(),
@@ -182,7 +182,7 @@ impl DeadLetterRecord {
 }
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm UTC`; `-` for 0 (unknown).
-pub fn format_utc_ms(ms: u64) -> String {
+pub(crate) fn format_utc_ms(ms: u64) -> String {
     if ms == 0 {
         return "-".into();
     }
@@ -193,7 +193,7 @@ pub fn format_utc_ms(ms: u64) -> String {
 }
 
 /// `detail` on one line, cut to `max` characters (with `…` when cut).
-pub fn short_detail(detail: &str, max: usize) -> String {
+pub(crate) fn short_detail(detail: &str, max: usize) -> String {
     let one_line: String = detail.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= max {
         return one_line;
@@ -209,7 +209,7 @@ fn or_dash(s: &str) -> &str {
 }
 
 /// The table's column titles (see [`write_table_row`]).
-pub fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
+pub(crate) fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
         "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  DETAIL",
@@ -220,7 +220,7 @@ pub fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
 /// One letter as a table row: position, first failure (UTC), reason, attempts, app, original
 /// subject, message id, short detail. Columns have fixed widths (a longer value pushes the rest
 /// of its row right) so rows can be written as they are read, without holding the whole queue.
-pub fn write_table_row(out: &mut impl Write, r: &DeadLetterRecord) -> std::io::Result<()> {
+pub(crate) fn write_table_row(out: &mut impl Write, r: &DeadLetterRecord) -> std::io::Result<()> {
     writeln!(
         out,
         "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  {}",
@@ -255,7 +255,7 @@ struct JsonRecord<'a> {
 }
 
 /// One record as a single line of JSON.
-pub fn record_json(r: &DeadLetterRecord) -> String {
+pub(crate) fn record_json(r: &DeadLetterRecord) -> String {
     let j = JsonRecord {
         position: r.position,
         subject: &r.subject,
@@ -277,7 +277,7 @@ pub fn record_json(r: &DeadLetterRecord) -> String {
 }
 
 /// Writes records as one JSON array, one record per line, as they arrive (`[]` when empty).
-pub fn write_json_array(
+pub(crate) fn write_json_array(
     out: &mut impl Write,
     records: impl IntoIterator<Item = DeadLetterRecord>,
 ) -> std::io::Result<()> {

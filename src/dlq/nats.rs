@@ -20,7 +20,7 @@ use crate::broker::{Broker, nats};
 use crate::config::Settings;
 
 /// How long the tools wait for the first connection to NATS before giving up.
-pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// Connects with the bridge's options (auth, TLS) and waits until connected, so a wrong URL is
 /// an error instead of a hang.

@@ -11,17 +11,17 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 /// `process_cpu_seconds_total`: user plus system CPU time.
-pub const CPU_SECONDS: &str = "process_cpu_seconds";
+pub(crate) const CPU_SECONDS: &str = "process_cpu_seconds";
 /// `process_resident_memory_bytes`: resident set size.
-pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 /// `process_virtual_memory_bytes`: virtual memory size.
-pub const VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+pub(crate) const VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
 /// `process_open_fds`: open file descriptors.
-pub const OPEN_FDS: &str = "process_open_fds";
+pub(crate) const OPEN_FDS: &str = "process_open_fds";
 /// `process_max_fds`: the soft limit on open file descriptors.
-pub const MAX_FDS: &str = "process_max_fds";
+pub(crate) const MAX_FDS: &str = "process_max_fds";
 /// `process_start_time_seconds`: unix time the process started.
-pub const START_TIME: &str = "process_start_time_seconds";
+pub(crate) const START_TIME: &str = "process_start_time_seconds";
 
 /// Clock ticks per second of `/proc/<pid>/stat` times. Linux reports them in `USER_HZ`, which
 /// is 100 on every architecture the bridge is built for (asking `sysconf` would need libc).
@@ -29,7 +29,7 @@ const USER_HZ: f64 = 100.0;
 
 /// Reads this process's figures on every scrape.
 #[derive(Debug)]
-pub struct ProcessCollector {
+pub(crate) struct ProcessCollector {
     /// Computed once: it does not change, and `/proc/stat` is not small on many-core hosts.
     start_time: Option<f64>,
 }

@@ -32,13 +32,13 @@ const REFUSAL_ATTEMPTS: u32 = 3;
 /// counts as stalled. A drain batch takes at most `broker.publish_timeout` (1.5 s by default) per
 /// try; a minute without one handled record means something keeps refusing the head of the
 /// spool in a way the drainer cannot get past.
-pub const STALL_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(60);
 
 /// Tells a stuck drainer from a waiting one: stalled once records have waited with the broker
 /// up for [`STALL_AFTER`] and none was handled. An empty spool or a broker that is down (the
 /// spool is doing its job then) resets the clock, as does every handled record.
 #[derive(Debug)]
-pub struct StallWatch {
+pub(crate) struct StallWatch {
     since: tokio::time::Instant,
 }
 
@@ -49,7 +49,7 @@ impl StallWatch {
     }
 
     /// After a look at the spool: whether the drainer is stalled now.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         now: tokio::time::Instant,
         waiting: bool,

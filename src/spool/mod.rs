@@ -12,7 +12,7 @@
 pub mod drain;
 pub mod record;
 mod recover;
-pub mod segment;
+pub(crate) mod segment;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ fn stopped(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> SpoolEr
 
 /// A place in the spool: a segment and a byte offset (a frame boundary) in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Position {
+pub(crate) struct Position {
     /// Segment id.
     pub segment: u64,
     /// Byte offset in the segment.
@@ -320,7 +320,7 @@ impl Spool {
 
     /// Whether the drainer is stuck: records wait, the broker is up, and none was handled for
     /// [`drain::STALL_AFTER`] (`/readyz` answers 503, so traffic goes to other replicas).
-    pub fn is_stalled(&self) -> bool {
+    pub(crate) fn is_stalled(&self) -> bool {
         self.shared
             .stalled
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -352,7 +352,7 @@ impl Spool {
     }
 
     /// Whether a webhook of the largest allowed size would still fit (and the writer runs).
-    pub fn has_room(&self) -> bool {
+    pub(crate) fn has_room(&self) -> bool {
         !self.tx.is_closed() && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
     }
 
@@ -367,13 +367,13 @@ impl Spool {
     }
 
     /// Refreshes the spool gauges (the oldest age moves with time).
-    pub fn update_gauges(&self) {
+    pub(crate) fn update_gauges(&self) {
         self.shared.update_gauges(&self.shared.state());
     }
 
     /// Asks the writer to start a fresh segment and delete the current one when everything has
     /// been drained, so an idle spool takes no disk space.
-    pub async fn roll_if_idle(&self) {
+    pub(crate) async fn roll_if_idle(&self) {
         let worth_it = {
             let st = self.shared.state();
             st.drained() && st.segments.get(&st.active).copied().unwrap_or(0) > 0
@@ -450,7 +450,7 @@ impl Spool {
 
 /// One record of `quarantine.log`: its frame as stored and what it decodes to.
 #[derive(Debug)]
-pub struct Quarantined {
+pub(crate) struct Quarantined {
     /// The whole frame (header and payload), as the spool stores it.
     pub frame: Vec<u8>,
     /// The record, or why this version cannot decode it.
@@ -459,7 +459,7 @@ pub struct Quarantined {
 
 /// The records of the quarantine file in `dir` (none when it does not exist). Reading stops at
 /// the first frame that is not whole (the tail of a write a crash cut short).
-pub fn read_quarantine(dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
+pub(crate) fn read_quarantine(dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
     let path = dir.join(QUARANTINE_FILE);
     let buf = match std::fs::read(&path) {
         Ok(b) => b,

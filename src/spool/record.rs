@@ -17,11 +17,11 @@ use bytes::Bytes;
 use crate::broker::{DeadLetter, DlqReason, Message};
 
 /// First bytes of every frame.
-pub const MAGIC: [u8; 4] = *b"PBsp";
+pub(crate) const MAGIC: [u8; 4] = *b"PBsp";
 /// Bytes before the payload: magic, length, CRC.
-pub const HEADER_LEN: usize = 12;
+pub(crate) const HEADER_LEN: usize = 12;
 /// Largest payload a reader accepts; a larger length field is damage, not a record.
-pub const MAX_PAYLOAD: usize = 64 << 20;
+pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
 /// Payload format version written by this code.
 const VERSION: u8 = 1;
 const KIND_EVENT: u8 = 1;
@@ -74,7 +74,7 @@ fn crc(len: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Appends the frame of `record` (spooled at `spooled_at_ms`) to `out`; returns its length.
-pub fn encode_into(out: &mut Vec<u8>, spooled_at_ms: u64, record: &Record) -> usize {
+pub(crate) fn encode_into(out: &mut Vec<u8>, spooled_at_ms: u64, record: &Record) -> usize {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[0; 8]); // length and CRC, filled in by `seal`
@@ -112,7 +112,7 @@ fn seal(out: &mut [u8], start: usize) {
 }
 
 /// Appends a frame around an arbitrary `payload` (used to keep undecodable records aside).
-pub fn frame_into(out: &mut Vec<u8>, payload: &[u8]) {
+pub(crate) fn frame_into(out: &mut Vec<u8>, payload: &[u8]) {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[0; 8]);

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::record::{self, HEADER_LEN, MAGIC, MAX_PAYLOAD, Parsed};
 
 /// Bytes read per chunk; a frame larger than this is read whole on its own.
-pub const CHUNK: usize = 512 * 1024;
+pub(crate) const CHUNK: usize = 512 * 1024;
 const SUFFIX: &str = ".seg";
 
 /// The file of segment `id` in `dir`.
@@ -42,7 +42,7 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
 
 /// Frames found in one buffer by [`scan`].
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Scan {
+pub(crate) struct Scan {
     /// Each frame's payload range and the offset just past the frame, in order.
     pub frames: Vec<(Range<usize>, usize)>,
     /// Where reading stopped: the next read starts here.
@@ -102,7 +102,7 @@ pub struct Read {
 
 /// Reads up to `max_frames` frames of `file` from `from` (a frame boundary) up to `end` (the end
 /// of the data known to be whole; bytes past it are never looked at).
-pub fn read_frames(file: &File, from: u64, end: u64, max_frames: usize) -> io::Result<Read> {
+pub(crate) fn read_frames(file: &File, from: u64, end: u64, max_frames: usize) -> io::Result<Read> {
     let mut want = CHUNK;
     loop {
         let remaining = end.saturating_sub(from);

@@ -24,14 +24,14 @@ use crate::config::Settings;
 use crate::webhook::AppRegistry;
 
 /// How far `auth_timestamp` may be from the bridge's clock, as Pusher allows.
-pub const MAX_CLOCK_SKEW_SECS: i64 = 600;
+pub(crate) const MAX_CLOCK_SKEW_SECS: i64 = 600;
 /// A query that cannot read the KV within this long gets 503 (rather than hanging while NATS
 /// is away: the client's requests wait for a reconnect).
-pub const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+pub(crate) const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A refused query and its status.
 #[derive(Debug, thiserror::Error)]
-pub enum QueryError {
+pub(crate) enum QueryError {
     /// 400: a question the channel cannot answer (e.g. `user_count` of a public channel).
     #[error("{0}")]
     BadRequest(String),
@@ -63,7 +63,7 @@ impl QueryError {
 }
 
 /// The query API of one bridge: the app keys and a reader of the state bucket.
-pub struct StateApi {
+pub(crate) struct StateApi {
     apps: AppRegistry,
     app_ids: HashSet<String>,
     client: async_nats::Client,
@@ -121,7 +121,11 @@ fn parse_query(query: &str) -> Option<BTreeMap<String, String>> {
 }
 
 /// The string Pusher signs: `GET\n<path>\n<sorted k=v&...>` (without `auth_signature`).
-pub fn string_to_sign(method: &str, path: &str, params: &BTreeMap<String, String>) -> String {
+pub(crate) fn string_to_sign(
+    method: &str,
+    path: &str,
+    params: &BTreeMap<String, String>,
+) -> String {
     let query: Vec<String> = params
         .iter()
         .filter(|(k, _)| k.as_str() != "auth_signature")
@@ -392,13 +396,13 @@ fn route(path: &str) -> Result<(String, Query), QueryError> {
 
 /// The answer when `[state]` is off: 404 that says so (no signature is checked: nothing is
 /// revealed).
-pub fn disabled_body() -> Value {
+pub(crate) fn disabled_body() -> Value {
     json!({ "error": "channel state is off: set [state] enabled = true" })
 }
 
 /// The status and JSON body for a request under `/apps/` (`api` is `None` when `[state]` is
 /// off: 404 saying so).
-pub async fn http_answer(
+pub(crate) async fn http_answer(
     method: &hyper::Method,
     uri: &hyper::Uri,
     api: Option<&StateApi>,
@@ -432,7 +436,7 @@ pub async fn http_answer(
 }
 
 /// Shared handle, for the HTTP layer.
-pub type SharedApi = Arc<StateApi>;
+pub(crate) type SharedApi = Arc<StateApi>;
 
 #[cfg(test)]
 mod tests {

@@ -29,7 +29,7 @@ use crate::routing;
 use crate::shutdown::Shutdown;
 
 /// The events the state is made of.
-pub const STATE_EVENTS: [&str; 5] = [
+pub(crate) const STATE_EVENTS: [&str; 5] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
@@ -141,7 +141,7 @@ pub enum Verdict {
 }
 
 /// Decodes and applies one message, counting the outcome.
-pub async fn apply_message(
+pub(crate) async fn apply_message(
     store: &StateStore,
     metrics: &Metrics,
     body: &[u8],
@@ -175,7 +175,7 @@ pub async fn apply_message(
 }
 
 /// Name of the durable consumer of one event.
-pub fn consumer_name(durable: &str, event: &str) -> String {
+pub(crate) fn consumer_name(durable: &str, event: &str) -> String {
     format!("{durable}_{event}")
 }
 
@@ -266,7 +266,7 @@ async fn consume_nats_once(
 }
 
 /// The NATS applier: until `shutdown`, (re)creates the consumers and applies what they deliver.
-pub async fn run_nats(
+pub(crate) async fn run_nats(
     settings: Arc<crate::config::Settings>,
     events: async_nats::Client,
     store: StateStore,

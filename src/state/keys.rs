@@ -17,7 +17,7 @@
 /// Token of the channel records.
 pub const CHANNELS: &str = "channels";
 /// Token of the member records.
-pub const MEMBERS: &str = "members";
+pub(crate) const MEMBERS: &str = "members";
 
 fn keeps(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/')
@@ -41,7 +41,7 @@ pub fn escape(token: &str) -> String {
 }
 
 /// Reverses [`escape`]; `None` for text [`escape`] cannot produce.
-pub fn unescape(token: &str) -> Option<String> {
+pub(crate) fn unescape(token: &str) -> Option<String> {
     if token == "=" {
         return Some(String::new());
     }
@@ -68,12 +68,12 @@ pub fn unescape(token: &str) -> Option<String> {
 }
 
 /// Key of a channel's record.
-pub fn channel_key(app_id: &str, channel: &str) -> String {
+pub(crate) fn channel_key(app_id: &str, channel: &str) -> String {
     format!("{}.{CHANNELS}.{}", escape(app_id), escape(channel))
 }
 
 /// Key of one member of a presence channel.
-pub fn member_key(app_id: &str, channel: &str, user_id: &str) -> String {
+pub(crate) fn member_key(app_id: &str, channel: &str, user_id: &str) -> String {
     format!(
         "{}.{MEMBERS}.{}.{}",
         escape(app_id),
@@ -83,12 +83,12 @@ pub fn member_key(app_id: &str, channel: &str, user_id: &str) -> String {
 }
 
 /// Filter (relative to the bucket) of every channel record of an app.
-pub fn channels_filter(app_id: &str) -> String {
+pub(crate) fn channels_filter(app_id: &str) -> String {
     format!("{}.{CHANNELS}.>", escape(app_id))
 }
 
 /// Filter of every member record of one channel.
-pub fn members_filter(app_id: &str, channel: &str) -> String {
+pub(crate) fn members_filter(app_id: &str, channel: &str) -> String {
     format!("{}.{MEMBERS}.{}.>", escape(app_id), escape(channel))
 }
 

@@ -73,7 +73,7 @@ pub struct ChannelRecord {
 impl ChannelRecord {
     /// The subscription count to report: the last count while occupied (unless a vacate came
     /// after it: unknown then), 0 when not occupied.
-    pub fn current_subscription_count(&self) -> Option<u64> {
+    pub(crate) fn current_subscription_count(&self) -> Option<u64> {
         if !self.occupied {
             return Some(0);
         }
@@ -84,12 +84,12 @@ impl ChannelRecord {
     }
 
     /// Whether a member record counts: present and newer than the last vacate.
-    pub fn counts_member(&self, member: &MemberRecord) -> bool {
+    pub(crate) fn counts_member(&self, member: &MemberRecord) -> bool {
         member.present && self.vacated_at.as_ref().is_none_or(|v| member.at > *v)
     }
 
     /// A tombstone: vacated, kept only so older events cannot reoccupy it.
-    pub fn is_tombstone(&self) -> bool {
+    pub(crate) fn is_tombstone(&self) -> bool {
         !self.occupied
     }
 
@@ -117,7 +117,7 @@ pub struct MemberRecord {
 
 /// The outcome of a merge.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Merged<T> {
+pub(crate) enum Merged<T> {
     /// The record to write.
     Changed(T),
     /// The event is older than (or the same as) what the record holds: nothing to write.
@@ -135,7 +135,7 @@ fn advance(slot: &mut Option<Stamp>, stamp: &Stamp) -> bool {
 
 /// Merges an occupancy or subscription-count event into a channel record.
 /// [`Change::Member`] never touches the channel record: it is [`Merged::Stale`] here.
-pub fn merge_channel(
+pub(crate) fn merge_channel(
     current: Option<&ChannelRecord>,
     change: &Change,
     stamp: &Stamp,
@@ -167,7 +167,7 @@ pub fn merge_channel(
 }
 
 /// Merges a member event into a member record.
-pub fn merge_member(
+pub(crate) fn merge_member(
     current: Option<&MemberRecord>,
     present: bool,
     stamp: &Stamp,

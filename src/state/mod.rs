@@ -11,7 +11,7 @@
 //! - [`api`]: the query API on `server.listen`.
 //! - [`client`]: the `pusher-bridge state ...` commands.
 
-pub mod api;
+pub(crate) mod api;
 pub mod applier;
 pub mod client;
 pub mod keys;
@@ -26,7 +26,7 @@ use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-pub use api::StateApi;
+pub(crate) use api::StateApi;
 pub use store::StateStore;
 
 /// Why the channel state could not be read or written.
@@ -63,7 +63,7 @@ pub enum StateError {
 }
 
 /// `[broker.nats]` pointed at the KV's server (`state.nats_url`, default `broker.nats.url`).
-pub fn kv_nats_settings(settings: &Settings) -> NatsSettings {
+pub(crate) fn kv_nats_settings(settings: &Settings) -> NatsSettings {
     let mut nats = settings.broker.nats.clone();
     if let Some(url) = &settings.state.nats_url {
         nats.url = url.clone();

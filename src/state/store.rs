@@ -279,7 +279,10 @@ impl StateStore {
     }
 
     /// Every member record of an app, all channels (one read for `user_count` of a listing).
-    pub async fn app_members(&self, app_id: &str) -> Result<Vec<Stored<MemberRecord>>, StateError> {
+    pub(crate) async fn app_members(
+        &self,
+        app_id: &str,
+    ) -> Result<Vec<Stored<MemberRecord>>, StateError> {
         self.scan(&format!("{}.{}.>", keys::escape(app_id), keys::MEMBERS))
             .await
     }

@@ -48,7 +48,7 @@ const QUORUM_REFUSAL: &str = "the head sweep would reorder a quorum queue (reque
     queues a `message-ttl` policy instead (docs/scaling.md)";
 
 /// The exclusive queue whose owner is the sweeper (`<events queue>.sweeper-lease`).
-pub fn lease_queue(settings: &Settings) -> String {
+pub(crate) fn lease_queue(settings: &Settings) -> String {
     format!("{}.sweeper-lease", settings.broker.amqp.queue)
 }
 

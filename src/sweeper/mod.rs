@@ -23,7 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-pub use self::amqp::lease_queue;
 pub use self::nats_lease::{lease_bucket, state_bucket};
 pub use self::policy::{RuleKind, Target};
 use crate::broker::{BoxError, BrokerError, cause};
@@ -249,7 +248,7 @@ impl TargetOutcome {
 /// Every label set of `pusher_bridge_sweeper_purged_total` the configuration can produce
 /// (enabled targets; app labels: the ids of `[[apps]]`, `*`, `other`; rule kinds), so the series
 /// can exist at 0 from start-up. [`Sweeper::new`] creates them.
-pub fn purged_label_sets(settings: &Settings) -> Vec<SweepPurgeLabels> {
+pub(crate) fn purged_label_sets(settings: &Settings) -> Vec<SweepPurgeLabels> {
     let apps: std::collections::BTreeSet<String> =
         settings.apps.iter().map(|a| a.id.clone()).collect();
     let mut out = Vec::new();

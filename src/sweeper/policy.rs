@@ -78,10 +78,10 @@ impl RuleKind {
 }
 
 /// The `app_id` label of report lines and metrics for messages not tied to one app.
-pub const ANY_APP: &str = "*";
+pub(crate) const ANY_APP: &str = "*";
 /// The `app_id` label of messages of an app id that is not in `[[apps]]` (old data, a removed
 /// app), so labels stay bounded by the configuration.
-pub const OTHER_APP: &str = "other";
+pub(crate) const OTHER_APP: &str = "other";
 
 /// One app's rules on one target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,18 +170,18 @@ impl Retention {
 
     /// The shortest retention of any message: a message younger than this is kept whatever its
     /// app and event name.
-    pub fn shortest(&self) -> Duration {
+    pub(crate) fn shortest(&self) -> Duration {
         self.ages().fold(self.default, Duration::min)
     }
 
     /// Whether some app is disabled (nothing may then purge the whole stream).
-    pub fn any_disabled(&self) -> bool {
+    pub(crate) fn any_disabled(&self) -> bool {
         self.apps.values().any(|a| !a.enabled)
     }
 
     /// Whether purging `<prefix>.*.<event>.>` at `age` is safe for every configured app: none
     /// is disabled and none keeps `event` longer.
-    pub fn wildcard_ok(&self, event: &str, age: Duration) -> bool {
+    pub(crate) fn wildcard_ok(&self, event: &str, age: Duration) -> bool {
         self.apps.keys().all(|a| {
             self.rule_of(Some(a), Some(event))
                 .is_some_and(|(d, _)| d <= age)
@@ -190,7 +190,7 @@ impl Retention {
 
     /// Event names whose override keeps them longer than the default, escaped as subject tokens
     /// and sorted.
-    pub fn longer_than_default(&self) -> Vec<String> {
+    pub(crate) fn longer_than_default(&self) -> Vec<String> {
         self.overrides
             .iter()
             .filter(|(_, age)| **age > self.default)
@@ -200,7 +200,7 @@ impl Retention {
 
     /// A fingerprint of every rule: the stored scan cursors are valid only for the rules they
     /// were written under (a changed rule makes the next run scan from the start once).
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         let mut text = format!("d={};", self.default.as_millis());
         for (e, d) in &self.overrides {
             text.push_str(&format!("e:{e}={};", d.as_millis()));
@@ -245,7 +245,7 @@ impl Retention {
     }
 
     /// The purges that implement these rules on a JetStream stream.
-    pub fn nats_plan(&self) -> NatsPlan {
+    pub(crate) fn nats_plan(&self) -> NatsPlan {
         let configured: BTreeSet<String> = self.apps.keys().cloned().collect();
         // Apps without rules of their own ("the others"): event overrides, then the default.
         let others_longest = self
@@ -393,7 +393,7 @@ impl Retention {
 
     /// Every (app label, rule) pair a sweep of these rules can report on either broker, for
     /// metric series that exist from start-up. `apps`: the ids of `[[apps]]`.
-    pub fn label_sets(&self, apps: &BTreeSet<String>) -> BTreeSet<(String, RuleKind)> {
+    pub(crate) fn label_sets(&self, apps: &BTreeSet<String>) -> BTreeSet<(String, RuleKind)> {
         let mut out = BTreeSet::new();
         let plan = self.nats_plan();
         if plan.everything.is_some() {
@@ -443,7 +443,7 @@ impl Retention {
 
 /// The label of `app` (a raw app id, or `None` when a message has none) in reports and metrics:
 /// the id when `[[apps]]` has it, else [`OTHER_APP`].
-pub fn app_label(apps: &BTreeSet<String>, app: Option<&str>) -> String {
+pub(crate) fn app_label(apps: &BTreeSet<String>, app: Option<&str>) -> String {
     match app {
         Some(a) if apps.contains(a) => a.to_string(),
         _ => OTHER_APP.to_string(),
@@ -475,7 +475,7 @@ struct AppView {
 ///    than the rule (a headers-only scan that resumes from a stored cursor) and purges each by
 ///    its own filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NatsPlan {
+pub(crate) struct NatsPlan {
     /// Retention applied to the whole stream (the longest of all rules), if any.
     pub everything: Option<Duration>,
     /// `default` when that is the target's `max_age` (no rule keeps anything longer), else
@@ -489,7 +489,7 @@ pub struct NatsPlan {
 
 /// A purge of one subject filter at one age.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FilterPurge {
+pub(crate) struct FilterPurge {
     /// Raw app id (`None`: every app).
     pub app: Option<String>,
     /// Raw event name (`None`: every event).
@@ -516,7 +516,7 @@ impl FilterPurge {
 
 /// A purge of the names a scan finds among the messages older than `max_age`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScanPurge {
+pub(crate) struct ScanPurge {
     /// Names this scan's cursor (stable across runs with the same rules).
     pub key: String,
     /// The retention applied to what the scan finds.
@@ -533,7 +533,7 @@ pub struct ScanPurge {
 
 impl ScanPurge {
     /// The subject filter the scan reads.
-    pub fn scan_filter(&self, prefix: &str) -> String {
+    pub(crate) fn scan_filter(&self, prefix: &str) -> String {
         FilterPurge {
             app: self.within_app.clone(),
             event: self.of_event.clone(),
@@ -546,7 +546,7 @@ impl ScanPurge {
 
 /// What a scan collects from the subjects it reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Collect {
+pub(crate) enum Collect {
     /// Event tokens (of `within_app`) without a rule of their own (`skip`, raw names): each is
     /// purged as `<prefix>.<app>.<event>.>`.
     Events {
@@ -571,22 +571,24 @@ pub enum Collect {
 }
 
 /// Filter matching every event of the stream: `<prefix>.>`.
-pub fn all_filter(prefix: &str) -> String {
+pub(crate) fn all_filter(prefix: &str) -> String {
     format!("{prefix}.>")
 }
 
-/// Filter matching every event of one (raw) name: `<prefix>.*.<escaped name>.>`.
-pub fn event_filter(prefix: &str, event: &str) -> String {
+/// Filter matching every event of one (raw) name: `<prefix>.*.<escaped name>.>` (the tests'
+/// shorthand; the sweep builds its filters from rules).
+#[cfg(test)]
+fn event_filter(prefix: &str, event: &str) -> String {
     event_token_filter(prefix, &routing::escape_token(event))
 }
 
 /// Filter matching every event whose escaped name token is `token`.
-pub fn event_token_filter(prefix: &str, token: &str) -> String {
+pub(crate) fn event_token_filter(prefix: &str, token: &str) -> String {
     format!("{prefix}.*.{token}.>")
 }
 
 /// The escaped event token of `<prefix>.<app>.<event>.<channel>`, if `subject` has that shape.
-pub fn event_token<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
+pub(crate) fn event_token<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let mut tokens = rest.splitn(3, '.');
     let _app = tokens.next().filter(|t| !t.is_empty())?;
@@ -597,7 +599,10 @@ pub fn event_token<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
 
 /// The escaped (app, event) tokens of `<prefix>.<app>.<event>.<channel>`, or (app, `None`) for
 /// a subject with fewer tokens (dead letters: `<prefix>_dlq.<app>.<reason>`).
-pub fn subject_tokens<'a>(prefix: &str, subject: &'a str) -> Option<(&'a str, Option<&'a str>)> {
+pub(crate) fn subject_tokens<'a>(
+    prefix: &str,
+    subject: &'a str,
+) -> Option<(&'a str, Option<&'a str>)> {
     let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let (app, rest) = rest.split_once('.')?;
     if app.is_empty() || rest.is_empty() {

@@ -15,18 +15,18 @@ use crate::config::{AmqpSettings, SecretUrl};
 
 /// Heartbeat asked for when the URL does not set one: a peer that vanished without closing the
 /// TCP connection is noticed within about two intervals.
-pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+pub(crate) const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 /// Largest frame asked for when the URL does not set one (`?frame_max=`). lapin keeps 32
 /// frames' worth of read and of write buffer, zero-filled, so RabbitMQ's 128 KiB default costs
 /// 8 MiB of resident memory; with 32 KiB it is 2 MiB. Event messages are a few KiB, and a larger
 /// one is simply split into more frames (docs/performance.md).
-pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+pub(crate) const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
 /// Parses `broker.amqp.url`, asking for `default_heartbeat` seconds unless the URL sets
 /// `heartbeat=`, and for [`DEFAULT_FRAME_MAX`] unless it sets `frame_max=`. Errors show the URL
 /// with its password replaced.
-pub fn parse_url(url: &SecretUrl, default_heartbeat: u16) -> Result<AMQPUri, BrokerError> {
+pub(crate) fn parse_url(url: &SecretUrl, default_heartbeat: u16) -> Result<AMQPUri, BrokerError> {
     let mut uri: AMQPUri = url.expose().parse().map_err(|e: String| {
         // The parser quotes the whole URL, password included.
         let e = e.replace(url.expose(), &url.redacted());
@@ -50,7 +50,10 @@ pub fn parse_url(url: &SecretUrl, default_heartbeat: u16) -> Result<AMQPUri, Bro
 /// The TLS settings for the connection: the CA of `broker.amqp.tls_ca_file` (PEM) is trusted in
 /// addition to the system's roots. A CA file with a plain `amqp://` URL is refused: the
 /// operator asked for TLS and would not get it.
-pub async fn tls_config(s: &AmqpSettings, uri: &AMQPUri) -> Result<OwnedTLSConfig, BrokerError> {
+pub(crate) async fn tls_config(
+    s: &AmqpSettings,
+    uri: &AMQPUri,
+) -> Result<OwnedTLSConfig, BrokerError> {
     let mut config = OwnedTLSConfig::default();
     let Some(path) = &s.tls_ca_file else {
         return Ok(config);
@@ -79,14 +82,14 @@ pub async fn tls_config(s: &AmqpSettings, uri: &AMQPUri) -> Result<OwnedTLSConfi
 /// Client properties: the connection is listed under `connection_name` by the management UI
 /// and `rabbitmqctl list_connections` (`broker.amqp.connection_name` for the bridge, a fixed
 /// name for each tool).
-pub fn connection_properties(connection_name: &str) -> ConnectionProperties {
+pub(crate) fn connection_properties(connection_name: &str) -> ConnectionProperties {
     ConnectionProperties::default().with_connection_name(connection_name.into())
 }
 
 /// Everything needed to open a connection, checked once (URL, CA file) and reused on every
 /// (re)connect, so a bad setting fails at start-up rather than at each retry.
 #[derive(Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     uri: AMQPUri,
     tls: OwnedTLSConfig,
     properties: ConnectionProperties,
@@ -110,11 +113,6 @@ impl Endpoint {
             properties: connection_properties(connection_name),
             redacted: s.url.redacted(),
         })
-    }
-
-    /// The heartbeat the connection asks for, in seconds.
-    pub fn heartbeat(&self) -> Option<u16> {
-        self.uri.query.heartbeat
     }
 
     /// Opens a connection (TCP, TLS, AMQP handshake). Not bounded in time: callers put their
@@ -226,10 +224,10 @@ mod tests {
             ..AmqpSettings::default()
         };
         let e = Endpoint::new(&s, "t", 7).await.unwrap();
-        assert_eq!(e.heartbeat(), Some(7));
+        assert_eq!(e.uri.query.heartbeat, Some(7));
         s.url = SecretUrl::new("amqp://h/%2f?heartbeat=30");
         let e = Endpoint::new(&s, "t", 7).await.unwrap();
-        assert_eq!(e.heartbeat(), Some(30));
+        assert_eq!(e.uri.query.heartbeat, Some(30));
     }
 
     #[tokio::test]

@@ -12,11 +12,11 @@ use crate::broker::{
 };
 
 /// `content_type` of every message: the body is the event's JSON.
-pub const CONTENT_TYPE: &str = "application/json";
+pub(crate) const CONTENT_TYPE: &str = "application/json";
 /// `delivery_mode` 2: RabbitMQ writes the message to disk in a durable queue.
-pub const PERSISTENT: u8 = 2;
+pub(crate) const PERSISTENT: u8 = 2;
 /// Longest AMQP short string (routing keys, message ids, exchange names).
-pub const MAX_SHORT_STRING: usize = 255;
+pub(crate) const MAX_SHORT_STRING: usize = 255;
 
 /// The routing key of a subject, or a refusal when it cannot be sent: AMQP routing keys are
 /// short strings of at most 255 bytes, NATS subjects are not limited that way.
@@ -49,7 +49,7 @@ fn put(table: &mut FieldTable, name: &str, value: &str) {
 
 /// The headers every event carries: app id, event, channel, webhook `time_ms`. Public for
 /// `dlq replay`, which must send what the bridge sends.
-pub fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &str) -> FieldTable {
+pub(crate) fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &str) -> FieldTable {
     let mut h = FieldTable::default();
     put(&mut h, headers::APP_ID, app_id);
     put(&mut h, headers::EVENT, event);
@@ -81,7 +81,7 @@ fn base_properties(message_id: &str, headers: FieldTable, now_secs: u64) -> Basi
 
 /// Properties of an event: persistent, JSON, `message_id` = the deterministic id, `timestamp` =
 /// publish time (unix seconds), headers as on NATS (with `cloudevents`, the `ce-` ones too).
-pub fn event_properties(msg: &Message, now_secs: u64, cloudevents: bool) -> BasicProperties {
+pub(crate) fn event_properties(msg: &Message, now_secs: u64, cloudevents: bool) -> BasicProperties {
     let mut h = message_headers(msg);
     if cloudevents {
         cloudevents_headers(&mut h, msg);
@@ -91,7 +91,7 @@ pub fn event_properties(msg: &Message, now_secs: u64, cloudevents: bool) -> Basi
 
 /// Properties of a dead letter: the event's headers plus where it was going, why, how often it
 /// was tried and when it first failed (the NATS broker's DLQ headers).
-pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
+pub(crate) fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
     let m = &dl.message;
     let mut h = message_headers(m);
     put(&mut h, headers::DLQ_SUBJECT, &m.subject);
@@ -109,7 +109,7 @@ pub fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties
 
 /// Text of a header value when reading messages back (the `dlq` tools, the sweeper): strings as
 /// sent, numbers (as some tools write them) as digits; other types have no text.
-pub fn header_text(v: &AMQPValue) -> Option<String> {
+pub(crate) fn header_text(v: &AMQPValue) -> Option<String> {
     Some(match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_string(),

@@ -13,10 +13,10 @@
 //! connection, with backoff. The bridge therefore starts while RabbitMQ is down; `is_up()` and
 //! `pusher_bridge_broker_up` follow the session.
 
-pub mod endpoint;
+pub(crate) mod endpoint;
 pub mod message;
 pub mod publish;
-pub mod session;
+pub(crate) mod session;
 pub mod topology;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,16 +34,16 @@ use crate::metrics::Metrics;
 use crate::routing;
 
 /// Longest a connection attempt (TCP, TLS, AMQP handshake, declarations) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry delay after a failed connection attempt; doubles up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest delay between connection attempts while RabbitMQ is down.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a publish looks again for an open channel while the connection's channels are
 /// being reopened.
 const CHANNEL_WAIT_STEP: Duration = Duration::from_millis(5);
 /// How often a healthy session is checked (connection events also wake the loop at once).
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The RabbitMQ broker.
 pub struct AmqpBroker {
@@ -123,13 +123,6 @@ impl AmqpBroker {
         self.shared.is_up()
     }
 
-    /// One pass of the recovery loop: replaces a dead session (connect, declare, open channels)
-    /// or reopens closed channels of a live one, then updates the gauge. Returns whether the
-    /// broker is up afterwards.
-    pub async fn recover_once(&self) -> bool {
-        self.shared.recover_once().await
-    }
-
     /// `broker.amqp.connection_name`, as RabbitMQ lists the connection.
     pub fn connection_name(&self) -> &str {
         &self.shared.cfg.settings.connection_name
@@ -154,7 +147,7 @@ impl AmqpBroker {
 
     /// Publishes `msgs` in this order on one channel, all in flight at once, and waits for every
     /// confirm together until `timeout` (the spool drainer: arrival order, at pipeline speed).
-    pub async fn publish_in_order(
+    pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],
         timeout: Duration,

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::{DlqReason, PublishError};
 
 /// One message ready for `basic.publish`.
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// Exchange to publish to.
     pub exchange: ShortString,
     /// Routing key (the subject).
@@ -77,7 +77,7 @@ pub type Verdict = oneshot::Receiver<Result<(), PublishError>>;
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Settled> + Send>>>;
 
 /// A confirm-mode channel and its collector task.
-pub struct ChannelPublisher {
+pub(crate) struct ChannelPublisher {
     channel: Channel,
     requests: mpsc::UnboundedSender<Request>,
     collector: tokio::task::JoinHandle<()>,
@@ -102,7 +102,7 @@ impl ChannelPublisher {
     }
 
     /// Whether publishes can go out on this channel.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.channel.status().connected() && !self.collector.is_finished()
     }
 
@@ -115,7 +115,7 @@ impl ChannelPublisher {
 
     /// Hands one publish to the channel's collector at once (publishes enqueued one after the
     /// other go out in that order); [`ChannelPublisher::verdict`] waits for its confirm.
-    pub fn enqueue(&self, out: Outgoing) -> Result<Verdict, PublishError> {
+    pub(crate) fn enqueue(&self, out: Outgoing) -> Result<Verdict, PublishError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request { out, reply })
@@ -357,7 +357,7 @@ fn decide(answer: &Answer, exchange: &str, returned: Option<String>) -> Result<(
 /// access is refused, the message is too large); everything else is the connection. A channel
 /// error closes the channel for every publish in flight on it, so an error that names another
 /// exchange was caused by another publish: this one is retried (on a reopened channel).
-pub fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
+pub(crate) fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
     let detail = e.to_string();
     let ErrorKind::ProtocolError(amqp) = e.kind() else {
         return PublishError::Unavailable(detail);

@@ -17,7 +17,7 @@ use crate::config::AmqpSettings;
 use crate::metrics::Metrics;
 
 /// What opening a session needs; built once from the settings.
-pub struct SessionConfig {
+pub(crate) struct SessionConfig {
     /// `[broker.amqp]`.
     pub settings: AmqpSettings,
     /// Declare the topology on connect (`broker.declare`).
@@ -35,7 +35,7 @@ pub struct SessionConfig {
 }
 
 /// A connection and its confirm-mode publishing channels.
-pub struct Session {
+pub(crate) struct Session {
     conn: Connection,
     publishers: Vec<RwLock<Arc<ChannelPublisher>>>,
     watcher: tokio::task::JoinHandle<()>,
@@ -118,7 +118,7 @@ impl Session {
 
     /// Publishes can go out now: connected, not blocked by a resource alarm, and at least one
     /// channel open.
-    pub fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         self.connected() && !self.blocked() && self.publishers.iter().any(|p| read(p).is_open())
     }
 
@@ -132,7 +132,7 @@ impl Session {
 
     /// Reopens channels the broker closed (a channel error closes only that channel).
     /// Returns how many were reopened.
-    pub async fn repair(&self, per_channel_in_flight: usize) -> Result<usize, lapin::Error> {
+    pub(crate) async fn repair(&self, per_channel_in_flight: usize) -> Result<usize, lapin::Error> {
         let mut reopened = 0;
         for slot in &self.publishers {
             if read(slot).is_open() {

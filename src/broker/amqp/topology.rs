@@ -12,7 +12,7 @@ use crate::config::{AmqpSettings, QueueType};
 
 /// Binding key that matches every routing key (AMQP topic `#` is NATS `>` and also matches an
 /// empty remainder).
-pub const BIND_ALL: &str = "#";
+pub(crate) const BIND_ALL: &str = "#";
 
 fn name(key: &str, value: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value).map_err(|_| BrokerError::Topology {

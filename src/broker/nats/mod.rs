@@ -23,7 +23,7 @@ use crate::routing;
 
 mod classify;
 pub mod servers;
-pub mod url_auth;
+pub(crate) mod url_auth;
 
 use classify::classify;
 
@@ -45,7 +45,7 @@ pub struct NatsBroker {
 }
 
 /// Builds the connect options (auth and TLS) from `[broker.nats]`.
-pub async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerError> {
+pub(crate) async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerError> {
     let mut opts = ConnectOptions::new()
         .name("pusher-bridge")
         .retry_on_initial_connect()
@@ -163,7 +163,7 @@ fn replicas_upgrade(current: &stream::Config, want: &stream::Config) -> Option<u
 
 /// Creates the stream, or brings an existing one to what the bridge needs ([`reconciled`],
 /// [`replicas_upgrade`]); every other setting is left as it is.
-pub async fn ensure_stream(
+pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     want: stream::Config,
 ) -> Result<(), BrokerError> {
@@ -325,7 +325,7 @@ impl NatsBroker {
     /// Publishes `msgs` in their order: each is handed to the connection before the next, then
     /// all acks are awaited together, so the stream stores them in this order. After the first
     /// one that cannot be sent, the rest are not sent (`Unavailable`), so none overtakes it.
-    pub async fn publish_in_order(
+    pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],
         timeout: Duration,
@@ -453,7 +453,7 @@ const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
 /// drops the connection of a client whose line is longer, which would break every publish in
 /// flight beside it and, for a spooled event, every drain after it. 256 bytes are left for the
 /// reply inbox and the sizes.
-pub const MAX_SUBJECT_BYTES: usize = 4096 - 256;
+pub(crate) const MAX_SUBJECT_BYTES: usize = 4096 - 256;
 
 /// A subject NATS cannot take is refused for good (`too_large`) before it is sent.
 fn check_subject(subject: &str) -> Result<(), PublishError> {

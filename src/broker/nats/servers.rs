@@ -11,7 +11,7 @@ use crate::config::redact_url;
 
 /// `broker.nats.url` is not a list of NATS servers.
 #[derive(Debug, thiserror::Error)]
-pub enum ServerListError {
+pub(crate) enum ServerListError {
     /// One entry does not parse (shown with its password masked).
     #[error("server {position} ({shown}) is invalid: {source}")]
     Invalid {
@@ -37,7 +37,7 @@ impl From<ServerListError> for BrokerError {
 /// Every server of `urls` (comma-separated, blanks around commas allowed, empty entries
 /// skipped). A server without a scheme is `nats://`, one without a port is on 4222, as with
 /// `nats-server`'s own tools.
-pub fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ServerListError> {
+pub(crate) fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, ServerListError> {
     let mut out = Vec::new();
     for (i, part) in urls.split(',').map(str::trim).enumerate() {
         if part.is_empty() {

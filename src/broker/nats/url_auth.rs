@@ -5,7 +5,7 @@
 
 /// User info found in a NATS URL.
 #[derive(Clone, PartialEq, Eq)]
-pub enum UrlCredentials {
+pub(crate) enum UrlCredentials {
     /// `user:password@`.
     UserPassword(String, String),
     /// `token@` (user info without a colon).
@@ -22,7 +22,7 @@ impl std::fmt::Debug for UrlCredentials {
 }
 
 /// The user info of the first server in `urls` (comma-separated) that has one, percent-decoded.
-pub fn url_credentials(urls: &str) -> Option<UrlCredentials> {
+pub(crate) fn url_credentials(urls: &str) -> Option<UrlCredentials> {
     urls.split(',').find_map(|url| {
         let rest = &url.trim()[url.trim().find("://")? + 3..];
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];

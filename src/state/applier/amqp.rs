@@ -33,7 +33,7 @@ pub fn queue_name(settings: &Settings) -> String {
 }
 
 /// The binding keys: `<prefix>.*.<event>.#` for each state event.
-pub fn binding_keys(settings: &Settings) -> Vec<String> {
+pub(crate) fn binding_keys(settings: &Settings) -> Vec<String> {
     STATE_EVENTS
         .iter()
         .map(|e| {
@@ -54,7 +54,7 @@ fn short(value: &str) -> Result<ShortString, StateError> {
 }
 
 /// Declares the events exchange (as the broker does), the state queue and its bindings.
-pub async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), StateError> {
+pub(crate) async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), StateError> {
     let err = |what: &str, e: lapin::Error| StateError::Amqp {
         what: what.to_string(),
         source: Some(e),
