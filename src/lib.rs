@@ -54,8 +54,8 @@ pub use crate::bridge::{Accepted, Bridge, WebhookError};
 pub use crate::broker::{Broker, BrokerError, Message};
 pub use crate::config::Settings;
 pub use crate::metrics::Metrics;
-pub use crate::spool::{Spool, SpoolError};
 use crate::spool::drain::Drainer;
+pub use crate::spool::{Spool, SpoolError};
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]

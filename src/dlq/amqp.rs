@@ -2,27 +2,25 @@
 //! `broker.amqp.dlq_exchange`), read with `basic.get` and manual acknowledgement on a connection
 //! of the tool's own.
 //!
-//! Listing takes every letter without acknowledging it and closes the channel at the end, so
-//! RabbitMQ puts them all back in their places: nothing is removed or reordered, but while the
-//! listing runs those letters are held by it and invisible to other readers of the queue.
-//! Replay publishes each letter through the bridge's own publisher ([`crate::broker::Broker`]:
-//! `broker.amqp.exchange`, the original routing key and message id, the properties of a live
-//! event, `mandatory`, publisher confirms, returns attributed by message id) and acknowledges
-//! the letter only after the broker confirmed the publish and did not return it as unroutable.
-//! Letters that stay are held until the end of the run (so the same letter is not fetched again)
-//! and then rejected with requeue, which puts them back in order.
+//! Listing takes every letter without acknowledging it and rejects them all with requeue at the
+//! end, so RabbitMQ puts them back in their places: nothing is removed or reordered, but while
+//! the listing runs those letters are held by it and invisible to other readers of the queue.
+//! Replay (`super::replay`) publishes each letter through the bridge's own publisher
+//! ([`crate::broker::Broker`]: `broker.amqp.exchange`, the original routing key and message id,
+//! the properties of a live event, `mandatory`, publisher confirms, returns attributed by
+//! message id) and acknowledges the letter only after the broker confirmed the publish and did
+//! not return it as unroutable. Letters that stay are held the same way until the end of the
+//! run (so the same letter is not fetched again), then put back in order.
 
 use std::time::Duration;
 
-use indicatif::ProgressBar;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection};
-use tokio::sync::mpsc;
 
-use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
-use crate::broker::Broker;
+use super::{DeadLetterRecord, DlqError, LetterStore};
+use crate::broker::BoxError;
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
 use crate::config::Settings;
@@ -58,6 +56,95 @@ pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLett
     DeadLetterRecord::from_headers(position, header, stored_id, body.into())
 }
 
+/// The dead-letter queue walked with `basic.get` on a channel of the tool's own connection:
+/// only the letters present when it was opened, none acknowledged unless removed.
+pub(super) struct Store {
+    conn: Connection,
+    ch: Channel,
+    queue: ShortString,
+    /// Letters in the queue when it was opened.
+    count: u64,
+    /// Letters fetched so far (the next one's 1-based position is `fetched + 1`).
+    fetched: u64,
+    /// The latest letter kept: at the end, one `basic.nack` with `multiple` puts it and every
+    /// earlier unacknowledged letter back, without holding an acker per letter.
+    last_kept: Option<Acker>,
+}
+
+impl Store {
+    /// Connects (see [`connect`]) and opens `broker.amqp.dlq_queue` passively.
+    pub(super) async fn open(settings: &Settings) -> Result<Self, DlqError> {
+        let conn = connect(settings).await?;
+        match open_dlq(&conn, &settings.broker.amqp.dlq_queue).await {
+            Ok((ch, queue, count)) => Ok(Self {
+                conn,
+                ch,
+                queue,
+                count,
+                fetched: 0,
+                last_kept: None,
+            }),
+            Err(e) => {
+                let _ = conn.close(200, "OK".into()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl LetterStore for Store {
+    /// The delivery's acker: `ack` removes the letter.
+    type Handle = Acker;
+    const KIND: &'static str = "queue";
+
+    fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Letters dead-lettered after the open are not fetched: they would keep a listing going.
+    async fn next(&mut self) -> Result<Option<(DeadLetterRecord, Acker)>, DlqError> {
+        if self.fetched >= self.count {
+            return Ok(None);
+        }
+        let got = self
+            .ch
+            .basic_get(self.queue.clone(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| DlqError::op(format!("cannot fetch from {}", self.queue), e))?;
+        let Some(m) = got else {
+            return Ok(None);
+        };
+        self.fetched += 1;
+        let d = m.delivery;
+        Ok(Some((record(self.fetched, &d.properties, d.data), d.acker)))
+    }
+
+    async fn remove(&mut self, acker: Acker) -> Result<(), BoxError> {
+        acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Held unacknowledged until [`LetterStore::close`], so `basic.get` does not hand the same
+    /// letter out again.
+    fn keep(&mut self, acker: Acker) {
+        self.last_kept = Some(acker);
+    }
+
+    /// Back in their places, in order; closing the channel would requeue them too, this says so
+    /// explicitly and at once.
+    async fn close(self) {
+        if let Some(acker) = self.last_kept {
+            let requeue = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            let _ = acker.nack(requeue).await;
+        }
+        let _ = self.ch.close(200, "OK".into()).await;
+        let _ = self.conn.close(200, "OK".into()).await;
+    }
+}
+
 /// Opens a channel and returns it with the queue's name and its number of letters.
 async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortString, u64), DlqError> {
     let ch = conn
@@ -86,162 +173,6 @@ async fn open_dlq(conn: &Connection, queue: &str) -> Result<(Channel, ShortStrin
             }
             _ => DlqError::op(format!("cannot inspect queue {queue}"), e),
         }),
-    }
-}
-
-/// Fetches the next letter without acknowledging it.
-async fn get(
-    ch: &Channel,
-    queue: &ShortString,
-    position: u64,
-) -> Result<Option<(DeadLetterRecord, Acker)>, DlqError> {
-    let got = ch
-        .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
-        .await
-        .map_err(|e| DlqError::op(format!("cannot fetch from {queue}"), e))?;
-    Ok(got.map(|m| {
-        let d = m.delivery;
-        (record(position, &d.properties, d.data), d.acker)
-    }))
-}
-
-/// Closes channels and the connection; the broker requeues whatever is still unacknowledged.
-async fn close(conn: &Connection, channels: &[&Channel]) {
-    for ch in channels {
-        let _ = ch.close(200, "OK".into()).await;
-    }
-    let _ = conn.close(200, "OK".into()).await;
-}
-
-/// See [`super::list`].
-pub async fn list(
-    settings: &Settings,
-    tx: mpsc::Sender<DeadLetterRecord>,
-) -> Result<u64, DlqError> {
-    let queue = settings.broker.amqp.dlq_queue.as_str();
-    let conn = connect(settings).await?;
-    let (ch, queue, count) = match open_dlq(&conn, queue).await {
-        Ok(x) => x,
-        Err(e) => {
-            close(&conn, &[]).await;
-            return Err(e);
-        }
-    };
-    let mut n = 0;
-    let result = async {
-        // Only the letters present at the start: new ones would otherwise keep the listing going.
-        while n < count {
-            let Some((r, _acker)) = get(&ch, &queue, n + 1).await? else {
-                break;
-            };
-            if tx.send(r).await.is_err() {
-                break;
-            }
-            n += 1;
-        }
-        Ok(n)
-    }
-    .await;
-    // Closing the channel returns every fetched letter to its place in the queue.
-    close(&conn, &[&ch]).await;
-    result
-}
-
-/// See [`super::replay`]: letters fetched here, published by `publisher` (the bridge's own).
-pub async fn replay(
-    settings: &Settings,
-    publisher: &Broker,
-    progress: &ProgressBar,
-) -> Result<ReplaySummary, DlqError> {
-    let a = &settings.broker.amqp;
-    let conn = connect(settings).await?;
-    let (get_ch, dlq_queue, count) = match open_dlq(&conn, &a.dlq_queue).await {
-        Ok(x) => x,
-        Err(e) => {
-            close(&conn, &[]).await;
-            return Err(e);
-        }
-    };
-    progress.set_length(count);
-    let timeout = settings.broker.publish_timeout;
-    let mut summary = ReplaySummary {
-        total: count,
-        ..Default::default()
-    };
-    // Letters that stay, unacknowledged until the end so `basic.get` does not hand them out again.
-    let mut held: Vec<Acker> = Vec::new();
-    // Up to a window of letters published in their order on one channel, confirms awaited
-    // together, then settled in order: the events queue gets them in the DLQ's order.
-    let mut batch: Vec<(DeadLetterRecord, Acker)> = Vec::with_capacity(REPLAY_WINDOW);
-    let mut position = 0;
-    loop {
-        let next = if position < count {
-            get(&get_ch, &dlq_queue, position + 1)
-                .await
-                .unwrap_or_else(|e| {
-                    summary.stopped = Some(e.to_string());
-                    None
-                })
-        } else {
-            None
-        };
-        let done = next.is_none();
-        if let Some((r, acker)) = next {
-            position += 1;
-            summary.seen += 1;
-            match r.replay_blocker() {
-                Some(why) => {
-                    summary.leave(&r, why);
-                    held.push(acker);
-                    progress.inc(1);
-                }
-                None => batch.push((r, acker)),
-            }
-        }
-        if done || batch.len() >= REPLAY_WINDOW {
-            let results = super::republish(publisher, batch.iter().map(|(r, _)| r), timeout).await;
-            for ((r, acker), result) in batch.drain(..).zip(results) {
-                settle(r, acker, result, &mut held, &mut summary).await;
-                progress.inc(1);
-            }
-        }
-        if done {
-            break;
-        }
-    }
-    // Back in their places, in order.
-    let requeue = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    for acker in held {
-        let _ = acker.nack(requeue).await;
-    }
-    close(&conn, &[&get_ch]).await;
-    progress.finish_and_clear();
-    Ok(summary)
-}
-
-/// After the confirm: acknowledges (removes) the letter; after a failure: holds it.
-async fn settle(
-    r: DeadLetterRecord,
-    acker: Acker,
-    result: Result<(), String>,
-    held: &mut Vec<Acker>,
-    summary: &mut ReplaySummary,
-) {
-    match result {
-        Err(e) => {
-            summary.leave(&r, format!("refused again: {e}"));
-            held.push(acker);
-        }
-        Ok(()) => match acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => summary.replayed += 1,
-            Err(e) => summary.leave(
-                &r,
-                format!("published, but could not be removed from the dead-letter queue: {e}"),
-            ),
-        },
     }
 }
 

@@ -419,11 +419,121 @@ pub async fn list(
     tx: mpsc::Sender<DeadLetterRecord>,
 ) -> Result<u64, DlqError> {
     match settings.broker.kind {
-        BrokerKind::Nats => nats::list(settings, tx).await,
-        BrokerKind::Amqp => amqp::list(settings, tx).await,
+        BrokerKind::Nats => list_store(nats::Store::open(settings).await?, &tx).await,
+        BrokerKind::Amqp => list_store(amqp::Store::open(settings).await?, &tx).await,
         #[cfg(feature = "bench-null-broker")]
         BrokerKind::Null => Err(null_broker()),
     }
+}
+
+/// A broker's dead letters as [`list`] and [`replay`] walk them: in order, only the letters
+/// present when the store was opened, each one removed (after its replay was acknowledged) or
+/// kept in its place. [`nats::Store`] and [`amqp::Store`] are the two.
+trait LetterStore {
+    /// What removes one fetched letter.
+    type Handle;
+    /// `stream` or `queue`, for messages.
+    const KIND: &'static str;
+    /// Letters present when the store was opened (the progress bar's length).
+    fn count(&self) -> u64;
+    /// The next letter, or `None` after the last one present when opened.
+    async fn next(&mut self) -> Result<Option<(DeadLetterRecord, Self::Handle)>, DlqError>;
+    /// Why this broker cannot take the letter back although its headers are whole.
+    fn blocker(&self, _r: &DeadLetterRecord) -> Option<&'static str> {
+        None
+    }
+    /// Removes a letter whose replay the broker acknowledged.
+    async fn remove(&mut self, handle: Self::Handle) -> Result<(), BoxError>;
+    /// Keeps a letter in its place.
+    fn keep(&mut self, handle: Self::Handle);
+    /// Ends the walk: every kept letter is back in its place, the connection closed.
+    async fn close(self);
+}
+
+/// Sends every letter of `store` to `tx` and removes none.
+async fn list_store<S: LetterStore>(
+    mut store: S,
+    tx: &mpsc::Sender<DeadLetterRecord>,
+) -> Result<u64, DlqError> {
+    let mut n = 0;
+    let result = loop {
+        match store.next().await {
+            Ok(Some((r, handle))) => {
+                store.keep(handle);
+                if tx.send(r).await.is_err() {
+                    break Ok(n);
+                }
+                n += 1;
+            }
+            Ok(None) => break Ok(n),
+            Err(e) => break Err(e),
+        }
+    };
+    store.close().await;
+    result
+}
+
+/// Replays the letters of `store` through `publisher`: a window of letters published in their
+/// order with all acks awaited together, then settled in order, so the events stream / queue
+/// gets them in the DLQ's order. A letter is removed after its ack and kept otherwise.
+async fn replay_store<S: LetterStore>(
+    mut store: S,
+    publisher: &Broker,
+    timeout: std::time::Duration,
+    progress: &ProgressBar,
+) -> ReplaySummary {
+    progress.set_length(store.count());
+    let mut summary = ReplaySummary {
+        total: store.count(),
+        ..Default::default()
+    };
+    let mut batch: Vec<(DeadLetterRecord, S::Handle)> = Vec::with_capacity(REPLAY_WINDOW);
+    loop {
+        let next = store.next().await.unwrap_or_else(|e| {
+            summary.stopped = Some(e.to_string());
+            None
+        });
+        let done = next.is_none();
+        if let Some((r, handle)) = next {
+            summary.seen += 1;
+            match r.replay_blocker().or_else(|| store.blocker(&r)) {
+                Some(why) => {
+                    summary.leave(&r, why);
+                    store.keep(handle);
+                    progress.inc(1);
+                }
+                None => batch.push((r, handle)),
+            }
+        }
+        if done || batch.len() >= REPLAY_WINDOW {
+            let results = republish(publisher, batch.iter().map(|(r, _)| r), timeout).await;
+            for ((r, handle), result) in batch.drain(..).zip(results) {
+                match result {
+                    Err(e) => {
+                        summary.leave(&r, format!("refused again: {e}"));
+                        store.keep(handle);
+                    }
+                    Ok(()) => match store.remove(handle).await {
+                        Ok(()) => summary.replayed += 1,
+                        Err(e) => summary.leave(
+                            &r,
+                            format!(
+                                "published, but could not be removed from the dead-letter {}: {e}",
+                                S::KIND
+                            ),
+                        ),
+                    },
+                }
+                progress.inc(1);
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    store.close().await;
+    progress.finish_and_clear();
+    summary
 }
 
 /// Every dead letter in queue order, collected in memory (for tests and small queues; the CLI
@@ -495,7 +605,7 @@ fn null_broker() -> DlqError {
 }
 
 /// Publishes `letters` as their event messages, in this order, all acks awaited together
-/// ([`Broker::publish_in_order`]): one result per letter, for the broker's `settle`.
+/// ([`Broker::publish_in_order`]): one result per letter.
 async fn republish<'a>(
     publisher: &Broker,
     letters: impl Iterator<Item = &'a DeadLetterRecord>,
@@ -520,7 +630,7 @@ const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
 /// letter handled.
 ///
-/// The letters are read (and removed) by the broker's `dlq` module; they are published by the
+/// The letters are read (and removed) by the broker's [`LetterStore`]; they are published by the
 /// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
 /// same confirm handling, and on RabbitMQ the same attribution of `basic.return`s to the message
 /// they belong to (a confirm's attached return may be another message's when several are in
@@ -546,9 +656,16 @@ pub async fn replay(
         ))
         .into());
     }
+    let timeout = settings.broker.publish_timeout;
     let result = match settings.broker.kind {
-        BrokerKind::Nats => nats::replay(settings, &publisher, progress).await,
-        BrokerKind::Amqp => amqp::replay(settings, &publisher, progress).await,
+        BrokerKind::Nats => match nats::Store::open(settings).await {
+            Ok(store) => Ok(replay_store(store, &publisher, timeout, progress).await),
+            Err(e) => Err(e),
+        },
+        BrokerKind::Amqp => match amqp::Store::open(settings).await {
+            Ok(store) => Ok(replay_store(store, &publisher, timeout, progress).await),
+            Err(e) => Err(e),
+        },
         #[cfg(feature = "bench-null-broker")]
         BrokerKind::Null => Err(null_broker()),
     };

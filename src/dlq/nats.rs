@@ -1,23 +1,19 @@
 //! Dead letters on NATS JetStream: they are the messages of the stream `broker.nats.dlq_stream`
 //! (subjects `<prefix>_dlq.<app>.<reason>`), read in sequence order with the stream's message
-//! get API (which removes nothing). Replay publishes each letter to its original subject with
-//! `Nats-Msg-Id` = the original id, so JetStream drops it if the event did get through after all,
-//! and deletes the letter by sequence only after the publish ack. The publishing is the bridge's
-//! own publisher's ([`crate::broker::Broker`]), so a replayed event carries the headers of a live
-//! one.
+//! get API (which removes nothing). Replay (`super::replay`, through the bridge's own publisher)
+//! sends each letter to its original subject with `Nats-Msg-Id` = the original id, so JetStream
+//! drops it if the event did get through after all; the letter is deleted by sequence only
+//! after the publish ack.
 
 use std::time::Duration;
 
+use super::{DeadLetterRecord, DlqError, LetterStore, REPLAY_WINDOW};
+use crate::broker::{BoxError, nats};
+use crate::config::Settings;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{
     self, ErrorCode, context::GetStreamErrorKind, stream::RawMessageErrorKind,
 };
-use indicatif::ProgressBar;
-use tokio::sync::mpsc;
-
-use super::{DeadLetterRecord, DlqError, REPLAY_WINDOW, ReplaySummary};
-use crate::broker::{Broker, nats};
-use crate::config::Settings;
 
 /// How long the tools wait for the first connection to NATS before giving up.
 pub(crate) const CONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -34,18 +30,21 @@ pub async fn connect(settings: &Settings) -> Result<jetstream::Context, DlqError
         .build(client))
 }
 
-/// Reads the DLQ stream in sequence order, from its first message to the last one that existed
-/// when the cursor opened (letters dead-lettered meanwhile wait for the next run).
-struct Cursor {
+/// The DLQ stream read in sequence order, from its first message to the last one that existed
+/// when it was opened (letters dead-lettered meanwhile wait for the next run).
+pub(super) struct Store {
     stream: jetstream::stream::Stream,
     next: u64,
     last: u64,
-    /// Messages in the stream when the cursor opened (the progress bar's length).
+    /// Messages in the stream when it was opened (the progress bar's length).
     count: u64,
 }
 
-impl Cursor {
-    async fn open(js: &jetstream::Context, name: &str) -> Result<Self, DlqError> {
+impl Store {
+    /// Connects (see [`connect`]) and opens `broker.nats.dlq_stream`.
+    pub(super) async fn open(settings: &Settings) -> Result<Self, DlqError> {
+        let js = connect(settings).await?;
+        let name = settings.broker.nats.dlq_stream.as_str();
         let mut stream = js.get_stream(name).await.map_err(|e| match e.kind() {
             GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 DlqError::Missing {
@@ -72,10 +71,20 @@ impl Cursor {
             count: state.messages,
         })
     }
+}
 
-    /// The next letter, or `None` at the end. Sequences deleted meanwhile (replayed, swept) are
-    /// skipped by asking for the first message at or after the next sequence.
-    async fn next(&mut self) -> Result<Option<DeadLetterRecord>, DlqError> {
+impl LetterStore for Store {
+    /// The letter's sequence in the stream.
+    type Handle = u64;
+    const KIND: &'static str = "stream";
+
+    fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sequences deleted meanwhile (replayed, swept) are skipped by asking for the first message
+    /// at or after the next sequence.
+    async fn next(&mut self) -> Result<Option<(DeadLetterRecord, u64)>, DlqError> {
         if self.next > self.last {
             return Ok(None);
         }
@@ -97,8 +106,25 @@ impl Cursor {
             return Ok(None);
         }
         self.next = m.sequence + 1;
-        Ok(Some(record(m.sequence, &m.headers, m.payload)))
+        Ok(Some((
+            record(m.sequence, &m.headers, m.payload),
+            m.sequence,
+        )))
     }
+
+    fn blocker(&self, r: &DeadLetterRecord) -> Option<&'static str> {
+        subject_problem(&r.subject)
+    }
+
+    async fn remove(&mut self, sequence: u64) -> Result<(), BoxError> {
+        self.stream.delete_message(sequence).await?;
+        Ok(())
+    }
+
+    /// A letter that stays is simply not deleted.
+    fn keep(&mut self, _sequence: u64) {}
+
+    async fn close(self) {}
 }
 
 /// Value of a header, names compared without regard to case.
@@ -115,23 +141,6 @@ fn record(seq: u64, h: &HeaderMap, body: bytes::Bytes) -> DeadLetterRecord {
     DeadLetterRecord::from_headers(seq, |n| header_value(h, n), stored_id.as_deref(), body)
 }
 
-/// See [`super::list`].
-pub async fn list(
-    settings: &Settings,
-    tx: mpsc::Sender<DeadLetterRecord>,
-) -> Result<u64, DlqError> {
-    let js = connect(settings).await?;
-    let mut cursor = Cursor::open(&js, &settings.broker.nats.dlq_stream).await?;
-    let mut n = 0;
-    while let Some(r) = cursor.next().await? {
-        if tx.send(r).await.is_err() {
-            break;
-        }
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Why a subject cannot be published to on NATS (empty tokens, wildcards, white space).
 fn subject_problem(subject: &str) -> Option<&'static str> {
     if subject
@@ -143,73 +152,6 @@ fn subject_problem(subject: &str) -> Option<&'static str> {
         Some("the original subject contains white space")
     } else {
         None
-    }
-}
-
-/// See [`super::replay`]: letters read here, published by `publisher` (the bridge's own).
-pub async fn replay(
-    settings: &Settings,
-    publisher: &Broker,
-    progress: &ProgressBar,
-) -> Result<ReplaySummary, DlqError> {
-    let js = connect(settings).await?;
-    let mut cursor = Cursor::open(&js, &settings.broker.nats.dlq_stream).await?;
-    progress.set_length(cursor.count);
-    let timeout = settings.broker.publish_timeout;
-    let mut summary = ReplaySummary {
-        total: cursor.count,
-        ..Default::default()
-    };
-    // Up to a window of letters published in their order, acks awaited together, then
-    // settled in order: the events stream stores them in the DLQ's order.
-    let mut batch: Vec<DeadLetterRecord> = Vec::with_capacity(REPLAY_WINDOW);
-    loop {
-        let next = cursor.next().await.unwrap_or_else(|e| {
-            summary.stopped = Some(e.to_string());
-            None
-        });
-        let done = next.is_none();
-        if let Some(r) = next {
-            summary.seen += 1;
-            match r.replay_blocker().or_else(|| subject_problem(&r.subject)) {
-                Some(why) => {
-                    summary.leave(&r, why);
-                    progress.inc(1);
-                }
-                None => batch.push(r),
-            }
-        }
-        if done || batch.len() >= REPLAY_WINDOW {
-            let results = super::republish(publisher, batch.iter(), timeout).await;
-            for (r, result) in batch.drain(..).zip(results) {
-                settle(&cursor.stream, r, result, &mut summary).await;
-                progress.inc(1);
-            }
-        }
-        if done {
-            break;
-        }
-    }
-    progress.finish_and_clear();
-    Ok(summary)
-}
-
-/// After the publish ack: deletes the letter; after a failure: leaves it.
-async fn settle(
-    dlq: &jetstream::stream::Stream,
-    r: DeadLetterRecord,
-    result: Result<(), String>,
-    summary: &mut ReplaySummary,
-) {
-    match result {
-        Err(e) => summary.leave(&r, format!("refused again: {e}")),
-        Ok(()) => match dlq.delete_message(r.position).await {
-            Ok(_) => summary.replayed += 1,
-            Err(e) => summary.leave(
-                &r,
-                format!("published, but could not be removed from the dead-letter stream: {e}"),
-            ),
-        },
     }
 }
 
