@@ -3,7 +3,8 @@
 //! ([`crate::spool::drain`]) both ask [`next_step`]; only their budgets differ (the webhook
 //! path has `broker.response_budget`, the drainer a number of tries).
 //!
-//! What is transient and what is lasting is the broker modules' call ([`PublishError`]):
+//! The broker modules sort each failure into [`PublishError`]; what is transient and what is
+//! lasting is decided here ([`is_transient`], which the publishes in order use too):
 //! `Unavailable` (no connection, no ack in time, a NATS stream without a leader, a JetStream
 //! API that does not answer) passes; `Refused` is the broker's answer about this message. Of the
 //! refusals, `rejected` and `nacked` may pass on a retry (a broker under pressure); the others
@@ -52,6 +53,12 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1 << attempt.saturating_sub(1).min(8))
         .min(MAX_BACKOFF)
+}
+
+/// Whether a failure is transient: the same publish may succeed once the broker is back (a
+/// publish in order stops at such a failure, so nothing behind it overtakes it).
+pub(crate) fn is_transient(error: &PublishError) -> bool {
+    matches!(error, PublishError::Unavailable(_))
 }
 
 /// Whether a refusal may pass on a retry.

@@ -133,7 +133,7 @@ impl FakeBroker {
                 continue;
             }
             let r = self.publish(m, timeout).await;
-            stopped = r.as_ref().is_err_and(PublishError::is_retryable);
+            stopped = r.as_ref().is_err_and(crate::delivery::is_transient);
             out.push(r);
         }
         out

@@ -178,14 +178,6 @@ pub enum PublishError {
     },
 }
 
-impl PublishError {
-    /// Whether the failure is transient (the same publish may succeed once the broker is back);
-    /// a publish in order stops at such a failure so nothing behind it overtakes it.
-    pub(crate) fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::Unavailable(_))
-    }
-}
-
 /// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -465,11 +465,9 @@ mod tests {
         }
         let closed: lapin::Error =
             ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
-        assert!(
-            decide(&Answer::Failed(closed), "x", None)
-                .unwrap_err()
-                .is_retryable()
-        );
+        assert!(crate::delivery::is_transient(
+            &decide(&Answer::Failed(closed), "x", None).unwrap_err()
+        ));
     }
 
     #[test]

@@ -177,7 +177,10 @@ mod tests {
     #[test]
     fn elections_restarts_and_timeouts_are_transient() {
         for code in [10008, 10009, 10004, 10007, 10041, 10118, 10194] {
-            assert!(classify(js_error(code, 503)).is_retryable(), "{code}");
+            assert!(
+                crate::delivery::is_transient(&classify(js_error(code, 503))),
+                "{code}"
+            );
         }
         for kind in [
             PublishErrorKind::TimedOut,
@@ -185,7 +188,7 @@ mod tests {
             PublishErrorKind::MaxAckPending,
         ] {
             let e = jetstream::context::PublishError::new(kind);
-            assert!(classify(e).is_retryable());
+            assert!(crate::delivery::is_transient(&classify(e)));
         }
     }
 
@@ -209,7 +212,7 @@ mod tests {
             PublishErrorKind::Other,
             async_nats::SubjectError::InvalidFormat,
         );
-        assert!(!classify(subject).is_retryable());
+        assert!(!crate::delivery::is_transient(&classify(subject)));
     }
 
     #[test]

@@ -357,7 +357,7 @@ impl NatsBroker {
                 Ok(Err(e)) => Err(classify(e)),
                 Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
             });
-            stopped = matches!(pending.last(), Some(Err(e)) if e.is_retryable());
+            stopped = matches!(pending.last(), Some(Err(e)) if crate::delivery::is_transient(e));
         }
         futures::future::join_all(pending.into_iter().zip(msgs).map(|(p, m)| async move {
             match tokio::time::timeout_at(deadline, p?).await {
