@@ -325,15 +325,8 @@ impl StateApi {
         let mut out = Map::new();
         out.insert("occupied".into(), json!(record.occupied));
         if info.contains("user_count") {
-            let count = if record.occupied {
-                store
-                    .present_members(app_id, channel)
-                    .await
-                    .map_err(QueryError::Unavailable)?
-                    .len()
-            } else {
-                0
-            };
+            let members = store.present_members(app_id, channel).await;
+            let count = members.map_err(QueryError::Unavailable)?.len();
             out.insert("user_count".into(), json!(count));
         }
         if info.contains("subscription_count")
@@ -351,20 +344,12 @@ impl StateApi {
             ));
         }
         let store = self.store().await?;
-        let record = store
-            .channel(app_id, channel)
-            .await
+        let users = store.present_members(app_id, channel).await;
+        let users: Vec<Value> = users
             .map_err(QueryError::Unavailable)?
-            .unwrap_or_default();
-        let users = if record.occupied {
-            store
-                .present_members(app_id, channel)
-                .await
-                .map_err(QueryError::Unavailable)?
-        } else {
-            Vec::new()
-        };
-        let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
+            .into_iter()
+            .map(|id| json!({ "id": id }))
+            .collect();
         Ok(json!({ "users": users }))
     }
 }

@@ -65,13 +65,5 @@ pub async fn member_lines(
     app_id: &str,
     channel: &str,
 ) -> Result<Vec<String>, StateError> {
-    let store = open(settings).await?;
-    let occupied = store
-        .channel(app_id, channel)
-        .await?
-        .is_some_and(|c| c.occupied);
-    if !occupied {
-        return Ok(Vec::new());
-    }
-    store.present_members(app_id, channel).await
+    open(settings).await?.present_members(app_id, channel).await
 }

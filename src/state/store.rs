@@ -287,14 +287,17 @@ impl StateStore {
             .await
     }
 
-    /// The present members of a channel, as the query API counts them (members older than the
-    /// channel's last vacate do not count), sorted by user id.
+    /// The present members of a channel, as the query API counts them (none while it is not
+    /// occupied; members older than the channel's last vacate do not count), sorted by user id.
     pub async fn present_members(
         &self,
         app_id: &str,
         channel: &str,
     ) -> Result<Vec<String>, StateError> {
         let record = self.channel(app_id, channel).await?.unwrap_or_default();
+        if !record.occupied {
+            return Ok(Vec::new());
+        }
         let mut users: Vec<String> = self
             .members(app_id, channel)
             .await?

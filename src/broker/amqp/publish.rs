@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::ShortString;
@@ -218,16 +219,7 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
             ),
             Err(e) => (Answer::Failed(e), None),
         };
-        let carried = returned.map(|m| {
-            let id = m
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            (id, format!("{} {}", m.reply_code, m.reply_text))
-        });
+        let carried = returned.map(|m| id_and_detail(&m));
         Settled {
             msg_id: out.msg_id,
             exchange,
@@ -236,6 +228,13 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
             carried,
         }
     }));
+}
+
+/// A returned message's id (the key of the [`ReturnBook`]) and the broker's reply.
+fn id_and_detail(m: &BasicReturnMessage) -> (String, String) {
+    let id = m.delivery.properties.message_id().as_ref();
+    let id = id.map(|s| s.to_string()).unwrap_or_default();
+    (id, format!("{} {}", m.reply_code, m.reply_text))
 }
 
 /// Decides `first` and everything settled with it (see the module comment for why a barrier
@@ -287,19 +286,7 @@ async fn harvest(in_flight: &mut InFlight) -> Vec<Settled> {
 fn barrier(channel: &Channel) -> Vec<(String, String)> {
     let mut wait = std::pin::pin!(channel.wait_for_confirms());
     match wait.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(messages)) => messages
-            .into_iter()
-            .map(|m| {
-                let id = m
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                (id, format!("{} {}", m.reply_code, m.reply_text))
-            })
-            .collect(),
+        Poll::Ready(Ok(messages)) => messages.iter().map(id_and_detail).collect(),
         _ => Vec::new(),
     }
 }
