@@ -1,6 +1,6 @@
-//! The webhook pipeline, the same for every broker: authenticate, parse, route, publish every
-//! event concurrently, dead-letter what the broker refuses, and answer only once every event is
-//! durable.
+//! The webhook pipeline, the same for every broker: once [`crate::http`] has authenticated a
+//! webhook, parse, route, publish every event concurrently, dead-letter what the broker
+//! refuses, and answer only once every event is durable.
 //!
 //! Per webhook: one HMAC over the body, one SHA-256 for the message ids, one borrowed parse, and
 //! all publishes in flight at once (bounded across webhooks by `broker.max_in_flight`), their acks
@@ -23,11 +23,11 @@ use crate::metrics::Metrics;
 use crate::spool::{Record, Spool, SpoolError};
 use crate::webhook::{self, AppKey, AppRegistry};
 
-/// Why the pipeline did not accept an authentic request's webhook; [`crate::http`] maps each
-/// to its status code (with the refusals only HTTP can make).
+/// Why a webhook was not accepted once its request was read; [`crate::http`] maps each to its
+/// status code (with the refusals only HTTP can make).
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    /// The signature does not match, or `time_ms` is too old.
+    /// Key or signature missing or wrong (found by [`crate::http`]), or `time_ms` too old.
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] webhook::AuthError),
     /// More events than `server.max_events_per_webhook` (answered 413 like a large body).

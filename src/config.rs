@@ -471,14 +471,16 @@ mod target_with_default {
         }
     }
 
-    pub fn events<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+    /// `[retention.events]`, defaults from the events' target.
+    pub(super) fn events<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
         Ok(fill(
             Partial::deserialize(d)?,
             RetentionSettings::default().events,
         ))
     }
 
-    pub fn dlq<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
+    /// `[retention.dlq]`, defaults from the dead letters' target (30 days).
+    pub(super) fn dlq<'de, D: Deserializer<'de>>(d: D) -> Result<RetentionTarget, D::Error> {
         Ok(fill(
             Partial::deserialize(d)?,
             RetentionSettings::default().dlq,
@@ -566,7 +568,8 @@ mod duration_map {
 
     use serde::{Deserialize, Deserializer, Serializer, ser::SerializeMap};
 
-    pub(crate) fn serialize<S: Serializer>(
+    /// Each duration as humantime text (`1h 30m`).
+    pub(super) fn serialize<S: Serializer>(
         map: &BTreeMap<String, Duration>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
@@ -577,7 +580,8 @@ mod duration_map {
         out.end()
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    /// Each value as humantime text.
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<String, Duration>, D::Error> {
         let raw = BTreeMap::<String, String>::deserialize(d)?;
@@ -891,7 +895,8 @@ impl Settings {
         {
             return Err(invalid("broker.nats.url", e.to_string()));
         }
-        if let Some(url) = &self.state.nats_url
+        if self.state.enabled
+            && let Some(url) = &self.state.nats_url
             && let Err(e) = crate::broker::nats::servers::server_addrs(url.expose())
         {
             return Err(invalid("state.nats_url", e.to_string()));
@@ -1185,6 +1190,18 @@ mod tests {
         let q = Settings::from_toml("[broker.amqp]\nqueue_type = \"quorum\"\n").unwrap();
         assert_eq!(q.broker.amqp.queue_type, QueueType::Quorum);
         assert!(Settings::from_toml("[broker.amqp]\nqueue_type = \"mirrored\"\n").is_err());
+    }
+
+    #[test]
+    fn the_state_nats_url_is_checked_at_load_like_the_brokers() {
+        let err = Settings::from_toml(
+            "[state]\nenabled = true\nnats_url = \"nats://u:hunter2@a:1,nats://b:x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("state.nats_url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Settings::from_toml("[state]\nnats_url = \"nats://a:1,nats://b:2\"\n").is_ok());
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! ([`crate::spool::drain`]) both ask [`next_step`]; only their budgets differ (the webhook
 //! path has `broker.response_budget`, the drainer a number of tries).
 //!
-//! The broker modules sort each failure into [`PublishError`]; what is transient and what is
-//! lasting is decided here ([`is_transient`], which the publishes in order use too):
-//! `Unavailable` (no connection, no ack in time, a NATS stream without a leader, a JetStream
-//! API that does not answer) passes; `Refused` is the broker's answer about this message. Of the
+//! The broker modules sort each failure into [`PublishError`], since only they can read their
+//! broker's answers: `Unavailable` (no connection, no ack in time, a NATS stream without a
+//! leader, a JetStream API that does not answer) is transient, `Refused` is the broker's answer
+//! about this message. [`is_transient`] is where the rest of the crate (the publishes in order
+//! included) asks which of the two it got. Of the
 //! refusals, `rejected` and `nacked` may pass on a retry (a broker under pressure); the others
 //! (`no_stream` confirmed by the JetStream API, `unroutable`, `too_large`, `malformed`) cannot.
 

@@ -24,8 +24,8 @@
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
 //!
 //! [`run`] is the whole server: tests bind a listener on port 0 and pass a shutdown future.
-//! The types an embedder or a test names most ([`Settings`], [`Bridge`], [`Broker`],
-//! [`Metrics`], [`Spool`] and their errors) are re-exported here; the rest of each module is
+//! The types an embedder or a test names most ([`Settings`], [`Bridge`], [`Accepted`],
+//! [`Broker`], [`Message`], [`Metrics`], [`Spool`] and their errors) are re-exported here; the rest of each module is
 //! `pub(crate)` unless the binary, the tests or the examples need it.
 
 pub mod bridge;

@@ -158,17 +158,20 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The error and its causes, `: `-joined like `{:#}`, each cause once: the library's messages
-/// already end with the client error they keep as their source.
+/// already end with the client error they keep as their source, so a cause whose text the
+/// one before it contains is left out.
 fn report(e: &anyhow::Error) -> String {
     let mut text = String::new();
+    let mut previous = String::new();
     for cause in e.chain() {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
+        if previous.is_empty() || !previous.contains(&cause) {
             if !text.is_empty() {
                 text.push_str(": ");
             }
             text.push_str(&cause);
         }
+        previous = cause;
     }
     text
 }

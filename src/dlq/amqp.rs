@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{DeliveryTag, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection};
 
 use super::{DeadLetterRecord, DlqError, LetterStore};
@@ -66,9 +66,11 @@ pub(super) struct Store {
     count: u64,
     /// Letters fetched so far (the next one's 1-based position is `fetched + 1`).
     fetched: u64,
-    /// The latest letter kept: at the end, one `basic.nack` with `multiple` puts it and every
-    /// earlier unacknowledged letter back, without holding an acker per letter.
-    last_kept: Option<Acker>,
+    /// The kept letter with the highest delivery tag: at the end, one `basic.nack` with
+    /// `multiple` puts it and every earlier unacknowledged letter back, without holding an
+    /// acker per letter. (Letters are kept out of tag order: a blocked letter at once, a
+    /// refused one after its batch.)
+    last_kept: Option<(DeliveryTag, Acker)>,
 }
 
 impl Store {
@@ -93,8 +95,8 @@ impl Store {
 }
 
 impl LetterStore for Store {
-    /// The delivery's acker: `ack` removes the letter.
-    type Handle = Acker;
+    /// The delivery's tag and acker: `ack` removes the letter.
+    type Handle = (DeliveryTag, Acker);
     const KIND: &'static str = "queue";
 
     fn count(&self) -> u64 {
@@ -102,7 +104,7 @@ impl LetterStore for Store {
     }
 
     /// Letters dead-lettered after the open are not fetched: they would keep a listing going.
-    async fn next(&mut self) -> Result<Option<(DeadLetterRecord, Acker)>, DlqError> {
+    async fn next(&mut self) -> Result<Option<(DeadLetterRecord, Self::Handle)>, DlqError> {
         if self.fetched >= self.count {
             return Ok(None);
         }
@@ -116,24 +118,30 @@ impl LetterStore for Store {
         };
         self.fetched += 1;
         let d = m.delivery;
-        Ok(Some((record(self.fetched, &d.properties, d.data), d.acker)))
+        let handle = (d.delivery_tag, d.acker);
+        Ok(Some((record(self.fetched, &d.properties, d.data), handle)))
     }
 
-    async fn remove(&mut self, acker: Acker) -> Result<(), BoxError> {
-        acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+    async fn remove(&mut self, (_, acker): Self::Handle) -> Result<(), BoxError> {
+        if acker.ack(BasicAckOptions::default()).await? {
+            Ok(())
+        } else {
+            Err("the channel refused the acknowledgement".into())
+        }
     }
 
     /// Held unacknowledged until [`LetterStore::close`], so `basic.get` does not hand the same
     /// letter out again.
-    fn keep(&mut self, acker: Acker) {
-        self.last_kept = Some(acker);
+    fn keep(&mut self, (tag, acker): Self::Handle) {
+        if self.last_kept.as_ref().is_none_or(|(last, _)| tag > *last) {
+            self.last_kept = Some((tag, acker));
+        }
     }
 
     /// Back in their places, in order; closing the channel would requeue them too, this says so
     /// explicitly and at once.
     async fn close(self) {
-        if let Some(acker) = self.last_kept {
+        if let Some((_, acker)) = self.last_kept {
             let requeue = BasicNackOptions {
                 multiple: true,
                 requeue: true,

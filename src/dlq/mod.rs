@@ -3,9 +3,10 @@
 //! Both brokers store a dead letter the same way: the body is the event's message body (for a
 //! `malformed` event the raw event JSON) and the headers of [`crate::broker::headers`] say where
 //! it was going and why it did not get there. [`DeadLetterRecord`] is one letter read back from
-//! those headers; this module formats records for people ([`write_table_header`],
-//! [`write_table_row`]) and machines ([`write_json_array`]), and drives listing and replaying over
-//! the configured broker ([`nats`] for JetStream, [`amqp`] for RabbitMQ).
+//! those headers; this module formats records for people (`write_table_header`,
+//! `write_table_row`) and machines (`write_json_array`), and drives listing and replaying over
+//! the configured broker's store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for
+//! RabbitMQ).
 //!
 //! Listing never removes a letter. Replaying publishes each replayable letter to its original
 //! subject / routing key with its original message id and removes it only after the broker
@@ -314,7 +315,7 @@ pub struct ReplaySummary {
     pub replayed: u64,
     /// Letters looked at that stay in the dead-letter queue.
     pub left: u64,
-    /// The first [`MAX_LEFT_DETAILS`] letters that stay, with why.
+    /// The first `MAX_LEFT_DETAILS` (100) letters that stay, with why.
     pub left_letters: Vec<LeftLetter>,
     /// Why the replay stopped before the end of the queue (the broker went away, the events
     /// exchange is missing); letters not reached stay too.
@@ -370,7 +371,7 @@ impl ReplaySummary {
         s
     }
 
-    /// The summary line followed by one line per letter left (at most [`REPORT_LINES`]).
+    /// The summary line followed by one line per letter left (at most `REPORT_LINES`, 20).
     pub fn report(&self) -> String {
         let mut s = self.line();
         s.push('\n');
@@ -630,7 +631,7 @@ const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
 /// letter handled.
 ///
-/// The letters are read (and removed) by the broker's [`LetterStore`]; they are published by the
+/// The letters are read (and removed) by the broker's `LetterStore`; they are published by the
 /// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
 /// same confirm handling, and on RabbitMQ the same attribution of `basic.return`s to the message
 /// they belong to (a confirm's attached return may be another message's when several are in

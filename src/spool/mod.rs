@@ -2,7 +2,7 @@
 //! to disk (fsync) before the webhook gets its 200, and published later by the drainer
 //! ([`drain`]) in arrival order with their original message ids.
 //!
-//! Storage is an append-only log of segment files ([`segment`]) holding checksummed frames
+//! Storage is an append-only log of segment files (`segment`) holding checksummed frames
 //! ([`record`]). One writer thread appends and group-commits: every append waiting while an
 //! fsync runs goes into the next write and shares the next fsync. The drainer reads from a
 //! persisted cursor (`cursor` file) and deletes a segment once it is past its end; `recover`

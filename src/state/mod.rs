@@ -8,7 +8,7 @@
 //! - [`store`]: the bucket, compare-and-set writes retried on conflict, reads, tombstone sweep.
 //! - [`applier`]: applies the state from a durable copy of the events (NATS consumers or an AMQP
 //!   queue), acking each event only after its KV write.
-//! - [`api`]: the query API on `server.listen`.
+//! - `api`: the query API on `server.listen`.
 //! - [`client`]: the `pusher-bridge state ...` commands.
 
 pub(crate) mod api;
@@ -32,8 +32,8 @@ pub use store::StateStore;
 /// Why the channel state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The NATS connection for the KV (or the events) could not be set up, or the bucket did
-    /// not answer.
+    /// A connection could not be set up: NATS for the KV (or the events), RabbitMQ for the
+    /// state queue; or the bucket did not answer.
     #[error("channel state: {0}")]
     Connect(#[from] BrokerError),
     /// A KV or JetStream operation failed (retried by the applier; 503 for the query API).

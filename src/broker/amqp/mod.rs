@@ -1,10 +1,10 @@
 //! RabbitMQ (AMQP 0-9-1) through lapin: the same contract as the NATS broker (routing keys,
 //! bodies, ids, refusals), with publisher confirms and `mandatory` publishes.
 //!
-//! - [`endpoint`]: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
+//! - `endpoint`: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
 //!   properties, and opening a connection (also for the `dlq` tools and the sweeper).
 //! - [`topology`]: exchanges, queues and bindings declared on every (re)connect.
-//! - [`session`]: one connection and its `broker.amqp.channels` publishing channels.
+//! - `session`: one connection and its `broker.amqp.channels` publishing channels.
 //! - [`publish`]: pipelined publishes per channel, confirms and returns.
 //! - [`message`]: routing key, properties and headers.
 //!

@@ -102,7 +102,7 @@ async fn consume_once(
 ) -> Result<(), StateError> {
     let conn = connect(settings).await?;
     let amqp = |e: lapin::Error| StateError::Amqp {
-        what: "state queue consumer".to_string(),
+        what: "state queue".to_string(),
         source: Some(e),
     };
     let ch = conn.create_channel().await.map_err(amqp)?;
