@@ -451,6 +451,7 @@ mod target_with_default {
     #[serde(deny_unknown_fields)]
     struct Partial {
         enabled: Option<bool>,
+        method: Option<super::RetentionMethod>,
         #[serde(default, with = "humantime_serde")]
         max_age: Option<Duration>,
         #[serde(default, with = "humantime_serde")]
@@ -464,6 +465,7 @@ mod target_with_default {
     fn fill(p: Partial, d: RetentionTarget) -> RetentionTarget {
         RetentionTarget {
             enabled: p.enabled.unwrap_or(d.enabled),
+            method: p.method.unwrap_or(d.method),
             max_age: p.max_age.unwrap_or(d.max_age),
             interval: p.interval.unwrap_or(d.interval),
             overrides: p.overrides,
@@ -504,12 +506,28 @@ impl Default for RetentionSettings {
     }
 }
 
+/// `retention.<target>.method`: who removes a target's old messages.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionMethod {
+    /// The sweeper purges them every `interval` (both brokers, any server).
+    #[default]
+    Sweep,
+    /// Every message carries `Nats-TTL` from the same rules and the server expires it (NATS
+    /// 2.11 or newer): no sweep runs for the target, but a changed rule applies to new messages
+    /// only.
+    MessageTtl,
+}
+
 /// One trim timer: enable flag, retention period and schedule.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionTarget {
     /// Whether the sweeper trims this target at all.
     pub enabled: bool,
+    /// How old messages go: the sweeper's purges (any server), or each message's own `Nats-TTL`
+    /// (NATS 2.11 or newer), which the server expires without a sweep.
+    pub method: RetentionMethod,
     /// Messages older than this are purged.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
@@ -553,6 +571,7 @@ impl Default for RetentionTarget {
     fn default() -> Self {
         Self {
             enabled: true,
+            method: RetentionMethod::Sweep,
             max_age: Duration::from_secs(7 * 86_400),
             interval: Duration::from_secs(3600),
             overrides: BTreeMap::new(),
@@ -985,6 +1004,17 @@ impl Settings {
             ));
         }
         self.validate_app_retention()?;
+        for (key, t) in [
+            ("retention.events.method", &self.retention.events),
+            ("retention.dlq.method", &self.retention.dlq),
+        ] {
+            if t.method == RetentionMethod::MessageTtl && self.broker.kind != BrokerKind::Nats {
+                return Err(invalid(
+                    key,
+                    "\"message_ttl\" needs broker.kind = \"nats\" (NATS 2.11 or newer): RabbitMQ has no per-message TTL the bridge can set; use \"sweep\"",
+                ));
+            }
+        }
         Ok(())
     }
 

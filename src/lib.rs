@@ -17,6 +17,8 @@
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
 //! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
+//! - [`retention`]: the retention rules (per app, per event) that the sweeper purges by and
+//!   that per-message TTLs are stamped from.
 //! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
 //! - [`shutdown`]: the stop signal background tasks select on.
 //! - [`logging`]: the log output, every configured secret masked in every line.
@@ -37,6 +39,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod probe;
+pub mod retention;
 pub mod routing;
 pub mod sendtest;
 pub mod shutdown;
@@ -121,11 +124,25 @@ pub async fn run(
         bridge.settings().broker.publish_timeout,
         bridge.settings().spool.drain_interval,
     );
-    let (state_api, state_task) =
-        start_state(bridge.settings(), bridge.metrics(), &background).await?;
+    let (state_api, state_task) = start_state(
+        bridge.settings(),
+        bridge.metrics(),
+        bridge.broker(),
+        &background,
+    )
+    .await?;
     let drainer = tokio::spawn(drainer.run(background));
+    // The server stops when `shutdown` completes, or when the broker finds it cannot do what
+    // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
+    let broker = bridge.broker().clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            e = broker.fatal() => {
+                let _ = fatal_tx.send(e);
+            }
+        }
         stop_background.trigger();
     };
     http::serve_with_state(listener, bridge.clone(), state_api, shutdown).await;
@@ -141,7 +158,10 @@ pub async fn run(
     }
     bridge.spool().close().await;
     bridge.broker().close().await;
-    Ok(())
+    match fatal_rx.try_recv() {
+        Ok(e) => Err(e.into()),
+        Err(_) => Ok(()),
+    }
 }
 
 /// With `[state] enabled`: connects to the KV's NATS (and, for a NATS broker at another URL, to
@@ -150,6 +170,7 @@ pub async fn run(
 async fn start_state(
     settings: &Settings,
     metrics: &Arc<Metrics>,
+    broker: &Arc<Broker>,
     background: &shutdown::Shutdown,
 ) -> Result<
     (
@@ -177,6 +198,7 @@ async fn start_state(
         Arc::new(settings.clone()),
         kv,
         events,
+        broker.clone(),
         metrics.clone(),
         background.clone(),
     ));

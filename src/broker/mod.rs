@@ -193,6 +193,10 @@ pub enum BrokerError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The broker cannot do what the configuration asks (per-message TTLs on a NATS server
+    /// older than 2.11, or on a stream that does not allow them): the bridge stops.
+    #[error("the broker cannot do what the configuration asks: {0}")]
+    Unsupported(String),
     /// Declaring streams / exchanges / queues failed, or a name is too long to declare.
     #[error("cannot declare the broker topology: {what}{}", cause(.source))]
     Topology {
@@ -327,6 +331,23 @@ impl Broker {
             Broker::Null(b) => b.publish_dead_letter(dl, timeout).await,
             #[cfg(test)]
             Broker::Fake(b) => b.publish_dead_letter(dl, timeout).await,
+        }
+    }
+
+    /// Waits until the broker's streams have been declared once (NATS; at once otherwise), so a
+    /// side task that reads them does not race the declaration at start-up.
+    pub(crate) async fn streams_ready(&self) {
+        if let Broker::Nats(b) = self {
+            b.streams_ready().await;
+        }
+    }
+
+    /// Resolves when the broker finds it cannot do what the configuration asks; the bridge
+    /// then stops with this error. Pending for ever otherwise.
+    pub(crate) async fn fatal(&self) -> BrokerError {
+        match self {
+            Broker::Nats(b) => b.fatal().await,
+            _ => std::future::pending().await,
         }
     }
 

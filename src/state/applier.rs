@@ -1,10 +1,12 @@
 //! Applies the state from a durable copy of the events, so that every event answered 200 is
 //! applied eventually, also when the KV was unreachable at that moment:
 //!
-//! - NATS: one durable pull consumer per state event on the events stream (NATS 2.9 filters a
-//!   consumer by one subject): `<durable>_<event>` filtered to `<prefix>.*.<event>.>`. Every
-//!   replica pulls from the same consumers; a message is acked only after its KV write (or when
-//!   the write was not needed), else it is redelivered after a pause.
+//! - NATS: on NATS 2.10 and later one durable pull consumer `<durable>` on the events stream,
+//!   filtered to `<prefix>.*.<event>.>` for each state event; NATS 2.9 filters a consumer by one
+//!   subject, so there it is one consumer per state event, `<durable>_<event>`. Moving to 2.10,
+//!   the one consumer starts where the per-event ones had all acked, and they are deleted.
+//!   Every replica pulls from the same consumers; a message is acked only after its KV write (or
+//!   when the write was not needed), else it is redelivered after a pause.
 //! - AMQP: a durable queue `<broker.amqp.queue>.<durable>` bound to the events exchange for the
 //!   same events, consumed with manual acks on the same terms.
 //!
@@ -23,6 +25,7 @@ use serde::Deserialize;
 use super::StateError;
 use super::merge::{Change, Stamp, Update};
 use super::store::{Applied, StateStore};
+use crate::broker::nats::{ServerVersion, version};
 use crate::broker::now_ms;
 use crate::metrics::{Metrics, StateOutcome};
 use crate::routing;
@@ -174,45 +177,110 @@ pub(crate) async fn apply_message(
     }
 }
 
-/// Name of the durable consumer of one event.
+/// Name of the durable consumer of one event (NATS 2.9).
 pub(crate) fn consumer_name(durable: &str, event: &str) -> String {
     format!("{durable}_{event}")
 }
 
-/// Creates (or finds) the durable consumers on the events stream.
+/// The subject filter of one state event.
+fn event_filter(prefix: &str, event: &str) -> String {
+    format!("{prefix}.*.{}.>", routing::escape_token(event))
+}
+
+/// A state consumer's config: explicit acks, a message comes back 30 s after a lost ack.
+fn consumer_config(name: &str, deliver_policy: consumer::DeliverPolicy) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_string()),
+        description: Some("pusher-bridge channel state".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 4096,
+        deliver_policy,
+        ..Default::default()
+    }
+}
+
+fn consumer_err(what: &'static str) -> impl FnOnce(async_nats::Error) -> StateError {
+    move |source| StateError::Kv { what, source }
+}
+
+/// Creates (or finds) the durable consumers on the events stream: one filtered by every state
+/// event where the server has multi-filter consumers, else one per event.
 async fn nats_consumers(
     js: &jetstream::Context,
     stream: &str,
     prefix: &str,
     durable: &str,
 ) -> Result<Vec<consumer::PullConsumer>, StateError> {
-    let stream = js.get_stream(stream).await.map_err(|e| StateError::Kv {
-        what: "cannot find the events stream",
-        source: Box::new(e),
-    })?;
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| consumer_err("cannot find the events stream")(e.into()))?;
+    if version::has(ServerVersion::of(&js.client()), ServerVersion::MULTI_FILTER) {
+        return Ok(vec![multi_filter_consumer(&stream, prefix, durable).await?]);
+    }
     let mut out = Vec::with_capacity(STATE_EVENTS.len());
     for event in STATE_EVENTS {
         let name = consumer_name(durable, event);
         let config = consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            description: Some("pusher-bridge channel state".into()),
-            filter_subject: format!("{prefix}.*.{}.>", routing::escape_token(event)),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 4096,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
+            filter_subject: event_filter(prefix, event),
+            ..consumer_config(&name, consumer::DeliverPolicy::All)
         };
         let c = stream
             .get_or_create_consumer(&name, config)
             .await
-            .map_err(|e| StateError::Kv {
-                what: "cannot create the state consumer",
-                source: Box::new(e),
-            })?;
+            .map_err(|e| consumer_err("cannot create the state consumer")(e.into()))?;
         out.push(c);
     }
     Ok(out)
+}
+
+/// The one consumer of every state event (NATS 2.10+). Where the per-event consumers of an
+/// earlier version (or an older server) exist, it starts right after the lowest of their ack
+/// floors, so no event is skipped, and only events that some of them had applied already are
+/// applied again (the merge makes that harmless); then they are deleted. Replaying the whole
+/// stream instead could revive members whose tombstones were swept since.
+async fn multi_filter_consumer(
+    stream: &jetstream::stream::Stream,
+    prefix: &str,
+    durable: &str,
+) -> Result<consumer::PullConsumer, StateError> {
+    let mut old = Vec::new();
+    for event in STATE_EVENTS {
+        let name = consumer_name(durable, event);
+        if let Ok(info) = stream.consumer_info(&name).await {
+            old.push((name, info.ack_floor.stream_sequence));
+        }
+    }
+    let deliver_policy = match old.iter().map(|(_, floor)| *floor).min() {
+        Some(floor) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: floor + 1,
+        },
+        None => consumer::DeliverPolicy::All,
+    };
+    let config = consumer::pull::Config {
+        filter_subjects: STATE_EVENTS
+            .iter()
+            .map(|e| event_filter(prefix, e))
+            .collect(),
+        ..consumer_config(durable, deliver_policy)
+    };
+    let c = stream
+        .get_or_create_consumer(durable, config)
+        .await
+        .map_err(|e| consumer_err("cannot create the state consumer")(e.into()))?;
+    for (name, floor) in old {
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {
+                tracing::info!(consumer = %name, ack_floor = floor, "state: per-event consumer replaced by the multi-filter consumer {durable}")
+            }
+            // Another replica deleted it a moment ago.
+            Err(e) => {
+                tracing::debug!(consumer = %name, error = %e, "state: per-event consumer not deleted")
+            }
+        }
+    }
+    Ok(c)
 }
 
 /// Pulls from the durable consumers and applies until a consumer's stream ends or `shutdown`.

@@ -21,7 +21,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{BrokerError, cause};
+use crate::broker::{Broker, BrokerError, cause};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -77,36 +77,47 @@ pub async fn connect(nats: &NatsSettings) -> Result<async_nats::Client, StateErr
     Ok(crate::broker::nats::connect_client(nats, "pusher-bridge-state").await?)
 }
 
-/// Opens the bucket, retrying every second until it opens or `shutdown`.
+/// Opens the bucket once the KV's server has answered (its version decides how the store
+/// writes), retrying every second until it opens or `shutdown`.
 async fn open_store(
     client: &async_nats::Client,
     settings: &Settings,
     shutdown: &mut Shutdown,
 ) -> Option<StateStore> {
     loop {
-        match StateStore::open(
-            client.clone(),
-            &settings.state.bucket,
-            settings.broker.nats.replicas,
-        )
-        .await
-        {
-            Ok(s) => return Some(s),
-            Err(e) => tracing::warn!(error = %e, "state: bucket not open yet, retrying"),
+        if client.connection_state() == async_nats::connection::State::Connected {
+            match StateStore::open(
+                client.clone(),
+                &settings.state.bucket,
+                settings.broker.nats.replicas,
+            )
+            .await
+            {
+                Ok(s) => return Some(s),
+                Err(e) => tracing::warn!(error = %e, "state: bucket not open yet, retrying"),
+            }
         }
+        let pause = if client.connection_state() == async_nats::connection::State::Connected {
+            Duration::from_secs(1)
+        } else {
+            // Not connected yet (start-up): look again soon rather than a second late.
+            Duration::from_millis(20)
+        };
         tokio::select! {
             () = shutdown.wait() => return None,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
 
 /// The state's background work: the applier and the tombstone sweep, until `shutdown`.
-/// `events` is the connection to the events broker when that is NATS.
+/// `events` is the connection to the events broker when that is NATS; the applier waits for
+/// `broker`'s streams before it looks for the events stream (no race with the declaration).
 pub async fn run(
     settings: Arc<Settings>,
     kv: async_nats::Client,
     events: Option<async_nats::Client>,
+    broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
@@ -120,7 +131,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     match events {
-        Some(events) => applier::run_nats(settings, events, store, metrics, shutdown).await,
+        Some(events) => {
+            tokio::select! {
+                () = shutdown.wait() => {}
+                () = broker.streams_ready() => {
+                    applier::run_nats(settings, events, store, metrics, shutdown).await;
+                }
+            }
+        }
         None => applier::amqp::run(settings, store, metrics, shutdown).await,
     }
     let _ = sweeper.await;

@@ -12,10 +12,13 @@
 //! leader checks the expected revision before it proposes a write, not when the write is
 //! applied, so two writes that name the same revision can both be taken when they are in flight
 //! together (nats-server#4320), the second silently dropping the first one's update (a cluster
-//! test saw a subscription count end 8 updates short). So on a bucket with more than one replica
-//! a writer reads its key again [`VERIFY_AFTER`] after its write was acknowledged, when every
-//! write that was in flight beside it has been applied, and merges and writes again if its
-//! update is not in what it reads. The merge is idempotent, so writing again is always safe.
+//! test saw a subscription count end 8 updates short). So on such a server, on a bucket with
+//! more than one replica, a writer reads its key again [`VERIFY_AFTER`] after its write was
+//! acknowledged, when every write that was in flight beside it has been applied, and merges and
+//! writes again if its update is not in what it reads. The merge is idempotent, so writing again
+//! is always safe. Newer servers refuse the second write (`wrong last sequence`, error 10071, or
+//! 10164 from 2.11 on), which the writer takes as the conflict it is: it reads and merges again.
+//! The server's version is read when the bucket is opened.
 
 use std::time::Duration;
 
@@ -28,6 +31,8 @@ use serde::de::DeserializeOwned;
 use super::StateError;
 use super::keys::{self, Parsed};
 use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
+use crate::broker::nats::streams::{self, Owned, StreamSpec};
+use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
 
 /// How often a write is retried after losing a compare-and-set race before it counts as failed
 /// (and is redelivered later).
@@ -65,51 +70,42 @@ pub struct StateStore {
     client: async_nats::Client,
     store: kv::Store,
     bucket: String,
-    /// More than one replica: writes are read back (see the module doc).
-    replicated: bool,
+    /// More than one replica on a server older than 2.9.21: writes are read back (see the
+    /// module doc).
+    verify_writes: bool,
 }
 
-/// The KV stream as the KV convention wants it (history 1), created by hand: async-nats 0.51's
+/// The KV stream as the KV convention wants it (history 1), created by hand: async-nats'
 /// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
 /// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
-/// Direct gets are off: NATS before 2.9.17 lets a restarted replica answer them before it has
-/// caught up (nats-server#4162), and a compare-and-set and the query API both need the latest
-/// value, which only the stream leader's `STREAM.MSG.GET` gives (a cluster test saw a count
-/// stuck at an old value for a minute after a node restart with direct gets on).
-fn bucket_config(bucket: &str, replicas: usize) -> stream::Config {
-    stream::Config {
+/// Direct gets (reads from any replica) are on where the server answers them with current
+/// values (`direct`): NATS before 2.9.17 lets a restarted replica answer them before it has
+/// caught up (nats-server#4162), and a cluster test on 2.9.10 saw a count stuck at an old value
+/// for a minute after a node restart.
+fn bucket_spec(bucket: &str, replicas: usize, direct: bool) -> StreamSpec {
+    let subject = format!("$KV.{bucket}.>");
+    let create = stream::Config {
         name: format!("KV_{bucket}"),
         description: Some("pusher-bridge channel state".into()),
-        subjects: vec![format!("$KV.{bucket}.>")],
+        subjects: vec![subject.clone()],
         max_messages_per_subject: 1,
         storage: stream::StorageType::File,
         num_replicas: replicas.max(1),
         allow_rollup: true,
         deny_delete: false,
-        allow_direct: false,
+        allow_direct: direct,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
-    }
-}
-
-/// A bucket made by an earlier version (or by `nats kv add`) may allow direct gets; the bridge's
-/// reads must go to the leader (see [`bucket_config`]), and the KV client decides by the stream
-/// config it reads when it opens the bucket. A bucket that does not exist yet is left alone.
-async fn turn_direct_gets_off(js: &jetstream::Context, bucket: &str) {
-    let Ok(mut stream) = js.get_stream(format!("KV_{bucket}")).await else {
-        return;
     };
-    let Ok(info) = stream.info().await else {
-        return;
+    // Of a bucket that exists (made by an earlier version, or by `nats kv add`), the bridge
+    // owns only its subject and, on a server that needs it, direct gets off: the KV client
+    // reads from the leader only when the stream config it reads at open says so.
+    let owned = Owned {
+        subjects: vec![subject],
+        allow_direct: (!direct).then_some(false),
+        ..Owned::default()
     };
-    if !info.config.allow_direct {
-        return;
-    }
-    let mut config = info.config.clone();
-    config.allow_direct = false;
-    if let Err(e) = js.update_stream(config).await {
-        tracing::warn!(bucket, error = %e, "cannot turn direct gets off on the state bucket; reads may be stale after a node restart");
-    }
+    StreamSpec::new(&create, owned)
 }
 
 /// Wraps a KV client error with what the bridge was doing.
@@ -124,32 +120,30 @@ fn kv_err<E: std::error::Error + Send + Sync + 'static>(
 
 impl StateStore {
     /// Opens the bucket, creating it if it does not exist (another replica may create it at the
-    /// same moment: that is fine).
+    /// same moment: that is fine). `client` must be connected: the server's version decides
+    /// the workarounds (see the module doc).
     pub async fn open(
         client: async_nats::Client,
         bucket: &str,
         replicas: usize,
     ) -> Result<Self, StateError> {
         let js = jetstream::new(client.clone());
-        turn_direct_gets_off(&js, bucket).await;
-        let store = match js.get_key_value(bucket).await {
-            Ok(store) => store,
-            Err(_) => {
-                if let Err(e) = js.create_stream(bucket_config(bucket, replicas)).await {
-                    // Lost a creation race, or a real failure: opening tells which.
-                    tracing::debug!(bucket, error = %e, "creating the state bucket failed");
-                }
-                js.get_key_value(bucket)
-                    .await
-                    .map_err(|e| kv_err("cannot open the state bucket")(e))?
-            }
-        };
-        let replicated = store.stream.cached_info().config.num_replicas > 1;
+        let version = ServerVersion::of(&client);
+        let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
+        streams::ensure(&js, &bucket_spec(bucket, replicas, direct))
+            .await
+            .map_err(|e| kv_err("cannot create the state bucket")(e))?;
+        let store = js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| kv_err("cannot open the state bucket")(e))?;
+        let verify_writes = store.stream.cached_info().config.num_replicas > 1
+            && !version::has(version, ServerVersion::CAS_EXACT);
         Ok(Self {
             client,
             store,
             bucket: bucket.to_string(),
-            replicated,
+            verify_writes,
         })
     }
 
@@ -160,12 +154,12 @@ impl StateStore {
             .get_key_value(bucket)
             .await
             .map_err(|e| kv_err("cannot open the state bucket")(e))?;
-        let replicated = store.stream.cached_info().config.num_replicas > 1;
         Ok(Self {
             client,
             store,
             bucket: bucket.to_string(),
-            replicated,
+            // Readers never write.
+            verify_writes: false,
         })
     }
 
@@ -211,13 +205,16 @@ impl StateStore {
             let value =
                 serde_json::to_vec(&next).map_err(|e| kv_err("cannot encode a state record")(e))?;
             match self.store.update(key, Bytes::from(value), revision).await {
-                Ok(_) if self.replicated => {
+                Ok(_) if self.verify_writes => {
                     // Read it back once the writes in flight beside it are applied.
                     written = true;
                     tokio::time::sleep(VERIFY_AFTER).await;
                 }
                 Ok(_) => return Ok(Applied::Written),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e)
+                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                        || is_wrong_last_sequence(&e) =>
+                {
                     // Another writer got there first: read its value and merge again. A short,
                     // growing pause spreads replicas that keep colliding.
                     let pause = Duration::from_millis(u64::from(attempt.min(10)) * 2);

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 pub use self::nats_lease::{lease_bucket, state_bucket};
 pub use self::policy::{RuleKind, Target};
 use crate::broker::{BoxError, BrokerError, cause};
-use crate::config::{BrokerKind, Settings};
+use crate::config::{BrokerKind, RetentionMethod, RetentionTarget, Settings};
 use crate::metrics::{Metrics, SweepLabels, SweepPurgeLabels, SweepRunLabels};
 use crate::shutdown::Shutdown;
 
@@ -221,6 +221,8 @@ pub enum TargetOutcome {
     Swept(TargetReport),
     /// `enabled = false`: nothing was touched.
     Disabled,
+    /// `method = "message_ttl"`: the server expires the target's messages; nothing to sweep.
+    MessageTtl,
     /// Another replica holds the lease.
     Skipped(Option<String>),
     /// The run failed; the next interval tries again.
@@ -234,6 +236,9 @@ impl TargetOutcome {
         match self {
             TargetOutcome::Swept(report) => report.to_string(),
             TargetOutcome::Disabled => format!("{t}: disabled, nothing done"),
+            TargetOutcome::MessageTtl => {
+                format!("{t}: retention by message TTL, the server expires messages; nothing done")
+            }
             TargetOutcome::Skipped(Some(holder)) => {
                 format!("{t}: skipped, the sweeper lease is held by {holder}")
             }
@@ -245,6 +250,21 @@ impl TargetOutcome {
     }
 }
 
+/// `[retention.<target>]`.
+fn target_settings(settings: &Settings, target: Target) -> &RetentionTarget {
+    match target {
+        Target::Events => &settings.retention.events,
+        Target::Dlq => &settings.retention.dlq,
+    }
+}
+
+/// Whether the sweeper trims `target`: enabled and `method = "sweep"` (with `message_ttl` the
+/// server expires the messages by their `Nats-TTL`).
+pub(crate) fn swept(settings: &Settings, target: Target) -> bool {
+    let t = target_settings(settings, target);
+    t.enabled && t.method == RetentionMethod::Sweep
+}
+
 /// Every label set of `pusher_bridge_sweeper_purged_total` the configuration can produce
 /// (enabled targets; app labels: the ids of `[[apps]]`, `*`, `other`; rule kinds), so the series
 /// can exist at 0 from start-up. [`Sweeper::new`] creates them.
@@ -253,11 +273,7 @@ pub(crate) fn purged_label_sets(settings: &Settings) -> Vec<SweepPurgeLabels> {
         settings.apps.iter().map(|a| a.id.clone()).collect();
     let mut out = Vec::new();
     for target in Target::ALL {
-        let enabled = match target {
-            Target::Events => settings.retention.events.enabled,
-            Target::Dlq => settings.retention.dlq.enabled,
-        };
-        if !enabled {
+        if !swept(settings, target) {
             continue;
         }
         let rules = policy::Retention::for_target(settings, target);
@@ -330,10 +346,12 @@ impl Sweeper {
 
     /// Whether `target` is enabled.
     pub fn enabled(&self, target: Target) -> bool {
-        match target {
-            Target::Events => self.settings.retention.events.enabled,
-            Target::Dlq => self.settings.retention.dlq.enabled,
-        }
+        target_settings(&self.settings, target).enabled
+    }
+
+    /// Whether the sweeper trims `target`: enabled, and not left to message TTLs.
+    pub fn sweeps(&self, target: Target) -> bool {
+        swept(&self.settings, target)
     }
 
     /// Whether this replica holds the lease right now.
@@ -380,10 +398,17 @@ impl Sweeper {
         let wanted: Vec<Target> = targets
             .iter()
             .copied()
-            .filter(|t| self.enabled(*t))
+            .filter(|t| self.sweeps(*t))
             .collect();
-        for t in targets.iter().filter(|t| !self.enabled(**t)) {
-            out.push((*t, TargetOutcome::Disabled));
+        for t in targets.iter().filter(|t| !self.sweeps(**t)) {
+            out.push((
+                *t,
+                if self.enabled(*t) {
+                    TargetOutcome::MessageTtl
+                } else {
+                    TargetOutcome::Disabled
+                },
+            ));
         }
         if wanted.is_empty() {
             return out;
@@ -471,13 +496,13 @@ impl Sweeper {
     }
 }
 
-/// Runs the sweeper until `shutdown`: each enabled target every `interval` (sooner after a run
+/// Runs the sweeper until `shutdown`: each swept target every `interval` (sooner after a run
 /// that stopped at its budget), the lease renewed every `lease_ttl / 3` while held, and released
-/// at the end. Returns at once when both targets are disabled.
+/// at the end. Returns at once when no target is swept (both disabled or left to message TTLs).
 pub async fn run_loop(mut sweeper: Sweeper, mut shutdown: Shutdown) {
     let enabled: Vec<Target> = Target::ALL
         .into_iter()
-        .filter(|t| sweeper.enabled(*t))
+        .filter(|t| sweeper.sweeps(*t))
         .collect();
     if enabled.is_empty() {
         return;
@@ -527,7 +552,7 @@ pub async fn run_loop(mut sweeper: Sweeper, mut shutdown: Shutdown) {
                             tracing::warn!(target = target.as_str(), error = %e, "retention sweep failed; retrying at the next interval");
                             sweeper.interval(*target)
                         }
-                        TargetOutcome::Disabled => sweeper.interval(*target),
+                        TargetOutcome::Disabled | TargetOutcome::MessageTtl => sweeper.interval(*target),
                     };
                     for (t, at) in due.iter_mut() {
                         if t == target {
@@ -547,7 +572,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    if !settings.retention.events.enabled && !settings.retention.dlq.enabled {
+    if !Target::ALL.iter().any(|t| swept(&settings, *t)) {
         return None;
     }
     Some(tokio::spawn(async move {

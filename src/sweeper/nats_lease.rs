@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::{LeaseStatus, SweepError, op_err};
+use crate::broker::nats::streams::{self, Owned, StreamSpec};
+use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
 use crate::config::Settings;
 
 const LEASE_KEY: &str = "lease";
@@ -51,32 +53,45 @@ pub fn state_bucket(settings: &Settings) -> String {
     bucket_name(settings, "sweeper_state")
 }
 
-/// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1).
+/// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1), and
+/// what the bridge owns of it when it exists: its subject, `max_age` (the lease's expiry, zero
+/// for the cursor), replicas raised to `broker.nats.replicas`, and direct gets off on a server
+/// older than 2.9.17 (`direct` false), which lets a restarted replica answer them before it has
+/// caught up (nats-server#4162) when a lease decision needs the latest value. Every other field
+/// stays as it is (see [`streams`]).
 ///
 /// Built by hand rather than with `create_key_value`: that call first asks for the account info,
 /// whose NATS 2.9 answer this client version cannot parse.
-fn bucket_stream(
+fn bucket_spec(
     bucket: &str,
     max_age: Duration,
     replicas: usize,
     description: &str,
-) -> stream::Config {
-    stream::Config {
+    direct: bool,
+) -> StreamSpec {
+    let subject = format!("$KV.{bucket}.>");
+    let create = stream::Config {
         name: format!("KV_{bucket}"),
         description: Some(description.to_string()),
-        subjects: vec![format!("$KV.{bucket}.>")],
+        subjects: vec![subject.clone()],
         max_messages_per_subject: 1,
         max_age,
         storage: stream::StorageType::File,
         num_replicas: replicas.max(1),
         allow_rollup: true,
         deny_delete: true,
-        // Leader reads only: NATS before 2.9.17 lets a restarted replica answer direct gets
-        // before it has caught up (nats-server#4162), and a lease decision needs the latest value.
-        allow_direct: false,
+        allow_direct: direct,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
-    }
+    };
+    let owned = Owned {
+        subjects: vec![subject],
+        replicas,
+        max_age: Some(max_age),
+        allow_direct: (!direct).then_some(false),
+        ..Owned::default()
+    };
+    StreamSpec::new(&create, owned)
 }
 
 /// A KV bucket opened on first use (created if absent), then reused.
@@ -126,52 +141,23 @@ impl Bucket {
         }
     }
 
-    /// Opens the bucket, creating it if absent (with `broker.nats.replicas` replicas), correcting
-    /// its `max_age` if `retention.lease_ttl` changed since it was created, raising its
-    /// replicas to `broker.nats.replicas` and turning direct gets off (see [`bucket_stream`]).
+    /// Opens the bucket, creating it if absent, or bringing what the bridge owns of it to what
+    /// is configured (see [`bucket_spec`]): a changed `retention.lease_ttl` corrects its
+    /// `max_age`.
     async fn create_or_update(&self) -> Result<kv::Store, SweepError> {
         let (js, bucket) = (&self.js, &self.name);
-        match js.get_key_value(bucket).await {
-            Ok(store) => {
-                let current = &store.stream.cached_info().config;
-                // Replicas are raised to `broker.nats.replicas`, never lowered (an operator
-                // may have moved the bucket to more servers).
-                let replicas = current.num_replicas.max(self.replicas);
-                if current.max_age == self.max_age
-                    && current.num_replicas == replicas
-                    && !current.allow_direct
-                {
-                    return Ok(store);
-                }
-                let mut cfg = current.clone();
-                cfg.max_age = self.max_age;
-                cfg.num_replicas = replicas;
-                cfg.allow_direct = false;
-                match js.update_stream(cfg).await {
-                    Ok(_) => {}
-                    // Too few servers for more replicas: the bucket works as it is.
-                    Err(e) if current.max_age == self.max_age => {
-                        tracing::warn!(bucket = %bucket, error = %e, "cannot raise the KV bucket's replicas; it keeps its current count");
-                        return Ok(store);
-                    }
-                    Err(e) => {
-                        return Err(op_err(format_args!("cannot update KV bucket {bucket}"), e));
-                    }
-                }
-            }
-            Err(_) => {
-                let want = bucket_stream(bucket, self.max_age, self.replicas, self.description);
-                // Another replica may have created it a moment ago.
-                if let Err(create_err) = js.create_stream(want).await
-                    && js.get_key_value(bucket).await.is_err()
-                {
-                    return Err(op_err(
-                        format_args!("cannot create KV bucket {bucket}"),
-                        create_err,
-                    ));
-                }
-            }
-        }
+        let version = ServerVersion::of(&js.client());
+        let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
+        let spec = bucket_spec(
+            bucket,
+            self.max_age,
+            self.replicas,
+            self.description,
+            direct,
+        );
+        streams::ensure(js, &spec)
+            .await
+            .map_err(|e| op_err(format_args!("cannot create KV bucket {bucket}"), e))?;
         js.get_key_value(bucket)
             .await
             .map_err(|e| op_err(format_args!("cannot open KV bucket {bucket}"), e))
@@ -236,7 +222,11 @@ impl NatsLease {
                 tracing::info!(holder = %self.holder, bucket = %self.bucket.name, "took the sweeper lease");
                 Ok(LeaseStatus::Held)
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            // Taken by another replica; NATS 2.11+ may say so as `wrong last sequence` (10164)
+            // when both creates were in flight at once.
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists || is_wrong_last_sequence(&e) =>
+            {
                 let holder = store
                     .get(LEASE_KEY)
                     .await
@@ -266,7 +256,10 @@ impl NatsLease {
                 });
                 Ok(true)
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Err(e)
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    || is_wrong_last_sequence(&e) =>
+            {
                 tracing::warn!(holder = %self.holder, "the sweeper lease expired or was taken over");
                 self.held = None;
                 Ok(false)

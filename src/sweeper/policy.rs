@@ -13,69 +13,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::Settings;
 use crate::routing;
-
-/// Which stream / queue a sweep trims.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    /// The events stream / queue (`[retention.events]`).
-    Events,
-    /// The dead-letter stream / queue (`[retention.dlq]`).
-    Dlq,
-}
-
-impl Target {
-    /// Both targets, in the order they are swept and reported.
-    pub const ALL: [Target; 2] = [Target::Events, Target::Dlq];
-
-    /// The `target` metric label and the name used in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Target::Events => "events",
-            Target::Dlq => "dlq",
-        }
-    }
-}
-
-/// Which rule purged a message: the `rule` label of `pusher_bridge_sweeper_purged_total` and
-/// the tag of a report line. Five values, whatever the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RuleKind {
-    /// Older than every rule that covers it (one purge of a whole stream or of one app's
-    /// subjects, cheaper than rule by rule).
-    Longest,
-    /// An app's own override of one event name.
-    AppEvent,
-    /// An app's own `max_age`.
-    App,
-    /// The target's override of one event name.
-    Event,
-    /// The target's `max_age`.
-    Default,
-}
-
-impl RuleKind {
-    /// Every kind, in report order.
-    pub const ALL: [RuleKind; 5] = [
-        RuleKind::Longest,
-        RuleKind::AppEvent,
-        RuleKind::App,
-        RuleKind::Event,
-        RuleKind::Default,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuleKind::Longest => "longest",
-            RuleKind::AppEvent => "app_event",
-            RuleKind::App => "app",
-            RuleKind::Event => "event",
-            RuleKind::Default => "default",
-        }
-    }
-}
 
 /// The `app_id` label of report lines and metrics for messages not tied to one app.
 pub(crate) const ANY_APP: &str = "*";
@@ -83,74 +21,9 @@ pub(crate) const ANY_APP: &str = "*";
 /// app), so labels stay bounded by the configuration.
 pub(crate) const OTHER_APP: &str = "other";
 
-/// One app's rules on one target.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AppRule {
-    /// `false`: never purge this app's messages.
-    pub enabled: bool,
-    /// The app's default retention (else the target's rules apply).
-    pub max_age: Option<Duration>,
-    /// Per event name (raw) retention of this app.
-    pub overrides: BTreeMap<String, Duration>,
-}
-
-/// The retention rules of one target.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// Messages of event names without an override are purged past this age.
-    pub default: Duration,
-    /// Per event name (raw, unescaped) retention.
-    pub overrides: BTreeMap<String, Duration>,
-    /// Per app id (raw) rules.
-    pub apps: BTreeMap<String, AppRule>,
-}
+pub use crate::retention::{AppRule, Retention, RuleKind, Target};
 
 impl Retention {
-    /// The rules configured for `target`.
-    pub fn for_target(settings: &Settings, target: Target) -> Self {
-        let t = match target {
-            Target::Events => &settings.retention.events,
-            Target::Dlq => &settings.retention.dlq,
-        };
-        Self {
-            default: t.max_age,
-            overrides: t.overrides.clone(),
-            apps: t
-                .apps
-                .iter()
-                .map(|(id, a)| {
-                    let rule = AppRule {
-                        enabled: a.enabled,
-                        max_age: a.max_age,
-                        overrides: a.overrides.clone(),
-                    };
-                    (id.clone(), rule)
-                })
-                .collect(),
-        }
-    }
-
-    /// The rule of a message of `app` and `event` (raw names; `None`: unknown): its retention
-    /// and which rule it is, or `None` when the message is never purged (its app is disabled).
-    /// Most specific first: app + event, app, event, the target's `max_age`.
-    pub fn rule_of(&self, app: Option<&str>, event: Option<&str>) -> Option<(Duration, RuleKind)> {
-        if let Some(rule) = app.and_then(|a| self.apps.get(a)) {
-            if !rule.enabled {
-                return None;
-            }
-            if let Some(age) = event.and_then(|e| rule.overrides.get(e)) {
-                return Some((*age, RuleKind::AppEvent));
-            }
-            if let Some(age) = rule.max_age {
-                return Some((age, RuleKind::App));
-            }
-        }
-        if let Some(age) = event.and_then(|e| self.overrides.get(e)) {
-            return Some((*age, RuleKind::Event));
-        }
-        Some((self.default, RuleKind::Default))
-    }
-
     /// Every finite retention of any rule.
     fn ages(&self) -> impl Iterator<Item = Duration> + '_ {
         let apps = self

@@ -34,9 +34,60 @@ const TRANSIENT_CODES: &[ErrorCode] = &[
     ErrorCode::RAFT_GENERAL,
     // Stream is offline (its group has no quorum right now).
     ErrorCode(10118),
-    // Stream is offline: {reason}.
+    // Stream is offline: {reason} (2.12+).
     ErrorCode(10194),
+    // Duplicate message id is in process (2.11+): the same id is being stored right now; asked
+    // again, the server answers it as a duplicate.
+    ErrorCode(10158),
+    // Expected last sequence per subject temporarily unavailable (2.11+).
+    ErrorCode(10163),
+    // Too many requests (2.11+): the stream's leader sheds load.
+    ErrorCode(10167),
+    // Atomic / batch publish too many in flight (2.14+).
+    ErrorCode(10210),
+    ErrorCode(10211),
 ];
+
+/// Answers of NATS 2.11 and later that retrying cannot change: they become `rejected` dead
+/// letters like any other refusal the bridge does not name (listed so the tests pin them).
+#[cfg(test)]
+const LASTING_NEWER_CODES: &[(u64, &str)] = &[
+    // Invalid per-message TTL.
+    (10165, "invalid per-message TTL"),
+    // Per-message TTL is disabled (the stream lost `allow_msg_ttl`).
+    (10166, "per-message TTL is disabled"),
+    // JetStream minimum API level required (2.12+).
+    (10185, "JetStream minimum api level required"),
+    // Message stream source header is not allowed (2.14+).
+    (10227, "message stream source header is not allowed"),
+];
+
+/// The JetStream error code somewhere in `e`'s chain of sources (a KV error wraps a publish
+/// error that wraps the server's answer).
+pub(crate) fn jetstream_code(e: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(js) = err.downcast_ref::<jetstream::Error>() {
+            return Some(js.error_code());
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// A compare-and-set that named a revision the key no longer has: `wrong last sequence`
+/// (10071), or its form without the sequence (10164) that NATS 2.11 and later answer when two
+/// writes naming the same revision are in flight on a replicated stream. Another writer got
+/// there first: read again and merge again.
+pub(crate) fn is_wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        jetstream_code(e),
+        Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE | WRONG_LAST_SEQUENCE_CONSTANT)
+    )
+}
+
+/// `wrong last sequence` without the number (NATS 2.11+).
+const WRONG_LAST_SEQUENCE_CONSTANT: ErrorCode = ErrorCode(10164);
 
 /// Longest wait for the JetStream API's answer to "which stream takes this subject".
 pub(super) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
@@ -190,6 +241,39 @@ mod tests {
             let e = jetstream::context::PublishError::new(kind);
             assert!(crate::delivery::is_transient(&classify(e)));
         }
+    }
+
+    #[test]
+    fn newer_servers_answers_are_sorted_too() {
+        for code in [10158, 10163, 10167, 10210, 10211] {
+            assert!(
+                crate::delivery::is_transient(&classify(js_error(code, 503))),
+                "{code}"
+            );
+        }
+        for (code, what) in LASTING_NEWER_CODES {
+            assert!(
+                matches!(
+                    classify(js_error(*code, 400)),
+                    PublishError::Refused {
+                        reason: DlqReason::Rejected,
+                        ..
+                    }
+                ),
+                "{code} {what}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_wrong_last_sequence_answers_are_conflicts() {
+        for code in [10071, 10164] {
+            let e = js_error(code, 400);
+            assert!(is_wrong_last_sequence(&e), "{code}");
+        }
+        assert!(!is_wrong_last_sequence(&js_error(10077, 400)));
+        let plain = std::io::Error::other("no server");
+        assert!(!is_wrong_last_sequence(&plain));
     }
 
     #[test]

@@ -13,19 +13,26 @@ use std::time::Duration;
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::connection_log::ConnectionLog;
 use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
+use crate::retention::{Target, TtlRules};
 use crate::routing;
 
 mod classify;
 pub mod servers;
+pub(crate) mod streams;
 pub(crate) mod url_auth;
+pub mod version;
+
+use streams::{Owned, StreamSpec};
+pub use version::ServerVersion;
 
 use classify::classify;
+pub(crate) use classify::is_wrong_last_sequence;
 
 /// The NATS JetStream broker.
 pub struct NatsBroker {
@@ -35,12 +42,20 @@ pub struct NatsBroker {
     connected: Arc<AtomicBool>,
     /// Both streams exist (or `declare = false`) since the last (re)connect.
     topology_ready: Arc<AtomicBool>,
+    /// Both streams have been declared at least once (from the start with `declare = false`):
+    /// side tasks that need them (the state applier) wait for it instead of polling.
+    streams_ready: watch::Receiver<bool>,
+    /// Set when the server cannot do what the configuration asks (per-message TTLs on a
+    /// server older than 2.11): the bridge stops with this error.
+    fatal: watch::Receiver<Option<String>>,
     prefix: String,
     settings: NatsSettings,
     /// How long the JetStream context waits for an ack (`broker.publish_timeout`).
     ack_timeout: Duration,
     /// `broker.cloudevents`: event messages carry `ce-` headers.
     cloudevents: bool,
+    /// Per-message TTLs (`retention.<target>.method = "message_ttl"`).
+    ttl: Ttls,
     topology_task: tokio::task::JoinHandle<()>,
 }
 
@@ -122,88 +137,63 @@ pub(crate) async fn wait_connected(
     Ok(())
 }
 
-/// Stream settings the bridge owns: name, subjects, duplicate window, replicas.
-fn stream_config(name: &str, subjects: String, s: &NatsSettings) -> stream::Config {
-    stream::Config {
-        name: name.to_string(),
-        subjects: vec![subjects],
-        duplicate_window: s.duplicate_window,
-        num_replicas: s.replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    }
+/// The events and dead-letter streams as the bridge declares them: its subject filter, the
+/// duplicate window and replicas at least as configured, file storage when it creates them,
+/// and per-message TTLs on where `retention.<target>.method = "message_ttl"`.
+fn stream_specs(prefix: &str, s: &NatsSettings, ttl: &Ttls) -> [StreamSpec; 2] {
+    let spec = |name: &str, subject: String, allow_msg_ttl: bool| {
+        let create = stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject.clone()],
+            duplicate_window: s.duplicate_window,
+            num_replicas: s.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let owned = Owned {
+            subjects: vec![subject],
+            duplicate_window: Some(s.duplicate_window),
+            replicas: s.replicas,
+            allow_msg_ttl,
+            ..Owned::default()
+        };
+        StreamSpec::new(&create, owned)
+    };
+    [
+        spec(&s.stream, format!("{prefix}.>"), ttl.events.is_some()),
+        spec(
+            &s.dlq_stream,
+            format!("{}.>", routing::dlq_prefix(prefix)),
+            ttl.dlq.is_some(),
+        ),
+    ]
 }
 
-/// What the bridge changes on a stream that exists: only what it needs, never what an operator
-/// set beyond that.
-///
-/// - `subjects`: the bridge's own filter is added when missing; subjects an operator added stay.
-/// - `duplicate_window`: raised to `broker.nats.duplicate_window` when shorter, never shortened
-///   (a longer window only removes more duplicates).
-///
-/// Every other field (limits, retention, discard policy, storage, placement, description) is
-/// the operator's. Replicas are handled by [`replicas_upgrade`]. `None`: nothing to change.
-fn reconciled(current: &stream::Config, want: &stream::Config) -> Option<stream::Config> {
-    let mut cfg = current.clone();
-    for subject in &want.subjects {
-        if !cfg.subjects.contains(subject) {
-            cfg.subjects.push(subject.clone());
+/// The per-message TTLs of each target (`None`: that target is swept, its messages carry none).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Ttls {
+    events: Option<TtlRules>,
+    dlq: Option<TtlRules>,
+}
+
+impl Ttls {
+    pub(crate) fn of(settings: &Settings) -> Self {
+        Self {
+            events: TtlRules::for_target(settings, Target::Events),
+            dlq: TtlRules::for_target(settings, Target::Dlq),
         }
     }
-    cfg.duplicate_window = cfg.duplicate_window.max(want.duplicate_window);
-    (cfg.subjects != current.subjects || cfg.duplicate_window != current.duplicate_window)
-        .then_some(cfg)
-}
 
-/// The replica count to move an existing stream to: `broker.nats.replicas` when the stream has
-/// fewer, never fewer than it has (an operator's R5 stays R5).
-fn replicas_upgrade(current: &stream::Config, want: &stream::Config) -> Option<usize> {
-    (want.num_replicas > current.num_replicas.max(1)).then_some(want.num_replicas)
-}
-
-/// Creates the stream, or brings an existing one to what the bridge needs ([`reconciled`],
-/// [`replicas_upgrade`]); every other setting is left as it is.
-pub(crate) async fn ensure_stream(
-    js: &jetstream::Context,
-    want: stream::Config,
-) -> Result<(), BrokerError> {
-    match js.get_stream(&want.name).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| BrokerError::topology(format!("stream {}", want.name), e))?;
-            let mut current = info.config.clone();
-            if let Some(cfg) = reconciled(&current, &want) {
-                js.update_stream(&cfg)
-                    .await
-                    .map_err(|e| BrokerError::topology(format!("stream {}", want.name), e))?;
-                current = cfg;
-            }
-            if let Some(replicas) = replicas_upgrade(&current, &want) {
-                // Best effort: a cluster with too few JetStream servers refuses, and the stream
-                // works as it is meanwhile.
-                let mut cfg = current;
-                let from = cfg.num_replicas;
-                cfg.num_replicas = replicas;
-                match js.update_stream(&cfg).await {
-                    Ok(_) => {
-                        tracing::info!(stream = %want.name, from, to = replicas, "stream replicas raised")
-                    }
-                    Err(e) => {
-                        tracing::warn!(stream = %want.name, from, to = replicas, error = %e, "cannot raise the stream's replicas; it keeps its current count")
-                    }
-                }
-            }
-            Ok(())
+    /// The config key and stream of each target that needs per-message TTLs.
+    fn needed<'a>(&self, s: &'a NatsSettings) -> Vec<(&'static str, &'a str)> {
+        let mut out = Vec::new();
+        if self.events.is_some() {
+            out.push(("retention.events.method", s.stream.as_str()));
         }
-        Err(_) => {
-            let what = format!("stream {}", want.name);
-            js.create_stream(want)
-                .await
-                .map(|_| ())
-                .map_err(|e| BrokerError::topology(what, e))
+        if self.dlq.is_some() {
+            out.push(("retention.dlq.method", s.dlq_stream.as_str()));
         }
+        out
     }
 }
 
@@ -261,27 +251,58 @@ impl NatsBroker {
             .max_ack_inflight(settings.broker.max_in_flight.max(1))
             .build(client.clone());
         let prefix = settings.broker.subject_prefix.clone();
-        let topology_task = tokio::spawn(topology_loop(
-            js.clone(),
-            settings.broker.declare,
-            prefix.clone(),
-            s.clone(),
-            connected.clone(),
-            topology_ready.clone(),
-            reconnected,
+        let ttl = Ttls::of(settings);
+        let (ready_tx, streams_ready) = watch::channel(!settings.broker.declare);
+        let (fatal_tx, fatal) = watch::channel(None);
+        let topology = Topology {
+            js: js.clone(),
+            declare: settings.broker.declare,
+            specs: stream_specs(&prefix, &s, &ttl),
+            ttl_streams: ttl
+                .needed(&s)
+                .into_iter()
+                .map(|(key, stream)| (key, stream.to_string()))
+                .collect(),
+            url: s.url.redacted(),
+            connected: connected.clone(),
+            ready: topology_ready.clone(),
+            ready_tx,
+            fatal: fatal_tx,
             metrics,
-        ));
+        };
+        let topology_task = tokio::spawn(topology.run(reconnected));
         Ok(Self {
             client,
             js,
             connected,
             topology_ready,
+            streams_ready,
+            fatal,
             prefix,
             settings: s,
             ack_timeout: settings.broker.publish_timeout,
             cloudevents: settings.broker.cloudevents,
+            ttl,
             topology_task,
         })
+    }
+
+    /// Waits until both streams exist (at once with `declare = false`).
+    pub(crate) async fn streams_ready(&self) {
+        let mut ready = self.streams_ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// Resolves when the server cannot do what the configuration asks (then the bridge stops
+    /// with this error); pending for ever otherwise.
+    pub(crate) async fn fatal(&self) -> BrokerError {
+        let mut fatal = self.fatal.clone();
+        let why = fatal.wait_for(Option::is_some).await.map(|why| why.clone());
+        match why {
+            Ok(why) => BrokerError::Unsupported(why.unwrap_or_default()),
+            // The topology task ended without a verdict (on close): nothing to report.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Connected and both streams known to exist.
@@ -315,11 +336,23 @@ impl NatsBroker {
     pub async fn publish(&self, msg: &Message, timeout: Duration) -> Result<(), PublishError> {
         self.send(
             msg.subject.clone(),
-            event_headers(msg, self.cloudevents),
+            self.headers_of(msg),
             msg.body.clone(),
             timeout,
         )
         .await
+    }
+
+    /// An event's headers ([`event_headers`]) and, with per-message TTLs, its `Nats-TTL`.
+    fn headers_of(&self, msg: &Message) -> HeaderMap {
+        let mut h = event_headers(msg, self.cloudevents);
+        if let Some(rules) = &self.ttl.events {
+            h.insert(
+                NATS_TTL,
+                rules.ttl(&msg.app_id, Some(&msg.event)).header_value(),
+            );
+        }
+        h
     }
 
     /// Publishes `msgs` in their order: each is handed to the connection before the next, then
@@ -348,7 +381,7 @@ impl NatsBroker {
             }
             let publish = PublishMessage::build()
                 .payload(m.body.clone())
-                .headers(event_headers(m, self.cloudevents));
+                .headers(self.headers_of(m));
             let sent =
                 tokio::time::timeout_at(deadline, self.js.send_publish(m.subject.clone(), publish))
                     .await;
@@ -390,6 +423,9 @@ impl NatsBroker {
             headers::DLQ_FIRST_FAILURE,
             dl.first_failure_ms.to_string().as_str(),
         );
+        if let Some(rules) = &self.ttl.dlq {
+            h.insert(NATS_TTL, rules.ttl(&m.app_id, None).header_value());
+        }
         let subject = routing::dlq_subject(&self.prefix, &m.app_id, dl.reason.as_str());
         self.send(subject, h, m.body.clone(), timeout).await
     }
@@ -444,6 +480,8 @@ const APP_ID: HeaderName = HeaderName::from_static(headers::APP_ID);
 const EVENT: HeaderName = HeaderName::from_static(headers::EVENT);
 const CHANNEL: HeaderName = HeaderName::from_static(headers::CHANNEL);
 const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
+/// A message's own time to live (NATS 2.11+, on a stream with `allow_msg_ttl`).
+const NATS_TTL: HeaderName = HeaderName::from_static("Nats-TTL");
 
 /// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and the app,
 /// event, channel and `time_ms` for consumers that filter without parsing the body; with
@@ -473,13 +511,13 @@ fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
     let mut h: HeaderMap = [
         (
             async_nats::header::NATS_MESSAGE_ID,
-            HeaderValue::from(msg.msg_id.as_str()),
+            HeaderValue::from_lossy(msg.msg_id.as_str()),
         ),
-        (CONTENT_TYPE, HeaderValue::from("application/json")),
-        (APP_ID, HeaderValue::from(&*msg.app_id)),
-        (EVENT, HeaderValue::from(msg.event.as_str())),
-        (CHANNEL, HeaderValue::from(msg.channel.as_str())),
-        (TIME_MS, HeaderValue::from(msg.time_ms.as_str())),
+        (CONTENT_TYPE, HeaderValue::from_lossy("application/json")),
+        (APP_ID, HeaderValue::from_lossy(&msg.app_id)),
+        (EVENT, HeaderValue::from_lossy(msg.event.as_str())),
+        (CHANNEL, HeaderValue::from_lossy(msg.channel.as_str())),
+        (TIME_MS, HeaderValue::from_lossy(msg.time_ms.as_str())),
     ]
     .into_iter()
     .collect();
@@ -514,54 +552,103 @@ fn cloudevents_headers(h: &mut HeaderMap, msg: &Message) {
     h.insert(CE_CONTENT_TYPE, "application/json");
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, all of it the broker's shared state"
-)]
-async fn topology_loop(
+/// The topology task's state: what to declare, and whom to tell.
+struct Topology {
     js: jetstream::Context,
     declare: bool,
-    prefix: String,
-    s: NatsSettings,
+    specs: [StreamSpec; 2],
+    /// `(config key, stream)` of each target whose messages carry TTLs.
+    ttl_streams: Vec<(&'static str, String)>,
+    /// The redacted server URL, for the refusal.
+    url: String,
     connected: Arc<AtomicBool>,
     ready: Arc<AtomicBool>,
-    reconnected: Arc<Notify>,
+    ready_tx: watch::Sender<bool>,
+    fatal: watch::Sender<Option<String>>,
     metrics: Arc<Metrics>,
-) {
-    loop {
-        reconnected.notified().await;
-        if !declare {
-            metrics.set_broker_up(true);
-            continue;
-        }
-        let mut delay = Duration::from_millis(100);
-        while connected.load(Ordering::SeqCst) {
-            let events = stream_config(&s.stream, format!("{prefix}.>"), &s);
-            let dlq = stream_config(
-                &s.dlq_stream,
-                format!("{}.>", routing::dlq_prefix(&prefix)),
-                &s,
-            );
-            let result = async {
-                ensure_stream(&js, events).await?;
-                ensure_stream(&js, dlq).await
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    ready.store(true, Ordering::SeqCst);
-                    metrics.set_broker_up(connected.load(Ordering::SeqCst));
-                    tracing::info!(stream = %s.stream, dlq_stream = %s.dlq_stream, "JetStream streams ready");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+}
+
+impl Topology {
+    /// On every (re)connect: checks that the server can do what the configuration asks,
+    /// declares both streams (with `declare = true`), and marks the broker ready.
+    async fn run(self, reconnected: Arc<Notify>) {
+        loop {
+            reconnected.notified().await;
+            let mut delay = Duration::from_millis(100);
+            while self.connected.load(Ordering::SeqCst) {
+                match self.once().await {
+                    Ok(()) => {
+                        self.ready.store(true, Ordering::SeqCst);
+                        self.ready_tx.send_replace(true);
+                        self.metrics
+                            .set_broker_up(self.connected.load(Ordering::SeqCst));
+                        break;
+                    }
+                    Err(Step::Fatal(why)) => {
+                        tracing::error!(error = %why, "the NATS server cannot do what the configuration asks");
+                        self.fatal.send_replace(Some(why));
+                        return;
+                    }
+                    Err(Step::Retry(e)) => {
+                        tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
                 }
             }
         }
     }
+
+    /// One declaration: the version check, both streams, and the TTL check of each stream
+    /// whose messages carry TTLs.
+    async fn once(&self) -> Result<(), Step> {
+        let version = ServerVersion::of(&self.js.client());
+        if let Some((key, _)) = self.ttl_streams.first()
+            && !version::has(version, ServerVersion::MESSAGE_TTL)
+        {
+            let shown = version.map_or_else(|| "of unknown version".to_string(), |v| v.to_string());
+            return Err(Step::Fatal(format!(
+                "{key} = \"message_ttl\" needs NATS {} or newer; the server at {} is {shown}",
+                ServerVersion::MESSAGE_TTL,
+                self.url
+            )));
+        }
+        if self.declare {
+            for spec in &self.specs {
+                streams::ensure(&self.js, spec).await.map_err(|e| {
+                    Step::Retry(BrokerError::topology(format!("stream {}", spec.name), e))
+                })?;
+            }
+            tracing::info!(stream = %self.specs[0].name, dlq_stream = %self.specs[1].name, "JetStream streams ready");
+        }
+        for (key, stream) in &self.ttl_streams {
+            let allowed = match streams::info(&self.js, stream).await {
+                Ok(config) => streams::field::<bool>(&config, "allow_msg_ttl").unwrap_or(false),
+                // No such stream (declare = false): nothing to check until the operator makes it.
+                Err(e) if e.code().is_some() => continue,
+                Err(e) => {
+                    return Err(Step::Retry(BrokerError::topology(
+                        format!("stream {stream}"),
+                        e,
+                    )));
+                }
+            };
+            if !allowed {
+                return Err(Step::Fatal(format!(
+                    "{key} = \"message_ttl\" needs per-message TTLs on stream {stream}, which does not allow them (allow_msg_ttl) and the bridge could not turn them on"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a declaration did not finish.
+enum Step {
+    /// Transient: try again.
+    Retry(BrokerError),
+    /// The server cannot do what the configuration asks: stop the bridge.
+    Fatal(String),
 }
 
 #[cfg(test)]
@@ -569,48 +656,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-
-    fn bridge_wants(replicas: usize) -> stream::Config {
-        let s = NatsSettings {
-            replicas,
-            ..NatsSettings::default()
-        };
-        stream_config("EV", "p.>".into(), &s)
-    }
-
-    #[test]
-    fn an_operators_limits_subjects_and_longer_window_stay() {
-        let want = bridge_wants(3);
-        let operator = stream::Config {
-            subjects: vec!["p.>".into(), "audit.>".into()],
-            duplicate_window: Duration::from_secs(3600),
-            max_age: Duration::from_secs(86_400),
-            max_bytes: 1 << 40,
-            num_replicas: 5,
-            ..want.clone()
-        };
-        assert_eq!(reconciled(&operator, &want), None);
-        assert_eq!(replicas_upgrade(&operator, &want), None);
-    }
-
-    #[test]
-    fn what_the_bridge_needs_is_added_and_nothing_else_changes() {
-        let want = bridge_wants(3);
-        let old = stream::Config {
-            subjects: vec!["other.>".into()],
-            duplicate_window: Duration::from_secs(60),
-            max_messages: 1_000_000,
-            num_replicas: 1,
-            ..want.clone()
-        };
-        let cfg = reconciled(&old, &want).expect("an update");
-        assert_eq!(cfg.subjects, ["other.>", "p.>"]);
-        assert_eq!(cfg.duplicate_window, want.duplicate_window);
-        assert_eq!(cfg.max_messages, 1_000_000);
-        assert_eq!(cfg.num_replicas, 1, "replicas move in their own update");
-        assert_eq!(replicas_upgrade(&cfg, &want), Some(3));
-        assert_eq!(replicas_upgrade(&cfg, &bridge_wants(1)), None);
-    }
 
     fn msg() -> Message {
         Message {
