@@ -608,3 +608,162 @@ async fn the_query_api_answers_other_methods_with_405() {
     app.stop().await;
     cleanup_state(BrokerKind::Nats, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_deployment_answers_the_state_within_a_second_of_start() {
+    // New streams, a new bucket: the applier must not race the broker's declaration of the
+    // events stream (it used to look before it existed and sleep a second).
+    let settings = state_settings(BrokerKind::Nats);
+    let started = std::time::Instant::now();
+    let app = TestApp::spawn(settings.clone()).await;
+    let room = "presence-fresh";
+    let r = app
+        .post_signed(&body(
+            now_ms(),
+            &[occupancy(room, true), member(room, "u1", true)],
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for(
+        &app,
+        &app_path(&format!("/channels/{room}/users")),
+        &[],
+        Duration::from_secs(1).saturating_sub(started.elapsed()),
+        |b| user_ids(b) == ["u1"],
+    )
+    .await;
+    println!(
+        "FIGURE state-after-start: the first member visible {:.0?} after the start",
+        started.elapsed()
+    );
+    app.stop().await;
+    cleanup_state(BrokerKind::Nats, &settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_event_consumers_of_an_older_version_hand_over_without_a_replay() {
+    use async_nats::jetstream::consumer::{self, pull};
+    use futures::StreamExt;
+    use pusher_bridge::broker::nats::ServerVersion;
+    let js = jetstream_ctx(&nats_url()).await;
+    let version = server_version(&js);
+    let mut settings = state_settings(BrokerKind::Nats);
+    let durable = settings.state.durable.clone();
+    let prefix = settings.broker.subject_prefix.clone();
+    let events = [
+        "channel_occupied",
+        "channel_vacated",
+        "member_added",
+        "member_removed",
+        "subscription_count",
+    ];
+    let room = "presence-handover";
+    if !version.has(ServerVersion::MULTI_FILTER) {
+        // NATS 2.9 filters a consumer by one subject: one consumer per state event.
+        let app = TestApp::spawn_ready(settings.clone()).await;
+        let r = app
+            .post_signed(&body(
+                now_ms(),
+                &[occupancy(room, true), member(room, "u1", true)],
+            ))
+            .await;
+        assert_eq!(r.status, 200);
+        wait_for(
+            &app,
+            &app_path(&format!("/channels/{room}/users")),
+            &[],
+            Duration::from_secs(5),
+            |b| user_ids(b) == ["u1"],
+        )
+        .await;
+        let stream = js.get_stream(&settings.broker.nats.stream).await.unwrap();
+        for e in events {
+            assert!(
+                stream.consumer_info(format!("{durable}_{e}")).await.is_ok(),
+                "{e}"
+            );
+        }
+        assert!(stream.consumer_info(&durable).await.is_err());
+        app.stop().await;
+        cleanup_state(BrokerKind::Nats, &settings).await;
+        return;
+    }
+    // An older version's world: the events stream, its per-event consumers, two members it
+    // applied and acked (the new bucket does not have them: had they been replayed, they would
+    // show).
+    settings.state.enabled = false;
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    let stream = js.get_stream(&settings.broker.nats.stream).await.unwrap();
+    for e in events {
+        let name = format!("{durable}_{e}");
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{prefix}.*.{e}.>"),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let t0 = now_ms();
+    for (i, user) in ["u1", "u2"].iter().enumerate() {
+        let r = app
+            .post_signed(&body(t0 + i as u64, &[member(room, user, true)]))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let old: consumer::PullConsumer = stream
+        .get_consumer(&format!("{durable}_member_added"))
+        .await
+        .unwrap();
+    let mut batch = old.fetch().max_messages(2).messages().await.unwrap();
+    while let Some(m) = batch.next().await {
+        m.unwrap().double_ack().await.unwrap();
+    }
+    // What the older version had not seen yet.
+    let r = app
+        .post_signed(&body(
+            t0 + 10,
+            &[occupancy(room, true), member(room, "u3", true)],
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    app.stop().await;
+
+    settings.state.enabled = true;
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    wait_for(
+        &app,
+        &app_path(&format!("/channels/{room}/users")),
+        &[],
+        Duration::from_secs(5),
+        |b| user_ids(b) == ["u3"],
+    )
+    .await;
+    let info = stream
+        .consumer_info(&durable)
+        .await
+        .expect("the one consumer");
+    assert_eq!(info.config.filter_subjects.len(), 5);
+    for e in events {
+        let old = stream
+            .consumer_info(format!("{durable}_{e}"))
+            .await
+            .expect("retired, not deleted");
+        assert_eq!(
+            old.config.inactive_threshold,
+            Duration::from_secs(3600),
+            "{e}"
+        );
+    }
+    // Still only u3 a moment later: nothing older came back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, b) = query(&app, &app_path(&format!("/channels/{room}/users")), &[]).await;
+    assert_eq!(user_ids(&b), ["u3"]);
+    app.stop().await;
+    cleanup_state(BrokerKind::Nats, &settings).await;
+}

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use common::nats_cluster::NatsCluster;
 use common::state::*;
 use common::*;
+use pusher_bridge::broker::nats::ServerVersion;
 use pusher_bridge::config::{SecretUrl, Settings};
+use pusher_bridge::state::StateStore;
+use pusher_bridge::state::merge::{Change, Stamp, Update};
 
 /// How long the replicas may take to converge after the last kill (elections, redeliveries).
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -188,4 +191,137 @@ async fn state_survives_leader_kills_of_its_bucket_and_stream_with_two_replicas(
     }
     delete_streams(&js, &settings).await;
     let _ = js.delete_stream(&bucket).await;
+}
+
+/// A shuffle by a small LCG (no randomness crate here); the seed is printed so a failing order
+/// can be replayed.
+fn shuffle<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let j = (seed >> 33) as usize % (i + 1);
+        items.swap(i, j);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_applying_400_presence_updates_in_random_order_never_fail_an_update() {
+    // On NATS 2.11+ the second of two compare-and-sets naming one revision is refused as
+    // `wrong last sequence` (10164); the store must take that as the conflict it is (it used
+    // to log `update failed` and wait for redelivery: 96 of 400 on 2.15).
+    let cluster = NatsCluster::start().await;
+    let mut settings = state_settings(pusher_bridge::config::BrokerKind::Nats);
+    settings.broker.nats.url = SecretUrl::new(cluster.urls());
+    settings.broker.nats.replicas = 3;
+    let mut apps = Vec::new();
+    for r in 0..2 {
+        apps.push(Arc::new(TestApp::spawn_ready(replica(&settings, r)).await));
+    }
+    let js = cluster.jetstream().await;
+    let room = "presence-random";
+    let t0 = now_ms() - 60_000;
+    // 200 members join; every second one leaves; every fourth comes back; 50 counts.
+    let mut bodies = vec![body(t0, &[occupancy(room, true)])];
+    for i in 0..200u64 {
+        let user = format!("u{i:03}");
+        bodies.push(body(t0 + 10 * i + 1, &[member(room, &user, true)]));
+        if i % 2 == 0 {
+            bodies.push(body(t0 + 10 * i + 5, &[member(room, &user, false)]));
+        }
+        if i % 4 == 0 {
+            bodies.push(body(t0 + 10 * i + 7, &[member(room, &user, true)]));
+        }
+    }
+    for n in 1..=49u64 {
+        bodies.push(body(t0 + 3000 + n, &[count(room, n)]));
+    }
+    assert_eq!(bodies.len(), 400);
+    let seed = now_ms();
+    shuffle(&mut bodies, seed);
+    let started = Instant::now();
+    let statuses = post_spread(&apps, &bodies).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let want: Vec<String> = (0..200u64)
+        .filter(|i| i % 2 == 1 || i % 4 == 0)
+        .map(|i| format!("u{i:03}"))
+        .collect();
+    for app in &apps {
+        wait_for(
+            app,
+            &app_path(&format!("/channels/{room}/users")),
+            &[],
+            CONVERGE,
+            |b| user_ids(b) == want,
+        )
+        .await;
+        wait_for(
+            app,
+            &app_path(&format!("/channels/{room}")),
+            &[("info", "subscription_count")],
+            CONVERGE,
+            |b| b["subscription_count"] == 49,
+        )
+        .await;
+    }
+    let mut failed = 0.0;
+    for app in &apps {
+        failed += app
+            .metric("pusher_bridge_state_updates_total{outcome=\"failed\"}")
+            .await;
+    }
+    println!(
+        "FIGURE state-random: 400 webhooks (seed {seed}) on two replicas converged in {:.2?}, \
+         {failed} failed updates",
+        started.elapsed()
+    );
+    assert_eq!(failed, 0.0, "seed {seed}");
+    for app in apps {
+        if let Ok(app) = Arc::try_unwrap(app) {
+            app.stop().await;
+        }
+    }
+    delete_streams(&js, &settings).await;
+    let _ = js
+        .delete_stream(format!("KV_{}", settings.state.bucket))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_write_on_a_replicated_bucket_waits_for_a_read_back_only_where_the_server_needs_it()
+{
+    // NATS before 2.9.21 could take two compare-and-sets naming one revision (nats-server#4320),
+    // so there a writer reads its write back 200 ms later; newer servers refuse the second.
+    let cluster = NatsCluster::start().await;
+    let client = async_nats::connect(cluster.url(0)).await.unwrap();
+    let version = ServerVersion::of(&client).expect("a version");
+    let bucket = unique("ST");
+    let store = StateStore::open(client, &bucket, 3).await.unwrap();
+    let js = cluster.jetstream().await;
+    cluster
+        .wait_stream_healthy(&js, &format!("KV_{bucket}"))
+        .await;
+    const WRITES: u32 = 20;
+    let started = Instant::now();
+    for n in 0..WRITES {
+        let update = Update {
+            app_id: APP_ID.into(),
+            channel: "private-timed".into(),
+            change: Change::SubscriptionCount(u64::from(n)),
+            stamp: Stamp {
+                time_ms: 1_000_000 + i64::from(n),
+                index: 0,
+                webhook: format!("w{n}"),
+            },
+        };
+        store.apply(&update).await.unwrap();
+    }
+    let per_write = started.elapsed() / WRITES;
+    println!("FIGURE state-write: {per_write:.2?} per write on an R3 bucket of NATS {version}");
+    if version.has(ServerVersion::CAS_EXACT) {
+        assert!(per_write < Duration::from_millis(100), "{per_write:?}");
+    } else {
+        assert!(per_write >= Duration::from_millis(200), "{per_write:?}");
+    }
+    let _ = js.delete_stream(format!("KV_{bucket}")).await;
 }

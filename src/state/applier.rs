@@ -4,7 +4,7 @@
 //! - NATS: on NATS 2.10 and later one durable pull consumer `<durable>` on the events stream,
 //!   filtered to `<prefix>.*.<event>.>` for each state event; NATS 2.9 filters a consumer by one
 //!   subject, so there it is one consumer per state event, `<durable>_<event>`. Moving to 2.10,
-//!   the one consumer starts where the per-event ones had all acked, and they are deleted.
+//!   the one consumer starts where the per-event ones had all acked, and they are retired.
 //!   Every replica pulls from the same consumers; a message is acked only after its KV write (or
 //!   when the write was not needed), else it is redelivered after a pause.
 //! - AMQP: a durable queue `<broker.amqp.queue>.<durable>` bound to the events exchange for the
@@ -235,28 +235,27 @@ async fn nats_consumers(
     Ok(out)
 }
 
+/// How long a per-event consumer of an older version lives on without a pull once the bridge
+/// has moved to the multi-filter consumer: replicas of the older version that still run (a
+/// rolling upgrade) keep using it; when the last is gone, the server deletes it.
+const RETIRED_CONSUMER_TTL: Duration = Duration::from_secs(3600);
+
 /// The one consumer of every state event (NATS 2.10+). Where the per-event consumers of an
-/// earlier version (or an older server) exist, it starts right after the lowest of their ack
-/// floors, so no event is skipped, and only events that some of them had applied already are
-/// applied again (the merge makes that harmless); then they are deleted. Replaying the whole
-/// stream instead could revive members whose tombstones were swept since.
+/// earlier version (or an older server) exist, it starts at the first event some of them had
+/// not yet acked, so no event is skipped and only a few that were applied already are applied
+/// again (the merge makes that harmless): replaying the whole stream could revive members whose
+/// tombstones were swept since. The per-event consumers are not deleted, which would make a
+/// replica of the older version still running recreate them from the stream's start; they get
+/// an inactivity threshold ([`RETIRED_CONSUMER_TTL`]) instead.
 async fn multi_filter_consumer(
     stream: &jetstream::stream::Stream,
     prefix: &str,
     durable: &str,
 ) -> Result<consumer::PullConsumer, StateError> {
-    let mut old = Vec::new();
-    for event in STATE_EVENTS {
-        let name = consumer_name(durable, event);
-        if let Ok(info) = stream.consumer_info(&name).await {
-            old.push((name, info.ack_floor.stream_sequence));
-        }
-    }
-    let deliver_policy = match old.iter().map(|(_, floor)| *floor).min() {
-        Some(floor) => consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: floor + 1,
-        },
-        None => consumer::DeliverPolicy::All,
+    let deliver_policy = match stream.consumer_info(durable).await {
+        // Made already (by this replica before a reconnect, or by another): as it is.
+        Ok(_) => consumer::DeliverPolicy::All,
+        Err(_) => handover_start(stream, durable).await?,
     };
     let config = consumer::pull::Config {
         filter_subjects: STATE_EVENTS
@@ -269,18 +268,68 @@ async fn multi_filter_consumer(
         .get_or_create_consumer(durable, config)
         .await
         .map_err(|e| consumer_err("cannot create the state consumer")(e.into()))?;
-    for (name, floor) in old {
-        match stream.delete_consumer(&name).await {
+    for event in STATE_EVENTS {
+        let name = consumer_name(durable, event);
+        let Ok(info) = stream.consumer_info(&name).await else {
+            continue;
+        };
+        if info.config.inactive_threshold == RETIRED_CONSUMER_TTL {
+            continue;
+        }
+        let mut retired = info.config.clone();
+        retired.inactive_threshold = RETIRED_CONSUMER_TTL;
+        match stream.update_consumer(retired).await {
             Ok(_) => {
-                tracing::info!(consumer = %name, ack_floor = floor, "state: per-event consumer replaced by the multi-filter consumer {durable}")
+                tracing::info!(consumer = %name, "state: per-event consumer retired for the multi-filter consumer {durable}; the server deletes it after {RETIRED_CONSUMER_TTL:?} without a pull")
             }
-            // Another replica deleted it a moment ago.
             Err(e) => {
-                tracing::debug!(consumer = %name, error = %e, "state: per-event consumer not deleted")
+                tracing::warn!(consumer = %name, error = %e, "state: cannot retire a per-event consumer")
             }
         }
     }
     Ok(c)
+}
+
+/// Where the multi-filter consumer starts: `All` on a fresh deployment, else the lowest stream
+/// sequence of an event some per-event consumer had not acked (its first matching message past
+/// what it acked, or past what it delivered when nothing waits for an ack). The stream's last
+/// sequence is read first: whatever comes after it is delivered whatever the consumers said.
+async fn handover_start(
+    stream: &jetstream::stream::Stream,
+    durable: &str,
+) -> Result<consumer::DeliverPolicy, StateError> {
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| consumer_err("cannot read the events stream")(e.into()))?
+        .state
+        .last_sequence;
+    let mut start: Option<u64> = None;
+    for event in STATE_EVENTS {
+        let Ok(info) = stream.consumer_info(consumer_name(durable, event)).await else {
+            continue;
+        };
+        let done = if info.num_ack_pending == 0 {
+            info.ack_floor
+                .stream_sequence
+                .max(info.delivered.stream_sequence)
+        } else {
+            info.ack_floor.stream_sequence
+        };
+        let first_open = match stream
+            .get_first_raw_message_by_subject(&info.config.filter_subject, done + 1)
+            .await
+        {
+            Ok(m) => m.sequence.min(last + 1),
+            // None left (or none readable): everything it takes from here on is new.
+            Err(_) => last + 1,
+        };
+        start = Some(start.map_or(first_open, |s| s.min(first_open)));
+    }
+    Ok(match start {
+        Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        None => consumer::DeliverPolicy::All,
+    })
 }
 
 /// Pulls from the durable consumers and applies until a consumer's stream ends or `shutdown`.

@@ -382,6 +382,36 @@ pub async fn wait_stream_count(
     }
 }
 
+/// The version of the NATS server `js` is connected to.
+pub fn server_version(js: &jetstream::Context) -> pusher_bridge::broker::nats::ServerVersion {
+    let text = js.client().server_info().version;
+    pusher_bridge::broker::nats::ServerVersion::parse(&text)
+        .unwrap_or_else(|| panic!("a server version: {text:?}"))
+}
+
+/// A JetStream API request as raw JSON (`api` without `$JS.API.`); panics on an error answer.
+pub async fn js_api(
+    js: &jetstream::Context,
+    api: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let reply: serde_json::Value = js
+        .request(api.to_string(), &body)
+        .await
+        .expect("JetStream answers");
+    assert!(reply.get("error").is_none(), "{api}: {reply}");
+    reply
+}
+
+/// A stream's config exactly as the server describes it.
+pub async fn stream_config_json(
+    js: &jetstream::Context,
+    stream: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let info = js_api(js, &format!("STREAM.INFO.{stream}"), serde_json::json!({})).await;
+    info["config"].as_object().expect("a config").clone()
+}
+
 /// Deletes the test's streams (and the sweeper's KV buckets, which a running bridge creates).
 pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
     let _ = js.delete_stream(&settings.broker.nats.stream).await;
