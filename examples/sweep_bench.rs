@@ -8,6 +8,12 @@
 //! purged app by app). RabbitMQ: fills a fresh queue with MESSAGES events of 10 apps with an old
 //! `timestamp` and times the sweep with per app rules (`basic.get` and ack one by one). Streams
 //! and queues are unique and deleted afterwards.
+//!
+//! `ttl` (NATS 2.11+): the same MESSAGES twice, half of the apps due soon, against the
+//! server that `NATS_URL` names: once removed by the sweep (one filtered purge per app), once by
+//! the server itself from each message's `Nats-TTL` (`retention.events.method = "message_ttl"`).
+//! For each it prints the time from due to gone and the CPU the nats-server process spent (read
+//! from /proc: run it on the server's machine).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -263,6 +269,145 @@ fn amqp_rules(s: &mut Settings) {
     );
 }
 
+/// CPU seconds (user + system) of the nats-server process listening on `port`, from /proc.
+fn server_cpu(port: u16) -> Option<f64> {
+    let port = port.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_server = args.first().is_some_and(|a| a.ends_with(b"nats-server"));
+        let on_port = args
+            .windows(2)
+            .any(|w| w[0] == b"-p" && w[1] == port.as_bytes());
+        if !(is_server && on_port) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        return Some(ticks / 100.0);
+    }
+    None
+}
+
+/// Fills a fresh stream with `n` events of 10 apps (5 event names, 97 channels), with a
+/// `Nats-TTL` of `ttl` seconds for apps a0..a4 and 1 h for the others when `ttl` is given.
+async fn fill(js: &jetstream::Context, s: &Settings, n: usize, ttl: Option<u64>) {
+    let p = s.broker.subject_prefix.clone();
+    let _ = js.delete_stream(&s.broker.nats.stream).await;
+    let mut config = serde_json::json!({
+        "name": s.broker.nats.stream, "subjects": [format!("{p}.>")], "retention": "limits",
+        "storage": "file", "num_replicas": 1, "discard": "old", "max_msgs": -1, "max_bytes": -1,
+        "max_age": 0, "max_msg_size": -1, "max_consumers": -1, "duplicate_window": 120_000_000_000i64,
+    });
+    if ttl.is_some() {
+        config["allow_msg_ttl"] = true.into();
+    }
+    let due = ttl.map(|t| t.to_string()).unwrap_or_default();
+    let created: serde_json::Value = js
+        .request(format!("STREAM.CREATE.{}", s.broker.nats.stream), &config)
+        .await
+        .expect("stream");
+    assert!(created.get("error").is_none(), "{created}");
+    let mut acks = Vec::with_capacity(1000);
+    for i in 0..n {
+        let app = i % APPS;
+        let subject = format!("{p}.a{app}.{}.c{}", EVENTS[(i / APPS) % 5], i % 97);
+        let mut headers = async_nats::HeaderMap::new();
+        if ttl.is_some() {
+            headers.insert("Nats-TTL", if app < 5 { due.as_str() } else { "3600" });
+        }
+        acks.push(
+            js.publish_with_headers(subject, headers, "{}".into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await.expect("ack");
+            }
+        }
+    }
+    for a in acks.drain(..) {
+        a.await.expect("ack");
+    }
+}
+
+async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn ttl_against_sweep(n: usize) {
+    let tag = format!("{}t", std::process::id());
+    let mut s = settings(BrokerKind::Nats, &tag);
+    s.retention.events.max_age = Duration::from_secs(3600);
+    for i in 0..5 {
+        s.retention
+            .events
+            .apps
+            .insert(format!("a{i}"), app_max_age(Duration::from_secs(2)));
+    }
+    let url = s.broker.nats.url.expose().to_string();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(4222);
+    let client = async_nats::connect(&url).await.expect("NATS");
+    let version = client.server_info().version;
+    let js = jetstream::new(client);
+    let cpu = || server_cpu(port).unwrap_or(f64::NAN);
+
+    fill(&js, &s, n, None).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = cpu();
+    let (purged, took, _) = sweep(&s).await;
+    println!(
+        "NATS {version}, sweep (5 of 10 apps due, one filtered purge per app): {purged} of {n} \
+         removed in {took:.2?} ({:.0} messages/s), nats-server CPU {:.2} s",
+        purged as f64 / took.as_secs_f64(),
+        cpu() - before
+    );
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::lease_bucket(&s))
+        .await;
+    let _ = js
+        .delete_key_value(pusher_bridge::sweeper::state_bucket(&s))
+        .await;
+
+    // A TTL that falls due after the last publish (about 80,000 a second here), so that the
+    // CPU measured from then on is the expiry's alone.
+    let ttl = 5 + (n as u64) / 40_000;
+    let filled = Instant::now();
+    fill(&js, &s, n, Some(ttl)).await;
+    let fill_time = filled.elapsed();
+    let due = filled + Duration::from_secs(ttl);
+    tokio::time::sleep_until(due.into()).await;
+    let before = cpu();
+    let keep = (n - n / 2) as u64;
+    loop {
+        if stream_count(&js, &s.broker.nats.stream).await <= keep {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = due.elapsed();
+    println!(
+        "NATS {version}, message TTL (5 of 10 apps with Nats-TTL {ttl}): {} of {n} removed by \
+         the server within {gone:.2?} of the first falling due (publishing took {fill_time:.2?}), \
+         nats-server CPU {:.2} s from the first due to the last gone; the bridge: nothing",
+        n / 2,
+        cpu() - before
+    );
+    let _ = js.delete_stream(&s.broker.nats.stream).await;
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -270,6 +415,7 @@ async fn main() {
     let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(50_000);
     match which {
         "amqp" => amqp(n).await,
+        "ttl" => ttl_against_sweep(n).await,
         _ => nats(n).await,
     }
 }

@@ -86,6 +86,23 @@ fn compose_file_describes_the_stack() {
         "the JetStream store {store} is not on a volume"
     );
 
+    // A NATS release CI tests (.ci/nats-matrix), pinned to the patch.
+    let image = s(&nats["image"], "image");
+    let tag = image
+        .strip_prefix("nats:")
+        .and_then(|t| t.strip_suffix("-alpine"))
+        .unwrap_or_else(|| panic!("nats image {image}"));
+    let matrix = std::fs::read_to_string(".ci/nats-matrix").expect("the NATS matrix script");
+    let tested = matrix
+        .lines()
+        .find_map(|l| l.split("NATS_VERSIONS:-").nth(1))
+        .and_then(|rest| rest.split('}').next())
+        .expect("the releases CI tests");
+    assert!(
+        tested.split_whitespace().any(|v| v == tag),
+        "compose runs NATS {tag}, CI tests {tested}"
+    );
+
     // RabbitMQ with the management UI.
     let rabbit = &services["rabbitmq"];
     assert!(s(&rabbit["image"], "image").contains("management"));
