@@ -164,7 +164,7 @@ async fn nats(n: usize) {
             .delete_key_value(pusher_bridge::sweeper::lease_bucket(&s))
             .await;
         let _ = js
-            .delete_key_value(pusher_bridge::sweeper::state_bucket(&s))
+            .delete_key_value(pusher_bridge::sweeper::cursor_bucket(&s))
             .await;
     }
 }
@@ -378,7 +378,7 @@ async fn ttl_against_sweep(n: usize) {
         .delete_key_value(pusher_bridge::sweeper::lease_bucket(&s))
         .await;
     let _ = js
-        .delete_key_value(pusher_bridge::sweeper::state_bucket(&s))
+        .delete_key_value(pusher_bridge::sweeper::cursor_bucket(&s))
         .await;
 
     // A TTL that falls due after the last publish (about 80,000 a second here), so that the

@@ -4,23 +4,23 @@
 //!
 //! Per webhook: one HMAC over the body, one SHA-256 for the message ids, one borrowed parse, and
 //! all publishes in flight at once (bounded across webhooks by `broker.max_in_flight`), their acks
-//! awaited together within `broker.response_budget`. What the broker cannot take in time goes to
-//! the local [`Spool`] (fsynced before the answer); while the spool holds events, new webhooks
-//! are appended behind them so they do not overtake them.
+//! awaited together within `broker.response_budget`: the deliverer (`crate::delivery`) drives
+//! the broker with the webhook path's policy. What the broker cannot take in time goes to the
+//! local [`Spool`] (fsynced before the answer); while the spool holds events, new webhooks are
+//! appended behind them so they do not overtake them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::join_all;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::broker::{Broker, DeadLetter, Message, PublishError, now_ms};
+use crate::broker::Broker;
 use crate::config::Settings;
-use crate::delivery;
+use crate::delivery::{Deliverer, Fate, Kept, Pending, Policy};
+use crate::message::{DeadLetter, Message};
 use crate::metrics::Metrics;
 use crate::spool::{Record, Spool, SpoolError};
+use crate::supervisor::TaskHealth;
 use crate::webhook::{self, AppKey, AppRegistry};
 
 /// Why a webhook was not accepted once its request was read; [`crate::http`] maps each to its
@@ -80,10 +80,11 @@ pub struct Accepted {
 pub struct Bridge {
     settings: Arc<Settings>,
     apps: AppRegistry,
-    broker: Arc<Broker>,
+    deliverer: Deliverer,
     metrics: Arc<Metrics>,
-    in_flight: Arc<Semaphore>,
     spool: Arc<Spool>,
+    /// The supervised background tasks that are down right now (for `/readyz`).
+    tasks: TaskHealth,
 }
 
 /// Bodies at least this large are authenticated ([`crate::http`]), parsed and turned into
@@ -108,24 +109,6 @@ fn parse_and_prepare(
     ))
 }
 
-/// A failed publish: the error and how many attempts were made.
-struct Failure {
-    error: PublishError,
-    attempts: u32,
-    first_failure_ms: u64,
-}
-
-impl Failure {
-    /// No in-flight room before the deadline: the events go to the spool.
-    fn no_room() -> Self {
-        Self {
-            error: PublishError::Unavailable("too many publishes in flight".into()),
-            attempts: 0,
-            first_failure_ms: now_ms(),
-        }
-    }
-}
-
 impl Bridge {
     /// Builds the pipeline around a connected broker and an open spool.
     pub fn new(
@@ -135,14 +118,19 @@ impl Bridge {
         spool: Arc<Spool>,
     ) -> Self {
         let apps = AppRegistry::new(&settings.apps);
-        let in_flight = Arc::new(Semaphore::new(settings.broker.max_in_flight));
+        let deliverer = Deliverer::new(
+            broker,
+            metrics.clone(),
+            settings.broker.publish_timeout,
+            settings.broker.max_in_flight,
+        );
         Self {
             settings,
             apps,
-            broker,
+            deliverer,
             metrics,
-            in_flight,
             spool,
+            tasks: TaskHealth::default(),
         }
     }
 
@@ -153,7 +141,7 @@ impl Bridge {
 
     /// The broker (for readiness and shutdown).
     pub fn broker(&self) -> &Arc<Broker> {
-        &self.broker
+        self.deliverer.broker()
     }
 
     /// The metrics.
@@ -166,10 +154,29 @@ impl Bridge {
         &self.settings
     }
 
-    /// Whether events can be made durable now and will move on (for `/readyz`): the broker is
-    /// up or the spool has room for a webhook, and the spool's drainer is not stalled.
-    pub(crate) fn is_ready(&self) -> bool {
-        (self.broker.is_up() || self.spool.has_room()) && !self.spool.is_stalled()
+    /// Which supervised background tasks are down (the supervisor reports into it).
+    pub fn task_health(&self) -> &TaskHealth {
+        &self.tasks
+    }
+
+    /// Whether events can be made durable now and will move on (for `/readyz`), or why not:
+    /// the broker is up or the spool has room for a webhook, the spool's drainer is not
+    /// stalled, and no background task is down.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        if self.spool.is_stalled() {
+            return Err("the spool is not draining although the broker is up".into());
+        }
+        let down = self.tasks.down();
+        if !down.is_empty() {
+            return Err(format!(
+                "background task(s) stopped and restarting: {}",
+                down.join(", ")
+            ));
+        }
+        if !self.broker().is_up() && !self.spool.has_room() {
+            return Err("broker unreachable and no spool room".into());
+        }
+        Ok(())
     }
 
     /// The configured app keys ([`crate::http`] authenticates each request against them).
@@ -180,8 +187,9 @@ impl Bridge {
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
     pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
-        let deadline = started + self.settings.broker.response_budget;
-        let (messages, mut dead) = if body.len() >= OFFLOAD_BYTES {
+        let budget = self.settings.broker.response_budget;
+        let policy = Policy::webhook(started + budget, budget);
+        let (messages, dead) = if body.len() >= OFFLOAD_BYTES {
             let (settings, app, body) = (self.settings.clone(), app.clone(), body.clone());
             tokio::task::spawn_blocking(move || parse_and_prepare(&settings, &app, &body))
                 .await
@@ -194,178 +202,59 @@ impl Bridge {
         };
         if !self.spool.is_empty() {
             // Earlier events are still waiting: queue behind them (the drainer keeps order).
-            let spooled = self.make_durable(messages, dead).await?;
+            let records: Vec<Record> = messages
+                .into_iter()
+                .map(Record::Event)
+                .chain(dead.into_iter().map(Record::DeadLetter))
+                .collect();
+            let spooled = self.make_durable(records).await?;
             return Ok(Accepted {
                 spooled,
                 ..Accepted::default()
             });
         }
-
-        let results = self.publish_all(&messages, deadline).await;
-        let mut accepted = Accepted::default();
-        let mut pending: Vec<Message> = Vec::new();
-        for (msg, result) in messages.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    accepted.published += 1;
-                    self.metrics.published(&app.app_id, &msg.event);
-                }
-                Err(Failure {
-                    error: PublishError::Refused { reason, detail },
-                    attempts,
-                    first_failure_ms,
-                }) => dead.push(DeadLetter {
-                    message: msg,
-                    reason,
-                    detail,
-                    attempts,
-                    first_failure_ms,
-                }),
-                Err(Failure {
-                    error: PublishError::Unavailable(_),
-                    ..
-                }) => pending.push(msg),
-            }
-        }
-        let dead_results = self.dead_letter_all(&dead, deadline).await;
-        let mut pending_dead = Vec::new();
-        for (dl, result) in dead.into_iter().zip(dead_results) {
-            match result {
-                Ok(()) => {
-                    accepted.dead_lettered += 1;
-                    self.metrics.dead_lettered(&app.app_id, dl.reason.as_str());
-                }
-                Err(_) => pending_dead.push(dl),
-            }
-        }
+        let pending: Vec<Pending<'_>> = messages
+            .iter()
+            .map(|message| Pending {
+                message,
+                failed_since_ms: None,
+            })
+            .collect();
+        let mut fates = self.deliverer.events(&pending, policy).await;
+        fates.extend(self.deliverer.dead_letters(dead, policy).await);
         self.metrics
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
-        if !pending.is_empty() || !pending_dead.is_empty() {
-            accepted.spooled = self.make_durable(pending, pending_dead).await?;
-        }
-        Ok(accepted)
-    }
-
-    /// First attempt: every event handed to the broker in webhook order with all acks awaited
-    /// together ([`Broker::publish_in_order`]); then each failure follows the retry policy of
-    /// [`Bridge::retry_loop`] on its own.
-    async fn publish_all(
-        &self,
-        messages: &[Message],
-        deadline: Instant,
-    ) -> Vec<Result<(), Failure>> {
-        if messages.is_empty() {
-            return Vec::new();
-        }
-        let wanted = messages.len().min(self.settings.broker.max_in_flight);
-        let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
-        let permits = tokio::time::timeout_at(deadline, self.in_flight.acquire_many(wanted)).await;
-        let Ok(Ok(_permits)) = permits else {
-            return messages.iter().map(|_| Err(Failure::no_room())).collect();
-        };
-        let refs: Vec<&Message> = messages.iter().collect();
-        let timeout = deadline
-            .saturating_duration_since(Instant::now())
-            .min(self.settings.broker.publish_timeout);
-        let first = self.broker.publish_in_order(&refs, timeout).await;
-        join_all(messages.iter().zip(first).map(|(m, first)| {
-            self.retry_loop(deadline, Some(first), |t| self.broker.publish(m, t))
-        }))
-        .await
-    }
-
-    /// Dead-letters `dead` in chunks of `broker.max_in_flight`, each chunk's permits taken at
-    /// once. One permit per letter, all awaited in one `join_all`, grew with the square of the
-    /// count: each wake-up of the join re-polled every waiting acquire, and tokio's cooperative
-    /// budget let only 128 of them through per round (8,000 malformed events took 1.5 s).
-    async fn dead_letter_all(
-        &self,
-        dead: &[DeadLetter],
-        deadline: Instant,
-    ) -> Vec<Result<(), Failure>> {
-        let mut results = Vec::with_capacity(dead.len());
-        for chunk in dead.chunks(self.settings.broker.max_in_flight) {
-            let wanted = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-            let permits =
-                tokio::time::timeout_at(deadline, self.in_flight.acquire_many(wanted)).await;
-            let Ok(Ok(_permits)) = permits else {
-                results.extend(chunk.iter().map(|_| Err(Failure::no_room())));
-                continue;
-            };
-            results.extend(
-                join_all(chunk.iter().map(|d| {
-                    self.retry_loop(deadline, None, |t| self.broker.publish_dead_letter(d, t))
-                }))
-                .await,
-            );
-        }
-        results
-    }
-
-    /// Runs `attempt` until it succeeds or the delivery policy ([`delivery::next_step`], with
-    /// the time left until `deadline` and a quarter of `broker.response_budget` kept for the
-    /// dead-letter publish of a refusal) says to spool or dead-letter. `first` is the outcome
-    /// of a first attempt already made elsewhere (a batch), if any. The caller holds the
-    /// in-flight permits.
-    async fn retry_loop<F, Fut>(
-        &self,
-        deadline: Instant,
-        mut first: Option<Result<(), PublishError>>,
-        attempt: F,
-    ) -> Result<(), Failure>
-    where
-        F: Fn(Duration) -> Fut,
-        Fut: Future<Output = Result<(), PublishError>>,
-    {
-        let mut attempts = 0;
-        let mut first_failure_ms = 0;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let timeout = remaining.min(self.settings.broker.publish_timeout);
-            attempts += 1;
-            let outcome = match first.take() {
-                Some(outcome) => outcome,
-                None => attempt(timeout).await,
-            };
-            let error = match outcome {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if first_failure_ms == 0 {
-                first_failure_ms = now_ms();
-            }
-            let budget = delivery::Budget::Time {
-                remaining: deadline.saturating_duration_since(Instant::now()),
-                reserve: self.settings.broker.response_budget / 4,
-            };
-            match delivery::next_step(&error, attempts, self.broker.is_up(), budget) {
-                delivery::Step::Retry(pause) => tokio::time::sleep(pause).await,
-                // The caller spools `Unavailable` and dead-letters `Refused`, as the policy says.
-                delivery::Step::Spool | delivery::Step::DeadLetter => {
-                    return Err(Failure {
-                        error,
-                        attempts,
-                        first_failure_ms,
-                    });
+        let mut accepted = Accepted::default();
+        let mut kept = Vec::new();
+        for fate in fates {
+            match fate {
+                Fate::Published => accepted.published += 1,
+                Fate::DeadLettered(_) => accepted.dead_lettered += 1,
+                Fate::Kept {
+                    item: Kept::Event(m),
+                    ..
+                } => kept.push(Record::Event(m)),
+                // The drainer sets aside what the dead-letter queue refuses for good.
+                Fate::Kept {
+                    item: Kept::DeadLetter(dl),
+                    ..
+                }
+                | Fate::Unplaceable(dl) => {
+                    kept.push(Record::DeadLetter(dl));
                 }
             }
         }
+        if !kept.is_empty() {
+            accepted.spooled = self.make_durable(kept).await?;
+        }
+        Ok(accepted)
     }
 
     /// Makes events the broker could not take durable on the local spool: appended as one unit
     /// and fsynced before this returns. A full spool (or a disk error) refuses the webhook and
     /// Pusher retries it (ids are deterministic, so events already published are deduplicated).
-    async fn make_durable(
-        &self,
-        pending: Vec<Message>,
-        pending_dead: Vec<DeadLetter>,
-    ) -> Result<usize, WebhookError> {
-        let records: Vec<Record> = pending
-            .into_iter()
-            .map(Record::Event)
-            .chain(pending_dead.into_iter().map(Record::DeadLetter))
-            .collect();
+    async fn make_durable(&self, records: Vec<Record>) -> Result<usize, WebhookError> {
         match self.spool.append(&records).await {
             Ok(()) => Ok(records.len()),
             Err(source) => {
@@ -386,9 +275,11 @@ mod tests {
     //! `Bridge::handle` against the in-memory broker ([`crate::broker::fake`]): where every
     //! event ends for each broker outcome.
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::broker::DlqReason;
     use crate::broker::fake::{FakeBroker, refused, timeout};
+    use crate::message::{DlqReason, now_ms};
     use crate::routing;
 
     struct Rig {
@@ -456,6 +347,17 @@ mod tests {
             dead_lettered,
             spooled,
         }
+    }
+
+    #[tokio::test]
+    async fn readiness_names_a_background_task_that_is_down() {
+        let rig = Rig::new().await;
+        assert_eq!(rig.bridge.readiness(), Ok(()));
+        rig.bridge.task_health().set("spool_drainer", true);
+        let why = rig.bridge.readiness().unwrap_err();
+        assert!(why.contains("spool_drainer"), "{why}");
+        rig.bridge.task_health().set("spool_drainer", false);
+        assert_eq!(rig.bridge.readiness(), Ok(()));
     }
 
     #[tokio::test]

@@ -1,19 +1,34 @@
-//! The delivery policy: after a failed publish, whether to try again, to keep the event on the
-//! spool, or to dead-letter it. The webhook path ([`crate::bridge`]) and the spool drainer
-//! ([`crate::spool::drain`]) both ask [`next_step`]; only their budgets differ (the webhook
-//! path has `broker.response_budget`, the drainer a number of tries).
+//! Delivery: the one loop that drives the broker for every path that publishes (the webhook,
+//! the spool drainer, `dlq replay`), and the one policy it follows after a failed publish:
+//! try again, keep the event where it can wait, or dead-letter it.
 //!
-//! The broker modules sort each failure into [`PublishError`], since only they can read their
-//! broker's answers: `Unavailable` (no connection, no ack in time, a NATS stream without a
-//! leader, a JetStream API that does not answer) is transient, `Refused` is the broker's answer
-//! about this message. [`is_transient`] is where the rest of the crate (the publishes in order
-//! included) asks which of the two it got. Of the
-//! refusals, `rejected` and `nacked` may pass on a retry (a broker under pressure); the others
-//! (`no_stream` confirmed by the JetStream API, `unroutable`, `too_large`, `malformed`) cannot.
+//! [`Deliverer::events`] hands a batch to the broker in order with every ack awaited together
+//! ([`Broker::publish_in_order`]), then follows [`next_step`] for each failure;
+//! [`Deliverer::dead_letters`] publishes dead letters the same way. Each event ends in a
+//! [`Fate`]. What differs between the paths is a [`Policy`], each difference named with its
+//! reason: the webhook path has a time budget (its answer is due) and retries an unavailable
+//! broker within it; the drainer and replay count tries and leave what the broker cannot take
+//! where it is (the spool, the dead-letter queue), so nothing behind it overtakes it; replay
+//! does not dead-letter a refusal, as the letter itself is in the dead-letter queue.
+//!
+//! The brokers sort each failure into [`PublishError`], since only they can read their answers:
+//! `Unavailable` (no connection, no ack in time, a NATS stream without a leader, a JetStream API
+//! that does not answer) is transient, `Refused` is the broker's answer about this message. Of
+//! the refusals, `rejected` and `nacked` may pass on a retry (a broker under pressure); the
+//! others (`no_stream` confirmed by the JetStream API, `unroutable`, `too_large`, `malformed`)
+//! cannot.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{DlqReason, PublishError};
+use futures::future::join_all;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+use crate::backoff::{self, Backoff};
+use crate::broker::Broker;
+use crate::message::{DeadLetter, DlqReason, Message, PublishError, now_ms};
+use crate::metrics::Metrics;
 
 /// What to do with an event whose publish failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +57,8 @@ pub(crate) enum Budget {
     Tries(u32),
 }
 
-/// The first pause between tries; it doubles up to [`MAX_BACKOFF`].
-pub(crate) const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// The pause between tries: 25 ms doubling up to [`MAX_BACKOFF`] (jittered when slept).
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(25), MAX_BACKOFF);
 /// The longest pause between tries.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(400);
 /// Below this much time left after the pause, a try is not worth starting.
@@ -51,15 +66,7 @@ const MIN_TRY: Duration = Duration::from_millis(10);
 
 /// The pause after the `attempt`-th failed try (1-based): 25, 50, 100, 200, 400, 400... ms.
 pub(crate) fn backoff(attempt: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1 << attempt.saturating_sub(1).min(8))
-        .min(MAX_BACKOFF)
-}
-
-/// Whether a failure is transient: the same publish may succeed once the broker is back (a
-/// publish in order stops at such a failure, so nothing behind it overtakes it).
-pub(crate) fn is_transient(error: &PublishError) -> bool {
-    matches!(error, PublishError::Unavailable(_))
+    BACKOFF.step(attempt)
 }
 
 /// Whether a refusal may pass on a retry.
@@ -68,8 +75,9 @@ pub(crate) fn may_pass(reason: DlqReason) -> bool {
 }
 
 /// The next step after the `attempt`-th try (1-based) failed with `error`. `broker_up`: whether
-/// the broker is connected now (an unavailable broker that is down is not retried: its events
-/// go to the spool at once).
+/// an unavailable broker may be tried again now (it is connected, and the path retries an
+/// unavailable broker at all, see [`Policy::retry_unavailable`]); a broker that is down is not
+/// retried: its events are kept at once.
 pub(crate) fn next_step(
     error: &PublishError,
     attempt: u32,
@@ -95,6 +103,365 @@ pub(crate) fn next_step(
         _ if retryable && room => Step::Retry(pause),
         PublishError::Unavailable(_) => Step::Spool,
         PublishError::Refused { .. } => Step::DeadLetter,
+    }
+}
+
+/// How one path may try; every difference between the paths is a field, with its reason.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    /// How much trying is left.
+    pub budget: Limit,
+    /// Try an unavailable broker again while it is connected. The webhook path does, within
+    /// its answer's budget (a blip should not cost the spool a write). The drainer and replay
+    /// do not: the event stays where it waits (the spool, the dead-letter queue) and their next
+    /// pass tries it again in order, so nothing behind it overtakes it.
+    pub retry_unavailable: bool,
+    /// Dead-letter an event the broker refuses. Replay does not: the letter it republished is
+    /// still in the dead-letter queue, and stays there.
+    pub dead_letter: bool,
+}
+
+/// The budget of a [`Policy`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Limit {
+    /// Until the answer is due, keeping `reserve` for the dead-letter publish a refusal needs.
+    Until {
+        /// When the webhook's answer is due.
+        deadline: Instant,
+        /// Kept back for the dead-letter publish after a refusal.
+        reserve: Duration,
+    },
+    /// A number of tries for a refusal that may pass.
+    Tries(u32),
+}
+
+/// Tries for a refusal that may pass (`rejected`, `nacked`) on the paths without a deadline.
+pub(crate) const REFUSAL_TRIES: u32 = 3;
+
+impl Policy {
+    /// The webhook path: until `deadline`, a quarter of `budget` kept for dead letters.
+    pub(crate) fn webhook(deadline: Instant, budget: Duration) -> Self {
+        Self {
+            budget: Limit::Until {
+                deadline,
+                reserve: budget / 4,
+            },
+            retry_unavailable: true,
+            dead_letter: true,
+        }
+    }
+
+    /// The spool drainer.
+    pub(crate) fn drain() -> Self {
+        Self {
+            budget: Limit::Tries(REFUSAL_TRIES),
+            retry_unavailable: false,
+            dead_letter: true,
+        }
+    }
+
+    /// `dlq replay`.
+    pub(crate) fn replay() -> Self {
+        Self {
+            dead_letter: false,
+            ..Self::drain()
+        }
+    }
+
+    /// The budget left after `attempt` tries.
+    fn left(&self, attempt: u32) -> Budget {
+        match self.budget {
+            Limit::Until { deadline, reserve } => Budget::Time {
+                remaining: deadline.saturating_duration_since(Instant::now()),
+                reserve,
+            },
+            Limit::Tries(n) => Budget::Tries(n.saturating_sub(attempt)),
+        }
+    }
+
+    /// The deadline to take in-flight room by (`None`: wait).
+    fn deadline(&self) -> Option<Instant> {
+        match self.budget {
+            Limit::Until { deadline, .. } => Some(deadline),
+            Limit::Tries(_) => None,
+        }
+    }
+}
+
+/// What could not reach the broker, to keep where it waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// An event.
+    Event(Message),
+    /// A dead letter.
+    DeadLetter(DeadLetter),
+}
+
+/// Where one event or dead letter ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// The broker acknowledged the event.
+    Published,
+    /// The dead-letter queue acknowledged it, for this reason.
+    DeadLettered(DlqReason),
+    /// Not at the broker: the webhook path spools it, the drainer leaves it on the spool,
+    /// replay leaves the letter in place.
+    Kept {
+        /// What to keep.
+        item: Kept,
+        /// The last failure.
+        why: PublishError,
+    },
+    /// The dead-letter queue refused this letter for good (its detail says why): the drainer
+    /// sets it aside in the quarantine file; the webhook path spools it like a kept one.
+    Unplaceable(DeadLetter),
+}
+
+/// One event to deliver, and since when it waits (a spooled event failed when it was spooled).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pending<'a> {
+    /// The event.
+    pub message: &'a Message,
+    /// Unix ms of its first failed publish, when an earlier pass had one.
+    pub failed_since_ms: Option<u64>,
+}
+
+/// A failed publish after the policy gave up on it.
+struct Failed {
+    error: PublishError,
+    attempts: u32,
+    first_failure_ms: u64,
+}
+
+/// Drives one broker for every path: the publishes in flight bounded by
+/// `broker.max_in_flight` across all callers, each failure handled by [`next_step`], every
+/// acknowledged event and dead letter counted.
+pub(crate) struct Deliverer {
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    publish_timeout: Duration,
+    in_flight: Semaphore,
+    max_in_flight: usize,
+}
+
+impl Deliverer {
+    /// A deliverer of `broker` with `broker.publish_timeout` and `broker.max_in_flight`.
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+        publish_timeout: Duration,
+        max_in_flight: usize,
+    ) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        Self {
+            broker,
+            metrics,
+            publish_timeout,
+            in_flight: Semaphore::new(max_in_flight),
+            max_in_flight,
+        }
+    }
+
+    /// The broker it drives.
+    pub(crate) fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Room for `n` publishes (at most `max_in_flight`), by the policy's deadline if it has one.
+    async fn room(&self, n: usize, policy: &Policy) -> Option<SemaphorePermit<'_>> {
+        let wanted = u32::try_from(n.min(self.max_in_flight)).unwrap_or(u32::MAX);
+        let acquire = self.in_flight.acquire_many(wanted);
+        match policy.deadline() {
+            Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok()?.ok(),
+            None => acquire.await.ok(),
+        }
+    }
+
+    /// How long one try may wait for its ack.
+    fn try_timeout(&self, policy: &Policy) -> Duration {
+        match policy.budget {
+            Limit::Until { deadline, .. } => deadline
+                .saturating_duration_since(Instant::now())
+                .min(self.publish_timeout),
+            Limit::Tries(_) => self.publish_timeout,
+        }
+    }
+
+    /// Delivers `events`: handed to the broker in this order with every ack awaited together,
+    /// then each failure as `policy` says (tried again, dead-lettered, or kept). One fate per
+    /// event, in order.
+    pub(crate) async fn events(&self, events: &[Pending<'_>], policy: Policy) -> Vec<Fate> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let Some(_room) = self.room(events.len(), &policy).await else {
+            let no_room = || PublishError::Unavailable("too many publishes in flight".into());
+            let failed = |_| Failed {
+                error: no_room(),
+                attempts: 0,
+                first_failure_ms: now_ms(),
+            };
+            return join_all(
+                events
+                    .iter()
+                    .map(|p| self.settle(p, Err(failed(p)), policy)),
+            )
+            .await;
+        };
+        let refs: Vec<&Message> = events.iter().map(|p| p.message).collect();
+        let first = self
+            .broker
+            .publish_in_order(&refs, self.try_timeout(&policy))
+            .await;
+        join_all(
+            events
+                .iter()
+                .zip(first)
+                .map(|(p, first)| self.event(p, first, policy)),
+        )
+        .await
+    }
+
+    /// One event after its first try: tried again while the policy allows, then settled.
+    async fn event(
+        &self,
+        p: &Pending<'_>,
+        first: Result<(), PublishError>,
+        policy: Policy,
+    ) -> Fate {
+        let outcome = self
+            .retry(Some(first), policy, |t| self.broker.publish(p.message, t))
+            .await;
+        self.settle(p, outcome, policy).await
+    }
+
+    /// Where an event ends after its last try.
+    async fn settle(&self, p: &Pending<'_>, outcome: Result<(), Failed>, policy: Policy) -> Fate {
+        let m = p.message;
+        match outcome {
+            Ok(()) => {
+                self.metrics.published(&m.app_id, &m.event);
+                Fate::Published
+            }
+            Err(Failed {
+                error: PublishError::Refused { reason, detail },
+                attempts,
+                first_failure_ms,
+            }) if policy.dead_letter => {
+                let letter = DeadLetter {
+                    message: m.clone(),
+                    reason,
+                    detail,
+                    attempts,
+                    first_failure_ms: p.failed_since_ms.unwrap_or(first_failure_ms),
+                };
+                self.dead_letter(letter, policy).await
+            }
+            Err(Failed { error, .. }) => Fate::Kept {
+                item: Kept::Event(m.clone()),
+                why: error,
+            },
+        }
+    }
+
+    /// Delivers dead letters (malformed events, spooled letters) to the dead-letter queue, in
+    /// chunks of `broker.max_in_flight`, each failure as `policy` says. One fate per letter.
+    ///
+    /// Chunks, not one permit per letter: all of them awaited in one `join_all` grew with the
+    /// square of the count (each wake-up of the join re-polled every waiting acquire, and
+    /// tokio's cooperative budget let only 128 through per round: 8,000 malformed events took
+    /// 1.5 s).
+    pub(crate) async fn dead_letters(&self, letters: Vec<DeadLetter>, policy: Policy) -> Vec<Fate> {
+        let mut fates = Vec::with_capacity(letters.len());
+        let mut letters = letters.into_iter().peekable();
+        while letters.peek().is_some() {
+            let chunk: Vec<DeadLetter> = letters.by_ref().take(self.max_in_flight).collect();
+            match self.room(chunk.len(), &policy).await {
+                Some(_room) => {
+                    fates.extend(
+                        join_all(chunk.into_iter().map(|dl| self.dead_letter(dl, policy))).await,
+                    );
+                }
+                None => fates.extend(chunk.into_iter().map(|dl| Fate::Kept {
+                    item: Kept::DeadLetter(dl),
+                    why: PublishError::Unavailable("too many publishes in flight".into()),
+                })),
+            }
+        }
+        fates
+    }
+
+    /// One dead letter to the dead-letter queue; the caller holds its in-flight room.
+    async fn dead_letter(&self, letter: DeadLetter, policy: Policy) -> Fate {
+        let outcome = self
+            .retry(None, policy, |t| {
+                self.broker.publish_dead_letter(&letter, t)
+            })
+            .await;
+        match outcome {
+            Ok(()) => {
+                self.metrics
+                    .dead_lettered(&letter.message.app_id, letter.reason.as_str());
+                Fate::DeadLettered(letter.reason)
+            }
+            Err(Failed {
+                error: PublishError::Refused { detail, .. },
+                ..
+            }) => Fate::Unplaceable(DeadLetter {
+                detail: format!("{}; dead-letter queue: {detail}", letter.detail),
+                ..letter
+            }),
+            Err(Failed { error, .. }) => Fate::Kept {
+                item: Kept::DeadLetter(letter),
+                why: error,
+            },
+        }
+    }
+
+    /// Runs `attempt` (after `first`, the outcome of a try made elsewhere, if any) until it
+    /// succeeds or [`next_step`] says to stop.
+    async fn retry<F, Fut>(
+        &self,
+        mut first: Option<Result<(), PublishError>>,
+        policy: Policy,
+        attempt: F,
+    ) -> Result<(), Failed>
+    where
+        F: Fn(Duration) -> Fut,
+        Fut: Future<Output = Result<(), PublishError>>,
+    {
+        let mut attempts = 0;
+        let mut first_failure_ms = 0;
+        loop {
+            attempts += 1;
+            let outcome = match first.take() {
+                Some(outcome) => outcome,
+                None => attempt(self.try_timeout(&policy)).await,
+            };
+            let error = match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if first_failure_ms == 0 {
+                first_failure_ms = now_ms();
+            }
+            let may_retry_unavailable = policy.retry_unavailable && self.broker.is_up();
+            match next_step(
+                &error,
+                attempts,
+                may_retry_unavailable,
+                policy.left(attempts),
+            ) {
+                Step::Retry(pause) => tokio::time::sleep(backoff::jitter(pause)).await,
+                Step::Spool | Step::DeadLetter => {
+                    return Err(Failed {
+                        error,
+                        attempts,
+                        first_failure_ms,
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -176,6 +543,195 @@ mod tests {
                 Step::DeadLetter,
                 "{reason:?}"
             );
+        }
+    }
+
+    mod deliverer {
+        //! The deliverer against the in-memory broker ([`crate::broker::fake`]): every outcome
+        //! on every path's policy.
+
+        use super::super::*;
+        use crate::broker::fake::{FakeBroker, refused, timeout};
+
+        fn deliverer() -> Deliverer {
+            Deliverer::new(
+                Arc::new(Broker::Fake(Box::default())),
+                Arc::new(Metrics::new()),
+                Duration::from_millis(100),
+                8,
+            )
+        }
+
+        fn fake(d: &Deliverer) -> &FakeBroker {
+            match &**d.broker() {
+                Broker::Fake(f) => f,
+                _ => unreachable!("the fake broker"),
+            }
+        }
+
+        fn msg(subject: &str) -> Message {
+            Message {
+                subject: subject.into(),
+                msg_id: format!("id-{subject}"),
+                body: bytes::Bytes::from_static(b"{}"),
+                app_id: Arc::from("1"),
+                event: "e".into(),
+                channel: subject.into(),
+                time_ms: "1".into(),
+            }
+        }
+
+        fn webhook() -> Policy {
+            Policy::webhook(
+                Instant::now() + Duration::from_millis(800),
+                Duration::from_millis(800),
+            )
+        }
+
+        async fn one(d: &Deliverer, m: &Message, policy: Policy, since: Option<u64>) -> Fate {
+            let pending = [Pending {
+                message: m,
+                failed_since_ms: since,
+            }];
+            d.events(&pending, policy).await.remove(0)
+        }
+
+        #[tokio::test]
+        async fn every_path_publishes_what_is_acked_and_retries_what_may_pass() {
+            for policy in [webhook(), Policy::drain(), Policy::replay()] {
+                let d = deliverer();
+                fake(&d).script("a", vec![refused(DlqReason::Nacked)]);
+                let m = msg("a");
+                assert_eq!(
+                    one(&d, &m, policy, None).await,
+                    Fate::Published,
+                    "{policy:?}"
+                );
+                assert_eq!(fake(&d).tries("a"), 2);
+            }
+        }
+
+        #[tokio::test]
+        async fn an_unavailable_broker_is_retried_by_the_webhook_path_only() {
+            let d = deliverer();
+            fake(&d).script("a", vec![timeout()]);
+            assert_eq!(one(&d, &msg("a"), webhook(), None).await, Fate::Published);
+            for policy in [Policy::drain(), Policy::replay()] {
+                let d = deliverer();
+                fake(&d).script("a", vec![timeout()]);
+                let fate = one(&d, &msg("a"), policy, None).await;
+                assert!(
+                    matches!(
+                        fate,
+                        Fate::Kept {
+                            item: Kept::Event(_),
+                            ..
+                        }
+                    ),
+                    "{fate:?}"
+                );
+                assert_eq!(fake(&d).tries("a"), 1, "left where it waits, in order");
+            }
+            // A broker that is down is not retried even by the webhook path.
+            let d = deliverer();
+            fake(&d).set_up(false);
+            let fate = one(&d, &msg("a"), webhook(), None).await;
+            assert!(matches!(fate, Fate::Kept { .. }), "{fate:?}");
+        }
+
+        #[tokio::test]
+        async fn a_refusal_is_dead_lettered_except_on_replay() {
+            for policy in [webhook(), Policy::drain()] {
+                let d = deliverer();
+                fake(&d).script("a", vec![refused(DlqReason::TooLarge)]);
+                let fate = one(&d, &msg("a"), policy, Some(7)).await;
+                assert_eq!(fate, Fate::DeadLettered(DlqReason::TooLarge));
+                assert_eq!(fake(&d).tries("a"), 1, "a lasting refusal is not retried");
+                assert_eq!(fake(&d).dead_letters(), [("a".into(), DlqReason::TooLarge)]);
+            }
+            let d = deliverer();
+            fake(&d).script("a", vec![refused(DlqReason::TooLarge)]);
+            let fate = one(&d, &msg("a"), Policy::replay(), None).await;
+            assert!(
+                matches!(
+                    fate,
+                    Fate::Kept {
+                        item: Kept::Event(_),
+                        ..
+                    }
+                ),
+                "{fate:?}"
+            );
+            assert!(
+                fake(&d).dead_letters().is_empty(),
+                "the letter stays a letter"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_nacked_dead_letter_is_retried_on_every_path() {
+            for policy in [webhook(), Policy::drain()] {
+                let d = deliverer();
+                fake(&d).script_dead(vec![refused(DlqReason::Nacked)]);
+                let letter = DeadLetter {
+                    message: msg("a"),
+                    reason: DlqReason::Malformed,
+                    detail: String::new(),
+                    attempts: 0,
+                    first_failure_ms: 1,
+                };
+                let fates = d.dead_letters(vec![letter], policy).await;
+                assert_eq!(
+                    fates,
+                    [Fate::DeadLettered(DlqReason::Malformed)],
+                    "{policy:?}"
+                );
+            }
+        }
+
+        #[tokio::test]
+        async fn what_the_dead_letter_queue_refuses_or_cannot_take_is_said_apart() {
+            let letter = DeadLetter {
+                message: msg("a"),
+                reason: DlqReason::Malformed,
+                detail: "bad".into(),
+                attempts: 0,
+                first_failure_ms: 1,
+            };
+            let d = deliverer();
+            fake(&d).script_dead(vec![refused(DlqReason::NoStream)]);
+            let fates = d.dead_letters(vec![letter.clone()], Policy::drain()).await;
+            let [Fate::Unplaceable(kept)] = &fates[..] else {
+                panic!("{fates:?}");
+            };
+            assert!(
+                kept.detail.starts_with("bad; dead-letter queue:"),
+                "{}",
+                kept.detail
+            );
+            let d = deliverer();
+            fake(&d).script_dead(vec![timeout()]);
+            let fates = d.dead_letters(vec![letter], Policy::drain()).await;
+            assert!(
+                matches!(
+                    &fates[..],
+                    [Fate::Kept {
+                        item: Kept::DeadLetter(_),
+                        ..
+                    }]
+                ),
+                "{fates:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_spooled_events_first_failure_is_when_it_was_spooled() {
+            let d = deliverer();
+            fake(&d).script("a", vec![refused(DlqReason::Unroutable)]);
+            let m = msg("a");
+            one(&d, &m, Policy::drain(), Some(1234)).await;
+            let stored = fake(&d).dead_letter_records();
+            assert_eq!(stored[0].first_failure_ms, 1234);
         }
     }
 

@@ -232,23 +232,14 @@ async fn route(
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            if bridge.is_ready() {
-                respond(StatusCode::OK, "text/plain", "ready\n")
-            } else if bridge.spool().is_stalled() {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready: the spool is not draining although the broker is up\n",
-                )
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not ready: broker unreachable and no spool room\n",
-                )
-            }
-        }
+        (&Method::GET | &Method::HEAD, "/readyz") => match bridge.readiness() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

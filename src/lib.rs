@@ -2,6 +2,9 @@
 //! event to NATS JetStream or RabbitMQ on `<prefix>.<app_id>.<event>.<channel>`.
 //!
 //! How the crate is laid out, following one webhook:
+//! - `backoff`: the one jittered backoff of every retry loop (ground floor too).
+//! - [`message`]: the ground floor, importing nothing of the crate: messages, dead letters and
+//!   their headers, publish errors, Pusher's event names.
 //! - [`config`]: typed settings (defaults < TOML < `PUSHER_BRIDGE_*` env), secrets redacted.
 //! - [`http`]: hyper server, routes, limits, the HTTP-only refusals and the mapping of every
 //!   refusal to its status code.
@@ -20,7 +23,8 @@
 //! - [`retention`]: the retention rules (per app, per event) that the sweeper purges by and
 //!   that per-message TTLs are stamped from.
 //! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
-//! - [`shutdown`]: the stop signal background tasks select on.
+//! - [`shutdown`]: the stop signal background tasks select on; [`supervisor`]: starts them,
+//!   restarts one that ends or panics (counted, `/readyz` red meanwhile), waits for all at the end.
 //! - [`logging`]: the log output, every configured secret masked in every line.
 //! - [`state`]: channel state (occupancy, subscription counts, presence members) in NATS KV,
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
@@ -30,6 +34,7 @@
 //! [`Broker`], [`Message`], [`Metrics`], [`Spool`] and their errors) are re-exported here; the rest of each module is
 //! `pub(crate)` unless the binary, the tests or the examples need it.
 
+mod backoff;
 pub mod bridge;
 pub mod broker;
 pub mod config;
@@ -37,6 +42,7 @@ mod delivery;
 pub mod dlq;
 pub mod http;
 pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod probe;
 pub mod retention;
@@ -45,6 +51,7 @@ pub mod sendtest;
 pub mod shutdown;
 pub mod spool;
 pub mod state;
+pub mod supervisor;
 pub mod sweeper;
 pub mod webhook;
 
@@ -57,8 +64,10 @@ pub use crate::bridge::{Accepted, Bridge, WebhookError};
 pub use crate::broker::{Broker, BrokerError, Message};
 pub use crate::config::Settings;
 pub use crate::metrics::Metrics;
+use crate::retention::Target;
 use crate::spool::drain::Drainer;
 pub use crate::spool::{Spool, SpoolError};
+use crate::supervisor::Supervisor;
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +97,14 @@ pub async fn build(settings: Settings) -> Result<Arc<Bridge>, StartError> {
         )
         .await?,
     );
-    let broker = Arc::new(Broker::connect(&settings, metrics.clone()).await?);
+    // On RabbitMQ the state's queue takes a copy of every event from the first publish on.
+    let copies = match settings.broker.kind {
+        config::BrokerKind::Amqp if settings.state.enabled => {
+            vec![state::applier::amqp::state_queue(&settings)]
+        }
+        _ => Vec::new(),
+    };
+    let broker = Arc::new(Broker::connect_with(&settings, metrics.clone(), copies).await?);
     Ok(Arc::new(Bridge::new(settings, broker, metrics, spool)))
 }
 
@@ -110,28 +126,41 @@ pub async fn run(
         broker = ?bridge.settings().broker.kind,
         "pusher-bridge serving"
     );
-    // Background tasks stop when `shutdown` completes (or `serve` returns and drops the trigger).
+    // Background tasks run under the one supervisor and stop when `shutdown` completes (or
+    // `serve` returns and drops the trigger).
     let (stop_background, background) = shutdown::channel();
-    let sweeper = sweeper::spawn(
-        Arc::new(bridge.settings().clone()),
+    let mut tasks = Supervisor::new(
+        background,
         bridge.metrics().clone(),
-        background.clone(),
+        bridge.task_health().clone(),
     );
-    let drainer = Drainer::new(
+    let settings = Arc::new(bridge.settings().clone());
+    if Target::ALL.iter().any(|t| sweeper::swept(&settings, *t)) {
+        let (settings, metrics) = (settings.clone(), bridge.metrics().clone());
+        tasks.spawn(metrics::task::RETENTION_SWEEPER, move |shutdown| {
+            sweeper::run(settings.clone(), metrics.clone(), shutdown)
+        });
+    }
+    let (spool, broker, metrics) = (
         bridge.spool().clone(),
         bridge.broker().clone(),
         bridge.metrics().clone(),
-        bridge.settings().broker.publish_timeout,
-        bridge.settings().spool.drain_interval,
     );
-    let (state_api, state_task) = start_state(
-        bridge.settings(),
-        bridge.metrics(),
-        bridge.broker(),
-        &background,
-    )
-    .await?;
-    let drainer = tokio::spawn(drainer.run(background));
+    let (publish_timeout, interval) = (
+        settings.broker.publish_timeout,
+        settings.spool.drain_interval,
+    );
+    tasks.spawn(metrics::task::SPOOL_DRAINER, move |shutdown| {
+        let drainer = Drainer::new(
+            spool.clone(),
+            broker.clone(),
+            metrics.clone(),
+            publish_timeout,
+            interval,
+        );
+        drainer.run(shutdown)
+    });
+    let state_api = start_state(&settings, bridge.metrics(), bridge.broker(), &mut tasks).await?;
     // The server stops when `shutdown` completes, or when the broker finds it cannot do what
     // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
@@ -146,16 +175,7 @@ pub async fn run(
         stop_background.trigger();
     };
     http::serve_with_state(listener, bridge.clone(), state_api, shutdown).await;
-    if let Some(task) = state_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
-    }
-    let wait = std::time::Duration::from_secs(5);
-    if tokio::time::timeout(wait, drainer).await.is_err() {
-        tracing::warn!("the spool drainer did not stop in time");
-    }
-    if let Some(task) = sweeper {
-        let _ = tokio::time::timeout(wait, task).await;
-    }
+    tasks.join(std::time::Duration::from_secs(5)).await;
     bridge.spool().close().await;
     bridge.broker().close().await;
     match fatal_rx.try_recv() {
@@ -165,42 +185,37 @@ pub async fn run(
 }
 
 /// With `[state] enabled`: connects to the KV's NATS (and, for a NATS broker at another URL, to
-/// the events' NATS), declares the AMQP state queue before any webhook is served, and spawns the
-/// applier. Returns the query API and the task.
+/// the events' NATS) and starts the state's background work (applier and tombstone sweep)
+/// under the supervisor. Returns the query API. On RabbitMQ the broker declares the state
+/// queue on every connect, before it publishes ([`build`]); the applier declares it again when
+/// it connects.
 async fn start_state(
-    settings: &Settings,
+    settings: &Arc<Settings>,
     metrics: &Arc<Metrics>,
     broker: &Arc<Broker>,
-    background: &shutdown::Shutdown,
-) -> Result<
-    (
-        Option<state::api::SharedApi>,
-        Option<tokio::task::JoinHandle<()>>,
-    ),
-    StartError,
-> {
+    tasks: &mut Supervisor,
+) -> Result<Option<state::api::SharedApi>, StartError> {
     if !settings.state.enabled {
-        return Ok((None, None));
+        return Ok(None);
     }
     let kv_settings = state::kv_nats_settings(settings);
     let kv = state::connect(&kv_settings).await?;
     let events = match settings.broker.kind {
-        config::BrokerKind::Amqp => {
-            // The broker declares the state queue on every connect, before it publishes
-            // (`broker::amqp::session`); the applier declares it again when it connects.
-            None
-        }
+        config::BrokerKind::Amqp => None,
         _ if kv_settings.url == settings.broker.nats.url => Some(kv.clone()),
         _ => Some(state::connect(&settings.broker.nats).await?),
     };
     let api = Arc::new(state::StateApi::new(settings, kv.clone()));
-    let task = tokio::spawn(state::run(
-        Arc::new(settings.clone()),
-        kv,
-        events,
-        broker.clone(),
-        metrics.clone(),
-        background.clone(),
-    ));
-    Ok((Some(api), Some(task)))
+    let (settings, metrics, broker) = (settings.clone(), metrics.clone(), broker.clone());
+    tasks.spawn(metrics::task::CHANNEL_STATE, move |shutdown| {
+        state::run(
+            settings.clone(),
+            kv.clone(),
+            events.clone(),
+            broker.clone(),
+            metrics.clone(),
+            shutdown,
+        )
+    });
+    Ok(Some(api))
 }

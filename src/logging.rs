@@ -79,7 +79,7 @@ fn forms(secret: &str) -> Vec<String> {
     let mut out = Vec::new();
     for s in [
         secret.to_string(),
-        crate::broker::nats::url_auth::percent_decode(secret),
+        crate::config::url_auth::percent_decode(secret),
     ] {
         let debug = format!("{s:?}");
         out.push(debug[1..debug.len() - 1].to_string());

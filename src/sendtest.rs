@@ -14,17 +14,7 @@ use crate::config::Settings;
 use crate::probe::{self, HttpAnswer, ProbeError};
 use crate::webhook::AppRegistry;
 
-/// Every event type Pusher sends, in the order `send-test` posts them (also the `event`
-/// label values of the metrics, [`crate::metrics::KNOWN_EVENTS`]).
-pub(crate) const EVENT_TYPES: [&str; 7] = [
-    "channel_occupied",
-    "channel_vacated",
-    "member_added",
-    "member_removed",
-    "client_event",
-    "cache_miss",
-    "subscription_count",
-];
+pub(crate) use crate::message::EVENT_TYPES;
 
 /// How long one post may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -21,8 +21,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
-use crate::broker::{DeadLetter, DlqReason, Message, now_ms};
 use crate::config::AppSettings;
+use crate::message::{DeadLetter, DlqReason, Message, now_ms};
 use crate::routing;
 
 type HmacSha256 = Hmac<Sha256>;

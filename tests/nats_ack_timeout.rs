@@ -48,6 +48,23 @@ impl PausableNats {
             .expect("kill runs")
             .success();
         assert!(ok, "kill {sig} failed");
+        // A signal is delivered asynchronously: on a loaded machine the server could still
+        // answer a publish sent right after `kill` returned. Wait until it is really stopped.
+        if sig == "-STOP" {
+            let stat = format!("/proc/{}/stat", self.child.id());
+            for _ in 0..200 {
+                let state = std::fs::read_to_string(&stat).unwrap_or_default();
+                if state
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('T'))
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("nats-server did not stop");
+        }
     }
 }
 

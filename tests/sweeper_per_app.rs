@@ -325,7 +325,7 @@ async fn nats_each_message_goes_by_its_most_specific_rule_and_a_disabled_app_sta
 
     // The scans' positions are stored, one per scan and target, under the current rules.
     let kv = js
-        .get_key_value(pusher_bridge::sweeper::state_bucket(&settings))
+        .get_key_value(pusher_bridge::sweeper::cursor_bucket(&settings))
         .await
         .expect("state bucket");
     let cursor: serde_json::Value =

@@ -91,6 +91,11 @@ impl FakeBroker {
             .collect()
     }
 
+    /// The stored dead letters, whole.
+    pub(crate) fn dead_letter_records(&self) -> Vec<DeadLetter> {
+        lock(&self.dead).clone()
+    }
+
     /// How many publishes of `subject` were tried.
     pub fn tries(&self, subject: &str) -> u32 {
         lock(&self.tries).get(subject).copied().unwrap_or(0)
@@ -133,7 +138,7 @@ impl FakeBroker {
                 continue;
             }
             let r = self.publish(m, timeout).await;
-            stopped = r.as_ref().is_err_and(crate::delivery::is_transient);
+            stopped = r.as_ref().is_err_and(PublishError::is_transient);
             out.push(r);
         }
         out

@@ -20,163 +20,10 @@ pub mod null;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::config::{BrokerKind, Settings};
+pub(crate) use crate::message::dead_letter_id;
+pub use crate::message::{DeadLetter, DlqReason, Message, PublishError, headers, now_ms};
 use crate::metrics::Metrics;
-
-/// One event, ready to publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    /// NATS subject and AMQP routing key (`<prefix>.<app>.<event>.<channel>`, escaped).
-    pub subject: String,
-    /// Deterministic id (`Nats-Msg-Id` / AMQP `message_id`).
-    pub msg_id: String,
-    /// JSON body: the event plus `app_id` and `time_ms`.
-    pub body: Bytes,
-    /// App id, also sent as a header.
-    pub app_id: Arc<str>,
-    /// Event name, also sent as a header (and the metric label).
-    pub event: String,
-    /// Channel, also sent as a header.
-    pub channel: String,
-    /// The webhook's `time_ms` as sent.
-    pub time_ms: String,
-}
-
-/// Why an event went to the dead-letter queue (the `reason` label and header).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DlqReason {
-    /// The event has no string `name` / `channel` or is not an object.
-    Malformed,
-    /// NATS: no stream takes the subject.
-    NoStream,
-    /// The message is larger than the broker accepts.
-    TooLarge,
-    /// The broker refused the message for another lasting reason.
-    Rejected,
-    /// AMQP: the broker nacked the message, even after retries.
-    Nacked,
-    /// AMQP: no queue is bound for the routing key (returned by `mandatory`).
-    Unroutable,
-}
-
-impl DlqReason {
-    /// Every reason (the metrics create a dead-letter series for each at start-up).
-    pub const ALL: [DlqReason; 6] = [
-        DlqReason::Malformed,
-        DlqReason::NoStream,
-        DlqReason::TooLarge,
-        DlqReason::Rejected,
-        DlqReason::Nacked,
-        DlqReason::Unroutable,
-    ];
-
-    /// Label / header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DlqReason::Malformed => "malformed",
-            DlqReason::NoStream => "no_stream",
-            DlqReason::TooLarge => "too_large",
-            DlqReason::Rejected => "rejected",
-            DlqReason::Nacked => "nacked",
-            DlqReason::Unroutable => "unroutable",
-        }
-    }
-
-    /// Parses a label / header value back.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "malformed" => DlqReason::Malformed,
-            "no_stream" => DlqReason::NoStream,
-            "too_large" => DlqReason::TooLarge,
-            "rejected" => DlqReason::Rejected,
-            "nacked" => DlqReason::Nacked,
-            "unroutable" => DlqReason::Unroutable,
-            _ => return None,
-        })
-    }
-}
-
-/// An event that could not be delivered to its subject, with why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// The event. For a malformed event `subject` is empty (none could be made) and `body` is the
-    /// event's raw JSON text; otherwise both are what would have been published.
-    pub message: Message,
-    /// Why it is here.
-    pub reason: DlqReason,
-    /// Human-readable detail (a parse error, the broker's answer).
-    pub detail: String,
-    /// Publish attempts made before giving up (0 for malformed events).
-    pub attempts: u32,
-    /// Unix milliseconds of the first failure.
-    pub first_failure_ms: u64,
-}
-
-/// Header names the bridge sets on messages and dead letters (NATS headers, AMQP headers).
-pub mod headers {
-    /// The app id.
-    pub const APP_ID: &str = "Pusher-App-Id";
-    /// The event name.
-    pub const EVENT: &str = "Pusher-Event";
-    /// The channel.
-    pub const CHANNEL: &str = "Pusher-Channel";
-    /// The webhook's `time_ms`.
-    pub const TIME_MS: &str = "Pusher-Time-Ms";
-    /// Dead letters: the subject / routing key the event was meant for.
-    pub const DLQ_SUBJECT: &str = "Pusher-Bridge-Subject";
-    /// Dead letters: the event's message id.
-    pub const DLQ_MSG_ID: &str = "Pusher-Bridge-Msg-Id";
-    /// Dead letters: the reason.
-    pub const DLQ_REASON: &str = "Pusher-Bridge-Reason";
-    /// Dead letters: the detail.
-    pub const DLQ_DETAIL: &str = "Pusher-Bridge-Detail";
-    /// Dead letters: attempts made.
-    pub const DLQ_ATTEMPTS: &str = "Pusher-Bridge-Attempts";
-    /// Dead letters: unix ms of the first failure.
-    pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
-}
-
-/// What a dead letter's own message id starts with (`dlq-<msg_id>`, docs/dlq.md). The id is
-/// derived from the event's, so a webhook delivered twice yields one letter per event; the
-/// `dlq` tools strip the prefix to find the original id when its header is missing.
-pub(crate) const DEAD_LETTER_ID_PREFIX: &str = "dlq-";
-
-/// The message id of the dead letter of the event `msg_id` (`dlq-<msg_id>`), on both brokers.
-pub(crate) fn dead_letter_id(msg_id: &str) -> String {
-    format!("{DEAD_LETTER_ID_PREFIX}{msg_id}")
-}
-
-/// Longest `Pusher-Bridge-Detail` header, in characters.
-pub(crate) const MAX_DETAIL_CHARS: usize = 512;
-
-/// The detail of a dead letter as a header value, the same on both brokers: control characters
-/// (line breaks, which NATS headers cannot hold) become spaces and the text is cut at
-/// [`MAX_DETAIL_CHARS`] characters, so a long broker answer cannot bloat every dead letter.
-pub(crate) fn header_safe(detail: &str) -> String {
-    detail
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_DETAIL_CHARS)
-        .collect()
-}
-
-/// A publish that did not get an ack.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PublishError {
-    /// The broker is unreachable or did not answer in time: retry, then spool.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
-    /// The broker answered and refused the message for good: dead-letter it.
-    #[error("broker refused the message ({}): {detail}", reason.as_str())]
-    Refused {
-        /// Which kind of refusal.
-        reason: DlqReason,
-        /// The broker's words.
-        detail: String,
-    },
-}
 
 /// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -261,12 +108,22 @@ impl Broker {
     /// Connects the broker of `settings.broker.kind`. Does not wait for the broker to be
     /// reachable: the connection (and topology) comes up in the background and reconnects.
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
+        Self::connect_with(settings, metrics, Vec::new()).await
+    }
+
+    /// [`Broker::connect`], with queues that take a copy of the events on RabbitMQ (declared on
+    /// every connect before any publish; the channel state's queue).
+    pub(crate) async fn connect_with(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        copies: Vec<amqp::topology::BoundQueue>,
+    ) -> Result<Self, BrokerError> {
         Ok(match settings.broker.kind {
             BrokerKind::Nats => Broker::Nats(Box::new(
                 nats::NatsBroker::connect(settings, metrics).await?,
             )),
             BrokerKind::Amqp => Broker::Amqp(Box::new(
-                amqp::AmqpBroker::connect(settings, metrics).await?,
+                amqp::AmqpBroker::connect(settings, metrics, copies).await?,
             )),
             #[cfg(feature = "bench-null-broker")]
             BrokerKind::Null => {
@@ -373,32 +230,5 @@ impl Broker {
             #[cfg(test)]
             Broker::Fake(_) => {}
         }
-    }
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dead_letter_ids_are_prefixed() {
-        assert_eq!(dead_letter_id("abc-3"), "dlq-abc-3");
-    }
-
-    #[test]
-    fn header_safe_replaces_control_characters_and_cuts_by_characters() {
-        assert_eq!(header_safe("a\r\nb\tc"), "a  b c");
-        let long = "é".repeat(600);
-        let cut = header_safe(&long);
-        assert_eq!(cut.chars().count(), MAX_DETAIL_CHARS);
-        assert!(long.starts_with(&cut));
     }
 }

@@ -22,10 +22,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{
-    BoxError, Broker, BrokerError, DEAD_LETTER_ID_PREFIX, DlqReason, Message, cause, headers,
-};
+use crate::broker::{BoxError, Broker, BrokerError, cause};
 use crate::config::{BrokerKind, Settings};
+use crate::delivery::{Deliverer, Fate, Pending, Policy};
+use crate::message::{DlqReason, LetterHeaders, Message};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
 pub const REPLAY_WINDOW: usize = 64;
@@ -118,27 +118,19 @@ impl DeadLetterRecord {
         stored_id: Option<&str>,
         body: Bytes,
     ) -> Self {
-        let text = |name: &str| header(name).unwrap_or_default();
-        let msg_id = header(headers::DLQ_MSG_ID)
-            .filter(|id| !id.is_empty())
-            .or_else(|| {
-                stored_id
-                    .and_then(|id| id.strip_prefix(DEAD_LETTER_ID_PREFIX))
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        let h = LetterHeaders::read(header, stored_id);
         Self {
             position,
-            subject: text(headers::DLQ_SUBJECT),
-            msg_id,
-            reason: text(headers::DLQ_REASON),
-            detail: text(headers::DLQ_DETAIL),
-            attempts: text(headers::DLQ_ATTEMPTS).trim().parse().unwrap_or(0),
-            first_failure_ms: text(headers::DLQ_FIRST_FAILURE).trim().parse().unwrap_or(0),
-            app_id: text(headers::APP_ID),
-            event: text(headers::EVENT),
-            channel: text(headers::CHANNEL),
-            time_ms: text(headers::TIME_MS),
+            subject: h.subject,
+            msg_id: h.msg_id,
+            reason: h.reason,
+            detail: h.detail,
+            attempts: h.attempts,
+            first_failure_ms: h.first_failure_ms,
+            app_id: h.app_id,
+            event: h.event,
+            channel: h.channel,
+            time_ms: h.time_ms,
             body,
         }
     }
@@ -479,8 +471,7 @@ async fn list_store<S: LetterStore>(
 /// gets them in the DLQ's order. A letter is removed after its ack and kept otherwise.
 async fn replay_store<S: LetterStore>(
     mut store: S,
-    publisher: &Broker,
-    timeout: std::time::Duration,
+    publisher: &Deliverer,
     progress: &ProgressBar,
 ) -> ReplaySummary {
     progress.set_length(store.count());
@@ -507,7 +498,7 @@ async fn replay_store<S: LetterStore>(
             }
         }
         if done || batch.len() >= REPLAY_WINDOW {
-            let results = republish(publisher, batch.iter().map(|(r, _)| r), timeout).await;
+            let results = republish(publisher, batch.iter().map(|(r, _)| r)).await;
             for ((r, handle), result) in batch.drain(..).zip(results) {
                 match result {
                     Err(e) => {
@@ -605,20 +596,31 @@ fn null_broker() -> DlqError {
     BrokerError::connect_msg("the benchmark-only null broker keeps no dead letters").into()
 }
 
-/// Publishes `letters` as their event messages, in this order, all acks awaited together
-/// ([`Broker::publish_in_order`]): one result per letter.
+/// Publishes `letters` as their event messages, in this order, all acks awaited together, as
+/// the deliverer does for every path (with replay's policy: a refusal that may pass is tried a
+/// few times; nothing is dead-lettered again, the letter stays): one result per letter.
 async fn republish<'a>(
-    publisher: &Broker,
+    publisher: &Deliverer,
     letters: impl Iterator<Item = &'a DeadLetterRecord>,
-    timeout: std::time::Duration,
 ) -> Vec<Result<(), String>> {
     let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
-    let refs: Vec<&Message> = messages.iter().collect();
+    let pending: Vec<Pending<'_>> = messages
+        .iter()
+        .map(|message| Pending {
+            message,
+            failed_since_ms: None,
+        })
+        .collect();
     publisher
-        .publish_in_order(&refs, timeout)
+        .events(&pending, Policy::replay())
         .await
         .into_iter()
-        .map(|r| r.map_err(|e| e.to_string()))
+        .map(|fate| match fate {
+            Fate::Published => Ok(()),
+            Fate::Kept { why, .. } => Err(why.to_string()),
+            // Replay's policy dead-letters nothing.
+            Fate::DeadLettered(_) | Fate::Unplaceable(_) => Err("dead-lettered again".into()),
+        })
         .collect()
 }
 
@@ -649,28 +651,33 @@ pub async fn replay(
     // stays a letter, rather than the tool creating the bridge's catch-all queue for it.
     let mut publishing = settings.clone();
     publishing.broker.declare = false;
-    let publisher = Broker::connect(&publishing, metrics).await?;
-    if !publisher.wait_up(PUBLISHER_WAIT).await {
-        publisher.close().await;
+    let broker = std::sync::Arc::new(Broker::connect(&publishing, metrics.clone()).await?);
+    if !broker.wait_up(PUBLISHER_WAIT).await {
+        broker.close().await;
         return Err(BrokerError::connect_msg(format!(
             "the broker's publisher was not up within {PUBLISHER_WAIT:?}"
         ))
         .into());
     }
-    let timeout = settings.broker.publish_timeout;
+    let publisher = Deliverer::new(
+        broker.clone(),
+        metrics,
+        settings.broker.publish_timeout,
+        REPLAY_WINDOW,
+    );
     let result = match settings.broker.kind {
         BrokerKind::Nats => match nats::Store::open(settings).await {
-            Ok(store) => Ok(replay_store(store, &publisher, timeout, progress).await),
+            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
             Err(e) => Err(e),
         },
         BrokerKind::Amqp => match amqp::Store::open(settings).await {
-            Ok(store) => Ok(replay_store(store, &publisher, timeout, progress).await),
+            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
             Err(e) => Err(e),
         },
         #[cfg(feature = "bench-null-broker")]
         BrokerKind::Null => Err(null_broker()),
     };
-    publisher.close().await;
+    broker.close().await;
     result
 }
 

@@ -2,31 +2,29 @@
 //! soon as the broker takes events again, and moves the spool's cursor only past records the
 //! broker acknowledged.
 //!
-//! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records: the
-//! batch's events are handed to the broker in order and their acks awaited together
-//! ([`Broker::publish_in_order`]), so the stream keeps the arrival order; [`Drainer::run`] calls
-//! it when an append lands, on an interval, and stops on shutdown. A refused event becomes a
-//! dead letter; a dead letter the dead-letter queue refuses for a lasting reason is set aside in
-//! the quarantine file so it does not block the records behind it (`pusher-bridge quarantine`
-//! lists it, `pusher_bridge_spool_quarantined` counts it, the next start takes it back onto the
-//! spool); an unavailable broker ends the pass (the records stay and are retried on the next
-//! one).
+//! [`Drainer::drain_once`] works through the spool in batches of [`DRAIN_BATCH`] records, each
+//! delivered by the deliverer every path shares (`crate::delivery`) with the drainer's policy:
+//! the batch's events are handed to the broker in order and their acks awaited together, so the
+//! stream keeps the arrival order; a refusal that may pass is tried a few times; a refused event
+//! becomes a dead letter (its first failure is when it was spooled); an unavailable broker ends
+//! the pass (the records stay and are retried on the next one, in order). A dead letter the
+//! dead-letter queue refuses for a lasting reason is set aside in the quarantine file so it does
+//! not block the records behind it (`pusher-bridge quarantine` lists it,
+//! `pusher_bridge_spool_quarantined` counts it, the next start takes it back onto the spool).
+//! [`Drainer::run`] drains when an append lands and on an interval, and stops on shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
-
-use super::{DRAIN_BATCH, Item, Spool, SpoolError, record};
-use crate::broker::{Broker, DeadLetter, DlqReason, Message, PublishError, now_ms};
-use crate::delivery;
+use super::{Batch, DRAIN_BATCH, Item, Spool, SpoolError, record};
+use crate::broker::Broker;
+use crate::delivery::{Deliverer, Fate, Pending, Policy};
+use crate::message::now_ms;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// How often the drainer looks at the broker while records wait and the broker is down.
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
-/// Attempts for refusals that may pass on retry (`rejected`, `nacked`) before dead-lettering.
-const REFUSAL_ATTEMPTS: u32 = 3;
 
 /// How long the drainer may handle no record while records wait and the broker is up before it
 /// counts as stalled. A drain batch takes at most `broker.publish_timeout` (1.5 s by default) per
@@ -76,33 +74,44 @@ pub struct DrainReport {
     pub interrupted: bool,
 }
 
+impl Outcome {
+    /// What a record's fate means for the spool: a letter the dead-letter queue refuses for
+    /// good goes to the quarantine file.
+    fn of(fate: Fate) -> Self {
+        match fate {
+            Fate::Published => Outcome::Published,
+            Fate::DeadLettered(_) => Outcome::DeadLettered,
+            Fate::Kept { .. } => Outcome::Unavailable,
+            Fate::Unplaceable(dl) => {
+                tracing::error!(
+                    subject = %dl.message.subject,
+                    msg_id = %dl.message.msg_id,
+                    reason = dl.reason.as_str(),
+                    error = %dl.detail,
+                    "the dead-letter queue refused a spooled record; keeping it in the quarantine file"
+                );
+                let mut frame = Vec::new();
+                record::encode_into(&mut frame, now_ms(), &record::Record::DeadLetter(dl));
+                Outcome::Quarantine(frame)
+            }
+        }
+    }
+}
+
 /// Where one record ended up.
 enum Outcome {
     Published,
-    DeadLettered(DlqReason),
+    DeadLettered,
     /// No broker destination takes it: keep this frame aside.
     Quarantine(Vec<u8>),
     /// Try again later.
     Unavailable,
 }
 
-/// The event of a spooled record, if it is one.
-fn event_of(item: &Item) -> Option<&Message> {
-    match item {
-        Item::Record(s) => match &s.record {
-            record::Record::Event(m) => Some(m),
-            record::Record::DeadLetter(_) => None,
-        },
-        Item::Undecodable { .. } => None,
-    }
-}
-
 /// Publishes the spool's records to the broker.
 pub struct Drainer {
     spool: Arc<Spool>,
-    broker: Arc<Broker>,
-    metrics: Arc<Metrics>,
-    publish_timeout: Duration,
+    deliverer: Deliverer,
     interval: Duration,
 }
 
@@ -117,18 +126,20 @@ impl Drainer {
     ) -> Self {
         Self {
             spool,
-            broker,
-            metrics,
-            publish_timeout,
+            deliverer: Deliverer::new(broker, metrics, publish_timeout, DRAIN_BATCH),
             interval,
         }
+    }
+
+    fn broker(&self) -> &Broker {
+        self.deliverer.broker()
     }
 
     /// Drains until the spool is empty or the broker stops taking events.
     pub async fn drain_once(&self) -> Result<DrainReport, SpoolError> {
         let mut report = DrainReport::default();
         while !self.spool.is_empty() {
-            if !self.broker.is_up() {
+            if !self.broker().is_up() {
                 report.interrupted = true;
                 break;
             }
@@ -136,17 +147,7 @@ impl Drainer {
             if batch.is_empty() {
                 break;
             }
-            let events: Vec<&Message> = batch.items.iter().filter_map(event_of).collect();
-            let mut first_tries = self
-                .broker
-                .publish_in_order(&events, self.publish_timeout)
-                .await
-                .into_iter();
-            let outcomes = join_all(batch.items.iter().map(|item| {
-                let first = event_of(item).and_then(|_| first_tries.next());
-                self.finish(item, first)
-            }))
-            .await;
+            let outcomes = self.deliver(&batch).await;
             // The cursor moves only over an unbroken run of handled records.
             let done = outcomes
                 .iter()
@@ -154,23 +155,10 @@ impl Drainer {
                 .unwrap_or(outcomes.len());
             let mut quarantine = Vec::new();
             let mut quarantined = 0;
-            for (item, outcome) in batch.items.iter().zip(&outcomes).take(done) {
-                let message = match item {
-                    Item::Record(s) => Some(s.record.message()),
-                    Item::Undecodable { .. } => None,
-                };
+            for outcome in outcomes.iter().take(done) {
                 match outcome {
-                    Outcome::Published => {
-                        report.published += 1;
-                        if let Some(m) = message {
-                            self.metrics.published(&m.app_id, &m.event);
-                        }
-                    }
-                    Outcome::DeadLettered(reason) => {
-                        report.dead_lettered += 1;
-                        let app = message.map_or("unknown", |m| &*m.app_id);
-                        self.metrics.dead_lettered(app, reason.as_str());
-                    }
+                    Outcome::Published => report.published += 1,
+                    Outcome::DeadLettered => report.dead_lettered += 1,
                     Outcome::Quarantine(frame) => {
                         report.quarantined += 1;
                         quarantined += 1;
@@ -192,78 +180,47 @@ impl Drainer {
         Ok(report)
     }
 
-    /// Finishes one record: an event whose first publish (`first`) was refused is retried or
-    /// dead-lettered; a spooled dead letter is published to the dead-letter queue.
-    async fn finish(&self, item: &Item, first: Option<Result<(), PublishError>>) -> Outcome {
-        let spooled = match item {
-            Item::Record(s) => s,
-            Item::Undecodable { payload, error } => {
-                tracing::error!(%error, "spool record cannot be decoded; keeping it in the quarantine file");
-                let mut frame = Vec::new();
-                record::frame_into(&mut frame, payload);
-                return Outcome::Quarantine(frame);
-            }
-        };
-        let m = match &spooled.record {
-            record::Record::DeadLetter(dl) => return self.dead_letter(dl).await,
-            record::Record::Event(m) => m,
-        };
-        let mut result = first.unwrap_or_else(|| Err(PublishError::Unavailable("not sent".into())));
-        let mut attempts = 1;
-        // The delivery policy with a number of tries: refusals that may pass (`rejected`,
-        // `nacked`) are retried a little; an unavailable broker leaves the record where it is
-        // (the next pass tries it again, so nothing behind it overtakes it).
-        while let Err(error) = &result {
-            let budget = delivery::Budget::Tries(REFUSAL_ATTEMPTS.saturating_sub(attempts));
-            let delivery::Step::Retry(pause) = delivery::next_step(error, attempts, false, budget)
-            else {
-                break;
-            };
-            tokio::time::sleep(pause).await;
-            attempts += 1;
-            result = self.broker.publish(m, self.publish_timeout).await;
-        }
-        match result {
-            Ok(()) => Outcome::Published,
-            Err(PublishError::Unavailable(_)) => Outcome::Unavailable,
-            Err(PublishError::Refused { reason, detail }) => {
-                let dl = DeadLetter {
-                    message: m.clone(),
-                    reason,
-                    detail,
-                    attempts,
-                    first_failure_ms: now_ms(),
-                };
-                self.dead_letter(&dl).await
+    /// Delivers one batch with the drainer's policy: its events in order (each failed since it
+    /// was spooled), its dead letters to the dead-letter queue; one outcome per record, in order.
+    async fn deliver(&self, batch: &Batch) -> Vec<Outcome> {
+        let policy = Policy::drain();
+        let mut events = Vec::new();
+        let mut letters = Vec::new();
+        for item in &batch.items {
+            if let Item::Record(s) = item {
+                match &s.record {
+                    record::Record::Event(m) => events.push(Pending {
+                        message: m,
+                        failed_since_ms: Some(s.spooled_at_ms),
+                    }),
+                    record::Record::DeadLetter(dl) => letters.push(dl.clone()),
+                }
             }
         }
-    }
-
-    async fn dead_letter(&self, dl: &DeadLetter) -> Outcome {
-        match self
-            .broker
-            .publish_dead_letter(dl, self.publish_timeout)
-            .await
-        {
-            Ok(()) => Outcome::DeadLettered(dl.reason),
-            Err(PublishError::Unavailable(_)) => Outcome::Unavailable,
-            Err(PublishError::Refused { detail, .. }) => {
-                tracing::error!(
-                    subject = %dl.message.subject,
-                    msg_id = %dl.message.msg_id,
-                    reason = dl.reason.as_str(),
-                    error = %detail,
-                    "the dead-letter queue refused a spooled record; keeping it in the quarantine file"
-                );
-                let kept = DeadLetter {
-                    detail: format!("{}; dead-letter queue: {detail}", dl.detail),
-                    ..dl.clone()
-                };
-                let mut frame = Vec::new();
-                record::encode_into(&mut frame, now_ms(), &record::Record::DeadLetter(kept));
-                Outcome::Quarantine(frame)
-            }
-        }
+        let (events, letters) = tokio::join!(
+            self.deliverer.events(&events, policy),
+            self.deliverer.dead_letters(letters, policy)
+        );
+        let (mut events, mut letters) = (events.into_iter(), letters.into_iter());
+        batch
+            .items
+            .iter()
+            .map(|item| match item {
+                Item::Record(s) => {
+                    let fate = match &s.record {
+                        record::Record::Event(_) => events.next(),
+                        record::Record::DeadLetter(_) => letters.next(),
+                    };
+                    fate.map_or(Outcome::Unavailable, Outcome::of)
+                }
+                Item::Undecodable { payload, error } => {
+                    tracing::error!(%error, "spool record cannot be decoded; keeping it in the quarantine file");
+                    let mut frame = Vec::new();
+                    record::frame_into(&mut frame, payload);
+                    Outcome::Quarantine(frame)
+                }
+            })
+            .collect()
     }
 
     /// Drains whenever records wait and the broker is up: woken by appends, every `interval`
@@ -276,7 +233,7 @@ impl Drainer {
             let stalled = watch.observe(
                 tokio::time::Instant::now(),
                 !self.spool.is_empty(),
-                self.broker.is_up(),
+                self.broker().is_up(),
                 std::mem::take(&mut handled),
             );
             if stalled != self.spool.is_stalled() {
@@ -309,7 +266,7 @@ impl Drainer {
                 self.spool.update_gauges();
                 continue;
             }
-            if !self.broker.is_up() {
+            if !self.broker().is_up() {
                 self.spool.update_gauges();
                 continue;
             }
@@ -375,6 +332,7 @@ mod tests {
     use super::*;
     use crate::broker::fake::{FakeBroker, refused, timeout};
     use crate::config::SpoolSettings;
+    use crate::message::{DlqReason, Message};
     use crate::spool::Record;
 
     fn msg(subject: &str) -> Message {
@@ -458,7 +416,7 @@ mod tests {
             1,
             "a lasting refusal is not retried"
         );
-        assert_eq!(rig.fake().tries("nacked"), REFUSAL_ATTEMPTS);
+        assert_eq!(rig.fake().tries("nacked"), crate::delivery::REFUSAL_TRIES);
         let mut dead = rig.fake().dead_letters();
         dead.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(

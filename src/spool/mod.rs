@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::broker::now_ms;
 use crate::config::SpoolSettings;
+use crate::message::now_ms;
 use crate::metrics::Metrics;
 pub use record::{Record, Spooled};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::broker::{DeadLetter, DlqReason, Message};
+use crate::message::{DeadLetter, DlqReason, Message};
 
 /// First bytes of every frame.
 pub(crate) const MAGIC: [u8; 4] = *b"PBsp";

@@ -124,24 +124,27 @@ pub async fn run(
     let Some(store) = open_store(&kv, &settings, &mut shutdown).await else {
         return;
     };
-    let sweeper = tokio::spawn(sweep_loop(
+    // One task (the supervisor's): a panic in either part is seen and the whole restarted.
+    let sweep = sweep_loop(
         store.clone(),
         settings.state.tombstone_ttl,
         settings.state.sweep_interval,
         shutdown.clone(),
-    ));
-    match events {
-        Some(events) => {
-            tokio::select! {
-                () = shutdown.wait() => {}
-                () = broker.streams_ready() => {
-                    applier::run_nats(settings, events, store, metrics, shutdown).await;
+    );
+    let apply = async {
+        match events {
+            Some(events) => {
+                tokio::select! {
+                    () = shutdown.wait() => {}
+                    () = broker.streams_ready() => {
+                        applier::run_nats(settings, events, store, metrics, shutdown).await;
+                    }
                 }
             }
+            None => applier::amqp::run(settings, store, metrics, shutdown).await,
         }
-        None => applier::amqp::run(settings, store, metrics, shutdown).await,
-    }
-    let _ = sweeper.await;
+    };
+    tokio::join!(sweep, apply);
 }
 
 /// Drops old tombstones every `interval` (every replica may: deletes are revision-exact).

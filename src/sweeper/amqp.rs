@@ -22,7 +22,7 @@ use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
-use super::policy::{self, Retention, RuleKind, Target, Verdict};
+use super::policy::{self, HeadAction, Retention, RuleKind, Target};
 use super::{LeaseStatus, SweepError, TargetReport, broker_msg, op_err};
 use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header_text;
@@ -212,14 +212,14 @@ impl AmqpSweeper {
                         header_str(d.properties.headers(), headers::TIME_MS)
                             .and_then(|v| v.parse().ok())
                     });
-                match policy::verdict(
+                match policy::head_action(
                     &retention,
                     app.as_deref(),
                     event.as_deref(),
                     published_ms,
                     now,
                 ) {
-                    Verdict::Purge => {
+                    HeadAction::Purge => {
                         if dry_run {
                             held = Some(d.delivery_tag);
                         } else {
@@ -241,8 +241,8 @@ impl AmqpSweeper {
                             *purged.entry((label, scope, age, rule)).or_default() += 1;
                         }
                     }
-                    Verdict::Keep => held = Some(d.delivery_tag),
-                    Verdict::Stop => {
+                    HeadAction::Keep => held = Some(d.delivery_tag),
+                    HeadAction::Stop => {
                         held = Some(d.delivery_tag);
                         report.complete = true;
                         return Ok(());

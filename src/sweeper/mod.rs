@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-pub use self::nats_lease::{lease_bucket, state_bucket};
+pub use self::nats_lease::{cursor_bucket, lease_bucket};
 pub use self::policy::{RuleKind, Target};
 use crate::broker::{BoxError, BrokerError, cause};
 use crate::config::{BrokerKind, RetentionMethod, RetentionTarget, Settings};
@@ -566,19 +566,12 @@ pub async fn run_loop(mut sweeper: Sweeper, mut shutdown: Shutdown) {
     sweeper.release().await;
 }
 
-/// Starts the background sweeper of the server, or nothing when both targets are disabled.
-pub fn spawn(
-    settings: Arc<Settings>,
-    metrics: Arc<Metrics>,
-    shutdown: Shutdown,
-) -> Option<tokio::task::JoinHandle<()>> {
-    if !Target::ALL.iter().any(|t| swept(&settings, *t)) {
-        return None;
+/// The server's sweeper: connects, then sweeps every swept target until `shutdown`. Runs
+/// under the supervisor ([`crate::supervisor`]), which starts it only when some target is
+/// swept ([`swept`]) and again if it returns early (a sweeper that cannot connect yet).
+pub async fn run(settings: Arc<Settings>, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    match Sweeper::new(settings, metrics).await {
+        Ok(sweeper) => run_loop(sweeper, shutdown).await,
+        Err(e) => tracing::error!(error = %e, "the retention sweeper cannot start"),
     }
-    Some(tokio::spawn(async move {
-        match Sweeper::new(settings, metrics).await {
-            Ok(sweeper) => run_loop(sweeper, shutdown).await,
-            Err(e) => tracing::error!(error = %e, "the retention sweeper cannot start"),
-        }
-    }))
 }

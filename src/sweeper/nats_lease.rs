@@ -49,7 +49,7 @@ pub fn lease_bucket(settings: &Settings) -> String {
 }
 
 /// The KV bucket holding the sweeper's scan cursor (`<events stream>_sweeper_state`).
-pub fn state_bucket(settings: &Settings) -> String {
+pub fn cursor_bucket(settings: &Settings) -> String {
     bucket_name(settings, "sweeper_state")
 }
 
@@ -337,7 +337,7 @@ impl CursorStore {
         Self {
             bucket: Bucket::new(
                 js,
-                state_bucket(settings),
+                cursor_bucket(settings),
                 Duration::ZERO,
                 settings.broker.nats.replicas,
                 "pusher-bridge retention sweeper state",

@@ -6,7 +6,7 @@
 //! `max_age`, per event overrides of that app). The most specific rule wins: app + event, app,
 //! event, then the target's `max_age` ([`Retention::rule_of`]); a disabled app's messages are
 //! never purged. On NATS the rules become a [`NatsPlan`] of purges by subject filter; on
-//! RabbitMQ each message at the queue head gets a [`Verdict`].
+//! RabbitMQ each message at the queue head gets a [`HeadAction`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -486,7 +486,7 @@ pub(crate) fn subject_tokens<'a>(
 
 /// What the RabbitMQ sweep does with the message it took from the queue head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum HeadAction {
     /// Older than its retention: remove it (ack).
     Purge,
     /// Kept, but older than some other rule's retention, so messages behind it may still be due:
@@ -496,29 +496,29 @@ pub enum Verdict {
     Stop,
 }
 
-/// The verdict for a message of `app` and `event` published at `published_ms` (unix ms), at
+/// What to do with a message of `app` and `event` published at `published_ms` (unix ms), at
 /// `now_ms`. A message without a publish time is kept (the sweeper never removes what it cannot
 /// date), and so is a message of a disabled app.
-pub fn verdict(
+pub fn head_action(
     retention: &Retention,
     app: Option<&str>,
     event: Option<&str>,
     published_ms: Option<u64>,
     now_ms: u64,
-) -> Verdict {
+) -> HeadAction {
     let Some(published) = published_ms else {
-        return Verdict::Keep;
+        return HeadAction::Keep;
     };
     let age = Duration::from_millis(now_ms.saturating_sub(published));
     if retention
         .rule_of(app, event)
         .is_some_and(|(max_age, _)| age > max_age)
     {
-        Verdict::Purge
+        HeadAction::Purge
     } else if age > retention.shortest() {
-        Verdict::Keep
+        HeadAction::Keep
     } else {
-        Verdict::Stop
+        HeadAction::Stop
     }
 }
 
@@ -847,38 +847,41 @@ mod tests {
         let now = 100 * 86_400_000;
         let days_ago = |d: u64| Some(now - d * 86_400_000);
         let v = |r: &Retention, app: Option<&str>, e: Option<&str>, t: Option<u64>| {
-            verdict(r, app, e, t, now)
+            head_action(r, app, e, t, now)
         };
         assert_eq!(
             v(&r, None, Some("client_event"), days_ago(2)),
-            Verdict::Purge
+            HeadAction::Purge
         );
-        assert_eq!(v(&r, None, Some("other"), days_ago(8)), Verdict::Purge);
-        assert_eq!(v(&r, None, None, days_ago(8)), Verdict::Purge);
+        assert_eq!(v(&r, None, Some("other"), days_ago(8)), HeadAction::Purge);
+        assert_eq!(v(&r, None, None, days_ago(8)), HeadAction::Purge);
         assert_eq!(
             v(&r, None, Some("channel_occupied"), days_ago(8)),
-            Verdict::Keep
+            HeadAction::Keep
         );
-        assert_eq!(v(&r, None, Some("other"), days_ago(3)), Verdict::Keep);
+        assert_eq!(v(&r, None, Some("other"), days_ago(3)), HeadAction::Keep);
         assert_eq!(
             v(&r, None, Some("channel_occupied"), Some(now - 1000)),
-            Verdict::Stop
+            HeadAction::Stop
         );
-        assert_eq!(v(&r, None, Some("x"), None), Verdict::Keep);
+        assert_eq!(v(&r, None, Some("x"), None), HeadAction::Keep);
         // A publish time in the future (clock skew) is young.
-        assert_eq!(v(&r, None, Some("x"), Some(now + 5000)), Verdict::Stop);
+        assert_eq!(v(&r, None, Some("x"), Some(now + 5000)), HeadAction::Stop);
 
         r.apps
             .insert("a".into(), app(Some(DAY * 40), &[("client_event", HOUR)]));
         r.apps.insert("off".into(), disabled());
-        assert_eq!(v(&r, Some("a"), Some("other"), days_ago(8)), Verdict::Keep);
+        assert_eq!(
+            v(&r, Some("a"), Some("other"), days_ago(8)),
+            HeadAction::Keep
+        );
         assert_eq!(
             v(&r, Some("a"), Some("other"), days_ago(41)),
-            Verdict::Purge
+            HeadAction::Purge
         );
         assert_eq!(
             v(&r, Some("off"), Some("client_event"), days_ago(99)),
-            Verdict::Keep
+            HeadAction::Keep
         );
         // The shortest rule is now the app's hour: a two-hour-old message is no stop.
         assert_eq!(
@@ -888,7 +891,7 @@ mod tests {
                 Some("channel_occupied"),
                 Some(now - 2 * 3_600_000)
             ),
-            Verdict::Keep
+            HeadAction::Keep
         );
     }
 }

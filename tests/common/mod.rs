@@ -420,7 +420,7 @@ pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
         .delete_key_value(pusher_bridge::sweeper::lease_bucket(settings))
         .await;
     let _ = js
-        .delete_key_value(pusher_bridge::sweeper::state_bucket(settings))
+        .delete_key_value(pusher_bridge::sweeper::cursor_bucket(settings))
         .await;
 }
 

@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::broker::{
-    DeadLetter, DlqReason, Message, PublishError, cloudevents, dead_letter_id, header_safe, headers,
+    DeadLetter, DlqReason, Message, PublishError, cloudevents, dead_letter_id, headers,
 };
 
 /// `content_type` of every message: the body is the event's JSON.
@@ -94,16 +94,9 @@ pub(crate) fn event_properties(msg: &Message, now_secs: u64, cloudevents: bool) 
 pub(crate) fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicProperties {
     let m = &dl.message;
     let mut h = message_headers(m);
-    put(&mut h, headers::DLQ_SUBJECT, &m.subject);
-    put(&mut h, headers::DLQ_MSG_ID, &m.msg_id);
-    put(&mut h, headers::DLQ_REASON, dl.reason.as_str());
-    put(&mut h, headers::DLQ_DETAIL, &header_safe(&dl.detail));
-    put(&mut h, headers::DLQ_ATTEMPTS, &dl.attempts.to_string());
-    put(
-        &mut h,
-        headers::DLQ_FIRST_FAILURE,
-        &dl.first_failure_ms.to_string(),
-    );
+    for (name, value) in dl.headers() {
+        put(&mut h, name, &value);
+    }
     base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
 }
 
@@ -138,6 +131,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::message::header_safe;
 
     fn msg() -> Message {
         Message {

@@ -29,6 +29,7 @@ use tokio::sync::{Notify, watch};
 use self::publish::{ChannelPublisher, Outgoing};
 use self::session::{Session, SessionConfig};
 use super::{BrokerError, DeadLetter, Message, PublishError};
+use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::routing;
@@ -70,8 +71,13 @@ struct Shared {
 
 impl AmqpBroker {
     /// Checks the settings (URL, CA file) and starts the recovery loop; returns at once, before
-    /// RabbitMQ is reached.
-    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
+    /// RabbitMQ is reached. `copies`: queues bound to the events exchange that every connect
+    /// declares before it publishes ([`topology::BoundQueue`]).
+    pub async fn connect(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        copies: Vec<topology::BoundQueue>,
+    ) -> Result<Self, BrokerError> {
         let s = settings.broker.amqp.clone();
         let endpoint =
             endpoint::Endpoint::new(&s, &s.connection_name, endpoint::DEFAULT_HEARTBEAT_SECS)
@@ -95,7 +101,7 @@ impl AmqpBroker {
             per_channel_in_flight: settings.broker.max_in_flight.div_ceil(channels).max(1),
             declare: settings.broker.declare,
             settings: s,
-            state: settings.state.enabled.then(|| Arc::new(settings.clone())),
+            copies,
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -334,29 +340,29 @@ impl Shared {
 
 /// Keeps a session up: [`Shared::recover_once`] right away, then every [`HEALTH_INTERVAL`] (or
 /// at once when a connection event or a closed channel wakes it) while connected, and with
-/// exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
+/// jittered exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
 /// cannot turn into a reconnect storm). A connected but blocked session is checked on the
 /// health interval, so the gauge follows an unblock promptly.
 async fn recovery_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = MIN_BACKOFF;
+    let backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    let mut failures = 0;
     loop {
         if *stop.borrow() {
             return;
         }
         let up = shared.recover_once().await;
         if up || shared.connected() {
-            backoff = MIN_BACKOFF;
+            failures = 0;
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = shared.wake.notified() => {}
                 _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             }
         } else {
-            let wait = backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            failures += 1;
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(backoff.delay(failures)) => {}
             }
         }
     }

@@ -452,9 +452,11 @@ mod tests {
         }
         let closed: lapin::Error =
             ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
-        assert!(crate::delivery::is_transient(
-            &decide(&Answer::Failed(closed), "x", None).unwrap_err()
-        ));
+        assert!(
+            decide(&Answer::Failed(closed), "x", None)
+                .unwrap_err()
+                .is_transient()
+        );
     }
 
     #[test]

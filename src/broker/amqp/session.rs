@@ -28,10 +28,10 @@ pub(crate) struct SessionConfig {
     pub per_channel_in_flight: usize,
     /// Warnings about the connection (lost, cannot connect, back).
     pub log: Arc<ConnectionLog>,
-    /// With `[state] enabled`: the settings the channel-state queue is declared from, on every
-    /// connect before any publish, so no event the broker takes misses the state's copy (also
-    /// when RabbitMQ was away at start-up).
-    pub state: Option<Arc<crate::config::Settings>>,
+    /// Queues that take a copy of the events (the channel state's), declared on every connect
+    /// before any publish, so no event the broker takes misses them (also when RabbitMQ was
+    /// away at start-up).
+    pub copies: Vec<topology::BoundQueue>,
 }
 
 /// A connection and its confirm-mode publishing channels.
@@ -86,15 +86,15 @@ impl Session {
             topology::declare(&channel, &cfg.settings).await?;
             let _ = channel.close(200, "topology declared".into()).await;
         }
-        if let Some(settings) = &cfg.state {
+        if !cfg.copies.is_empty() {
             let channel = conn
                 .create_channel()
                 .await
                 .map_err(|e| BrokerError::topology("a channel to declare on", e))?;
-            crate::state::applier::amqp::declare_on(&channel, settings)
-                .await
-                .map_err(|e| BrokerError::topology("the channel-state queue", e))?;
-            let _ = channel.close(200, "state queue declared".into()).await;
+            for q in &cfg.copies {
+                topology::declare_bound(&channel, &cfg.settings.exchange, q).await?;
+            }
+            let _ = channel.close(200, "queues declared".into()).await;
         }
         let mut publishers = Vec::with_capacity(cfg.settings.channels);
         for _ in 0..cfg.settings.channels.max(1) {

@@ -81,6 +81,48 @@ pub(crate) async fn declare_queue(
         .map(|_| ())
 }
 
+/// A durable queue bound to the events exchange, declared on every connect before any publish
+/// for whoever needs a copy of the events (the channel state's queue): the caller hands it to
+/// the broker, which knows nothing of what it is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundQueue {
+    /// The queue's name.
+    pub queue: String,
+    /// Its binding keys on the events exchange.
+    pub bindings: Vec<String>,
+}
+
+/// Declares the events exchange `exchange` (as [`declare`] does), the durable queue `q` and its
+/// bindings.
+pub(crate) async fn declare_bound(
+    channel: &Channel,
+    exchange: &str,
+    q: &BoundQueue,
+) -> Result<(), BrokerError> {
+    let err = |what: &str, e: lapin::Error| BrokerError::topology(what, e);
+    let ex = name("broker.amqp.exchange", exchange)?;
+    let queue = name("queue", &q.queue)?;
+    declare_exchange(channel, ex.clone())
+        .await
+        .map_err(|e| err(&format!("exchange {exchange}"), e))?;
+    declare_queue(channel, queue.clone(), FieldTable::default())
+        .await
+        .map_err(|e| err(&format!("queue {}", q.queue), e))?;
+    for key in &q.bindings {
+        channel
+            .queue_bind(
+                queue.clone(),
+                ex.clone(),
+                name("binding key", key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| err(&format!("binding {} to {exchange}", q.queue), e))?;
+    }
+    Ok(())
+}
+
 /// Declares both exchanges and queues and binds them. Declaring what exists with the same
 /// settings is a no-op; a queue that exists with other arguments makes RabbitMQ refuse
 /// (`PRECONDITION_FAILED`), which is reported (and retried) rather than worked around.

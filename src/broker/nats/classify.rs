@@ -228,10 +228,7 @@ mod tests {
     #[test]
     fn elections_restarts_and_timeouts_are_transient() {
         for code in [10008, 10009, 10004, 10007, 10041, 10118, 10194] {
-            assert!(
-                crate::delivery::is_transient(&classify(js_error(code, 503))),
-                "{code}"
-            );
+            assert!(classify(js_error(code, 503)).is_transient(), "{code}");
         }
         for kind in [
             PublishErrorKind::TimedOut,
@@ -239,17 +236,14 @@ mod tests {
             PublishErrorKind::MaxAckPending,
         ] {
             let e = jetstream::context::PublishError::new(kind);
-            assert!(crate::delivery::is_transient(&classify(e)));
+            assert!(classify(e).is_transient());
         }
     }
 
     #[test]
     fn newer_servers_answers_are_sorted_too() {
         for code in [10158, 10163, 10167, 10210, 10211] {
-            assert!(
-                crate::delivery::is_transient(&classify(js_error(code, 503))),
-                "{code}"
-            );
+            assert!(classify(js_error(code, 503)).is_transient(), "{code}");
         }
         for (code, what) in LASTING_NEWER_CODES {
             assert!(
@@ -296,7 +290,7 @@ mod tests {
             PublishErrorKind::Other,
             async_nats::SubjectError::InvalidFormat,
         );
-        assert!(!crate::delivery::is_transient(&classify(subject)));
+        assert!(!classify(subject).is_transient());
     }
 
     #[test]

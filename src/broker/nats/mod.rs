@@ -17,15 +17,16 @@ use tokio::sync::{Notify, watch};
 
 use super::connection_log::ConnectionLog;
 use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
+use crate::backoff::Backoff;
+use crate::config::servers;
+use crate::config::url_auth;
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::retention::{Target, TtlRules};
 use crate::routing;
 
 mod classify;
-pub mod servers;
 pub(crate) mod streams;
-pub(crate) mod url_auth;
 pub mod version;
 
 use streams::{Owned, StreamSpec};
@@ -59,6 +60,11 @@ pub struct NatsBroker {
     topology_task: tokio::task::JoinHandle<()>,
 }
 
+/// Pauses between reconnects: 50 ms doubling up to 2 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+/// Pauses between attempts to declare the streams: 100 ms doubling up to 5 s.
+const DECLARE_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
 /// Builds the connect options (auth and TLS) from `[broker.nats]`.
 pub(crate) async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, BrokerError> {
     let mut opts = ConnectOptions::new()
@@ -68,8 +74,13 @@ pub(crate) async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, 
         .ping_interval(Duration::from_secs(10))
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {
-            // Fast first retries (a broker restart), capped at 2 s.
-            Duration::from_millis((50u64 << attempts.min(6)).min(2000))
+            // Fast first retries (a broker restart), capped at 2 s, jittered so replicas do
+            // not reconnect in lockstep.
+            RECONNECT.delay(
+                u32::try_from(attempts)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(1),
+            )
         });
     if let Some(path) = &s.creds_file {
         opts = opts.credentials_file(path).await.map_err(|e| {
@@ -104,7 +115,8 @@ pub(crate) async fn connect_options(s: &NatsSettings) -> Result<ConnectOptions, 
 /// Connects `opts` to every server of `broker.nats.url`. Returns at once: the client connects
 /// in the background and reconnects (`retry_on_initial_connect`).
 async fn connect_with(s: &NatsSettings, opts: ConnectOptions) -> Result<Client, BrokerError> {
-    let servers = servers::server_addrs(s.url.expose())?;
+    let servers = servers::server_addrs(s.url.expose())
+        .map_err(|e| BrokerError::connect("broker.nats.url", e))?;
     opts.connect(servers)
         .await
         .map_err(|e| BrokerError::connect(s.url.redacted(), e))
@@ -390,7 +402,7 @@ impl NatsBroker {
                 Ok(Err(e)) => Err(classify(e)),
                 Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
             });
-            stopped = matches!(pending.last(), Some(Err(e)) if crate::delivery::is_transient(e));
+            stopped = matches!(pending.last(), Some(Err(e)) if e.is_transient());
         }
         futures::future::join_all(pending.into_iter().zip(msgs).map(|(p, m)| async move {
             match tokio::time::timeout_at(deadline, p?).await {
@@ -414,15 +426,9 @@ impl NatsBroker {
             async_nats::header::NATS_MESSAGE_ID,
             super::dead_letter_id(&m.msg_id).as_str(),
         );
-        h.insert(headers::DLQ_SUBJECT, m.subject.as_str());
-        h.insert(headers::DLQ_MSG_ID, m.msg_id.as_str());
-        h.insert(headers::DLQ_REASON, dl.reason.as_str());
-        h.insert(headers::DLQ_DETAIL, super::header_safe(&dl.detail).as_str());
-        h.insert(headers::DLQ_ATTEMPTS, dl.attempts.to_string().as_str());
-        h.insert(
-            headers::DLQ_FIRST_FAILURE,
-            dl.first_failure_ms.to_string().as_str(),
-        );
+        for (name, value) in dl.headers() {
+            h.insert(name, value);
+        }
         if let Some(rules) = &self.ttl.dlq {
             h.insert(NATS_TTL, rules.ttl(&m.app_id, None).header_value());
         }
@@ -574,7 +580,7 @@ impl Topology {
     async fn run(self, reconnected: Arc<Notify>) {
         loop {
             reconnected.notified().await;
-            let mut delay = Duration::from_millis(100);
+            let mut failures = 0;
             while self.connected.load(Ordering::SeqCst) {
                 match self.once().await {
                     Ok(()) => {
@@ -591,8 +597,8 @@ impl Topology {
                     }
                     Err(Step::Retry(e)) => {
                         tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
+                        failures += 1;
+                        tokio::time::sleep(DECLARE_RETRY.delay(failures)).await;
                     }
                 }
             }

@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::Channel;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 
-use super::{CONCURRENCY, RETRY_PAUSE, STATE_EVENTS, Verdict, apply_message};
+use super::{CONCURRENCY, RETRY_PAUSE, STATE_EVENTS, Settle, apply_message};
 use crate::broker::amqp::topology;
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -53,33 +51,24 @@ fn short(value: &str) -> Result<ShortString, StateError> {
     })
 }
 
+/// The state queue and its bindings, as the bridge's RabbitMQ connection declares it on every
+/// connect ([`crate::broker::Broker::connect_with`]).
+pub(crate) fn state_queue(settings: &Settings) -> topology::BoundQueue {
+    topology::BoundQueue {
+        queue: queue_name(settings),
+        bindings: binding_keys(settings),
+    }
+}
+
 /// Declares the events exchange (as the broker does), the state queue and its bindings.
 pub(crate) async fn declare_on(channel: &Channel, settings: &Settings) -> Result<(), StateError> {
-    let err = |what: &str, e: lapin::Error| StateError::Amqp {
-        what: what.to_string(),
-        source: Some(e),
-    };
-    let exchange = short(&settings.broker.amqp.exchange)?;
-    let queue = short(&queue_name(settings))?;
-    topology::declare_exchange(channel, exchange.clone())
-        .await
-        .map_err(|e| err("events exchange", e))?;
-    topology::declare_queue(channel, queue.clone(), FieldTable::default())
-        .await
-        .map_err(|e| err("state queue", e))?;
-    for key in binding_keys(settings) {
-        channel
-            .queue_bind(
-                queue.clone(),
-                exchange.clone(),
-                short(&key)?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| err("state queue binding", e))?;
-    }
-    Ok(())
+    topology::declare_bound(
+        channel,
+        &settings.broker.amqp.exchange,
+        &state_queue(settings),
+    )
+    .await
+    .map_err(StateError::Connect)
 }
 
 async fn connect(settings: &Settings) -> Result<lapin::Connection, StateError> {
@@ -137,8 +126,8 @@ async fn consume_once(
                 .as_ref()
                 .map(|s| s.to_string());
             let result = match apply_message(store, metrics, &delivery.data, id.as_deref()).await {
-                Verdict::Ack => delivery.ack(BasicAckOptions::default()).await,
-                Verdict::Drop => {
+                Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+                Settle::Drop => {
                     delivery
                         .nack(BasicNackOptions {
                             requeue: false,
@@ -146,7 +135,7 @@ async fn consume_once(
                         })
                         .await
                 }
-                Verdict::Retry => {
+                Settle::Retry => {
                     // Requeued at once it would come straight back: pause first.
                     tokio::time::sleep(RETRY_PAUSE).await;
                     delivery

@@ -1,4 +1,4 @@
-//! The server list of `broker.nats.url`: one URL or several, comma-separated (the seed list of a
+//! The server list of `broker.nats.url` (and `state.nats_url`): one URL or several, comma-separated (the seed list of a
 //! NATS cluster). async-nats parses a `&str` as one server only, so `nats://a:1,nats://b:2`
 //! would fail with "invalid port number"; the bridge splits the list itself and hands the
 //! client every server, which then connects to any of them and reconnects across all of them
@@ -6,8 +6,7 @@
 
 use async_nats::ServerAddr;
 
-use crate::broker::BrokerError;
-use crate::config::redact_url;
+use super::redact_url;
 
 /// `broker.nats.url` is not a list of NATS servers.
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +25,6 @@ pub(crate) enum ServerListError {
     /// Only blanks and commas.
     #[error("names no server")]
     Empty,
-}
-
-impl From<ServerListError> for BrokerError {
-    fn from(e: ServerListError) -> Self {
-        BrokerError::connect("broker.nats.url", e)
-    }
 }
 
 /// Every server of `urls` (comma-separated, blanks around commas allowed, empty entries

@@ -71,6 +71,21 @@ pub(crate) const STATE_UPDATES: &str = "pusher_bridge_state_updates";
 /// `pusher_bridge_state_lag_seconds` gauge: age (now minus the webhook's `time_ms`) of the
 /// last event the state applier processed.
 pub(crate) const STATE_LAG: &str = "pusher_bridge_state_lag_seconds";
+/// `pusher_bridge_task_restarts_total{task}`: background tasks (the supervisor's) that ended or
+/// panicked while the bridge ran and were started again.
+pub(crate) const TASK_RESTARTS: &str = "pusher_bridge_task_restarts";
+
+/// The `task` label values of `task_restarts_total`: the supervised background tasks.
+pub(crate) mod task {
+    /// The spool drainer.
+    pub(crate) const SPOOL_DRAINER: &str = "spool_drainer";
+    /// The retention sweeper.
+    pub(crate) const RETENTION_SWEEPER: &str = "retention_sweeper";
+    /// The channel state's applier and tombstone sweep.
+    pub(crate) const CHANNEL_STATE: &str = "channel_state";
+    /// All of them (their series exist from start-up).
+    pub(crate) const ALL: [&str; 3] = [SPOOL_DRAINER, RETENTION_SWEEPER, CHANNEL_STATE];
+}
 
 /// Every exported family name as it appears in the text output, for tests and deploy checks.
 pub const EXPORTED_NAMES: &[&str] = &[
@@ -101,6 +116,7 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "process_start_time_seconds",
     "pusher_bridge_state_updates_total",
     "pusher_bridge_state_lag_seconds",
+    "pusher_bridge_task_restarts_total",
 ];
 
 /// Outcome label of `webhooks_received_total`.
@@ -159,6 +175,13 @@ impl StateOutcome {
     }
 }
 
+/// Labels of `task_restarts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// The task's name (`spool_drainer`, `retention_sweeper`, `channel_state`, ...).
+    pub task: &'static str,
+}
+
 /// Labels of `state_updates_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
@@ -184,9 +207,9 @@ pub struct EventLabels {
     pub event: &'static str,
 }
 
-/// The event names Pusher sends ([`crate::sendtest::EVENT_TYPES`]), each its own `event` label
+/// The event names Pusher sends ([`crate::message::EVENT_TYPES`]), each its own `event` label
 /// value.
-pub(crate) const KNOWN_EVENTS: [&str; 7] = crate::sendtest::EVENT_TYPES;
+pub(crate) const KNOWN_EVENTS: [&str; 7] = crate::message::EVENT_TYPES;
 
 /// The `event` label of every other name: names come from the webhook body, and one series
 /// per name sent would let a sender grow `/metrics` without bound (the subject keeps the name).
@@ -308,6 +331,8 @@ pub struct Metrics {
     pub state_updates: Family<StateLabels, Counter>,
     /// See [`STATE_LAG`].
     pub state_lag: Gauge<f64, AtomicU64>,
+    /// Background tasks restarted by the supervisor, by task.
+    pub task_restarts: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -348,6 +373,7 @@ impl Metrics {
             broker_reconnects: Family::default(),
             state_updates: Family::default(),
             state_lag: Gauge::default(),
+            task_restarts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -455,6 +481,14 @@ impl Metrics {
             "Seconds between the last state event's webhook time and its processing",
             m.state_lag.clone(),
         );
+        registry.register(
+            TASK_RESTARTS,
+            "Background tasks that ended or panicked while the bridge ran and were started again",
+            m.task_restarts.clone(),
+        );
+        for task in task::ALL {
+            let _ = m.task_restarts.get_or_create(&TaskLabels { task });
+        }
         for outcome in StateOutcome::ALL {
             let _ = m.state_updates.get_or_create(&StateLabels {
                 outcome: outcome.as_str(),
@@ -484,7 +518,7 @@ impl Metrics {
                     })
                     .inc_by(0);
             }
-            for reason in crate::broker::DlqReason::ALL {
+            for reason in crate::message::DlqReason::ALL {
                 self.events_dead_lettered
                     .get_or_create(&DeadLetterLabels {
                         app_id: app.id.clone(),

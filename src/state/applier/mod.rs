@@ -26,7 +26,7 @@ use super::StateError;
 use super::merge::{Change, Stamp, Update};
 use super::store::{Applied, StateStore};
 use crate::broker::nats::{ServerVersion, version};
-use crate::broker::now_ms;
+use crate::message::now_ms;
 use crate::metrics::{Metrics, StateOutcome};
 use crate::routing;
 use crate::shutdown::Shutdown;
@@ -134,7 +134,7 @@ pub fn decode(body: &[u8], message_id: Option<&str>) -> Result<Option<Update>, D
 
 /// What to do with the message an update came from.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Settle {
     /// Done (written, stale, or not a state event): ack.
     Ack,
     /// The KV write failed: redeliver later.
@@ -149,14 +149,14 @@ pub(crate) async fn apply_message(
     metrics: &Metrics,
     body: &[u8],
     message_id: Option<&str>,
-) -> Verdict {
+) -> Settle {
     let update = match decode(body, message_id) {
         Ok(Some(u)) => u,
-        Ok(None) => return Verdict::Ack,
+        Ok(None) => return Settle::Ack,
         Err(e) => {
             tracing::warn!(error = %e, message_id, "state: dropping an event it cannot read");
             metrics.state_update(StateOutcome::Failed);
-            return Verdict::Drop;
+            return Settle::Drop;
         }
     };
     match store.apply(&update).await {
@@ -167,12 +167,12 @@ pub(crate) async fn apply_message(
             });
             let lag_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX) - update.stamp.time_ms;
             metrics.state_lag.set(lag_ms.max(0) as f64 / 1000.0);
-            Verdict::Ack
+            Settle::Ack
         }
         Err(e) => {
             tracing::warn!(error = %e, app_id = %update.app_id, channel = %update.channel, "state: update failed, will retry");
             metrics.state_update(StateOutcome::Failed);
-            Verdict::Retry
+            Settle::Retry
         }
     }
 }
@@ -332,20 +332,30 @@ async fn handover_start(
     })
 }
 
+/// How long, at shutdown, the applier keeps handing back messages it had pulled but not
+/// started to apply.
+const HAND_BACK: Duration = Duration::from_millis(20);
+
 /// Pulls from the durable consumers and applies until a consumer's stream ends or `shutdown`.
+/// At shutdown it takes no new message, lets the applies in flight finish (and ack), and naks
+/// what it had pulled but not started, so the next start (this replica's or another's) gets
+/// those at once instead of after `ack_wait`.
 async fn consume_nats_once(
     js: &jetstream::Context,
     settings: &crate::config::Settings,
     store: &StateStore,
     metrics: &Metrics,
+    mut shutdown: Shutdown,
 ) -> Result<(), StateError> {
-    let consumers = nats_consumers(
-        js,
-        &settings.broker.nats.stream,
-        &settings.broker.subject_prefix,
-        &settings.state.durable,
-    )
-    .await?;
+    let consumers = tokio::select! {
+        () = shutdown.wait() => return Ok(()),
+        c = nats_consumers(
+            js,
+            &settings.broker.nats.stream,
+            &settings.broker.subject_prefix,
+            &settings.state.durable,
+        ) => c?,
+    };
     let mut streams = Vec::with_capacity(consumers.len());
     for c in &consumers {
         streams.push(c.messages().await.map_err(|e| StateError::Kv {
@@ -353,7 +363,11 @@ async fn consume_nats_once(
             source: Box::new(e),
         })?);
     }
-    futures::stream::select_all(streams)
+    let mut pulled = futures::stream::select_all(streams);
+    let mut stop = shutdown.clone();
+    pulled
+        .by_ref()
+        .take_until(async move { stop.wait().await })
         .for_each_concurrent(CONCURRENCY, |msg| async move {
             let msg = match msg {
                 Ok(m) => m,
@@ -369,9 +383,9 @@ async fn consume_nats_once(
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.as_str().to_string());
             let kind = match apply_message(store, metrics, &msg.payload, id.as_deref()).await {
-                Verdict::Ack => AckKind::Ack,
-                Verdict::Retry => AckKind::Nak(Some(RETRY_PAUSE)),
-                Verdict::Drop => AckKind::Term,
+                Settle::Ack => AckKind::Ack,
+                Settle::Retry => AckKind::Nak(Some(RETRY_PAUSE)),
+                Settle::Drop => AckKind::Term,
             };
             if let Err(e) = msg.ack_with(kind).await {
                 // Redelivered after ack_wait; applying it again changes nothing.
@@ -379,6 +393,11 @@ async fn consume_nats_once(
             }
         })
         .await;
+    while let Ok(Some(next)) = tokio::time::timeout(HAND_BACK, pulled.next()).await {
+        if let Ok(msg) = next {
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
     Ok(())
 }
 
@@ -392,13 +411,12 @@ pub(crate) async fn run_nats(
 ) {
     let js = jetstream::new(events);
     loop {
-        tokio::select! {
-            () = shutdown.wait() => return,
-            result = consume_nats_once(&js, &settings, &store, &metrics) => {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "state applier: retrying in 1 s");
-                }
-            }
+        let result = consume_nats_once(&js, &settings, &store, &metrics, shutdown.clone()).await;
+        if shutdown.is_triggered() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "state applier: retrying in 1 s");
         }
         tokio::select! {
             () = shutdown.wait() => return,

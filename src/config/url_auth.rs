@@ -1,5 +1,5 @@
 //! Credentials written into `broker.nats.url` (`nats://user:password@host`,
-//! `nats://token@host`). async-nats 0.51 parses such URLs but never sends their user info, so a
+//! `nats://token@host`). async-nats parses such URLs but never sends their user info, so a
 //! server with authorization would refuse the connection; the bridge reads the credentials
 //! itself and passes them as connect options.
 
@@ -43,26 +43,9 @@ pub(crate) fn url_credentials(urls: &str) -> Option<UrlCredentials> {
 /// escapes are kept as they are. Also what the log mask decodes secrets with
 /// (`crate::logging`), since a URL password reaches the clients decoded.
 pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

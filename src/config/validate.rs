@@ -1,0 +1,276 @@
+//! Checks of values that parse but cannot work, each refusal naming its key
+//! ([`ConfigError::Invalid`]); run by [`Settings::load`] and [`Settings::from_toml`].
+
+use std::time::Duration;
+
+use super::{BrokerKind, ConfigError, RetentionMethod, Settings, invalid, servers};
+
+impl Settings {
+    /// Checks values that parse but cannot work.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let path = &self.server.webhook_path;
+        if !path.starts_with('/') {
+            return Err(invalid("server.webhook_path", "must start with `/`"));
+        }
+        if ["/metrics", "/healthz", "/readyz"].contains(&path.as_str()) {
+            return Err(invalid(
+                "server.webhook_path",
+                "clashes with a built-in path",
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if self.server.max_events_per_webhook == 0 {
+            return Err(invalid(
+                "server.max_events_per_webhook",
+                "must be greater than 0",
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
+        }
+        let mut keys = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            if app.id.is_empty() {
+                return Err(invalid(format!("apps[{i}].id"), "must not be empty"));
+            }
+            if app.key.is_empty() {
+                return Err(invalid(format!("apps[{i}].key"), "must not be empty"));
+            }
+            if app.secret.expose().is_empty() {
+                return Err(invalid(format!("apps[{i}].secret"), "must not be empty"));
+            }
+            if !keys.insert(app.key.as_str()) {
+                return Err(invalid(
+                    format!("apps[{i}].key"),
+                    "the same key is configured twice",
+                ));
+            }
+        }
+        let prefix = &self.broker.subject_prefix;
+        if prefix.is_empty()
+            || prefix
+                .split('.')
+                .any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "broker.subject_prefix",
+                "must be one or more non-empty dot-separated tokens without `*`, `>` or spaces",
+            ));
+        }
+        for (key, name) in [
+            ("broker.nats.stream", &self.broker.nats.stream),
+            ("broker.nats.dlq_stream", &self.broker.nats.dlq_stream),
+        ] {
+            if name.is_empty()
+                || name.contains(['.', '*', '>', '/', '\\'])
+                || name.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    key,
+                    "stream names must be non-empty without `.`, `*`, `>`, slashes or spaces",
+                ));
+            }
+        }
+        if self.broker.nats.user.is_some() != self.broker.nats.password.is_some() {
+            return Err(invalid(
+                "broker.nats.password",
+                "broker.nats.user and broker.nats.password go together",
+            ));
+        }
+        if !(1..=5).contains(&self.broker.nats.replicas) {
+            return Err(invalid(
+                "broker.nats.replicas",
+                "must be 1 to 5 (JetStream's limit)",
+            ));
+        }
+        if self.broker.kind == BrokerKind::Nats
+            && let Err(e) = servers::server_addrs(self.broker.nats.url.expose())
+        {
+            return Err(invalid("broker.nats.url", e.to_string()));
+        }
+        if self.state.enabled
+            && let Some(url) = &self.state.nats_url
+            && let Err(e) = servers::server_addrs(url.expose())
+        {
+            return Err(invalid("state.nats_url", e.to_string()));
+        }
+        if self.broker.nats.stream == self.broker.nats.dlq_stream {
+            return Err(invalid(
+                "broker.nats.dlq_stream",
+                "must differ from broker.nats.stream",
+            ));
+        }
+        for (key, name) in [
+            ("broker.amqp.exchange", &self.broker.amqp.exchange),
+            ("broker.amqp.queue", &self.broker.amqp.queue),
+            ("broker.amqp.dlq_exchange", &self.broker.amqp.dlq_exchange),
+            ("broker.amqp.dlq_queue", &self.broker.amqp.dlq_queue),
+        ] {
+            if name.is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+            // AMQP short strings: longer names cannot be sent at all.
+            if name.len() > 255 {
+                return Err(invalid(key, "must be at most 255 bytes"));
+            }
+        }
+        if self.broker.amqp.connection_name.is_empty() {
+            return Err(invalid("broker.amqp.connection_name", "must not be empty"));
+        }
+        if self.broker.amqp.exchange == self.broker.amqp.dlq_exchange {
+            return Err(invalid(
+                "broker.amqp.dlq_exchange",
+                "must differ from broker.amqp.exchange",
+            ));
+        }
+        for (key, d) in [
+            ("broker.publish_timeout", self.broker.publish_timeout),
+            ("broker.response_budget", self.broker.response_budget),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("retention.events.interval", self.retention.events.interval),
+            ("retention.dlq.interval", self.retention.dlq.interval),
+            ("retention.events.max_age", self.retention.events.max_age),
+            ("retention.dlq.max_age", self.retention.dlq.max_age),
+            ("retention.lease_ttl", self.retention.lease_ttl),
+            ("spool.drain_interval", self.spool.drain_interval),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.broker.max_in_flight == 0 {
+            return Err(invalid("broker.max_in_flight", "must be greater than 0"));
+        }
+        if self.broker.amqp.channels == 0 {
+            return Err(invalid("broker.amqp.channels", "must be greater than 0"));
+        }
+        if self.spool.max_bytes == 0 {
+            return Err(invalid("spool.max_bytes", "must be greater than 0"));
+        }
+        for name in self.retention.events.overrides.keys() {
+            if name.is_empty() || name == "*" || name == ">" || name.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("retention.events.overrides.{name}"),
+                    "must be an event name: not empty, not `*` or `>`, without spaces",
+                ));
+            }
+        }
+        for (name, age) in &self.retention.events.overrides {
+            if age.is_zero() {
+                return Err(invalid(
+                    format!("retention.events.overrides.{name}"),
+                    "must be greater than 0 (0 would purge every such event on each run)",
+                ));
+            }
+        }
+        if self.spool.segment_bytes == 0 {
+            return Err(invalid("spool.segment_bytes", "must be greater than 0"));
+        }
+        self.validate_state()?;
+        if !self.retention.dlq.overrides.is_empty() {
+            return Err(invalid(
+                "retention.dlq.overrides",
+                "per-event overrides apply to retention.events only",
+            ));
+        }
+        self.validate_app_retention()?;
+        for (key, t) in [
+            ("retention.events.method", &self.retention.events),
+            ("retention.dlq.method", &self.retention.dlq),
+        ] {
+            if t.method == RetentionMethod::MessageTtl && self.broker.kind != BrokerKind::Nats {
+                return Err(invalid(
+                    key,
+                    "\"message_ttl\" needs broker.kind = \"nats\" (NATS 2.11 or newer): RabbitMQ has no per-message TTL the bridge can set; use \"sweep\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[retention.<target>.apps."<id>"]`: ids of `[[apps]]`, positive ages, event names as
+    /// for the target's overrides, and no per event overrides on the dead letters.
+    fn validate_app_retention(&self) -> Result<(), ConfigError> {
+        for (target, t) in [
+            ("events", &self.retention.events),
+            ("dlq", &self.retention.dlq),
+        ] {
+            for (id, app) in &t.apps {
+                let key = format!("retention.{target}.apps.\"{id}\"");
+                if !self.apps.iter().any(|a| &a.id == id) {
+                    return Err(invalid(key, "is not the id of any [[apps]] entry"));
+                }
+                if app.max_age.is_some_and(|d| d.is_zero()) {
+                    return Err(invalid(format!("{key}.max_age"), "must be greater than 0"));
+                }
+                if target == "dlq" && !app.overrides.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.overrides"),
+                        "per-event overrides apply to retention.events only",
+                    ));
+                }
+                for (name, age) in &app.overrides {
+                    if name.is_empty()
+                        || name == "*"
+                        || name == ">"
+                        || name.contains(char::is_whitespace)
+                    {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be an event name: not empty, not `*` or `>`, without spaces",
+                        ));
+                    }
+                    if age.is_zero() {
+                        return Err(invalid(
+                            format!("{key}.overrides.{name}"),
+                            "must be greater than 0 (0 would purge every such event on each run)",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of `[state]`.
+    fn validate_state(&self) -> Result<(), ConfigError> {
+        let s = &self.state;
+        let bucket_ok = !s.bucket.is_empty()
+            && s.bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !bucket_ok {
+            return Err(invalid(
+                "state.bucket",
+                "must be non-empty and hold only A-Z a-z 0-9 _ -",
+            ));
+        }
+        let durable_ok = !s.durable.is_empty()
+            && s.durable
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !durable_ok {
+            return Err(invalid(
+                "state.durable",
+                "must be non-empty and hold only A-Z a-z 0-9 _ -",
+            ));
+        }
+        if s.tombstone_ttl < Duration::from_secs(600) {
+            return Err(invalid(
+                "state.tombstone_ttl",
+                "must be at least 10m: Pusher retries webhooks for 5 minutes",
+            ));
+        }
+        if s.sweep_interval.is_zero() {
+            return Err(invalid("state.sweep_interval", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
