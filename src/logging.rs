@@ -4,7 +4,7 @@
 //! the broker clients log what they are given: at `debug` async-nats prints its connect options
 //! (`password: Some("...")`) and at `trace` lapin prints the AMQP frames, the SASL response with
 //! the password included. Filtering their targets would also take away the lines needed to debug
-//! a connection, so instead every formatted line goes through [`Redactor`], which replaces each
+//! a connection, so instead every formatted line goes through `Redactor`, which replaces each
 //! secret of the settings, in each form a log line can hold it (as typed, percent-decoded,
 //! escaped for `Debug` or JSON, as a list of byte values), with `***` before it is written.
 

@@ -1,8 +1,8 @@
 //! The ground floor: what every layer hands to every other, importing nothing of the crate.
 //!
 //! - [`Message`]: one event ready to publish; [`DeadLetter`]: one that could not be, with
-//!   [`DlqReason`]; the dead-letter headers both brokers write ([`DeadLetter::headers`]) and
-//!   the `dlq` tools read back ([`LetterHeaders`]).
+//!   [`DlqReason`]; the dead-letter headers both brokers write (`DeadLetter::headers`) and
+//!   the `dlq` tools read back (`LetterHeaders`).
 //! - [`PublishError`]: how a publish failed, transient or the broker's lasting answer
 //!   ([`PublishError::is_transient`]); the brokers sort their answers into it, the delivery
 //!   policy decides what to do about it.
@@ -48,7 +48,8 @@ pub struct Message {
 pub enum DlqReason {
     /// The event has no string `name` / `channel` or is not an object.
     Malformed,
-    /// NATS: no stream takes the subject.
+    /// NATS: no stream takes the subject (the JetStream API confirmed it); RabbitMQ: the
+    /// events exchange does not exist (`broker.declare = false`).
     NoStream,
     /// The message is larger than the broker accepts.
     TooLarge,

@@ -51,7 +51,7 @@ pub enum ProbeError {
     },
 }
 
-/// An HTTP answer: status and (at most [`MAX_ANSWER_BYTES`] of) the body as text.
+/// An HTTP answer: status and (at most `MAX_ANSWER_BYTES` of) the body as text.
 #[derive(Debug, Clone)]
 pub struct HttpAnswer {
     /// The status code.

@@ -151,7 +151,7 @@ pub enum Verdict {
     /// Every webhook accepted and every event published (exit 0).
     Published,
     /// Every webhook accepted, but events only spooled or dead-lettered
-    /// (exit [`EXIT_NOT_PUBLISHED`]).
+    /// (exit `EXIT_NOT_PUBLISHED`).
     NotPublished(Delivery),
     /// Some webhooks were not accepted (exit 1).
     Refused,
@@ -222,7 +222,7 @@ impl std::fmt::Display for SendResult {
     }
 }
 
-/// Signs and posts the selected sample webhooks to `url` (default [`default_url`]) one after
+/// Signs and posts the selected sample webhooks to `url` (default `default_url`) one after
 /// the other, with the first configured app's key. Returns every result; the caller decides
 /// that only all-2xx is a pass.
 pub async fn send_test(

@@ -3,7 +3,7 @@
 //! the one shutdown signal ([`crate::shutdown`]). A task that ends or panics while the bridge
 //! runs is logged, counted (`pusher_bridge_task_restarts_total{task}`) and started again after a
 //! jittered pause; until it runs again `/readyz` answers 503 naming it ([`TaskHealth`]). At
-//! shutdown every task sees the signal and returns; [`Supervisor::join`] waits for them, with a
+//! shutdown every task sees the signal and returns; `Supervisor::join` waits for them, with a
 //! bound, so nothing is aborted half-way.
 
 use std::collections::BTreeSet;

@@ -1,7 +1,7 @@
 //! The Pusher webhook itself: which app sent it (key lookup), whether it is authentic
 //! (HMAC-SHA256 over the raw body, compared in constant time), what events it carries, and the
 //! messages and dead letters they become (`prepare`). [`crate::http`] calls the lookup and the
-//! signature check ([`AppRegistry::app_of`], [`AppKey::check`]); [`crate::bridge`] calls the
+//! signature check (`AppRegistry::app_of`, [`AppKey::check`]); [`crate::bridge`] calls the
 //! rest.
 //!
 //! Parsing borrows from the raw body: each event's JSON text is kept byte for byte (key order,

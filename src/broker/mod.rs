@@ -5,7 +5,7 @@
 //! dead-letter storage. Errors say whether the failure is transient ([`PublishError::Unavailable`])
 //! or the broker's lasting answer ([`PublishError::Refused`]); what to do about it (retry, spool,
 //! dead-letter) is the delivery policy's call (`crate::delivery`). Unit tests put the scripted
-//! in-memory [`fake`] broker behind the same enum, so the bridge and the drainer are tested for
+//! in-memory `fake` broker behind the same enum, so the bridge and the drainer are tested for
 //! every outcome without a server.
 
 pub mod amqp;
@@ -157,9 +157,10 @@ impl Broker {
         }
     }
 
-    /// Publishes `msgs` so that the broker stores them in this order, acks awaited together
-    /// (the spool drainer's batches). After the first one that cannot be sent, the rest are not
-    /// sent. RabbitMQ publishes them one after the other, each confirm awaited before the next.
+    /// Publishes `msgs` so that the broker stores them in this order, all in flight at once and
+    /// their acks awaited together (every path's first try, `crate::delivery`). NATS: after the
+    /// first one that cannot be sent, the rest are not sent, so none overtakes it. RabbitMQ:
+    /// on one channel, whose confirms keep the order.
     pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],

@@ -4,9 +4,9 @@
 //! strings; counters are registered without `_total`, which the text encoder appends.
 //!
 //! Every series whose labels are known at start-up is created at 0 by
-//! [`Metrics::init_known_series`] (apps, reasons, sweeper targets, the broker), so that
+//! `Metrics::init_known_series` (apps, reasons, sweeper targets, the broker), so that
 //! `increase(...)` alerts see the first event and a dashboard never shows "No data" for
-//! something that simply has not happened yet. [`process`] adds the `process_*` families.
+//! something that simply has not happened yet. `process` adds the `process_*` families.
 
 mod process;
 
@@ -185,7 +185,7 @@ pub struct TaskLabels {
 /// Labels of `state_updates_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
-    /// See [`StateOutcome`].
+    /// See `StateOutcome`.
     pub outcome: &'static str,
 }
 
@@ -203,7 +203,7 @@ pub struct WebhookLabels {
 pub struct EventLabels {
     /// The app id.
     pub app_id: String,
-    /// The event name if Pusher documents it ([`KNOWN_EVENTS`]), else [`OTHER_EVENT`].
+    /// The event name if Pusher documents it (`KNOWN_EVENTS`), else `OTHER_EVENT`.
     pub event: &'static str,
 }
 
@@ -291,45 +291,45 @@ const SWEEP_OUTCOMES: [&str; 3] = ["success", "failure", "skipped"];
 /// The registry and handles to every metric; shared by all components.
 pub struct Metrics {
     registry: Registry,
-    /// See [`WEBHOOKS_RECEIVED`].
+    /// See `WEBHOOKS_RECEIVED`.
     pub webhooks_received: Family<WebhookLabels, Counter>,
-    /// See [`EVENTS_PUBLISHED`].
+    /// See `EVENTS_PUBLISHED`.
     pub events_published: Family<EventLabels, Counter>,
-    /// See [`EVENTS_DEAD_LETTERED`].
+    /// See `EVENTS_DEAD_LETTERED`.
     pub events_dead_lettered: Family<DeadLetterLabels, Counter>,
-    /// See [`PUBLISH_DURATION`].
+    /// See `PUBLISH_DURATION`.
     pub publish_duration: Histogram,
-    /// See [`WEBHOOK_DURATION`].
+    /// See `WEBHOOK_DURATION`.
     pub webhook_duration: Histogram,
-    /// See [`BROKER_UP`].
+    /// See `BROKER_UP`.
     pub broker_up: Gauge,
-    /// See [`SPOOL_EVENTS`].
+    /// See `SPOOL_EVENTS`.
     pub spool_events: Gauge,
-    /// See [`SPOOL_BYTES`].
+    /// See `SPOOL_BYTES`.
     pub spool_bytes: Gauge,
-    /// See [`SPOOL_OLDEST_AGE`].
+    /// See `SPOOL_OLDEST_AGE`.
     pub spool_oldest_age: Gauge<f64, AtomicU64>,
-    /// See [`SPOOL_WRITTEN`].
+    /// See `SPOOL_WRITTEN`.
     pub spool_written: Counter,
-    /// See [`SPOOL_DRAINED`].
+    /// See `SPOOL_DRAINED`.
     pub spool_drained: Counter,
-    /// See [`SWEEPER_RUNS`].
+    /// See `SWEEPER_RUNS`.
     pub sweeper_runs: Family<SweepRunLabels, Counter>,
-    /// See [`SWEEPER_PURGED`].
+    /// See `SWEEPER_PURGED`.
     pub sweeper_purged: Family<SweepPurgeLabels, Counter>,
-    /// See [`SWEEPER_LAST_SUCCESS`].
+    /// See `SWEEPER_LAST_SUCCESS`.
     pub sweeper_last_success: Family<SweepLabels, Gauge<f64, AtomicU64>>,
-    /// See [`SPOOL_MAX_BYTES`].
+    /// See `SPOOL_MAX_BYTES`.
     pub spool_max_bytes: Gauge,
-    /// See [`SPOOL_QUARANTINED`].
+    /// See `SPOOL_QUARANTINED`.
     pub spool_quarantined: Gauge,
-    /// See [`SPOOL_DRAIN_STALLED`].
+    /// See `SPOOL_DRAIN_STALLED`.
     pub spool_drain_stalled: Gauge,
-    /// See [`BROKER_RECONNECTS`].
+    /// See `BROKER_RECONNECTS`.
     pub broker_reconnects: Family<BrokerLabels, Counter>,
-    /// See [`STATE_UPDATES`].
+    /// See `STATE_UPDATES`.
     pub state_updates: Family<StateLabels, Counter>,
-    /// See [`STATE_LAG`].
+    /// See `STATE_LAG`.
     pub state_lag: Gauge<f64, AtomicU64>,
     /// Background tasks restarted by the supervisor, by task.
     pub task_restarts: Family<TaskLabels, Counter>,
@@ -609,7 +609,7 @@ impl Metrics {
     }
 
     /// Counts one event the broker acknowledged (directly or from the spool), under its
-    /// [`event_label`].
+    /// `event_label`.
     pub fn published(&self, app_id: &str, event: &str) {
         self.events_published
             .get_or_create(&EventLabels {

@@ -13,7 +13,7 @@
 //! applied, so two writes that name the same revision can both be taken when they are in flight
 //! together (nats-server#4320), the second silently dropping the first one's update (a cluster
 //! test saw a subscription count end 8 updates short). So on such a server, on a bucket with
-//! more than one replica, a writer reads its key again [`VERIFY_AFTER`] after its write was
+//! more than one replica, a writer reads its key again `VERIFY_AFTER` after its write was
 //! acknowledged, when every write that was in flight beside it has been applied, and merges and
 //! writes again if its update is not in what it reads. The merge is idempotent, so writing again
 //! is always safe. Newer servers refuse the second write (`wrong last sequence`, error 10071, or

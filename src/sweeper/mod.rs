@@ -568,7 +568,7 @@ pub async fn run_loop(mut sweeper: Sweeper, mut shutdown: Shutdown) {
 
 /// The server's sweeper: connects, then sweeps every swept target until `shutdown`. Runs
 /// under the supervisor ([`crate::supervisor`]), which starts it only when some target is
-/// swept ([`swept`]) and again if it returns early (a sweeper that cannot connect yet).
+/// swept (`swept`) and again if it returns early (a sweeper that cannot connect yet).
 pub async fn run(settings: Arc<Settings>, metrics: Arc<Metrics>, shutdown: Shutdown) {
     match Sweeper::new(settings, metrics).await {
         Ok(sweeper) => run_loop(sweeper, shutdown).await,

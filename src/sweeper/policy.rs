@@ -5,7 +5,7 @@
 //! overrides, and per app rules (`[retention.<target>.apps."<id>"]`: enabled, the app's own
 //! `max_age`, per event overrides of that app). The most specific rule wins: app + event, app,
 //! event, then the target's `max_age` ([`Retention::rule_of`]); a disabled app's messages are
-//! never purged. On NATS the rules become a [`NatsPlan`] of purges by subject filter; on
+//! never purged. On NATS the rules become a `NatsPlan` of purges by subject filter; on
 //! RabbitMQ each message at the queue head gets a [`HeadAction`].
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -8,7 +8,8 @@
 //! - [`publish`]: pipelined publishes per channel, confirms and returns.
 //! - [`message`]: routing key, properties and headers.
 //!
-//! A background loop ([`AmqpBroker::recover_once`] on an interval and on connection events)
+//! A background loop (`recovery_loop`: `Shared::recover_once` on an interval and on connection
+//! events)
 //! connects, declares, and replaces the session when RabbitMQ restarts or closes the
 //! connection, with backoff. The bridge therefore starts while RabbitMQ is down; `is_up()` and
 //! `pusher_bridge_broker_up` follow the session.

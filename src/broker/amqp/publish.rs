@@ -11,7 +11,7 @@
 //!   lapin attached it to: lapin hands a return to whichever confirm completes next, and with
 //!   a `multiple` ack that may be another message's. RabbitMQ sends a message's return before
 //!   its ack, so once the ack batch that settled a message is fully processed, its return (if
-//!   any) sits in some settled confirm. [`barrier`] waits for lapin's I/O thread to finish the
+//!   any) sits in some settled confirm. `barrier` waits for lapin's I/O thread to finish the
 //!   batch in progress; a message is decided only after a barrier and a harvest that followed
 //!   it.
 

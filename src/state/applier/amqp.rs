@@ -1,6 +1,6 @@
 //! The AMQP source of the state: a durable queue `<broker.amqp.queue>.<state.durable>` bound to
 //! the events exchange for the state events, consumed with manual acks. The bridge's AMQP broker
-//! declares it ([`declare_on`]) on every connect before it publishes anything, so it holds a
+//! declares it (`declare_on`) on every connect before it publishes anything, so it holds a
 //! copy of every event published, whether the KV is reachable or not (and whether RabbitMQ was
 //! there when the bridge started or came later).
 
