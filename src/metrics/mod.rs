@@ -753,7 +753,7 @@ mod tests {
         assert!(started > 1.7e9, "{started}");
         assert!(!text.contains(r#"target="dlq""#), "{text}");
         // Event names are not known before the events arrive; the purged series (per app and
-        // rule) are created by the sweeper from the config (tests/ops.rs sees them at 0).
+        // rule) are created by the sweeper from the config (tests/it/ops.rs sees them at 0).
         for name in EXPORTED_NAMES.iter().filter(|n| {
             **n != "pusher_bridge_events_published_total"
                 && **n != "pusher_bridge_sweeper_purged_total"

@@ -42,7 +42,7 @@ const RESOURCE_LOCKED: u16 = 405;
 
 /// Why quorum queues are not swept. The head sweep holds the messages it keeps and requeues
 /// them; a RabbitMQ 3.10 quorum queue puts requeued messages behind the newest ones (measured:
-/// `tests/amqp_quorum.rs`), so a sweep would reorder the queue. Nothing is read, so nothing moves.
+/// `tests/it/amqp_quorum.rs`), so a sweep would reorder the queue. Nothing is read, so nothing moves.
 const QUORUM_REFUSAL: &str = "the head sweep would reorder a quorum queue (requeued messages go \
     to its tail): set retention.events.enabled / retention.dlq.enabled = false and give the \
     queues a `message-ttl` policy instead (docs/scaling.md)";

@@ -1,6 +1,6 @@
 // Reads the bridge's channel-state API with Pusher's official Node server SDK (npm `pusher`),
 // the way an application would, and prints every answer as one JSON object for
-// tests/state_sdk.rs. Environment: BRIDGE_HOST, BRIDGE_PORT, APP_ID, APP_KEY, APP_SECRET, ROOM.
+// tests/it/state_sdk.rs. Environment: BRIDGE_HOST, BRIDGE_PORT, APP_ID, APP_KEY, APP_SECRET, ROOM.
 const Pusher = require("pusher")
 
 const env = process.env

@@ -1,5 +1,5 @@
 """Reads the bridge's channel-state API with Pusher's official Python server SDK (PyPI
-`pusher`) and prints every answer as one JSON object for tests/state_sdk.rs.
+`pusher`) and prints every answer as one JSON object for tests/it/state_sdk.rs.
 Environment: BRIDGE_HOST, BRIDGE_PORT, APP_ID, APP_KEY, APP_SECRET, ROOM."""
 import json
 import os

@@ -1,0 +1,468 @@
+//! The operations kit, checked without Docker: the compose file, the Kubernetes manifests and
+//! the Dockerfile parse and agree with each other and with the bridge's config (ports, paths,
+//! labels, probes, mounts, users). `tests/it/deploy_monitoring.rs` checks the dashboard and alert
+//! rules; `tests/it/deploy_configs.rs` runs the bridge with the configs these files carry.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::common::deploy::{
+    compose_binds, compose_named_volumes, dockerfile, dockerignore, exec_form, ignored, read, repo,
+    s, seq, yaml, yaml_docs,
+};
+use serde_yaml::Value;
+
+const K8S: &str = "deploy/kubernetes/pusher-bridge.yaml";
+const K8S_STS: &str = "deploy/kubernetes/statefulset.yaml";
+const K8S_SECRET: &str = "deploy/kubernetes/secret.example.yaml";
+
+#[test]
+fn compose_file_describes_the_stack() {
+    let compose = yaml("docker-compose.yml");
+    let services = &compose["services"];
+    let names: BTreeSet<&str> = services
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| s(k, "service"))
+        .collect();
+    for want in ["nats", "rabbitmq", "pusher-bridge", "prometheus", "grafana"] {
+        assert!(names.contains(want), "service {want} missing: {names:?}");
+    }
+    let declared: BTreeSet<String> = compose["volumes"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| s(k, "volume").to_string())
+        .collect();
+    for (name, service) in services.as_mapping().unwrap() {
+        let name = s(name, "service");
+        for (src, _) in compose_binds(service) {
+            assert!(
+                src.exists(),
+                "{name}: bind mount source {} missing",
+                src.display()
+            );
+        }
+        for (vol, _) in compose_named_volumes(service) {
+            assert!(declared.contains(&vol), "{name}: volume {vol} not declared");
+        }
+        if let Some(deps) = service["depends_on"].as_mapping() {
+            for dep in deps.keys() {
+                assert!(
+                    names.contains(s(dep, "dependency")),
+                    "{name} depends on {dep:?}"
+                );
+            }
+        }
+        for dep in seq(&service["depends_on"]) {
+            assert!(
+                names.contains(s(&dep, "dependency")),
+                "{name} depends on {dep:?}"
+            );
+        }
+    }
+
+    // NATS with JetStream storing in a named volume.
+    let nats = &services["nats"];
+    let command: Vec<String> = seq(&nats["command"])
+        .iter()
+        .map(|a| s(a, "arg").to_string())
+        .collect();
+    assert!(
+        command.iter().any(|a| a == "--jetstream" || a == "-js"),
+        "{command:?}"
+    );
+    let store = command
+        .iter()
+        .position(|a| a == "--store_dir" || a == "-sd")
+        .map(|i| command[i + 1].clone())
+        .expect("a JetStream store dir");
+    assert!(
+        compose_named_volumes(nats)
+            .iter()
+            .any(|(_, dst)| *dst == store),
+        "the JetStream store {store} is not on a volume"
+    );
+
+    // A NATS release CI tests (.ci/nats-matrix), pinned to the patch.
+    let image = s(&nats["image"], "image");
+    let tag = image
+        .strip_prefix("nats:")
+        .and_then(|t| t.strip_suffix("-alpine"))
+        .unwrap_or_else(|| panic!("nats image {image}"));
+    let matrix = std::fs::read_to_string(".ci/nats-matrix").expect("the NATS matrix script");
+    let tested = matrix
+        .lines()
+        .find_map(|l| l.split("NATS_VERSIONS:-").nth(1))
+        .and_then(|rest| rest.split('}').next())
+        .expect("the releases CI tests");
+    assert!(
+        tested.split_whitespace().any(|v| v == tag),
+        "compose runs NATS {tag}, CI tests {tested}"
+    );
+
+    // RabbitMQ with the management UI.
+    let rabbit = &services["rabbitmq"];
+    assert!(s(&rabbit["image"], "image").contains("management"));
+    assert!(
+        seq(&rabbit["ports"])
+            .iter()
+            .any(|p| s(p, "port").ends_with(":15672"))
+    );
+    assert!(
+        !compose_named_volumes(rabbit).is_empty(),
+        "RabbitMQ data is not persistent"
+    );
+
+    // The bridge: built here, config mounted, secrets from env files, spool on a volume.
+    let bridge = &services["pusher-bridge"];
+    assert_eq!(s(&bridge["build"], "build"), ".");
+    let env_files: Vec<Value> = seq(&bridge["env_file"]);
+    let first = &env_files[0];
+    assert!(repo(s(&first["path"], "env_file")).is_file());
+    assert!(
+        env_files
+            .iter()
+            .skip(1)
+            .all(|f| f["required"] == Value::Bool(false)),
+        "only the demo env file may be required"
+    );
+    assert!(
+        compose_named_volumes(bridge)
+            .iter()
+            .any(|(_, dst)| dst == "/var/lib/pusher-bridge"),
+        "the spool is not on a volume"
+    );
+    assert!(
+        seq(&bridge["ports"])
+            .iter()
+            .any(|p| s(p, "port") == "8080:8080")
+    );
+
+    // Prometheus gets deploy/prometheus (config + rules) and scrapes the bridge service.
+    let prom = &services["prometheus"];
+    assert!(
+        compose_binds(prom)
+            .iter()
+            .any(|(src, dst)| *src == repo("deploy/prometheus") && dst == "/etc/prometheus")
+    );
+    assert!(
+        seq(&prom["command"])
+            .iter()
+            .any(|a| s(a, "arg") == "--config.file=/etc/prometheus/prometheus.yml")
+    );
+    let prom_cfg = yaml("deploy/prometheus/prometheus.yml");
+    let targets: Vec<String> = seq(&prom_cfg["scrape_configs"])
+        .iter()
+        .flat_map(|c| seq(&c["static_configs"]))
+        .flat_map(|c| seq(&c["targets"]))
+        .map(|t| s(&t, "target").to_string())
+        .collect();
+    assert!(
+        targets.contains(&"pusher-bridge:8080".to_string()),
+        "{targets:?}"
+    );
+    assert!(
+        seq(&prom_cfg["rule_files"])
+            .iter()
+            .any(|r| s(r, "rule file") == "rules/*.yml")
+    );
+
+    // Grafana gets the provisioning and the dashboards where the provider looks.
+    let grafana = &services["grafana"];
+    let binds = compose_binds(grafana);
+    assert!(
+        binds
+            .iter()
+            .any(|(src, dst)| *src == repo("deploy/grafana/provisioning")
+                && dst == "/etc/grafana/provisioning")
+    );
+    let provider = yaml("deploy/grafana/provisioning/dashboards/pusher-bridge.yml");
+    let path = s(&seq(&provider["providers"])[0]["options"]["path"], "path").to_string();
+    assert!(
+        binds
+            .iter()
+            .any(|(src, dst)| *src == repo("deploy/grafana/dashboards") && *dst == path),
+        "dashboards not mounted at the provider's path {path}"
+    );
+    let datasources = yaml("deploy/grafana/provisioning/datasources/prometheus.yml");
+    let ds = &seq(&datasources["datasources"])[0];
+    assert_eq!(s(&ds["type"], "type"), "prometheus");
+    assert_eq!(s(&ds["url"], "url"), "http://prometheus:9090");
+}
+
+fn by_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == Value::String(kind.into()))
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| labels[s(k, "label")] == *v)
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_each_other() {
+    let docs = yaml_docs(K8S);
+    let kinds: Vec<&str> = docs.iter().map(|d| s(&d["kind"], "kind")).collect();
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"],
+        "no Secret in the manifest that is re-applied: it would overwrite the real one"
+    );
+    for d in &docs {
+        assert!(
+            d["apiVersion"].is_string() && d["metadata"]["name"].is_string(),
+            "{d:?}"
+        );
+    }
+    let config_map = by_kind(&docs, "ConfigMap");
+    let secret_docs = yaml_docs(K8S_SECRET);
+    let secret = by_kind(&secret_docs, "Secret");
+    let deployment = by_kind(&docs, "Deployment");
+    let service = by_kind(&docs, "Service");
+    let pdb = by_kind(&docs, "PodDisruptionBudget");
+
+    let toml_key = config_map["data"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .next()
+        .map(|k| s(k, "key").to_string())
+        .unwrap();
+    let toml_text = s(&config_map["data"][toml_key.as_str()], "toml");
+    let settings = pusher_bridge::config::Settings::from_toml(toml_text).expect("valid TOML");
+    assert!(
+        settings.apps.is_empty(),
+        "secrets belong in the Secret, not the ConfigMap"
+    );
+    assert!(secret["stringData"]["PUSHER_BRIDGE_APPS"].is_string());
+
+    let pod = &deployment["spec"]["template"];
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert!(labels_match(
+        &deployment["spec"]["selector"]["matchLabels"],
+        &pod["metadata"]["labels"]
+    ));
+    let spec = &pod["spec"];
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], Value::Bool(true));
+    assert_ne!(spec["securityContext"]["runAsUser"].as_u64(), Some(0));
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > settings.server.shutdown_grace.as_secs(),
+        "grace {grace}"
+    );
+
+    let container = &seq(&spec["containers"])[0];
+    let port = &seq(&container["ports"])[0];
+    let listen_port = settings.listen_addr().unwrap().port();
+    assert_eq!(port["containerPort"].as_u64(), Some(u64::from(listen_port)));
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        Value::String(listen_port.to_string())
+    );
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(s(&get["path"], "path"), path, "{probe}");
+        assert_eq!(get["port"], port["name"], "{probe} port");
+    }
+
+    // The config path the binary reads is the ConfigMap's key where the volume is mounted.
+    let env: BTreeMap<String, String> = seq(&container["env"])
+        .iter()
+        .map(|e| {
+            (
+                s(&e["name"], "env").to_string(),
+                s(&e["value"], "env").to_string(),
+            )
+        })
+        .collect();
+    let mounts: BTreeMap<String, String> = seq(&container["volumeMounts"])
+        .iter()
+        .map(|m| {
+            (
+                s(&m["name"], "mount").to_string(),
+                s(&m["mountPath"], "mount").to_string(),
+            )
+        })
+        .collect();
+    let volumes = seq(&spec["volumes"]);
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["configMap"]["name"] == config_map["metadata"]["name"])
+        .expect("the ConfigMap is mounted");
+    let config_mount = &mounts[s(&config_volume["name"], "volume")];
+    assert_eq!(
+        env["PUSHER_BRIDGE_CONFIG"],
+        format!("{config_mount}/{toml_key}")
+    );
+    assert_eq!(
+        seq(&container["envFrom"])[0]["secretRef"]["name"],
+        secret["metadata"]["name"]
+    );
+    let spool_mount = &mounts["spool"];
+    assert!(
+        settings.spool.dir.starts_with(spool_mount),
+        "spool dir {} is not on the spool volume {spool_mount}",
+        settings.spool.dir.display()
+    );
+    assert_eq!(
+        container["securityContext"]["readOnlyRootFilesystem"],
+        Value::Bool(true)
+    );
+
+    assert!(labels_match(
+        &service["spec"]["selector"],
+        &pod["metadata"]["labels"]
+    ));
+    assert_eq!(
+        seq(&service["spec"]["ports"])[0]["targetPort"],
+        port["name"]
+    );
+    assert!(labels_match(
+        &pdb["spec"]["selector"]["matchLabels"],
+        &pod["metadata"]["labels"]
+    ));
+    assert!(
+        pdb["spec"]["minAvailable"].as_u64().unwrap()
+            < deployment["spec"]["replicas"].as_u64().unwrap()
+    );
+
+    // The StatefulSet alternative runs the very same pod, with a claim per pod for the spool.
+    let sts_docs = yaml_docs(K8S_STS);
+    let headless = by_kind(&sts_docs, "Service");
+    let sts = by_kind(&sts_docs, "StatefulSet");
+    assert_eq!(headless["spec"]["clusterIP"], Value::String("None".into()));
+    assert_eq!(sts["spec"]["serviceName"], headless["metadata"]["name"]);
+    assert_eq!(sts["spec"]["template"]["metadata"], pod["metadata"]);
+    let mut dep_spec = spec.clone();
+    let kept: Vec<Value> = volumes
+        .iter()
+        .filter(|v| v["name"] != Value::String("spool".into()))
+        .cloned()
+        .collect();
+    dep_spec["volumes"] = Value::Sequence(kept);
+    assert_eq!(
+        sts["spec"]["template"]["spec"], dep_spec,
+        "pod templates drifted apart"
+    );
+    let claim = &seq(&sts["spec"]["volumeClaimTemplates"])[0];
+    assert_eq!(s(&claim["metadata"]["name"], "claim"), "spool");
+}
+
+#[test]
+fn dockerfile_is_multi_stage_non_root_with_a_healthcheck() {
+    let steps = dockerfile(&read("Dockerfile"));
+    let froms: Vec<&str> = steps
+        .iter()
+        .filter(|i| i.keyword == "FROM")
+        .map(|i| i.args.as_str())
+        .collect();
+    assert!(froms.len() >= 2, "{froms:?}");
+    assert!(
+        froms[0].starts_with("rust:1.95") && froms[0].ends_with("AS builder"),
+        "{froms:?}"
+    );
+    let runtime = froms.last().unwrap();
+    assert!(
+        runtime.contains("distroless") || runtime.contains("slim"),
+        "runtime image {runtime}"
+    );
+    let final_stage = steps
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .map(|n| &steps[n..])
+        .unwrap();
+    let find = |kw: &str| {
+        final_stage
+            .iter()
+            .find(|i| i.keyword == kw)
+            .map(|i| i.args.clone())
+    };
+
+    let user = find("USER").expect("a USER in the runtime stage");
+    let uid = user.split(':').next().unwrap();
+    assert!(!["root", "0", ""].contains(&uid), "runs as {user}");
+
+    let build = steps
+        .iter()
+        .find(|i| i.keyword == "RUN" && i.args.contains("cargo build"))
+        .expect("a cargo build");
+    assert!(build.args.contains("--release") && build.args.contains("--locked"));
+    // The image's binary is stripped (symbols and line tables are most of its size).
+    assert!(
+        build.args.contains("install -D -s ") || build.args.contains("strip "),
+        "the binary is not stripped: {}",
+        build.args
+    );
+
+    // The binary the runtime stage runs is the one copied from the builder.
+    let entry = exec_form(&find("ENTRYPOINT").unwrap());
+    let copies: Vec<Vec<String>> = final_stage
+        .iter()
+        .filter(|i| i.keyword == "COPY")
+        .map(|i| i.args.split_whitespace().map(String::from).collect())
+        .collect();
+    assert!(
+        copies
+            .iter()
+            .any(|c| c[0] == "--from=builder" && c.last() == Some(&entry[0])),
+        "{} is not copied from the builder: {copies:?}",
+        entry[0]
+    );
+    let health = find("HEALTHCHECK").expect("a HEALTHCHECK");
+    let cmd = exec_form(&health[health.find("CMD").unwrap() + 3..]);
+    assert_eq!(cmd[0], entry[0]);
+    assert_eq!(cmd[1], "healthcheck");
+
+    // What is copied from the context exists and is not excluded by .dockerignore.
+    let rules = dockerignore(&read(".dockerignore"));
+    for needed in ["Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs"] {
+        assert!(
+            !ignored(&rules, needed),
+            "{needed} is excluded from the context"
+        );
+    }
+    for unwanted in [
+        "target/debug/pusher-bridge",
+        ".git/HEAD",
+        "deploy/kubernetes/x.yaml",
+    ] {
+        assert!(
+            ignored(&rules, unwanted),
+            "{unwanted} would be sent to the builder"
+        );
+    }
+    for copy in steps.iter().filter(|i| i.keyword == "COPY") {
+        let words: Vec<&str> = copy.args.split_whitespace().collect();
+        if words.iter().any(|w| w.starts_with("--from")) {
+            continue;
+        }
+        for src in &words[..words.len() - 1] {
+            if src.starts_with("--") || *src == "." {
+                continue;
+            }
+            assert!(repo(src).exists(), "COPY {src}: missing");
+            assert!(
+                !ignored(&rules, src),
+                "COPY {src}: excluded by .dockerignore"
+            );
+        }
+    }
+}
+
+#[test]
+fn dockerignore_matching_follows_docker() {
+    let rules = dockerignore("target/\n.git\ndeploy/*\n!deploy/a.toml\n*.md\n");
+    assert!(ignored(&rules, "target/release/x"));
+    assert!(ignored(&rules, ".git/HEAD"));
+    assert!(ignored(&rules, "deploy/b.yml"));
+    assert!(!ignored(&rules, "deploy/a.toml"));
+    assert!(ignored(&rules, "README.md"));
+    assert!(!ignored(&rules, "docs/README.md"));
+    assert!(!ignored(&rules, "src/main.rs"));
+}

@@ -1,0 +1,110 @@
+//! Log output of the real binary: human-readable lines by default, one JSON object per line with
+//! `[log] format = "json"`, the `[log] level` filter, `RUST_LOG` over it, and no secret in any
+//! line.
+
+use crate::common::process::{BridgeProcess, Env, run, settings_env};
+use crate::common::{APP_SECRET, delete_streams, jetstream_ctx, nats_settings};
+
+/// Runs a bridge with `extra` env, provokes one 401 (a `warn` line) and returns its stdout.
+async fn logs_of(extra: &[(&str, &str)]) -> String {
+    let s = nats_settings();
+    let mut env: Env = settings_env(&s);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_ready().await;
+    let mut wrong = bridge.env.clone();
+    wrong.push((
+        "PUSHER_BRIDGE_APPS".into(),
+        format!(
+            r#"[{{id="{}",key="{}",secret="not-the-secret"}}]"#,
+            s.apps[0].id, s.apps[0].key
+        ),
+    ));
+    let out = run(&["send-test", "--event", "cache_miss"], &wrong).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(bridge.terminate().await, Some(0));
+    let js = jetstream_ctx(s.broker.nats.url.expose()).await;
+    delete_streams(&js, &s).await;
+    let stdout = bridge.stdout();
+    assert!(
+        !stdout.contains(APP_SECRET),
+        "a secret reached the log:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "colour codes in a log file:\n{stdout}"
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_is_the_default_format() {
+    let out = logs_of(&[]).await;
+    let serving = out
+        .lines()
+        .find(|l| l.contains("pusher-bridge serving"))
+        .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
+    assert!(serving.contains(" INFO "), "{serving}");
+    assert!(serving.contains("listen=127.0.0.1:"), "{serving}");
+    let refused = out
+        .lines()
+        .find(|l| l.contains("webhook refused"))
+        .unwrap_or_else(|| panic!("no 401 line:\n{out}"));
+    assert!(
+        refused.contains(" WARN ") && refused.contains("status=401"),
+        "{refused}"
+    );
+    assert!(out.lines().all(|l| !l.starts_with('{')), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_format_writes_one_object_per_line() {
+    let out = logs_of(&[("PUSHER_BRIDGE_LOG__FORMAT", "json")]).await;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{out}");
+    for line in &lines {
+        assert!(line["timestamp"].is_string(), "{line}");
+        assert!(line["level"].is_string(), "{line}");
+        assert!(line["target"].is_string(), "{line}");
+        assert!(line["fields"]["message"].is_string(), "{line}");
+    }
+    let serving = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "pusher-bridge serving")
+        .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["fields"]["path"], "/pusher/webhooks");
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "webhook refused")
+        .unwrap_or_else(|| panic!("no 401 line:\n{out}"));
+    assert_eq!(refused["level"], "WARN");
+    assert_eq!(refused["fields"]["status"], 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn level_filters_and_rust_log_overrides_it() {
+    let out = logs_of(&[("PUSHER_BRIDGE_LOG__LEVEL", "warn")]).await;
+    assert!(
+        !out.contains("pusher-bridge serving"),
+        "info line at warn:\n{out}"
+    );
+    assert!(out.contains("webhook refused"), "warn line missing:\n{out}");
+
+    // RUST_LOG wins over [log] level: here it silences even the warning.
+    let out = logs_of(&[("PUSHER_BRIDGE_LOG__LEVEL", "debug"), ("RUST_LOG", "error")]).await;
+    assert!(!out.contains("webhook refused"), "{out}");
+    assert!(!out.contains("pusher-bridge serving"), "{out}");
+
+    // Directives per module work in [log] level too.
+    let out = logs_of(&[("PUSHER_BRIDGE_LOG__LEVEL", "warn,pusher_bridge=info")]).await;
+    assert!(out.contains("pusher-bridge serving"), "{out}");
+    assert!(
+        !out.contains("async_nats"),
+        "async_nats info lines at warn:\n{out}"
+    );
+}
