@@ -87,8 +87,8 @@ pub struct Bridge {
     tasks: TaskHealth,
 }
 
-/// Bodies at least this large are authenticated ([`crate::http`]), parsed and turned into
-/// messages on the blocking pool: a 1 MiB body costs milliseconds of CPU (tens in a debug
+/// Bodies at least this large are authenticated, parsed and turned into messages on the
+/// blocking pool, in one trip: a 1 MiB body costs milliseconds of CPU (tens in a debug
 /// build) that would otherwise stall every other webhook on the runtime (one thread by default).
 pub(crate) const OFFLOAD_BYTES: usize = 64 * 1024;
 
@@ -186,18 +186,51 @@ impl Bridge {
 
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
     pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, WebhookError> {
+        self.handle_checked(app, None, body).await
+    }
+
+    /// Checks `signature` (the `X-Pusher-Signature` [`crate::http`] read) against `app`'s
+    /// secret, then publishes as [`Bridge::handle`] does. A large body's check and parse share
+    /// one trip to the blocking pool.
+    pub async fn handle_signed(
+        &self,
+        app: &Arc<AppKey>,
+        signature: Option<&[u8]>,
+        body: &Bytes,
+    ) -> Result<Accepted, WebhookError> {
+        self.handle_checked(app, Some(signature), body).await
+    }
+
+    /// `check`: the signature to check first (`None`: already authenticated).
+    async fn handle_checked(
+        &self,
+        app: &Arc<AppKey>,
+        check: Option<Option<&[u8]>>,
+        body: &Bytes,
+    ) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
         let budget = self.settings.broker.response_budget;
         let policy = Policy::webhook(started + budget, budget);
         let (messages, dead) = if body.len() >= OFFLOAD_BYTES {
+            // The HMAC and the parse of a large body are CPU time the runtime's thread must
+            // not spend: one trip to the blocking pool for both.
             let (settings, app, body) = (self.settings.clone(), app.clone(), body.clone());
-            tokio::task::spawn_blocking(move || parse_and_prepare(&settings, &app, &body))
-                .await
-                .map_err(|source| WebhookError::Stopped {
-                    what: "webhook parsing",
-                    source,
-                })??
+            let check = check.map(|sig| sig.map(<[u8]>::to_vec));
+            tokio::task::spawn_blocking(move || {
+                if let Some(sig) = check {
+                    app.check(sig.as_deref(), &body)?;
+                }
+                parse_and_prepare(&settings, &app, &body)
+            })
+            .await
+            .map_err(|source| WebhookError::Stopped {
+                what: "webhook check and parsing",
+                source,
+            })??
         } else {
+            if let Some(sig) = check {
+                app.check(sig, body)?;
+            }
             parse_and_prepare(&self.settings, app, body)?
         };
         if !self.spool.is_empty() {

@@ -24,7 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::bridge::{Accepted, Bridge, OFFLOAD_BYTES, WebhookError};
+use crate::bridge::{Accepted, Bridge, WebhookError};
 use crate::metrics::Outcome;
 use crate::webhook::AuthError;
 
@@ -349,19 +349,7 @@ async fn accept_webhook(
         .clone();
     *app_label = Some(app.app_id.clone());
     let signature = signature.as_ref().map(HeaderValue::as_bytes);
-    if body.len() >= OFFLOAD_BYTES {
-        // The HMAC of a large body is CPU time the runtime's thread must not spend.
-        let (app, sig, bytes) = (app.clone(), signature.map(<[u8]>::to_vec), body.clone());
-        tokio::task::spawn_blocking(move || app.check(sig.as_deref(), &bytes))
-            .await
-            .map_err(|source| WebhookError::Stopped {
-                what: "signature check",
-                source,
-            })??;
-    } else {
-        app.check(signature, &body)?;
-    }
-    Ok(bridge.handle(&app, &body).await?)
+    Ok(bridge.handle_signed(&app, signature, &body).await?)
 }
 
 #[cfg(test)]
