@@ -3,29 +3,33 @@
 //! Both brokers store a dead letter the same way: the body is the event's message body (for a
 //! `malformed` event the raw event JSON) and the headers of [`crate::broker::headers`] say where
 //! it was going and why it did not get there. [`DeadLetterRecord`] is one letter read back from
-//! those headers; this module formats records for people (`write_table_header`,
-//! `write_table_row`) and machines (`write_json_array`), and drives listing and replaying over
-//! the configured broker's store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for
-//! RabbitMQ).
+//! those headers (`record`); `format` writes records for people (`write_table_header`,
+//! `write_table_row`) and machines (`write_json_array`); this module lists, and `replay`
+//! replays, over the configured broker's store of letters (`LetterStore`: [`nats`] for
+//! JetStream, [`amqp`] for RabbitMQ).
 //!
 //! Listing never removes a letter. Replaying publishes each replayable letter to its original
 //! subject / routing key with its original message id and removes it only after the broker
 //! acknowledged the publish; everything else stays where it is.
 
 pub mod amqp;
+mod format;
 pub mod nats;
+mod record;
+mod replay;
 
 use std::io::Write;
 
-use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::broker::{BoxError, Broker, BrokerError, cause};
+pub(crate) use self::format::{
+    format_utc_ms, write_json_array, write_table_header, write_table_row,
+};
+pub use self::record::DeadLetterRecord;
+pub use self::replay::{LeftLetter, ReplaySummary, replay};
+use crate::broker::{BoxError, BrokerError, cause};
 use crate::config::{BrokerKind, Settings};
-use crate::delivery::{Deliverer, Fate, Pending, Policy};
-use crate::message::{DlqReason, LetterHeaders, Message};
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
 pub const REPLAY_WINDOW: usize = 64;
@@ -78,315 +82,6 @@ impl DlqError {
     }
 }
 
-/// One stored dead letter, read back from its headers and body.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetterRecord {
-    /// Where the letter sits: the JetStream sequence in the DLQ stream, or the 1-based position
-    /// in the AMQP dead-letter queue at the time it was read.
-    pub position: u64,
-    /// The subject / routing key the event was meant for (empty for malformed events).
-    pub subject: String,
-    /// The event's original message id (`Nats-Msg-Id` / AMQP `message_id` on replay).
-    pub msg_id: String,
-    /// Why it was dead-lettered (`malformed`, `no_stream`, ...; kept verbatim if unknown).
-    pub reason: String,
-    /// The failure's detail (a parse error, the broker's answer).
-    pub detail: String,
-    /// Publish attempts made before giving up.
-    pub attempts: u32,
-    /// Unix milliseconds of the first failure (0 when the header is missing).
-    pub first_failure_ms: u64,
-    /// The app id.
-    pub app_id: String,
-    /// The event name (empty for malformed events).
-    pub event: String,
-    /// The channel (empty for malformed events).
-    pub channel: String,
-    /// The webhook's `time_ms` as sent.
-    pub time_ms: String,
-    /// The stored body: the message body to replay, or the raw event JSON of a malformed event.
-    pub body: Bytes,
-}
-
-impl DeadLetterRecord {
-    /// Builds a record from a stored letter. `header` looks a header up by its name (the names of
-    /// [`crate::broker::headers`]); `stored_id` is the letter's own message id (`dlq-<msg_id>`),
-    /// used for the original id when the `Pusher-Bridge-Msg-Id` header is missing.
-    pub(crate) fn from_headers(
-        position: u64,
-        header: impl Fn(&str) -> Option<String>,
-        stored_id: Option<&str>,
-        body: Bytes,
-    ) -> Self {
-        let h = LetterHeaders::read(header, stored_id);
-        Self {
-            position,
-            subject: h.subject,
-            msg_id: h.msg_id,
-            reason: h.reason,
-            detail: h.detail,
-            attempts: h.attempts,
-            first_failure_ms: h.first_failure_ms,
-            app_id: h.app_id,
-            event: h.event,
-            channel: h.channel,
-            time_ms: h.time_ms,
-            body,
-        }
-    }
-
-    /// The reason as the bridge's enum, when it is one the bridge knows.
-    pub(crate) fn reason_kind(&self) -> Option<DlqReason> {
-        DlqReason::parse(&self.reason)
-    }
-
-    /// Why this letter cannot be replayed, or `None` when it can be.
-    pub fn replay_blocker(&self) -> Option<&'static str> {
-        if self.reason_kind() == Some(DlqReason::Malformed) {
-            Some("malformed event: there is no subject to replay it to")
-        } else if self.subject.is_empty() {
-            Some("the letter has no original subject")
-        } else if self.msg_id.is_empty() {
-            Some("the letter has no original message id")
-        } else {
-            None
-        }
-    }
-
-    /// The event message this letter was dead-lettered from: what replay publishes, through
-    /// the broker's own publisher, so it gets exactly the headers / properties of a live event
-    /// (also the `ce-` ones of `broker.cloudevents`).
-    pub(crate) fn to_message(&self) -> Message {
-        Message {
-            subject: self.subject.clone(),
-            msg_id: self.msg_id.clone(),
-            body: self.body.clone(),
-            app_id: self.app_id.as_str().into(),
-            event: self.event.clone(),
-            channel: self.channel.clone(),
-            time_ms: self.time_ms.clone(),
-        }
-    }
-
-    /// The first failure as human-readable UTC.
-    pub fn first_failure(&self) -> String {
-        format_utc_ms(self.first_failure_ms)
-    }
-}
-
-/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm UTC`; `-` for 0 (unknown).
-pub(crate) fn format_utc_ms(ms: u64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    // `2023-11-14T22:13:20.123Z` -> `2023-11-14 22:13:20.123 UTC`
-    let s = humantime::format_rfc3339_millis(t).to_string();
-    format!("{} UTC", s.trim_end_matches('Z').replacen('T', " ", 1))
-}
-
-/// `detail` on one line, cut to `max` characters (with `…` when cut).
-pub(crate) fn short_detail(detail: &str, max: usize) -> String {
-    let one_line: String = detail.split_whitespace().collect::<Vec<_>>().join(" ");
-    if one_line.chars().count() <= max {
-        return one_line;
-    }
-    let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// Shows `-` for an empty value in the table.
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() { "-" } else { s }
-}
-
-/// The table's column titles (see [`write_table_row`]).
-pub(crate) fn write_table_header(out: &mut impl Write) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  DETAIL",
-        "POSITION", "FIRST FAILURE", "REASON", "TRY", "APP", "SUBJECT", "MESSAGE ID"
-    )
-}
-
-/// One letter as a table row: position, first failure (UTC), reason, attempts, app, original
-/// subject, message id, short detail. Columns have fixed widths (a longer value pushes the rest
-/// of its row right) so rows can be written as they are read, without holding the whole queue.
-pub(crate) fn write_table_row(out: &mut impl Write, r: &DeadLetterRecord) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:>8}  {:<27}  {:<10}  {:>3}  {:<10}  {:<56}  {:<36}  {}",
-        r.position,
-        r.first_failure(),
-        or_dash(&r.reason),
-        r.attempts,
-        or_dash(&r.app_id),
-        or_dash(&r.subject),
-        or_dash(&r.msg_id),
-        short_detail(&r.detail, DETAIL_WIDTH),
-    )
-}
-
-/// The JSON form of a record (`dlq list --json`): every field, the body as its exact text.
-#[derive(Serialize)]
-struct JsonRecord<'a> {
-    position: u64,
-    subject: &'a str,
-    msg_id: &'a str,
-    reason: &'a str,
-    detail: &'a str,
-    attempts: u32,
-    first_failure_ms: u64,
-    first_failure: String,
-    app_id: &'a str,
-    event: &'a str,
-    channel: &'a str,
-    time_ms: &'a str,
-    replayable: bool,
-    body: std::borrow::Cow<'a, str>,
-}
-
-/// One record as a single line of JSON.
-pub(crate) fn record_json(r: &DeadLetterRecord) -> String {
-    let j = JsonRecord {
-        position: r.position,
-        subject: &r.subject,
-        msg_id: &r.msg_id,
-        reason: &r.reason,
-        detail: &r.detail,
-        attempts: r.attempts,
-        first_failure_ms: r.first_failure_ms,
-        first_failure: r.first_failure(),
-        app_id: &r.app_id,
-        event: &r.event,
-        channel: &r.channel,
-        time_ms: &r.time_ms,
-        replayable: r.replay_blocker().is_none(),
-        body: String::from_utf8_lossy(&r.body),
-    };
-    // Serializing plain strings and numbers cannot fail.
-    serde_json::to_string(&j).unwrap_or_default()
-}
-
-/// Writes records as one JSON array, one record per line, as they arrive (`[]` when empty).
-pub(crate) fn write_json_array(
-    out: &mut impl Write,
-    records: impl IntoIterator<Item = DeadLetterRecord>,
-) -> std::io::Result<()> {
-    let mut first = true;
-    for r in records {
-        out.write_all(if first { b"[\n" } else { b",\n" })?;
-        out.write_all(record_json(&r).as_bytes())?;
-        first = false;
-    }
-    out.write_all(if first { b"[]\n" } else { b"\n]\n" })
-}
-
-/// A letter a replay left in the dead-letter queue, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeftLetter {
-    /// Its position (see [`DeadLetterRecord::position`]).
-    pub position: u64,
-    /// Its original message id.
-    pub msg_id: String,
-    /// Its original subject.
-    pub subject: String,
-    /// Why it stays: not replayable, or the broker's refusal.
-    pub why: String,
-}
-
-/// What a replay did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReplaySummary {
-    /// Letters in the dead-letter queue when the replay started (the ones it works on).
-    pub total: u64,
-    /// Letters looked at.
-    pub seen: u64,
-    /// Letters published, acknowledged and removed from the dead-letter queue.
-    pub replayed: u64,
-    /// Letters looked at that stay in the dead-letter queue.
-    pub left: u64,
-    /// The first `MAX_LEFT_DETAILS` (100) letters that stay, with why.
-    pub left_letters: Vec<LeftLetter>,
-    /// Why the replay stopped before the end of the queue (the broker went away, the events
-    /// exchange is missing); letters not reached stay too.
-    pub stopped: Option<String>,
-}
-
-impl ReplaySummary {
-    /// Whether every letter went and nothing stopped the replay (exit 0).
-    pub fn all_replayed(&self) -> bool {
-        self.left == 0 && self.stopped.is_none()
-    }
-
-    /// Letters of the run that are still in the dead-letter queue: those left plus, when the
-    /// replay stopped early, those it did not reach.
-    pub fn left_total(&self) -> u64 {
-        self.left + self.unreached()
-    }
-
-    /// Letters a replay that stopped early did not reach (0 for a complete run: letters that
-    /// vanished meanwhile, swept by retention, are not counted).
-    fn unreached(&self) -> u64 {
-        if self.stopped.is_some() {
-            self.total.saturating_sub(self.seen)
-        } else {
-            0
-        }
-    }
-
-    /// Counts one letter that stays.
-    pub fn leave(&mut self, r: &DeadLetterRecord, why: impl Into<String>) {
-        self.left += 1;
-        if self.left_letters.len() < MAX_LEFT_DETAILS {
-            self.left_letters.push(LeftLetter {
-                position: r.position,
-                msg_id: r.msg_id.clone(),
-                subject: r.subject.clone(),
-                why: why.into(),
-            });
-        }
-    }
-
-    /// The one-line summary printed at the end of a replay.
-    pub fn line(&self) -> String {
-        let mut s = format!(
-            "replayed {} of {} dead letters; {} left in the dead-letter queue",
-            self.replayed,
-            self.seen + self.unreached(),
-            self.left_total()
-        );
-        if let Some(why) = &self.stopped {
-            s.push_str(&format!("; stopped early: {why}"));
-        }
-        s
-    }
-
-    /// The summary line followed by one line per letter left (at most `REPORT_LINES`, 20).
-    pub fn report(&self) -> String {
-        let mut s = self.line();
-        s.push('\n');
-        for l in self.left_letters.iter().take(REPORT_LINES) {
-            s.push_str(&format!(
-                "left: position {} msg id {} subject {}: {}\n",
-                l.position,
-                or_dash(&l.msg_id),
-                or_dash(&l.subject),
-                l.why
-            ));
-        }
-        let shown = self.left_letters.len().min(REPORT_LINES) as u64;
-        if self.left > shown {
-            s.push_str(&format!(
-                "left: ... and {} more (`pusher-bridge dlq list` shows every letter)\n",
-                self.left - shown
-            ));
-        }
-        s
-    }
-}
-
 /// The replay progress bar: drawn on stdout when stdout is a terminal, hidden otherwise (pipes,
 /// logs and tests then see only the summary).
 pub fn progress_bar() -> ProgressBar {
@@ -419,7 +114,7 @@ pub async fn list(
     }
 }
 
-/// A broker's dead letters as [`list`] and [`replay`] walk them: in order, only the letters
+/// A broker's dead letters as [`list`] and [`replay()`] walk them: in order, only the letters
 /// present when the store was opened, each one removed (after its replay was acknowledged) or
 /// kept in its place. [`nats::Store`] and [`amqp::Store`] are the two.
 trait LetterStore {
@@ -464,68 +159,6 @@ async fn list_store<S: LetterStore>(
     };
     store.close().await;
     result
-}
-
-/// Replays the letters of `store` through `publisher`: a window of letters published in their
-/// order with all acks awaited together, then settled in order, so the events stream / queue
-/// gets them in the DLQ's order. A letter is removed after its ack and kept otherwise.
-async fn replay_store<S: LetterStore>(
-    mut store: S,
-    publisher: &Deliverer,
-    progress: &ProgressBar,
-) -> ReplaySummary {
-    progress.set_length(store.count());
-    let mut summary = ReplaySummary {
-        total: store.count(),
-        ..Default::default()
-    };
-    let mut batch: Vec<(DeadLetterRecord, S::Handle)> = Vec::with_capacity(REPLAY_WINDOW);
-    loop {
-        let next = store.next().await.unwrap_or_else(|e| {
-            summary.stopped = Some(e.to_string());
-            None
-        });
-        let done = next.is_none();
-        if let Some((r, handle)) = next {
-            summary.seen += 1;
-            match r.replay_blocker().or_else(|| store.blocker(&r)) {
-                Some(why) => {
-                    summary.leave(&r, why);
-                    store.keep(handle);
-                    progress.inc(1);
-                }
-                None => batch.push((r, handle)),
-            }
-        }
-        if done || batch.len() >= REPLAY_WINDOW {
-            let results = republish(publisher, batch.iter().map(|(r, _)| r)).await;
-            for ((r, handle), result) in batch.drain(..).zip(results) {
-                match result {
-                    Err(e) => {
-                        summary.leave(&r, format!("refused again: {e}"));
-                        store.keep(handle);
-                    }
-                    Ok(()) => match store.remove(handle).await {
-                        Ok(()) => summary.replayed += 1,
-                        Err(e) => summary.leave(
-                            &r,
-                            format!(
-                                "published, but could not be removed from the dead-letter {}: {e}",
-                                S::KIND
-                            ),
-                        ),
-                    },
-                }
-                progress.inc(1);
-            }
-        }
-        if done {
-            break;
-        }
-    }
-    store.close().await;
-    progress.finish_and_clear();
-    summary
 }
 
 /// Every dead letter in queue order, collected in memory (for tests and small queues; the CLI
@@ -596,94 +229,13 @@ fn null_broker() -> DlqError {
     BrokerError::connect_msg("the benchmark-only null broker keeps no dead letters").into()
 }
 
-/// Publishes `letters` as their event messages, in this order, all acks awaited together, as
-/// the deliverer does for every path (with replay's policy: a refusal that may pass is tried a
-/// few times; nothing is dead-lettered again, the letter stays): one result per letter.
-async fn republish<'a>(
-    publisher: &Deliverer,
-    letters: impl Iterator<Item = &'a DeadLetterRecord>,
-) -> Vec<Result<(), String>> {
-    let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
-    let pending: Vec<Pending<'_>> = messages
-        .iter()
-        .map(|message| Pending {
-            message,
-            failed_since_ms: None,
-        })
-        .collect();
-    publisher
-        .events(&pending, Policy::replay())
-        .await
-        .into_iter()
-        .map(|fate| match fate {
-            Fate::Published => Ok(()),
-            Fate::Kept { why, .. } => Err(why.to_string()),
-            // Replay's policy dead-letters nothing.
-            Fate::DeadLettered(_) | Fate::Unplaceable(_) => Err("dead-lettered again".into()),
-        })
-        .collect()
-}
-
-/// How long replay waits for the broker's publisher to connect (and declare, with
-/// `broker.declare`) before giving up.
-const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// `dlq replay`: publishes every replayable dead letter to its original subject / routing key
-/// with its original message id and removes each one once the broker acknowledged it. Letters
-/// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
-/// letter handled.
-///
-/// The letters are read (and removed) by the broker's `LetterStore`; they are published by the
-/// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
-/// same confirm handling, and on RabbitMQ the same attribution of `basic.return`s to the message
-/// they belong to (a confirm's attached return may be another message's when several are in
-/// flight, which once left letters in neither the queue nor the DLQ).
-pub async fn replay(
-    settings: &Settings,
-    progress: &ProgressBar,
-) -> Result<ReplaySummary, DlqError> {
-    #[cfg(feature = "bench-null-broker")]
-    if settings.broker.kind == BrokerKind::Null {
-        return Err(null_broker());
-    }
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    // Replay publishes into the topology as it is: a letter that no queue or stream takes now
-    // stays a letter, rather than the tool creating the bridge's catch-all queue for it.
-    let mut publishing = settings.clone();
-    publishing.broker.declare = false;
-    let broker = std::sync::Arc::new(Broker::connect(&publishing, metrics.clone()).await?);
-    if !broker.wait_up(PUBLISHER_WAIT).await {
-        broker.close().await;
-        return Err(BrokerError::connect_msg(format!(
-            "the broker's publisher was not up within {PUBLISHER_WAIT:?}"
-        ))
-        .into());
-    }
-    let publisher = Deliverer::new(
-        broker.clone(),
-        metrics,
-        settings.broker.publish_timeout,
-        REPLAY_WINDOW,
-    );
-    let result = match settings.broker.kind {
-        BrokerKind::Nats => match nats::Store::open(settings).await {
-            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
-            Err(e) => Err(e),
-        },
-        BrokerKind::Amqp => match amqp::Store::open(settings).await {
-            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
-            Err(e) => Err(e),
-        },
-        #[cfg(feature = "bench-null-broker")]
-        BrokerKind::Null => Err(null_broker()),
-    };
-    broker.close().await;
-    result
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
+    use super::format::short_detail;
     use super::*;
+    use crate::message::DlqReason;
     use std::collections::HashMap;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

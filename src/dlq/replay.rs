@@ -1,0 +1,265 @@
+//! `dlq replay`: the letters published again through the bridge's own publisher and the
+//! deliverer every path shares, each removed once the broker acknowledged it.
+
+use indicatif::ProgressBar;
+
+use super::format::or_dash;
+use super::{
+    DeadLetterRecord, DlqError, LetterStore, MAX_LEFT_DETAILS, REPLAY_WINDOW, REPORT_LINES, amqp,
+    nats,
+};
+use crate::broker::{Broker, BrokerError};
+use crate::config::{BrokerKind, Settings};
+use crate::delivery::{Deliverer, Fate, Pending, Policy};
+use crate::message::Message;
+
+/// A letter a replay left in the dead-letter queue, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftLetter {
+    /// Its position (see [`DeadLetterRecord::position`]).
+    pub position: u64,
+    /// Its original message id.
+    pub msg_id: String,
+    /// Its original subject.
+    pub subject: String,
+    /// Why it stays: not replayable, or the broker's refusal.
+    pub why: String,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Letters in the dead-letter queue when the replay started (the ones it works on).
+    pub total: u64,
+    /// Letters looked at.
+    pub seen: u64,
+    /// Letters published, acknowledged and removed from the dead-letter queue.
+    pub replayed: u64,
+    /// Letters looked at that stay in the dead-letter queue.
+    pub left: u64,
+    /// The first `MAX_LEFT_DETAILS` (100) letters that stay, with why.
+    pub left_letters: Vec<LeftLetter>,
+    /// Why the replay stopped before the end of the queue (the broker went away, the events
+    /// exchange is missing); letters not reached stay too.
+    pub stopped: Option<String>,
+}
+
+impl ReplaySummary {
+    /// Whether every letter went and nothing stopped the replay (exit 0).
+    pub fn all_replayed(&self) -> bool {
+        self.left == 0 && self.stopped.is_none()
+    }
+
+    /// Letters of the run that are still in the dead-letter queue: those left plus, when the
+    /// replay stopped early, those it did not reach.
+    pub fn left_total(&self) -> u64 {
+        self.left + self.unreached()
+    }
+
+    /// Letters a replay that stopped early did not reach (0 for a complete run: letters that
+    /// vanished meanwhile, swept by retention, are not counted).
+    fn unreached(&self) -> u64 {
+        if self.stopped.is_some() {
+            self.total.saturating_sub(self.seen)
+        } else {
+            0
+        }
+    }
+
+    /// Counts one letter that stays.
+    pub fn leave(&mut self, r: &DeadLetterRecord, why: impl Into<String>) {
+        self.left += 1;
+        if self.left_letters.len() < MAX_LEFT_DETAILS {
+            self.left_letters.push(LeftLetter {
+                position: r.position,
+                msg_id: r.msg_id.clone(),
+                subject: r.subject.clone(),
+                why: why.into(),
+            });
+        }
+    }
+
+    /// The one-line summary printed at the end of a replay.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "replayed {} of {} dead letters; {} left in the dead-letter queue",
+            self.replayed,
+            self.seen + self.unreached(),
+            self.left_total()
+        );
+        if let Some(why) = &self.stopped {
+            s.push_str(&format!("; stopped early: {why}"));
+        }
+        s
+    }
+
+    /// The summary line followed by one line per letter left (at most `REPORT_LINES`, 20).
+    pub fn report(&self) -> String {
+        let mut s = self.line();
+        s.push('\n');
+        for l in self.left_letters.iter().take(REPORT_LINES) {
+            s.push_str(&format!(
+                "left: position {} msg id {} subject {}: {}\n",
+                l.position,
+                or_dash(&l.msg_id),
+                or_dash(&l.subject),
+                l.why
+            ));
+        }
+        let shown = self.left_letters.len().min(REPORT_LINES) as u64;
+        if self.left > shown {
+            s.push_str(&format!(
+                "left: ... and {} more (`pusher-bridge dlq list` shows every letter)\n",
+                self.left - shown
+            ));
+        }
+        s
+    }
+}
+
+/// Replays the letters of `store` through `publisher`: a window of letters published in their
+/// order with all acks awaited together, then settled in order, so the events stream / queue
+/// gets them in the DLQ's order. A letter is removed after its ack and kept otherwise.
+async fn replay_store<S: LetterStore>(
+    mut store: S,
+    publisher: &Deliverer,
+    progress: &ProgressBar,
+) -> ReplaySummary {
+    progress.set_length(store.count());
+    let mut summary = ReplaySummary {
+        total: store.count(),
+        ..Default::default()
+    };
+    let mut batch: Vec<(DeadLetterRecord, S::Handle)> = Vec::with_capacity(REPLAY_WINDOW);
+    loop {
+        let next = store.next().await.unwrap_or_else(|e| {
+            summary.stopped = Some(e.to_string());
+            None
+        });
+        let done = next.is_none();
+        if let Some((r, handle)) = next {
+            summary.seen += 1;
+            match r.replay_blocker().or_else(|| store.blocker(&r)) {
+                Some(why) => {
+                    summary.leave(&r, why);
+                    store.keep(handle);
+                    progress.inc(1);
+                }
+                None => batch.push((r, handle)),
+            }
+        }
+        if done || batch.len() >= REPLAY_WINDOW {
+            let results = republish(publisher, batch.iter().map(|(r, _)| r)).await;
+            for ((r, handle), result) in batch.drain(..).zip(results) {
+                match result {
+                    Err(e) => {
+                        summary.leave(&r, format!("refused again: {e}"));
+                        store.keep(handle);
+                    }
+                    Ok(()) => match store.remove(handle).await {
+                        Ok(()) => summary.replayed += 1,
+                        Err(e) => summary.leave(
+                            &r,
+                            format!(
+                                "published, but could not be removed from the dead-letter {}: {e}",
+                                S::KIND
+                            ),
+                        ),
+                    },
+                }
+                progress.inc(1);
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    store.close().await;
+    progress.finish_and_clear();
+    summary
+}
+
+/// Publishes `letters` as their event messages, in this order, all acks awaited together, as
+/// the deliverer does for every path (with replay's policy: a refusal that may pass is tried a
+/// few times; nothing is dead-lettered again, the letter stays): one result per letter.
+async fn republish<'a>(
+    publisher: &Deliverer,
+    letters: impl Iterator<Item = &'a DeadLetterRecord>,
+) -> Vec<Result<(), String>> {
+    let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
+    let pending: Vec<Pending<'_>> = messages
+        .iter()
+        .map(|message| Pending {
+            message,
+            failed_since_ms: None,
+        })
+        .collect();
+    publisher
+        .events(&pending, Policy::replay())
+        .await
+        .into_iter()
+        .map(|fate| match fate {
+            Fate::Published => Ok(()),
+            Fate::Kept { why, .. } => Err(why.to_string()),
+            // Replay's policy dead-letters nothing.
+            Fate::DeadLettered(_) | Fate::Unplaceable(_) => Err("dead-lettered again".into()),
+        })
+        .collect()
+}
+
+/// How long replay waits for the broker's publisher to connect (and declare, with
+/// `broker.declare`) before giving up.
+const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `dlq replay`: publishes every replayable dead letter to its original subject / routing key
+/// with its original message id and removes each one once the broker acknowledged it. Letters
+/// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
+/// letter handled.
+///
+/// The letters are read (and removed) by the broker's `LetterStore`; they are published by the
+/// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
+/// same confirm handling, and on RabbitMQ the same attribution of `basic.return`s to the message
+/// they belong to (a confirm's attached return may be another message's when several are in
+/// flight, which once left letters in neither the queue nor the DLQ).
+pub async fn replay(
+    settings: &Settings,
+    progress: &ProgressBar,
+) -> Result<ReplaySummary, DlqError> {
+    #[cfg(feature = "bench-null-broker")]
+    if settings.broker.kind == BrokerKind::Null {
+        return Err(null_broker());
+    }
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    // Replay publishes into the topology as it is: a letter that no queue or stream takes now
+    // stays a letter, rather than the tool creating the bridge's catch-all queue for it.
+    let mut publishing = settings.clone();
+    publishing.broker.declare = false;
+    let broker = std::sync::Arc::new(Broker::connect(&publishing, metrics.clone()).await?);
+    if !broker.wait_up(PUBLISHER_WAIT).await {
+        broker.close().await;
+        return Err(BrokerError::connect_msg(format!(
+            "the broker's publisher was not up within {PUBLISHER_WAIT:?}"
+        ))
+        .into());
+    }
+    let publisher = Deliverer::new(
+        broker.clone(),
+        metrics,
+        settings.broker.publish_timeout,
+        REPLAY_WINDOW,
+    );
+    let result = match settings.broker.kind {
+        BrokerKind::Nats => match nats::Store::open(settings).await {
+            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
+            Err(e) => Err(e),
+        },
+        BrokerKind::Amqp => match amqp::Store::open(settings).await {
+            Ok(store) => Ok(replay_store(store, &publisher, progress).await),
+            Err(e) => Err(e),
+        },
+        #[cfg(feature = "bench-null-broker")]
+        BrokerKind::Null => Err(null_broker()),
+    };
+    broker.close().await;
+    result
+}
