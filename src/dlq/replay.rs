@@ -4,6 +4,8 @@
 use indicatif::ProgressBar;
 
 use super::format::or_dash;
+#[cfg(feature = "bench-null-broker")]
+use super::null_broker;
 use super::{
     DeadLetterRecord, DlqError, LetterStore, MAX_LEFT_DETAILS, REPLAY_WINDOW, REPORT_LINES, amqp,
     nats,
