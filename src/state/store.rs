@@ -78,11 +78,13 @@ pub struct StateStore {
 /// The KV stream as the KV convention wants it (history 1), created by hand: async-nats'
 /// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
 /// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
-/// Direct gets (reads from any replica) are on where the server answers them with current
-/// values (`direct`): NATS before 2.9.17 lets a restarted replica answer them before it has
-/// caught up (nats-server#4162), and a cluster test on 2.9.10 saw a count stuck at an old value
-/// for a minute after a node restart.
-fn bucket_spec(bucket: &str, replicas: usize, direct: bool) -> StreamSpec {
+/// Direct gets (reads from any replica) are on in a bucket it creates on a server that answers
+/// them with current values, and turned off in an existing one only on a server known to be
+/// older: NATS before 2.9.17 lets a restarted replica answer them before it has caught up
+/// (nats-server#4162), and a cluster test on 2.9.10 saw a count stuck at an old value for a
+/// minute after a node restart. A server whose version is not known yet changes nothing.
+fn bucket_spec(bucket: &str, replicas: usize, version: Option<ServerVersion>) -> StreamSpec {
+    let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
     let subject = format!("$KV.{bucket}.>");
     let create = stream::Config {
         name: format!("KV_{bucket}"),
@@ -102,7 +104,8 @@ fn bucket_spec(bucket: &str, replicas: usize, direct: bool) -> StreamSpec {
     // reads from the leader only when the stream config it reads at open says so.
     let owned = Owned {
         subjects: vec![subject],
-        allow_direct: (!direct).then_some(false),
+        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
+            .then_some(false),
         ..Owned::default()
     };
     StreamSpec::new(&create, owned)
@@ -128,9 +131,8 @@ impl StateStore {
         replicas: usize,
     ) -> Result<Self, StateError> {
         let js = jetstream::new(client.clone());
-        let version = ServerVersion::of(&client);
-        let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
-        streams::ensure(&js, &bucket_spec(bucket, replicas, direct))
+        let version = ServerVersion::of_connected(&client).await;
+        streams::ensure(&js, &bucket_spec(bucket, replicas, version))
             .await
             .map_err(|e| kv_err("cannot create the state bucket")(e))?;
         let store = js

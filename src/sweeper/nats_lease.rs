@@ -56,9 +56,9 @@ pub fn cursor_bucket(settings: &Settings) -> String {
 /// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1), and
 /// what the bridge owns of it when it exists: its subject, `max_age` (the lease's expiry, zero
 /// for the cursor), replicas raised to `broker.nats.replicas`, and direct gets off on a server
-/// older than 2.9.17 (`direct` false), which lets a restarted replica answer them before it has
-/// caught up (nats-server#4162) when a lease decision needs the latest value. Every other field
-/// stays as it is (see [`streams`]).
+/// known to be older than 2.9.17, which lets a restarted replica answer them before it has
+/// caught up (nats-server#4162) when a lease decision needs the latest value. A bucket it
+/// creates has direct gets on from 2.9.17. Every other field stays as it is (see [`streams`]).
 ///
 /// Built by hand rather than with `create_key_value`: that call first asks for the account info,
 /// whose NATS 2.9 answer this client version cannot parse.
@@ -67,8 +67,9 @@ fn bucket_spec(
     max_age: Duration,
     replicas: usize,
     description: &str,
-    direct: bool,
+    version: Option<ServerVersion>,
 ) -> StreamSpec {
+    let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
     let subject = format!("$KV.{bucket}.>");
     let create = stream::Config {
         name: format!("KV_{bucket}"),
@@ -88,7 +89,8 @@ fn bucket_spec(
         subjects: vec![subject],
         replicas,
         max_age: Some(max_age),
-        allow_direct: (!direct).then_some(false),
+        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
+            .then_some(false),
         ..Owned::default()
     };
     StreamSpec::new(&create, owned)
@@ -146,14 +148,13 @@ impl Bucket {
     /// `max_age`.
     async fn create_or_update(&self) -> Result<kv::Store, SweepError> {
         let (js, bucket) = (&self.js, &self.name);
-        let version = ServerVersion::of(&js.client());
-        let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
+        let version = ServerVersion::of_connected(&js.client()).await;
         let spec = bucket_spec(
             bucket,
             self.max_age,
             self.replicas,
             self.description,
-            direct,
+            version,
         );
         streams::ensure(js, &spec)
             .await

@@ -608,16 +608,23 @@ impl Topology {
     /// One declaration: the version check, both streams, and the TTL check of each stream
     /// whose messages carry TTLs.
     async fn once(&self) -> Result<(), Step> {
-        let version = ServerVersion::of(&self.js.client());
-        if let Some((key, _)) = self.ttl_streams.first()
-            && !version::has(version, ServerVersion::MESSAGE_TTL)
-        {
-            let shown = version.map_or_else(|| "of unknown version".to_string(), |v| v.to_string());
-            return Err(Step::Fatal(format!(
-                "{key} = \"message_ttl\" needs NATS {} or newer; the server at {} is {shown}",
-                ServerVersion::MESSAGE_TTL,
-                self.url
-            )));
+        if let Some((key, _)) = self.ttl_streams.first() {
+            match ServerVersion::of_connected(&self.js.client()).await {
+                // The INFO may trail the connect event: ask again rather than refuse.
+                None => {
+                    return Err(Step::Retry(BrokerError::connect_msg(
+                        "the NATS server's version is not known yet",
+                    )));
+                }
+                Some(v) if !v.has(ServerVersion::MESSAGE_TTL) => {
+                    return Err(Step::Fatal(format!(
+                        "{key} = \"message_ttl\" needs NATS {} or newer; the server at {} is {v}",
+                        ServerVersion::MESSAGE_TTL,
+                        self.url
+                    )));
+                }
+                Some(_) => {}
+            }
         }
         if self.declare {
             for spec in &self.specs {

@@ -43,6 +43,22 @@ impl ServerVersion {
         Self::parse(&client.server_info().version)
     }
 
+    /// The version of the server `client` is connected to, waiting up to 2 s for it: the
+    /// client reports "connected" a moment before it stores the server's `INFO`, so right
+    /// after a connect [`ServerVersion::of`] can still say `None`.
+    pub async fn of_connected(client: &async_nats::Client) -> Option<Self> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            if let Some(v) = Self::of(client) {
+                return Some(v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// NATS before 2.9.17 lets a restarted replica answer direct gets before it has caught up
     /// (nats-server#4162): below it, buckets whose reads must be current turn direct gets off.
     pub const DIRECT_GETS_CURRENT: Self = Self::new(2, 9, 17);
@@ -71,10 +87,17 @@ impl fmt::Display for ServerVersion {
 }
 
 /// Whether a server of `version` has what `since` brought. An unknown version (no `INFO` yet,
-/// or one that does not parse) counts as old: the workarounds are safe on any server, the
-/// features are not.
+/// or one that does not parse) counts as old for what the bridge does itself: a workaround
+/// that changes nothing of the server's is safe on any server, a feature is not.
 pub(crate) fn has(version: Option<ServerVersion>, since: ServerVersion) -> bool {
     version.is_some_and(|v| v.has(since))
+}
+
+/// Whether a server of `version` is known to predate `fixed`: the workarounds that change an
+/// operator's settings (direct gets off) apply only then, never on a server whose version is
+/// not known yet.
+pub(crate) fn known_before(version: Option<ServerVersion>, fixed: ServerVersion) -> bool {
+    version.is_some_and(|v| !v.has(fixed))
 }
 
 #[cfg(test)]
@@ -116,7 +139,16 @@ mod tests {
         assert!(!has(v("2.10.26"), ServerVersion::MESSAGE_TTL));
         assert!(has(v("2.11.0-RC.1"), ServerVersion::MESSAGE_TTL));
         assert!(has(v("3.0.0"), ServerVersion::MESSAGE_TTL));
-        // Unknown: old.
+        // Unknown: old for what the bridge does itself, but no operator setting is changed.
         assert!(!has(None, ServerVersion::DIRECT_GETS_CURRENT));
+        assert!(!known_before(None, ServerVersion::DIRECT_GETS_CURRENT));
+        assert!(known_before(
+            v("2.9.10"),
+            ServerVersion::DIRECT_GETS_CURRENT
+        ));
+        assert!(!known_before(
+            v("2.9.17"),
+            ServerVersion::DIRECT_GETS_CURRENT
+        ));
     }
 }

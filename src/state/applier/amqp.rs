@@ -161,20 +161,17 @@ pub async fn run(
     settings: Arc<Settings>,
     store: StateStore,
     metrics: Arc<Metrics>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
-    loop {
-        tokio::select! {
-            () = shutdown.wait() => return,
-            result = consume_once(&settings, &store, &metrics) => {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "state applier: retrying in 1 s");
-                }
+    // At shutdown the connection closes and RabbitMQ requeues what was delivered unacked.
+    super::keep_consuming(shutdown, |mut stop| {
+        let (settings, store, metrics) = (&settings, &store, &metrics);
+        async move {
+            tokio::select! {
+                () = stop.wait() => Ok(()),
+                result = consume_once(settings, store, metrics) => result,
             }
         }
-        tokio::select! {
-            () = shutdown.wait() => return,
-            () = tokio::time::sleep(RETRY_PAUSE) => {}
-        }
-    }
+    })
+    .await;
 }

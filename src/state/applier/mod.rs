@@ -216,7 +216,8 @@ async fn nats_consumers(
         .get_stream(stream)
         .await
         .map_err(|e| consumer_err("cannot find the events stream")(e.into()))?;
-    if version::has(ServerVersion::of(&js.client()), ServerVersion::MULTI_FILTER) {
+    let version = ServerVersion::of_connected(&js.client()).await;
+    if version::has(version, ServerVersion::MULTI_FILTER) {
         return Ok(vec![multi_filter_consumer(&stream, prefix, durable).await?]);
     }
     let mut out = Vec::with_capacity(STATE_EVENTS.len());
@@ -407,11 +408,24 @@ pub(crate) async fn run_nats(
     events: async_nats::Client,
     store: StateStore,
     metrics: Arc<Metrics>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let js = jetstream::new(events);
+    keep_consuming(shutdown, |stop| {
+        consume_nats_once(&js, &settings, &store, &metrics, stop)
+    })
+    .await;
+}
+
+/// The reconnect loop of both sources: runs `consume` (which returns at `shutdown`, or when
+/// its connection or consumer ends or fails) again a second after it ended, until `shutdown`.
+pub(super) async fn keep_consuming<F, Fut>(mut shutdown: Shutdown, consume: F)
+where
+    F: Fn(Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), StateError>>,
+{
     loop {
-        let result = consume_nats_once(&js, &settings, &store, &metrics, shutdown.clone()).await;
+        let result = consume(shutdown.clone()).await;
         if shutdown.is_triggered() {
             return;
         }
