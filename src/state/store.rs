@@ -41,6 +41,10 @@ const MAX_ATTEMPTS: u32 = 50;
 /// (see the module doc): well past the time a write spends in flight on a healthy cluster (a
 /// write delayed by an election is applied by the new leader before it answers reads).
 const VERIFY_AFTER: Duration = Duration::from_millis(200);
+/// Tries again after a failed read, this many times, after [`READ_PAUSE`], twice that, ...
+const READ_TRIES: u32 = 3;
+/// The first pause before reading again.
+const READ_PAUSE: Duration = Duration::from_millis(50);
 /// A filtered read gives up after this long.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -232,11 +236,19 @@ impl StateStore {
 
     /// The record at `key` and its revision (0 when absent, deleted or unreadable).
     async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<(Option<T>, u64), StateError> {
-        let entry = self
-            .store
-            .entry(key)
-            .await
-            .map_err(|e| kv_err("cannot read a state record")(e))?;
+        let mut tries = 0;
+        let entry = loop {
+            match self.store.entry(key).await {
+                Ok(entry) => break entry,
+                // A replicated bucket created a moment ago may not answer direct gets on
+                // every node yet ("no responders"); a leader election has the same blip.
+                Err(_) if tries < READ_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(READ_PAUSE * tries).await;
+                }
+                Err(e) => return Err(kv_err("cannot read a state record")(e)),
+            }
+        };
         Ok(match entry {
             None => (None, 0),
             Some(e) if e.operation != kv::Operation::Put => (None, e.revision),

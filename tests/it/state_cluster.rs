@@ -291,10 +291,24 @@ async fn a_state_write_on_a_replicated_bucket_waits_for_a_read_back_only_where_t
     // NATS before 2.9.21 could take two compare-and-sets naming one revision (nats-server#4320),
     // so there a writer reads its write back 200 ms later; newer servers refuse the second.
     let cluster = NatsCluster::start().await;
+    cluster.wait_meta_leader().await;
     let client = async_nats::connect(cluster.url(0)).await.unwrap();
-    let version = ServerVersion::of(&client).expect("a version");
+    let version = ServerVersion::of_connected(&client)
+        .await
+        .expect("a version");
     let bucket = unique("ST");
-    let store = StateStore::open(client, &bucket, 3).await.unwrap();
+    // As the bridge does (`state::open_store`): a young cluster may not answer at once.
+    let mut tries = 0;
+    let store = loop {
+        match StateStore::open(client.clone(), &bucket, 3).await {
+            Ok(store) => break store,
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 10, "the bucket never opened: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let js = cluster.jetstream().await;
     cluster
         .wait_stream_healthy(&js, &format!("KV_{bucket}"))
