@@ -241,8 +241,14 @@ impl StateStore {
             match self.store.entry(key).await {
                 Ok(entry) => break entry,
                 // A replicated bucket created a moment ago may not answer direct gets on
-                // every node yet ("no responders"); a leader election has the same blip.
-                Err(_) if tries < READ_TRIES => {
+                // every node yet ("no responders"); a leader election has the same blip. Not
+                // while the server is away: that failure is reported at once (the event is
+                // redelivered later).
+                Err(_)
+                    if tries < READ_TRIES
+                        && self.client.connection_state()
+                            == async_nats::connection::State::Connected =>
+                {
                     tries += 1;
                     tokio::time::sleep(READ_PAUSE * tries).await;
                 }
