@@ -166,7 +166,8 @@ impl Bridge {
         if self.spool.is_stalled() {
             return Err("the spool is not draining although the broker is up".into());
         }
-        let down = self.tasks.down();
+        let mut down = self.tasks.down();
+        down.extend(self.broker().tasks_down());
         if !down.is_empty() {
             return Err(format!(
                 "background task(s) stopped and restarting: {}",

@@ -1,5 +1,7 @@
 //! The one supervisor of the bridge's background work: the spool drainer, the retention
-//! sweeper, the channel state's applier and tombstone sweep. Each task is started under it with
+//! sweeper, the channel state's applier and tombstone sweep, and (in an instance of their own,
+//! `crate::broker::BrokerTasks`, since the brokers are built first and tools use them too)
+//! the brokers' topology and recovery loops. Each task is started under it with
 //! the one shutdown signal ([`crate::shutdown`]). A task that ends or panics while the bridge
 //! runs is logged, counted (`pusher_bridge_task_restarts_total{task}`) and started again after a
 //! jittered pause; until it runs again `/readyz` answers 503 naming it ([`TaskHealth`]). At

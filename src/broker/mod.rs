@@ -20,10 +20,14 @@ pub mod null;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+
 use crate::config::{BrokerKind, Settings};
 pub(crate) use crate::message::dead_letter_id;
 pub use crate::message::{DeadLetter, DlqReason, Message, PublishError, headers, now_ms};
 use crate::metrics::Metrics;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::supervisor::{Supervisor, TaskHealth};
 
 /// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -209,6 +213,16 @@ impl Broker {
         }
     }
 
+    /// The broker's own loops that are down right now (for `/readyz`).
+    pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
+        match self {
+            Broker::Nats(b) => b.tasks_down(),
+            Broker::Amqp(b) => b.tasks_down(),
+            #[cfg(any(test, feature = "bench-null-broker"))]
+            _ => Vec::new(),
+        }
+    }
+
     /// Waits until the broker is up or `timeout` passes; true when up.
     pub async fn wait_up(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -231,5 +245,74 @@ impl Broker {
             #[cfg(test)]
             Broker::Fake(_) => {}
         }
+    }
+}
+
+/// A broker's own background loops (NATS: the topology loop; RabbitMQ: the recovery loop)
+/// under a supervisor of their own ([`crate::supervisor`]): started again if one ends or
+/// panics (counted in `pusher_bridge_task_restarts_total`, `/readyz` red meanwhile), stopped by
+/// the broker's own shutdown signal on close (or when the broker is dropped) and awaited,
+/// never aborted. The brokers are built before the bridge's supervisor exists, and tools
+/// (`dlq`, `sweep`) use them without one.
+pub(crate) struct BrokerTasks {
+    stop: std::sync::Mutex<Option<ShutdownTrigger>>,
+    supervisor: std::sync::Mutex<Option<Supervisor>>,
+    health: TaskHealth,
+}
+
+impl BrokerTasks {
+    /// Loops reporting their restarts to `metrics`.
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let health = TaskHealth::default();
+        Self {
+            stop: std::sync::Mutex::new(Some(trigger)),
+            supervisor: std::sync::Mutex::new(Some(Supervisor::new(
+                shutdown,
+                metrics,
+                health.clone(),
+            ))),
+            health,
+        }
+    }
+
+    /// Starts `task` as `name` (see [`Supervisor::spawn`]).
+    pub(crate) fn spawn<F, Fut>(&self, name: &'static str, task: F)
+    where
+        F: Fn(Shutdown) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut guard = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(supervisor) = guard.as_mut() {
+            supervisor.spawn(name, task);
+        }
+    }
+
+    /// Signals the loops to stop and waits for them (at most 2 s).
+    pub(crate) async fn stop(&self) {
+        let trigger = self
+            .stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(trigger) = trigger {
+            trigger.trigger();
+        }
+        let supervisor = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(supervisor) = supervisor {
+            supervisor.join(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// The loops that are down right now.
+    pub(crate) fn down(&self) -> Vec<&'static str> {
+        self.health.down()
     }
 }

@@ -83,8 +83,18 @@ pub(crate) mod task {
     pub(crate) const RETENTION_SWEEPER: &str = "retention_sweeper";
     /// The channel state's applier and tombstone sweep.
     pub(crate) const CHANNEL_STATE: &str = "channel_state";
+    /// The NATS broker's topology loop (declares the streams on every connect).
+    pub(crate) const NATS_TOPOLOGY: &str = "nats_topology";
+    /// The RabbitMQ broker's recovery loop (connects, declares, replaces lost sessions).
+    pub(crate) const AMQP_RECOVERY: &str = "amqp_recovery";
     /// All of them (their series exist from start-up).
-    pub(crate) const ALL: [&str; 3] = [SPOOL_DRAINER, RETENTION_SWEEPER, CHANNEL_STATE];
+    pub(crate) const ALL: [&str; 5] = [
+        SPOOL_DRAINER,
+        RETENTION_SWEEPER,
+        CHANNEL_STATE,
+        NATS_TOPOLOGY,
+        AMQP_RECOVERY,
+    ];
 }
 
 /// Every exported family name as it appears in the text output, for tests and deploy checks.

@@ -25,15 +25,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use lapin::types::ShortString;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use self::publish::{ChannelPublisher, Outgoing};
 use self::session::{Session, SessionConfig};
-use super::{BrokerError, DeadLetter, Message, PublishError};
+use super::{BrokerError, BrokerTasks, DeadLetter, Message, PublishError};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::routing;
+use crate::shutdown::Shutdown;
 
 /// Longest a connection attempt (TCP, TLS, AMQP handshake, declarations) may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,8 +51,8 @@ pub(crate) const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// The RabbitMQ broker.
 pub struct AmqpBroker {
     shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
-    recovery: tokio::task::JoinHandle<()>,
+    /// The recovery loop, under the broker's own supervisor (stopped and awaited on close).
+    tasks: BrokerTasks,
 }
 
 /// State shared by the broker handle and its recovery loop.
@@ -116,13 +117,17 @@ impl AmqpBroker {
             cloudevents: settings.broker.cloudevents,
         });
         shared.metrics.set_broker_up(false);
-        let (shutdown, stop) = watch::channel(false);
-        let recovery = tokio::spawn(recovery_loop(shared.clone(), stop));
-        Ok(Self {
-            shared,
-            shutdown,
-            recovery,
-        })
+        let tasks = BrokerTasks::new(shared.metrics.clone());
+        let loop_shared = shared.clone();
+        tasks.spawn(crate::metrics::task::AMQP_RECOVERY, move |shutdown| {
+            recovery_loop(loop_shared.clone(), shutdown)
+        });
+        Ok(Self { shared, tasks })
+    }
+
+    /// The broker's own loops that are down right now.
+    pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
+        self.tasks.down()
     }
 
     /// Connected, not blocked, and at least one channel open.
@@ -211,19 +216,12 @@ impl AmqpBroker {
 
     /// Stops the recovery loop and closes the connection.
     pub async fn close(&self) {
-        let _ = self.shutdown.send(true);
-        self.recovery.abort();
+        self.tasks.stop().await;
         let session = self.shared.take_session();
         if let Some(s) = session {
             s.close("pusher-bridge shutting down").await;
         }
         self.shared.metrics.set_broker_up(false);
-    }
-}
-
-impl Drop for AmqpBroker {
-    fn drop(&mut self) {
-        self.recovery.abort();
     }
 }
 
@@ -344,25 +342,25 @@ impl Shared {
 /// jittered exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
 /// cannot turn into a reconnect storm). A connected but blocked session is checked on the
 /// health interval, so the gauge follows an unblock promptly.
-async fn recovery_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn recovery_loop(shared: Arc<Shared>, mut shutdown: Shutdown) {
     let backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut failures = 0;
     loop {
-        if *stop.borrow() {
+        if shutdown.is_triggered() {
             return;
         }
         let up = shared.recover_once().await;
         if up || shared.connected() {
             failures = 0;
             tokio::select! {
-                _ = stop.changed() => return,
+                () = shutdown.wait() => return,
                 _ = shared.wake.notified() => {}
                 _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             }
         } else {
             failures += 1;
             tokio::select! {
-                _ = stop.changed() => return,
+                () = shutdown.wait() => return,
                 _ = tokio::time::sleep(backoff.delay(failures)) => {}
             }
         }

@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use tokio::sync::{Notify, watch};
 
+use super::BrokerTasks;
 use super::connection_log::ConnectionLog;
 use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
 use crate::backoff::Backoff;
@@ -24,6 +25,7 @@ use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
 use crate::retention::{Target, TtlRules};
 use crate::routing;
+use crate::shutdown::Shutdown;
 
 mod classify;
 pub(crate) mod streams;
@@ -57,7 +59,8 @@ pub struct NatsBroker {
     cloudevents: bool,
     /// Per-message TTLs (`retention.<target>.method = "message_ttl"`).
     ttl: Ttls,
-    topology_task: tokio::task::JoinHandle<()>,
+    /// The topology loop, under the broker's own supervisor (stopped and awaited on close).
+    tasks: BrokerTasks,
 }
 
 /// Pauses between reconnects: 50 ms doubling up to 2 s.
@@ -266,6 +269,7 @@ impl NatsBroker {
         let ttl = Ttls::of(settings);
         let (ready_tx, streams_ready) = watch::channel(!settings.broker.declare);
         let (fatal_tx, fatal) = watch::channel(None);
+        let metrics_for_tasks = metrics.clone();
         let topology = Topology {
             js: js.clone(),
             declare: settings.broker.declare,
@@ -282,7 +286,11 @@ impl NatsBroker {
             fatal: fatal_tx,
             metrics,
         };
-        let topology_task = tokio::spawn(topology.run(reconnected));
+        let tasks = BrokerTasks::new(metrics_for_tasks);
+        let topology = Arc::new(topology);
+        tasks.spawn(crate::metrics::task::NATS_TOPOLOGY, move |shutdown| {
+            topology.clone().run(reconnected.clone(), shutdown)
+        });
         Ok(Self {
             client,
             js,
@@ -295,7 +303,7 @@ impl NatsBroker {
             ack_timeout: settings.broker.publish_timeout,
             cloudevents: settings.broker.cloudevents,
             ttl,
-            topology_task,
+            tasks,
         })
     }
 
@@ -315,6 +323,11 @@ impl NatsBroker {
             // The topology task ended without a verdict (on close): nothing to report.
             Err(_) => std::future::pending().await,
         }
+    }
+
+    /// The broker's own loops that are down right now.
+    pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
+        self.tasks.down()
     }
 
     /// Connected and both streams known to exist.
@@ -475,7 +488,7 @@ impl NatsBroker {
 
     /// Flushes pending publishes and stops the topology task.
     pub async fn close(&self) {
-        self.topology_task.abort();
+        self.tasks.stop().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
 }
@@ -577,12 +590,25 @@ struct Topology {
 impl Topology {
     /// On every (re)connect: checks that the server can do what the configuration asks,
     /// declares both streams (with `declare = true`), and marks the broker ready.
-    async fn run(self, reconnected: Arc<Notify>) {
+    /// Run under the broker's supervisor until `shutdown`; started again after a panic, it
+    /// declares at once when connected.
+    async fn run(self: Arc<Self>, reconnected: Arc<Notify>, mut shutdown: Shutdown) {
+        let mut wait = !self.connected.load(Ordering::SeqCst);
         loop {
-            reconnected.notified().await;
+            if wait {
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = reconnected.notified() => {}
+                }
+            }
+            wait = true;
             let mut failures = 0;
             while self.connected.load(Ordering::SeqCst) {
-                match self.once().await {
+                let step = tokio::select! {
+                    () = shutdown.wait() => return,
+                    step = self.once() => step,
+                };
+                match step {
                     Ok(()) => {
                         self.ready.store(true, Ordering::SeqCst);
                         self.ready_tx.send_replace(true);
@@ -593,12 +619,17 @@ impl Topology {
                     Err(Step::Fatal(why)) => {
                         tracing::error!(error = %why, "the NATS server cannot do what the configuration asks");
                         self.fatal.send_replace(Some(why));
+                        // The bridge stops on it; nothing more to declare.
+                        shutdown.wait().await;
                         return;
                     }
                     Err(Step::Retry(e)) => {
                         tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
                         failures += 1;
-                        tokio::time::sleep(DECLARE_RETRY.delay(failures)).await;
+                        tokio::select! {
+                            () = shutdown.wait() => return,
+                            () = tokio::time::sleep(DECLARE_RETRY.delay(failures)) => {}
+                        }
                     }
                 }
             }
