@@ -247,14 +247,10 @@ impl Bridge {
                 ..Accepted::default()
             });
         }
-        let pending: Vec<Pending<'_>> = messages
-            .iter()
-            .map(|message| Pending {
-                message,
-                failed_since_ms: None,
-            })
-            .collect();
-        let mut fates = self.deliverer.events(&pending, policy).await;
+        let mut fates = self
+            .deliverer
+            .events(&Pending::fresh(&messages), policy)
+            .await;
         fates.extend(self.deliverer.dead_letters(dead, policy).await);
         self.metrics
             .publish_duration

@@ -226,6 +226,19 @@ pub(crate) struct Pending<'a> {
     pub failed_since_ms: Option<u64>,
 }
 
+impl<'a> Pending<'a> {
+    /// `messages` for their first delivery (no earlier failure).
+    pub(crate) fn fresh(messages: &'a [Message]) -> Vec<Self> {
+        messages
+            .iter()
+            .map(|message| Pending {
+                message,
+                failed_since_ms: None,
+            })
+            .collect()
+    }
+}
+
 /// A failed publish after the policy gave up on it.
 struct Failed {
     error: PublishError,

@@ -260,6 +260,17 @@ impl LetterHeaders {
     }
 }
 
+/// Whether `s` can stand as (part of) a subject token as it is: not empty, no wildcard (`*`,
+/// `>`), no whitespace or control character. The one rule for the configured subject prefix's
+/// tokens and the event names and channels of a webhook, so that a subject never becomes a
+/// wildcard whoever wrote its parts.
+pub(crate) fn is_subject_token(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

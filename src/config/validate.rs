@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::{BrokerKind, ConfigError, RetentionMethod, Settings, invalid, servers};
+use crate::message::is_subject_token;
 
 impl Settings {
     /// Checks values that parse but cannot work.
@@ -50,11 +51,7 @@ impl Settings {
             }
         }
         let prefix = &self.broker.subject_prefix;
-        if prefix.is_empty()
-            || prefix
-                .split('.')
-                .any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace))
-        {
+        if !prefix.split('.').all(is_subject_token) {
             return Err(invalid(
                 "broker.subject_prefix",
                 "must be one or more non-empty dot-separated tokens without `*`, `>` or spaces",
@@ -64,10 +61,7 @@ impl Settings {
             ("broker.nats.stream", &self.broker.nats.stream),
             ("broker.nats.dlq_stream", &self.broker.nats.dlq_stream),
         ] {
-            if name.is_empty()
-                || name.contains(['.', '*', '>', '/', '\\'])
-                || name.contains(char::is_whitespace)
-            {
+            if !is_subject_token(name) || name.contains(['.', '/', '\\']) {
                 return Err(invalid(
                     key,
                     "stream names must be non-empty without `.`, `*`, `>`, slashes or spaces",

@@ -189,15 +189,8 @@ async fn republish<'a>(
     letters: impl Iterator<Item = &'a DeadLetterRecord>,
 ) -> Vec<Result<(), String>> {
     let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
-    let pending: Vec<Pending<'_>> = messages
-        .iter()
-        .map(|message| Pending {
-            message,
-            failed_since_ms: None,
-        })
-        .collect();
     publisher
-        .events(&pending, Policy::replay())
+        .events(&Pending::fresh(&messages), Policy::replay())
         .await
         .into_iter()
         .map(|fate| match fate {

@@ -245,10 +245,7 @@ fn check_token(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("event `{field}` is empty"));
     }
-    if value
-        .chars()
-        .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
-    {
+    if !crate::message::is_subject_token(value) {
         return Err(format!(
             "event `{field}` contains a wildcard, whitespace or control character"
         ));
