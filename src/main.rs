@@ -298,8 +298,7 @@ fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
     let runtime = server_runtime(settings.server.worker_threads)?;
     runtime.block_on(async {
         let addr = settings.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = pusher_bridge::http::bind(addr, settings.server.max_connections)
             .with_context(|| format!("cannot listen on {addr}"))?;
         pusher_bridge::run(listener, settings, shutdown_signal()).await?;
         anyhow::Ok(())

@@ -106,3 +106,28 @@ async fn a_chunked_body_over_the_limit_is_refused_while_it_is_read() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listen_backlog_holds_a_burst_of_max_connections() {
+    // Nobody accepts: each connect completes only in the kernel's accept queue, which must
+    // hold as many as `server.max_connections` (the standard library's 128 held ~129).
+    let listener = pusher_bridge::http::bind("127.0.0.1:0".parse().unwrap(), 600).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connects = (0..600).map(|_| {
+        tokio::time::timeout(
+            Duration::from_millis(800),
+            tokio::net::TcpStream::connect(addr),
+        )
+    });
+    let held: Vec<_> = futures::future::join_all(connects)
+        .await
+        .into_iter()
+        .filter_map(|r| r.ok()?.ok())
+        .collect();
+    assert!(
+        held.len() >= 590,
+        "{} of 600 connects completed",
+        held.len()
+    );
+    drop(listener);
+}
