@@ -98,7 +98,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Resp {
 }
 
 /// Listens on `addr` with a listen backlog of `max_connections`: at `server.max_connections`
-/// the next clients wait in the kernel's accept queue (see [`serve_with_state`]), so the queue
+/// the next clients wait in the kernel's accept queue (see `serve_with_state`), so the queue
 /// must hold a burst of that size. The default (128, the standard library's) cut a burst of
 /// 1,500 connects at about 630 held connections. The kernel caps the backlog at
 /// `net.core.somaxconn` (a warning says so when that is lower).
