@@ -120,7 +120,6 @@ impl Bridge {
         let apps = AppRegistry::new(&settings.apps);
         let deliverer = Deliverer::new(
             broker,
-            metrics.clone(),
             settings.broker.publish_timeout,
             settings.broker.max_in_flight,
         );
@@ -161,13 +160,15 @@ impl Bridge {
 
     /// Whether events can be made durable now and will move on (for `/readyz`), or why not:
     /// the broker is up or the spool has room for a webhook, the spool's drainer is not
-    /// stalled, and no background task is down.
+    /// stalled, and none of the tasks that move events on (the drainer, the broker's loop) is
+    /// down between a crash and its restart.
     pub(crate) fn readiness(&self) -> Result<(), String> {
         if self.spool.is_stalled() {
             return Err("the spool is not draining although the broker is up".into());
         }
         let mut down = self.tasks.down();
         down.extend(self.broker().tasks_down());
+        down.retain(|task| crate::metrics::task::DURABILITY.contains(task));
         if !down.is_empty() {
             return Err(format!(
                 "background task(s) stopped and restarting: {}",
@@ -257,10 +258,21 @@ impl Bridge {
             .observe(started.elapsed().as_secs_f64());
         let mut accepted = Accepted::default();
         let mut kept = Vec::new();
+        let mut events = messages.iter();
         for fate in fates {
+            // The first fates are the events', in order; the rest the malformed letters'.
+            let event = events.next();
             match fate {
-                Fate::Published => accepted.published += 1,
-                Fate::DeadLettered(_) => accepted.dead_lettered += 1,
+                Fate::Published => {
+                    accepted.published += 1;
+                    if let Some(m) = event {
+                        self.metrics.published(&app.app_id, &m.event);
+                    }
+                }
+                Fate::DeadLettered(reason) => {
+                    accepted.dead_lettered += 1;
+                    self.metrics.dead_lettered(&app.app_id, reason.as_str());
+                }
                 Fate::Kept {
                     item: Kept::Event(m),
                     ..
@@ -270,7 +282,7 @@ impl Bridge {
                     item: Kept::DeadLetter(dl),
                     ..
                 }
-                | Fate::Unplaceable(dl) => {
+                | Fate::Unplaceable { letter: dl, .. } => {
                     kept.push(Record::DeadLetter(dl));
                 }
             }
@@ -387,6 +399,9 @@ mod tests {
         let why = rig.bridge.readiness().unwrap_err();
         assert!(why.contains("spool_drainer"), "{why}");
         rig.bridge.task_health().set("spool_drainer", false);
+        assert_eq!(rig.bridge.readiness(), Ok(()));
+        // The sweeper is counted, not a reason to take the replica out of the load balancer.
+        rig.bridge.task_health().set("retention_sweeper", true);
         assert_eq!(rig.bridge.readiness(), Ok(()));
     }
 

@@ -28,7 +28,6 @@ use tokio::time::Instant;
 use crate::backoff::{self, Backoff};
 use crate::broker::Broker;
 use crate::message::{DeadLetter, DlqReason, Message, PublishError, now_ms};
-use crate::metrics::Metrics;
 
 /// What to do with an event whose publish failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,9 +211,15 @@ pub(crate) enum Fate {
         /// The last failure.
         why: PublishError,
     },
-    /// The dead-letter queue refused this letter for good (its detail says why): the drainer
-    /// sets it aside in the quarantine file; the webhook path spools it like a kept one.
-    Unplaceable(DeadLetter),
+    /// The dead-letter queue refused this letter for good: the drainer sets it aside in the
+    /// quarantine file (with `refusal` added to its detail); the webhook path spools it as it
+    /// is, like a kept one.
+    Unplaceable {
+        /// The letter, as it was.
+        letter: DeadLetter,
+        /// The dead-letter queue's answer.
+        refusal: String,
+    },
 }
 
 /// One event to deliver, and since when it waits (a spooled event failed when it was spooled).
@@ -246,29 +251,28 @@ struct Failed {
     first_failure_ms: u64,
 }
 
-/// Drives one broker for every path: the publishes in flight bounded by
-/// `broker.max_in_flight` across all callers, each failure handled by [`next_step`], every
-/// acknowledged event and dead letter counted.
+/// Drives one broker for one path: the publishes in flight bounded by its own `max_in_flight`
+/// (the webhook path's is `broker.max_in_flight`, shared by all webhooks; the drainer's a
+/// drain batch; replay's its window), each failure handled by [`next_step`]. The callers count
+/// what their fates mean (the drainer only for the records it commits).
 pub(crate) struct Deliverer {
     broker: Arc<Broker>,
-    metrics: Arc<Metrics>,
     publish_timeout: Duration,
     in_flight: Semaphore,
     max_in_flight: usize,
 }
 
 impl Deliverer {
-    /// A deliverer of `broker` with `broker.publish_timeout` and `broker.max_in_flight`.
+    /// A deliverer of `broker` whose tries wait `publish_timeout` at most, with at most
+    /// `max_in_flight` publishes in flight.
     pub(crate) fn new(
         broker: Arc<Broker>,
-        metrics: Arc<Metrics>,
         publish_timeout: Duration,
         max_in_flight: usize,
     ) -> Self {
         let max_in_flight = max_in_flight.max(1);
         Self {
             broker,
-            metrics,
             publish_timeout,
             in_flight: Semaphore::new(max_in_flight),
             max_in_flight,
@@ -352,10 +356,7 @@ impl Deliverer {
     async fn settle(&self, p: &Pending<'_>, outcome: Result<(), Failed>, policy: Policy) -> Fate {
         let m = p.message;
         match outcome {
-            Ok(()) => {
-                self.metrics.published(&m.app_id, &m.event);
-                Fate::Published
-            }
+            Ok(()) => Fate::Published,
             Err(Failed {
                 error: PublishError::Refused { reason, detail },
                 attempts,
@@ -412,18 +413,14 @@ impl Deliverer {
             })
             .await;
         match outcome {
-            Ok(()) => {
-                self.metrics
-                    .dead_lettered(&letter.message.app_id, letter.reason.as_str());
-                Fate::DeadLettered(letter.reason)
-            }
+            Ok(()) => Fate::DeadLettered(letter.reason),
             Err(Failed {
                 error: PublishError::Refused { detail, .. },
                 ..
-            }) => Fate::Unplaceable(DeadLetter {
-                detail: format!("{}; dead-letter queue: {detail}", letter.detail),
-                ..letter
-            }),
+            }) => Fate::Unplaceable {
+                letter,
+                refusal: detail,
+            },
             Err(Failed { error, .. }) => Fate::Kept {
                 item: Kept::DeadLetter(letter),
                 why: error,
@@ -569,7 +566,6 @@ mod tests {
         fn deliverer() -> Deliverer {
             Deliverer::new(
                 Arc::new(Broker::Fake(Box::default())),
-                Arc::new(Metrics::new()),
                 Duration::from_millis(100),
                 8,
             )
@@ -714,14 +710,17 @@ mod tests {
             let d = deliverer();
             fake(&d).script_dead(vec![refused(DlqReason::NoStream)]);
             let fates = d.dead_letters(vec![letter.clone()], Policy::drain()).await;
-            let [Fate::Unplaceable(kept)] = &fates[..] else {
+            let [
+                Fate::Unplaceable {
+                    letter: kept,
+                    refusal,
+                },
+            ] = &fates[..]
+            else {
                 panic!("{fates:?}");
             };
-            assert!(
-                kept.detail.starts_with("bad; dead-letter queue:"),
-                "{}",
-                kept.detail
-            );
+            assert_eq!(kept.detail, "bad", "kept as it was");
+            assert!(refusal.contains("no_stream"), "{refusal}");
             let d = deliverer();
             fake(&d).script_dead(vec![timeout()]);
             let fates = d.dead_letters(vec![letter], Policy::drain()).await;

@@ -14,8 +14,9 @@
 //! - [`bridge`]: the pipeline shared by all brokers: publish concurrently, await every ack,
 //!   dead-letter refusals, answer only when every event is durable.
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
-//! - `delivery`: the delivery policy (retry, spool or dead-letter after a failed publish) that
-//!   the webhook path and the spool drainer share.
+//! - `delivery`: the one deliverer (publish in order, retry, keep or dead-letter after a failed
+//!   publish) that the webhook path, the spool drainer and `dlq replay` drive the broker with,
+//!   each with its policy.
 //! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.

@@ -19,6 +19,9 @@ use crate::shutdown::Shutdown;
 
 /// Pauses before a task that ended is started again: 100 ms doubling up to 30 s.
 const RESTART: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+/// A task that ran this long before it ended counts as healthy again: its next restart pause
+/// is the first one.
+const RAN_A_WHILE: Duration = Duration::from_secs(60);
 
 /// Which supervised tasks are down right now (for `/readyz`).
 #[derive(Clone, Debug, Default)]
@@ -84,9 +87,14 @@ impl Supervisor {
         let watch = async move {
             let mut failures = 0;
             loop {
+                let started = tokio::time::Instant::now();
                 let ended = tokio::spawn(task(shutdown.clone())).await;
                 if shutdown.is_triggered() {
                     return;
+                }
+                // A task that ran a good while before it ended starts over at the short pause.
+                if started.elapsed() >= RAN_A_WHILE {
+                    failures = 0;
                 }
                 failures += 1;
                 match ended {

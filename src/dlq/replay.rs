@@ -121,7 +121,9 @@ impl ReplaySummary {
 
 /// Replays the letters of `store` through `publisher`: a window of letters published in their
 /// order with all acks awaited together, then settled in order, so the events stream / queue
-/// gets them in the DLQ's order. A letter is removed after its ack and kept otherwise.
+/// gets them in the DLQ's order (but for a letter that a refusal which may pass made the
+/// deliverer try again: it lands after the ones behind it). A letter is removed after its ack
+/// and kept otherwise.
 async fn replay_store<S: LetterStore>(
     mut store: S,
     publisher: &Deliverer,
@@ -197,7 +199,7 @@ async fn republish<'a>(
             Fate::Published => Ok(()),
             Fate::Kept { why, .. } => Err(why.to_string()),
             // Replay's policy dead-letters nothing.
-            Fate::DeadLettered(_) | Fate::Unplaceable(_) => Err("dead-lettered again".into()),
+            Fate::DeadLettered(_) | Fate::Unplaceable { .. } => Err("dead-lettered again".into()),
         })
         .collect()
 }
@@ -239,7 +241,6 @@ pub async fn replay(
     }
     let publisher = Deliverer::new(
         broker.clone(),
-        metrics,
         settings.broker.publish_timeout,
         REPLAY_WINDOW,
     );

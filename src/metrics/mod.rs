@@ -87,6 +87,10 @@ pub(crate) mod task {
     pub(crate) const NATS_TOPOLOGY: &str = "nats_topology";
     /// The RabbitMQ broker's recovery loop (connects, declares, replaces lost sessions).
     pub(crate) const AMQP_RECOVERY: &str = "amqp_recovery";
+    /// The tasks events need to become durable and move on: while one is down (between a
+    /// crash and its restart) `/readyz` answers 503. The sweeper and the channel state are
+    /// only counted: a load balancer must not take every replica out for them.
+    pub(crate) const DURABILITY: [&str; 3] = [SPOOL_DRAINER, NATS_TOPOLOGY, AMQP_RECOVERY];
     /// All of them (their series exist from start-up).
     pub(crate) const ALL: [&str; 5] = [
         SPOOL_DRAINER,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::{Batch, DRAIN_BATCH, Item, Spool, SpoolError, record};
 use crate::broker::Broker;
 use crate::delivery::{Deliverer, Fate, Pending, Policy};
-use crate::message::now_ms;
+use crate::message::{DeadLetter, DlqReason, now_ms};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -80,9 +80,16 @@ impl Outcome {
     fn of(fate: Fate) -> Self {
         match fate {
             Fate::Published => Outcome::Published,
-            Fate::DeadLettered(_) => Outcome::DeadLettered,
+            Fate::DeadLettered(reason) => Outcome::DeadLettered(reason),
             Fate::Kept { .. } => Outcome::Unavailable,
-            Fate::Unplaceable(dl) => {
+            Fate::Unplaceable {
+                letter: dl,
+                refusal,
+            } => {
+                let dl = DeadLetter {
+                    detail: format!("{}; dead-letter queue: {refusal}", dl.detail),
+                    ..dl
+                };
                 tracing::error!(
                     subject = %dl.message.subject,
                     msg_id = %dl.message.msg_id,
@@ -101,7 +108,7 @@ impl Outcome {
 /// Where one record ended up.
 enum Outcome {
     Published,
-    DeadLettered,
+    DeadLettered(DlqReason),
     /// No broker destination takes it: keep this frame aside.
     Quarantine(Vec<u8>),
     /// Try again later.
@@ -112,6 +119,7 @@ enum Outcome {
 pub struct Drainer {
     spool: Arc<Spool>,
     deliverer: Deliverer,
+    metrics: Arc<Metrics>,
     interval: Duration,
 }
 
@@ -126,7 +134,8 @@ impl Drainer {
     ) -> Self {
         Self {
             spool,
-            deliverer: Deliverer::new(broker, metrics, publish_timeout, DRAIN_BATCH),
+            deliverer: Deliverer::new(broker, publish_timeout, DRAIN_BATCH),
+            metrics,
             interval,
         }
     }
@@ -155,10 +164,24 @@ impl Drainer {
                 .unwrap_or(outcomes.len());
             let mut quarantine = Vec::new();
             let mut quarantined = 0;
-            for outcome in outcomes.iter().take(done) {
+            // Counted here, for the records committed: one after a break is published again.
+            for (item, outcome) in batch.items.iter().zip(&outcomes).take(done) {
+                let message = match item {
+                    Item::Record(s) => Some(s.record.message()),
+                    Item::Undecodable { .. } => None,
+                };
                 match outcome {
-                    Outcome::Published => report.published += 1,
-                    Outcome::DeadLettered => report.dead_lettered += 1,
+                    Outcome::Published => {
+                        report.published += 1;
+                        if let Some(m) = message {
+                            self.metrics.published(&m.app_id, &m.event);
+                        }
+                    }
+                    Outcome::DeadLettered(reason) => {
+                        report.dead_lettered += 1;
+                        let app = message.map_or("unknown", |m| &*m.app_id);
+                        self.metrics.dead_lettered(app, reason.as_str());
+                    }
                     Outcome::Quarantine(frame) => {
                         report.quarantined += 1;
                         quarantined += 1;

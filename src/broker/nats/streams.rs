@@ -258,7 +258,7 @@ pub(crate) fn replicas_upgrade(current: &RawConfig, owned: &Owned) -> Option<usi
 }
 
 /// The server's "stream not found".
-const STREAM_NOT_FOUND: ErrorCode = ErrorCode(10059);
+pub(crate) const STREAM_NOT_FOUND: ErrorCode = ErrorCode(10059);
 /// The server's "stream name already in use with a different configuration" (another replica
 /// created it a moment ago).
 const STREAM_NAME_IN_USE: ErrorCode = ErrorCode(10058);

@@ -18,6 +18,8 @@ pub mod amqp;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -25,7 +27,7 @@ use serde::Deserialize;
 use super::StateError;
 use super::merge::{Change, Stamp, Update};
 use super::store::{Applied, StateStore};
-use crate::broker::nats::{ServerVersion, version};
+use crate::broker::nats::ServerVersion;
 use crate::message::now_ms;
 use crate::metrics::{Metrics, StateOutcome};
 use crate::routing;
@@ -216,8 +218,15 @@ async fn nats_consumers(
         .get_stream(stream)
         .await
         .map_err(|e| consumer_err("cannot find the events stream")(e.into()))?;
-    let version = ServerVersion::of_connected(&js.client()).await;
-    if version::has(version, ServerVersion::MULTI_FILTER) {
+    // Never guess: an unknown version would make per-event consumers on a 2.10+ server (and,
+    // once the retired ones are gone, replay the stream from its start).
+    let Some(version) = ServerVersion::of_connected(&js.client()).await else {
+        return Err(StateError::Kv {
+            what: "the events' NATS server's version is not known yet",
+            source: "no INFO from the server yet".into(),
+        });
+    };
+    if version.has(ServerVersion::MULTI_FILTER) {
         return Ok(vec![multi_filter_consumer(&stream, prefix, durable).await?]);
     }
     let mut out = Vec::with_capacity(STATE_EVENTS.len());
@@ -256,7 +265,11 @@ async fn multi_filter_consumer(
     let deliver_policy = match stream.consumer_info(durable).await {
         // Made already (by this replica before a reconnect, or by another): as it is.
         Ok(_) => consumer::DeliverPolicy::All,
-        Err(_) => handover_start(stream, durable).await?,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            handover_start(stream, durable).await?
+        }
+        // Not knowing would start the consumer at the wrong place: ask again later.
+        Err(e) => return Err(consumer_err("cannot read the state consumer")(e.into())),
     };
     let config = consumer::pull::Config {
         filter_subjects: STATE_EVENTS
@@ -307,8 +320,16 @@ async fn handover_start(
         .last_sequence;
     let mut start: Option<u64> = None;
     for event in STATE_EVENTS {
-        let Ok(info) = stream.consumer_info(consumer_name(durable, event)).await else {
-            continue;
+        // Only a consumer the server says is not there is skipped: any other error could
+        // hide the one furthest behind, and the handover would skip its events.
+        let info = match stream.consumer_info(consumer_name(durable, event)).await {
+            Ok(info) => info,
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(consumer_err("cannot read a per-event state consumer")(
+                    e.into(),
+                ));
+            }
         };
         let done = if info.num_ack_pending == 0 {
             info.ack_floor
@@ -322,8 +343,9 @@ async fn handover_start(
             .await
         {
             Ok(m) => m.sequence.min(last + 1),
-            // None left (or none readable): everything it takes from here on is new.
-            Err(_) => last + 1,
+            // None left: everything it takes from here on is new.
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => last + 1,
+            Err(e) => return Err(consumer_err("cannot read the events stream")(e.into())),
         };
         start = Some(start.map_or(first_open, |s| s.min(first_open)));
     }
@@ -333,14 +355,18 @@ async fn handover_start(
     })
 }
 
-/// How long, at shutdown, the applier keeps handing back messages it had pulled but not
-/// started to apply.
-const HAND_BACK: Duration = Duration::from_millis(20);
+/// How long, at shutdown, the applier hands back messages it had pulled but not started to
+/// apply (all of them together: the pull stream keeps delivering, so it is a bound, not a
+/// drain).
+const HAND_BACK: Duration = Duration::from_millis(200);
+/// A handed-back message is redelivered after this pause, to whichever replica pulls then,
+/// rather than straight back to this one's open pull requests.
+const HANDED_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// Pulls from the durable consumers and applies until a consumer's stream ends or `shutdown`.
 /// At shutdown it takes no new message, lets the applies in flight finish (and ack), and naks
-/// what it had pulled but not started, so the next start (this replica's or another's) gets
-/// those at once instead of after `ack_wait`.
+/// what it had pulled but not started (for up to [`HAND_BACK`]), so the next start (this
+/// replica's or another's) gets those a second later instead of after `ack_wait`.
 async fn consume_nats_once(
     js: &jetstream::Context,
     settings: &crate::config::Settings,
@@ -394,9 +420,10 @@ async fn consume_nats_once(
             }
         })
         .await;
-    while let Ok(Some(next)) = tokio::time::timeout(HAND_BACK, pulled.next()).await {
+    let until = tokio::time::Instant::now() + HAND_BACK;
+    while let Ok(Some(next)) = tokio::time::timeout_at(until, pulled.next()).await {
         if let Ok(msg) = next {
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            let _ = msg.ack_with(AckKind::Nak(Some(HANDED_BACK_DELAY))).await;
         }
     }
     Ok(())
