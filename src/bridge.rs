@@ -10,6 +10,8 @@
 //! appended behind them so they do not overtake them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -85,7 +87,17 @@ pub struct Bridge {
     spool: Arc<Spool>,
     /// The supervised background tasks that are down right now (for `/readyz`).
     tasks: TaskHealth,
+    /// When the bridge was built, and whether its broker has been up since: right after a
+    /// start a webhook waits for the first connection ([`FIRST_CONNECT`]).
+    started: Instant,
+    seen_up: AtomicBool,
 }
+
+/// For this long after start, a webhook waits (up to half its budget) for a broker that has not
+/// been up yet: the connection comes up a moment after the listener, and a bridge started
+/// beside a healthy broker should publish its first webhook rather than spool it (the natural
+/// deployment check, `send-test` right after a start, said "cannot reach the broker").
+const FIRST_CONNECT: Duration = Duration::from_secs(10);
 
 /// Bodies at least this large are authenticated, parsed and turned into messages on the
 /// blocking pool, in one trip: a 1 MiB body costs milliseconds of CPU (tens in a debug
@@ -130,6 +142,8 @@ impl Bridge {
             metrics,
             spool,
             tasks: TaskHealth::default(),
+            started: Instant::now(),
+            seen_up: AtomicBool::new(false),
         }
     }
 
@@ -235,6 +249,7 @@ impl Bridge {
             }
             parse_and_prepare(&self.settings, app, body)?
         };
+        self.await_first_connect(budget / 2).await;
         if !self.spool.is_empty() {
             // Earlier events are still waiting: queue behind them (the drainer keeps order).
             let records: Vec<Record> = messages
@@ -291,6 +306,27 @@ impl Bridge {
             accepted.spooled = self.make_durable(kept).await?;
         }
         Ok(accepted)
+    }
+
+    /// Right after the start, while the broker's first connection is on its way (nothing
+    /// failed yet): waits up to `wait` for it ([`FIRST_CONNECT`]). A broker that refused or
+    /// could not be reached is not waited for: its events go to the spool at once.
+    async fn await_first_connect(&self, wait: Duration) {
+        if self.seen_up.load(Ordering::Relaxed) {
+            return;
+        }
+        let deadline = Instant::now() + wait;
+        let broker = self.broker();
+        while !broker.is_up()
+            && broker.is_connecting()
+            && self.started.elapsed() < FIRST_CONNECT
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if broker.is_up() {
+            self.seen_up.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Makes events the broker could not take durable on the local spool: appended as one unit

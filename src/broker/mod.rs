@@ -213,6 +213,17 @@ impl Broker {
         }
     }
 
+    /// Whether the broker's first connection is still on its way: not up yet, and no attempt
+    /// has failed (the webhook path waits a little for it right after a start).
+    pub(crate) fn is_connecting(&self) -> bool {
+        match self {
+            Broker::Nats(b) => b.is_connecting(),
+            Broker::Amqp(b) => b.is_connecting(),
+            #[cfg(any(test, feature = "bench-null-broker"))]
+            _ => false,
+        }
+    }
+
     /// The broker's own loops that are down right now (for `/readyz`).
     pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
         match self {

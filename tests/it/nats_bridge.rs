@@ -55,3 +55,23 @@ async fn bridge_starts_before_nats_and_connects_when_it_appears() {
     assert_eq!(a.status, 200, "{}", a.body);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_webhook_after_start_is_published_not_spooled() {
+    // The natural deployment check: start beside a healthy NATS and post at once. The
+    // broker's connection comes up a moment after the listener: the webhook waits for it
+    // (within its budget) instead of landing on the spool.
+    let settings = nats_settings();
+    let app = TestApp::spawn(settings.clone()).await;
+    let r = app
+        .post_signed(&webhook_body(
+            1,
+            &[r#"{"name":"channel_occupied","channel":"first"}"#],
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"published\":1"), "{}", r.body);
+    app.stop().await;
+    let js = jetstream_ctx(&nats_url()).await;
+    delete_streams(&js, &settings).await;
+}

@@ -69,6 +69,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// `broker.cloudevents`: event messages carry `ce-` headers.
     cloudevents: bool,
+    /// A connect attempt has failed since the start (RabbitMQ is not simply coming up).
+    attempt_failed: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpBroker {
@@ -115,6 +117,7 @@ impl AmqpBroker {
             wake: Arc::new(Notify::new()),
             metrics,
             cloudevents: settings.broker.cloudevents,
+            attempt_failed: std::sync::atomic::AtomicBool::new(false),
         });
         shared.metrics.set_broker_up(false);
         let tasks = BrokerTasks::new(shared.metrics.clone());
@@ -128,6 +131,11 @@ impl AmqpBroker {
     /// The broker's own loops that are down right now.
     pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
         self.tasks.down()
+    }
+
+    /// Not up yet, and no connect attempt has failed: the first connection is on its way.
+    pub(crate) fn is_connecting(&self) -> bool {
+        !self.is_up() && !self.shared.attempt_failed.load(Ordering::SeqCst)
     }
 
     /// Connected, not blocked, and at least one channel open.
@@ -349,7 +357,14 @@ async fn recovery_loop(shared: Arc<Shared>, mut shutdown: Shutdown) {
         if shutdown.is_triggered() {
             return;
         }
-        let up = shared.recover_once().await;
+        // A connect in progress (up to its timeout) must not hold up a close.
+        let up = tokio::select! {
+            () = shutdown.wait() => return,
+            up = shared.recover_once() => up,
+        };
+        if !up && !shared.connected() {
+            shared.attempt_failed.store(true, Ordering::SeqCst);
+        }
         if up || shared.connected() {
             failures = 0;
             tokio::select! {

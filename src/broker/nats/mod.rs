@@ -45,6 +45,8 @@ pub struct NatsBroker {
     connected: Arc<AtomicBool>,
     /// Both streams exist (or `declare = false`) since the last (re)connect.
     topology_ready: Arc<AtomicBool>,
+    /// A connect attempt has failed since the start (the server is not simply coming up).
+    attempt_failed: Arc<AtomicBool>,
     /// Both streams have been declared at least once (from the start with `declare = false`):
     /// side tasks that need them (the state applier) wait for it instead of polling.
     streams_ready: watch::Receiver<bool>,
@@ -217,7 +219,13 @@ impl NatsBroker {
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
         let s = settings.broker.nats.clone();
         let connected = Arc::new(AtomicBool::new(false));
-        let topology_ready = Arc::new(AtomicBool::new(!settings.broker.declare));
+        let attempt_failed = Arc::new(AtomicBool::new(false));
+        // Ready at once only when there is nothing to declare or check first: with per-message
+        // TTLs the server's version and the streams' `allow_msg_ttl` are checked before any
+        // event is published with a `Nats-TTL`.
+        let ttl = Ttls::of(settings);
+        let ready_at_start = !settings.broker.declare && ttl.needed(&s).is_empty();
+        let topology_ready = Arc::new(AtomicBool::new(ready_at_start));
         let reconnected = Arc::new(Notify::new());
         let log = Arc::new(ConnectionLog::new(
             "NATS",
@@ -227,12 +235,14 @@ impl NatsBroker {
         ));
         let opts = {
             let connected = connected.clone();
+            let attempt_failed = attempt_failed.clone();
             let topology_ready = topology_ready.clone();
             let reconnected = reconnected.clone();
             let metrics = metrics.clone();
             let declare = settings.broker.declare;
             connect_options(&s).await?.event_callback(move |event| {
                 let connected = connected.clone();
+                let attempt_failed = attempt_failed.clone();
                 let topology_ready = topology_ready.clone();
                 let reconnected = reconnected.clone();
                 let metrics = metrics.clone();
@@ -254,7 +264,10 @@ impl NatsBroker {
                             log.disconnected(None);
                         }
                         // Failed (re)connection attempts: async-nats retries on its own.
-                        Event::ClientError(e) => log.connect_failed(&e),
+                        Event::ClientError(e) => {
+                            attempt_failed.store(true, Ordering::SeqCst);
+                            log.connect_failed(&e);
+                        }
                         _ => {}
                     }
                 }
@@ -266,8 +279,7 @@ impl NatsBroker {
             .max_ack_inflight(settings.broker.max_in_flight.max(1))
             .build(client.clone());
         let prefix = settings.broker.subject_prefix.clone();
-        let ttl = Ttls::of(settings);
-        let (ready_tx, streams_ready) = watch::channel(!settings.broker.declare);
+        let (ready_tx, streams_ready) = watch::channel(ready_at_start);
         let (fatal_tx, fatal) = watch::channel(None);
         let metrics_for_tasks = metrics.clone();
         let topology = Topology {
@@ -295,6 +307,7 @@ impl NatsBroker {
             client,
             js,
             connected,
+            attempt_failed,
             topology_ready,
             streams_ready,
             fatal,
@@ -328,6 +341,11 @@ impl NatsBroker {
     /// The broker's own loops that are down right now.
     pub(crate) fn tasks_down(&self) -> Vec<&'static str> {
         self.tasks.down()
+    }
+
+    /// Not up yet, and no connect attempt has failed: the first connection is on its way.
+    pub(crate) fn is_connecting(&self) -> bool {
+        !self.is_up() && !self.attempt_failed.load(Ordering::SeqCst)
     }
 
     /// Connected and both streams known to exist.
@@ -669,7 +687,7 @@ impl Topology {
             let allowed = match streams::info(&self.js, stream).await {
                 Ok(config) => streams::field::<bool>(&config, "allow_msg_ttl").unwrap_or(false),
                 // No such stream (declare = false): nothing to check until the operator makes it.
-                Err(e) if e.code().is_some() => continue,
+                Err(e) if e.code() == Some(streams::STREAM_NOT_FOUND) => continue,
                 Err(e) => {
                     return Err(Step::Retry(BrokerError::topology(
                         format!("stream {stream}"),
@@ -679,7 +697,7 @@ impl Topology {
             };
             if !allowed {
                 return Err(Step::Fatal(format!(
-                    "{key} = \"message_ttl\" needs per-message TTLs on stream {stream}, which does not allow them (allow_msg_ttl) and the bridge could not turn them on"
+                    "{key} = \"message_ttl\" needs per-message TTLs on stream {stream}, which does not allow them (allow_msg_ttl): with broker.declare = true the server refused the update (the warning before this line says why), with declare = false the operator must turn them on"
                 )));
             }
         }
