@@ -15,8 +15,10 @@
 //! `Unavailable` (no connection, no ack in time, a NATS stream without a leader, a JetStream API
 //! that does not answer) is transient, `Refused` is the broker's answer about this message. Of
 //! the refusals, `rejected` and `nacked` may pass on a retry (a broker under pressure); the
-//! others (`no_stream` confirmed by the JetStream API, `unroutable`, `too_large`, `malformed`)
-//! cannot.
+//! others (`no_stream` confirmed by the JetStream API, `full`, `unroutable`, `too_large`,
+//! `malformed`) cannot, and are dead-lettered at once, each said in the log ([`refusals`]).
+//!
+//! [`refusals`]: crate::refusals
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -362,6 +364,7 @@ impl Deliverer {
                 attempts,
                 first_failure_ms,
             }) if policy.dead_letter => {
+                crate::refusals::refused(reason, &m.app_id, &m.subject, &detail);
                 let letter = DeadLetter {
                     message: m.clone(),
                     reason,

@@ -16,7 +16,8 @@
 //! - [`broker`]: [`broker::Broker`] over [`broker::nats`] and [`broker::amqp`].
 //! - `delivery`: the one deliverer (publish in order, retry, keep or dead-letter after a failed
 //!   publish) that the webhook path, the spool drainer and `dlq replay` drive the broker with,
-//!   each with its policy.
+//!   each with its policy; `refusals`: lasting refusals said in the log, once a minute per
+//!   reason at most.
 //! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
 //! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
@@ -46,6 +47,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod probe;
+mod refusals;
 pub mod retention;
 pub mod routing;
 pub mod sendtest;

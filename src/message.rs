@@ -59,17 +59,23 @@ pub enum DlqReason {
     Nacked,
     /// AMQP: no queue is bound for the routing key (returned by `mandatory`).
     Unroutable,
+    /// NATS: the stream is full: its limits (`max_msgs`, `max_bytes`, `max_msgs_per_subject`
+    /// with `discard = new`) or the server's storage refuse new messages. Named apart from
+    /// `rejected` because retrying within a webhook's answer cannot change it, and because
+    /// the operator's remedy is plain: raise the limit or let retention make room.
+    Full,
 }
 
 impl DlqReason {
     /// Every reason (the metrics create a dead-letter series for each at start-up).
-    pub const ALL: [DlqReason; 6] = [
+    pub const ALL: [DlqReason; 7] = [
         DlqReason::Malformed,
         DlqReason::NoStream,
         DlqReason::TooLarge,
         DlqReason::Rejected,
         DlqReason::Nacked,
         DlqReason::Unroutable,
+        DlqReason::Full,
     ];
 
     /// Label / header value.
@@ -81,6 +87,7 @@ impl DlqReason {
             DlqReason::Rejected => "rejected",
             DlqReason::Nacked => "nacked",
             DlqReason::Unroutable => "unroutable",
+            DlqReason::Full => "full",
         }
     }
 
@@ -93,6 +100,7 @@ impl DlqReason {
             "rejected" => DlqReason::Rejected,
             "nacked" => DlqReason::Nacked,
             "unroutable" => DlqReason::Unroutable,
+            "full" => DlqReason::Full,
             _ => return None,
         })
     }

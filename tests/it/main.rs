@@ -28,6 +28,7 @@ mod ops;
 mod poison;
 mod quarantine;
 mod readme;
+mod refusals;
 mod send_test;
 mod spool;
 mod spool_amqp;

@@ -363,17 +363,24 @@ async fn new_webhooks_queue_behind_spooled_events() {
 
 #[tokio::test]
 async fn dead_letters_the_dlq_refuses_go_to_the_quarantine_file() {
-    let settings = nats_settings();
+    // The streams are the operator's (`declare = false`), and the dead-letter stream is
+    // missing: a lasting refusal (with `declare = true` the bridge would declare it again).
+    let mut settings = nats_settings();
+    settings.broker.declare = false;
+    let js = jetstream_ctx(&nats_url()).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: settings.broker.nats.stream.clone(),
+        subjects: vec![format!("{}.>", settings.broker.subject_prefix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let DrainRig {
         broker,
         spool,
         drainer,
         ..
     } = drain_rig(&settings, Duration::from_secs(2)).await;
-    let js = jetstream_ctx(&nats_url()).await;
-    js.delete_stream(&settings.broker.nats.dlq_stream)
-        .await
-        .unwrap();
     let dl = DeadLetter {
         message: event_message(&settings, 1, "q"),
         reason: DlqReason::TooLarge,

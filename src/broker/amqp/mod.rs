@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 
 use self::publish::{ChannelPublisher, Outgoing};
 use self::session::{Session, SessionConfig};
-use super::{BrokerError, BrokerTasks, DeadLetter, Message, PublishError};
+use super::{BrokerError, BrokerTasks, DeadLetter, DlqReason, Message, PublishError};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -71,6 +71,9 @@ struct Shared {
     cloudevents: bool,
     /// A connect attempt has failed since the start (RabbitMQ is not simply coming up).
     attempt_failed: std::sync::atomic::AtomicBool,
+    /// With `declare = true`: a publish found an exchange or queue of the bridge missing; the
+    /// recovery loop declares the topology again.
+    redeclare: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpBroker {
@@ -118,6 +121,7 @@ impl AmqpBroker {
             metrics,
             cloudevents: settings.broker.cloudevents,
             attempt_failed: std::sync::atomic::AtomicBool::new(false),
+            redeclare: std::sync::atomic::AtomicBool::new(false),
         });
         shared.metrics.set_broker_up(false);
         let tasks = BrokerTasks::new(shared.metrics.clone());
@@ -200,7 +204,7 @@ impl AmqpBroker {
         if !publisher.is_open() {
             self.shared.wake.notify_one();
         }
-        results
+        results.into_iter().map(|r| self.shared.judge(r)).collect()
     }
 
     /// Publishes one dead letter to `broker.amqp.dlq_exchange` with routing key
@@ -274,7 +278,34 @@ impl Shared {
             // health check.
             self.wake.notify_one();
         }
-        result
+        self.judge(result)
+    }
+
+    /// With `declare = true` the bridge owns its exchanges and queues: a publish that finds
+    /// one missing (`no_stream`: the exchange; `unroutable`: the queue bound to all of it) means
+    /// an operator deleted it while the bridge ran. The recovery loop declares them again and
+    /// the event is tried again or spooled (`Unavailable`) instead of dead-lettered.
+    fn judge(&self, result: Result<(), PublishError>) -> Result<(), PublishError> {
+        match result {
+            Err(PublishError::Refused {
+                reason: DlqReason::NoStream | DlqReason::Unroutable,
+                detail,
+            }) if self.cfg.declare => {
+                if !self.redeclare.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        exchange = %self.cfg.settings.exchange,
+                        queue = %self.cfg.settings.queue,
+                        %detail,
+                        "an exchange or queue of the bridge is gone (deleted?): declaring it again"
+                    );
+                }
+                self.wake.notify_one();
+                Err(PublishError::Unavailable(format!(
+                    "{detail}; the bridge declares its topology again"
+                )))
+            }
+            other => other,
+        }
     }
 
     /// An open channel. When the connection is up but every channel was closed by a channel
@@ -303,11 +334,22 @@ impl Shared {
 
     async fn recover_once(&self) -> bool {
         match self.current() {
-            Some(s) if s.connected() => match s.repair(self.cfg.per_channel_in_flight).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(channels = n, "reopened AMQP channels"),
-                Err(e) => tracing::warn!(error = %e, "cannot reopen an AMQP channel"),
-            },
+            Some(s) if s.connected() => {
+                if self.redeclare.load(Ordering::SeqCst) {
+                    match s.redeclare(&self.cfg).await {
+                        Ok(()) => {
+                            self.redeclare.store(false, Ordering::SeqCst);
+                            tracing::info!(exchange = %self.cfg.settings.exchange, "declared the topology again");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot declare the topology again"),
+                    }
+                }
+                match s.repair(self.cfg.per_channel_in_flight).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(channels = n, "reopened AMQP channels"),
+                    Err(e) => tracing::warn!(error = %e, "cannot reopen an AMQP channel"),
+                }
+            }
             _ => {
                 if let Some(old) = self.take_session() {
                     self.cfg.log.disconnected(None);

@@ -78,6 +78,26 @@ impl Session {
         conn: &Connection,
         cfg: &SessionConfig,
     ) -> Result<Vec<RwLock<Arc<ChannelPublisher>>>, BrokerError> {
+        Self::declare_on(conn, cfg).await?;
+        let mut publishers = Vec::with_capacity(cfg.settings.channels);
+        for _ in 0..cfg.settings.channels.max(1) {
+            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight)
+                .await
+                .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
+            publishers.push(RwLock::new(Arc::new(p)));
+        }
+        Ok(publishers)
+    }
+
+    /// Declares the topology again on this connection (an operator deleted an exchange or a
+    /// queue of the bridge while it ran, `declare = true`).
+    pub(crate) async fn redeclare(&self, cfg: &SessionConfig) -> Result<(), BrokerError> {
+        Self::declare_on(&self.conn, cfg).await
+    }
+
+    /// The exchanges, queues and bindings (with `declare`), and the copies' queues, each on a
+    /// channel of its own that is closed after.
+    async fn declare_on(conn: &Connection, cfg: &SessionConfig) -> Result<(), BrokerError> {
         if cfg.declare {
             let channel = conn
                 .create_channel()
@@ -96,14 +116,7 @@ impl Session {
             }
             let _ = channel.close(200, "queues declared".into()).await;
         }
-        let mut publishers = Vec::with_capacity(cfg.settings.channels);
-        for _ in 0..cfg.settings.channels.max(1) {
-            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight)
-                .await
-                .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
-            publishers.push(RwLock::new(Arc::new(p)));
-        }
-        Ok(publishers)
+        Ok(())
     }
 
     /// The connection is established (not closed, not failed).

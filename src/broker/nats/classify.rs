@@ -62,6 +62,24 @@ const LASTING_NEWER_CODES: &[(u64, &str)] = &[
     (10227, "message stream source header is not allowed"),
 ];
 
+/// The store's answers when a stream's limits (with `discard = new`) or the server's storage
+/// leave no room: all under one code (10077, "store failed") or as the resources error, told
+/// apart by the store's words, which nats-server has kept since 2.2.
+const FULL_ANSWERS: &[&str] = &[
+    "maximum messages exceeded",
+    "maximum bytes exceeded",
+    "maximum messages per subject exceeded",
+    "insufficient resources",
+    "resource limits exceeded",
+];
+
+/// Whether the server refused a publish because the stream (or its storage) is full: a refusal
+/// that lasts until retention or the operator makes room, so it is not retried.
+fn is_full(js: &jetstream::Error) -> bool {
+    let words = js.to_string();
+    FULL_ANSWERS.iter().any(|w| words.contains(w))
+}
+
 /// The JetStream error code somewhere in `e`'s chain of sources (a KV error wraps a publish
 /// error that wraps the server's answer).
 pub(crate) fn jetstream_code(e: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
@@ -117,8 +135,11 @@ pub(super) fn classify(e: jetstream::context::PublishError) -> PublishError {
                 if js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
                     return refused(DlqReason::TooLarge);
                 }
-                // Any other JetStream answer (limits, storage, sealed stream): retried within
-                // the budget, then dead-lettered.
+                if is_full(js) {
+                    return refused(DlqReason::Full);
+                }
+                // Any other JetStream answer (a sealed stream, say): retried within the
+                // budget, then dead-lettered.
                 return refused(DlqReason::Rejected);
             }
             if source.is_some_and(|s| s.is::<async_nats::SubjectError>()) {
@@ -218,8 +239,12 @@ mod tests {
     use super::*;
 
     fn js_error(code: u64, status: usize) -> jetstream::context::PublishError {
+        js_error_saying(code, status, "test")
+    }
+
+    fn js_error_saying(code: u64, status: usize, words: &str) -> jetstream::context::PublishError {
         let e: jetstream::Error = serde_json::from_value(serde_json::json!({
-            "code": status, "err_code": code, "description": "test"
+            "code": status, "err_code": code, "description": words
         }))
         .expect("a JetStream error parses");
         jetstream::context::PublishError::with_source(PublishErrorKind::Other, e)
@@ -291,6 +316,33 @@ mod tests {
             async_nats::SubjectError::InvalidFormat,
         );
         assert!(!classify(subject).is_transient());
+    }
+
+    #[test]
+    fn a_full_stream_is_its_own_lasting_reason() {
+        for words in [
+            "maximum messages exceeded",
+            "maximum bytes exceeded",
+            "maximum messages per subject exceeded",
+        ] {
+            assert!(
+                matches!(
+                    classify(js_error_saying(10077, 503, words)),
+                    PublishError::Refused {
+                        reason: DlqReason::Full,
+                        ..
+                    }
+                ),
+                "{words}"
+            );
+        }
+        assert!(matches!(
+            classify(js_error_saying(10023, 503, "insufficient resources")),
+            PublishError::Refused {
+                reason: DlqReason::Full,
+                ..
+            }
+        ));
     }
 
     #[test]

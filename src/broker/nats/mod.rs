@@ -63,6 +63,10 @@ pub struct NatsBroker {
     ttl: Ttls,
     /// The topology loop, under the broker's own supervisor (stopped and awaited on close).
     tasks: BrokerTasks,
+    /// With `declare = true`: wakes the topology loop when a stream of the bridge is found
+    /// missing, so it is declared again rather than every event dead-lettered as `no_stream`.
+    redeclare: Option<Arc<Notify>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Pauses between reconnects: 50 ms doubling up to 2 s.
@@ -298,8 +302,9 @@ impl NatsBroker {
             fatal: fatal_tx,
             metrics,
         };
-        let tasks = BrokerTasks::new(metrics_for_tasks);
+        let tasks = BrokerTasks::new(metrics_for_tasks.clone());
         let topology = Arc::new(topology);
+        let redeclare = settings.broker.declare.then(|| reconnected.clone());
         tasks.spawn(crate::metrics::task::NATS_TOPOLOGY, move |shutdown| {
             topology.clone().run(reconnected.clone(), shutdown)
         });
@@ -317,6 +322,8 @@ impl NatsBroker {
             cloudevents: settings.broker.cloudevents,
             ttl,
             tasks,
+            redeclare,
+            metrics: metrics_for_tasks,
         })
     }
 
@@ -439,10 +446,58 @@ impl NatsBroker {
             match tokio::time::timeout_at(deadline, p?).await {
                 Err(_) => Err(PublishError::Unavailable("no ack in time".into())),
                 Ok(Ok(_ack)) => Ok(()),
-                Ok(Err(e)) => Err(classify::confirm(&self.js, &m.subject, classify(e)).await),
+                Ok(Err(e)) => Err(self.judge(&m.subject, e).await),
             }
         }))
         .await
+    }
+
+    /// Whether one of the bridge's streams takes `subject` once declared: the events stream
+    /// takes `<prefix>.>`, the dead-letter stream `<prefix>_dlq.>`. A subject outside both
+    /// would not be helped by declaring them again.
+    fn owns(&self, subject: &str) -> bool {
+        let under = |root: &str| {
+            subject
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        under(&self.prefix) || under(&format!("{}_dlq", self.prefix))
+    }
+
+    /// A failed publish to `subject`, judged: no responders is `no_stream` only when the
+    /// JetStream API confirms that no stream takes the subject. With `declare = true` the
+    /// bridge owns its streams: a missing one (an operator deleted it) is declared again, and
+    /// the event waits for it (`Unavailable`: spooled, then drained) instead of being
+    /// dead-lettered.
+    async fn judge(&self, subject: &str, e: jetstream::context::PublishError) -> PublishError {
+        match (
+            classify::confirm(&self.js, subject, classify(e)).await,
+            &self.redeclare,
+        ) {
+            (
+                PublishError::Refused {
+                    reason: DlqReason::NoStream,
+                    detail,
+                },
+                Some(wake),
+            ) if self.owns(subject) => {
+                if self.topology_ready.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(
+                        stream = %self.settings.stream,
+                        dlq_stream = %self.settings.dlq_stream,
+                        %subject,
+                        %detail,
+                        "a stream of the bridge is gone (deleted?): declaring it again; events wait on the spool meanwhile"
+                    );
+                    self.metrics.set_broker_up(false);
+                    wake.notify_one();
+                }
+                PublishError::Unavailable(format!(
+                    "{detail}; the bridge declares its streams again"
+                ))
+            }
+            (judged, _) => judged,
+        }
     }
 
     /// Publishes one dead letter to `<prefix>_dlq.<app>.<reason>`.
@@ -499,8 +554,7 @@ impl NatsBroker {
         };
         match acked {
             Ok(_) => Ok(()),
-            // No responders is `no_stream` only if the JetStream API confirms it.
-            Err(e) => Err(classify::confirm(&self.js, &subject, classify(e)).await),
+            Err(e) => Err(self.judge(&subject, e).await),
         }
     }
 
