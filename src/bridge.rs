@@ -173,7 +173,8 @@ impl Bridge {
     }
 
     /// Whether events can be made durable now and will move on (for `/readyz`), or why not:
-    /// the broker is up or the spool has room for a webhook, the spool's drainer is not
+    /// the broker is up or the spool has room for a webhook (within `spool.max_bytes`, on a
+    /// disk that took its last write), the spool's drainer is not
     /// stalled, and none of the tasks that move events on (the drainer, the broker's loop) is
     /// down between a crash and its restart.
     pub(crate) fn readiness(&self) -> Result<(), String> {
@@ -189,8 +190,15 @@ impl Bridge {
                 down.join(", ")
             ));
         }
-        if !self.broker().is_up() && !self.spool.has_room() {
-            return Err("broker unreachable and no spool room".into());
+        if !self.broker().is_up() {
+            if let Some(why) = self.spool.write_refused() {
+                return Err(format!(
+                    "broker unreachable and the spool's disk refuses writes ({why})"
+                ));
+            }
+            if !self.spool.has_room() {
+                return Err("broker unreachable and no spool room".into());
+            }
         }
         Ok(())
     }

@@ -98,6 +98,13 @@ pub(crate) struct Position {
     pub offset: u64,
 }
 
+/// How often a refusing disk is probed (see [`Spool::write_refused`]).
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a probe of a refusing disk writes: enough to say the disk takes writes again, small
+/// enough to try every second.
+const PROBE_BYTES: u64 = 64 * 1024;
+
 /// In-memory index of the spool, shared by the writer thread and the drainer.
 #[derive(Debug, Default)]
 struct State {
@@ -135,11 +142,22 @@ struct Shared {
     files: Mutex<()>,
     /// The drainer makes no progress although it could (see [`drain::StallWatch`]).
     stalled: std::sync::atomic::AtomicBool,
+    /// The disk's answer when the writer's last write (or new segment) failed; `None` once a
+    /// write or a probe got through. `spool.max_bytes` says nothing of a disk that is full of
+    /// other files: readiness asks this too.
+    refused: Mutex<Option<String>>,
+    /// When readiness last asked the writer to probe a refusing disk.
+    probed_at: Mutex<Option<std::time::Instant>>,
     /// Held for the life of the spool: one process per directory.
     _lock: File,
 }
 
 impl Shared {
+    /// Notes the disk's answer to the last write (`None`: it went through).
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain numbers behind; keep going with them.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -214,6 +232,8 @@ impl Spool {
                 appended: Notify::new(),
                 files: Mutex::new(()),
                 stalled: std::sync::atomic::AtomicBool::new(false),
+                refused: Mutex::new(None),
+                probed_at: Mutex::new(None),
                 _lock: lock,
             });
             shared.update_gauges(&shared.state());
@@ -351,9 +371,37 @@ impl Spool {
         self.shared.state().disk_bytes
     }
 
-    /// Whether a webhook of the largest allowed size would still fit (and the writer runs).
+    /// Whether a webhook of the largest allowed size would still fit (and the writer runs, and
+    /// the disk did not refuse its last write).
     pub(crate) fn has_room(&self) -> bool {
-        !self.tx.is_closed() && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
+        !self.tx.is_closed()
+            && self.write_refused().is_none()
+            && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
+    }
+
+    /// The disk's answer when the spool's last write failed (a full disk, say), else `None`.
+    /// While it is refused, each call asks the writer (at most once a second) to probe the
+    /// disk with a write of [`PROBE_BYTES`], so readiness turns green again once
+    /// there is room, without waiting for a webhook that a load balancer no longer sends.
+    pub(crate) fn write_refused(&self) -> Option<String> {
+        let why = self
+            .shared
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let mut probed = self
+            .shared
+            .probed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if probed.is_none_or(|at| at.elapsed() >= PROBE_EVERY) {
+            *probed = Some(std::time::Instant::now());
+            let _ = self.tx.try_send(writer::Request::Probe {
+                bytes: PROBE_BYTES,
+            });
+        }
+        Some(why)
     }
 
     /// The spool directory.

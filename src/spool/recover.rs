@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{DRAIN_BATCH, Position, Shared, SpoolError, State, io_err, record, segment};
@@ -133,6 +134,11 @@ fn read_cursor(dir: &Path) -> Option<Position> {
 
 /// Writes the cursor atomically (temp file, fsync, rename). Losing the latest one only means a
 /// few records are published again, which the message ids deduplicate.
+///
+/// A full disk has no block for a new file: then the existing cursor file is overwritten in
+/// place (its block is already allocated). Its 20 bytes sit in one sector, and a torn write
+/// fails the checksum, which reads as no cursor (everything left is published again and
+/// deduplicated), never as a wrong position.
 pub(super) fn write_cursor(shared: &Shared, pos: Position) -> Result<(), SpoolError> {
     let _guard = shared.files.lock().unwrap_or_else(|p| p.into_inner());
     let mut b = Vec::with_capacity(20);
@@ -141,9 +147,24 @@ pub(super) fn write_cursor(shared: &Shared, pos: Position) -> Result<(), SpoolEr
     b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
     let tmp = shared.dir.join("cursor.tmp");
     let path = shared.dir.join(CURSOR_FILE);
-    let mut f = File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
-    f.write_all(&b)
-        .and_then(|()| f.sync_data())
-        .map_err(|e| io_err("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename", &tmp, e))
+    let renamed = File::create(&tmp)
+        .and_then(|mut f| f.write_all(&b).and_then(|()| f.sync_data()))
+        .map_err(|e| io_err("cannot write", &tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename", &tmp, e)));
+    let Err(failed) = renamed else {
+        return Ok(());
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let in_place = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.write_all_at(&b, 0).and_then(|()| f.sync_data()));
+    match in_place {
+        Ok(()) => {
+            tracing::debug!(error = %failed, "spool cursor written in place");
+            Ok(())
+        }
+        // No cursor file to overwrite (nothing was drained yet): the first failure says why.
+        Err(_) => Err(failed),
+    }
 }

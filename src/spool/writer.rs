@@ -34,6 +34,12 @@ pub(super) enum Request {
     },
     /// Start a new segment and delete the current one if everything in it has been drained.
     RollIfIdle,
+    /// After a failed write: try `bytes` past the committed end (then cut them off again),
+    /// to learn whether the disk has room again.
+    Probe {
+        /// How much to try.
+        bytes: u64,
+    },
     /// Finish what is queued, then stop and let go of the spool (its lock included).
     Close(oneshot::Sender<()>),
 }
@@ -84,6 +90,7 @@ impl Writer {
         while let Some(first) = rx.blocking_recv() {
             let mut appends = Vec::new();
             let mut roll_if_idle = false;
+            let mut probe = None;
             let mut close = None;
             let mut bytes = 0;
             let mut next = Some(first);
@@ -104,6 +111,7 @@ impl Writer {
                         });
                     }
                     Request::RollIfIdle => roll_if_idle = true,
+                    Request::Probe { bytes } => probe = Some(bytes),
                     Request::Close(reply) => {
                         close = Some(reply);
                         break;
@@ -114,6 +122,9 @@ impl Writer {
                 }
             }
             self.commit(appends, roll_if_idle);
+            if let Some(bytes) = probe {
+                self.probe(bytes);
+            }
             if let Some(reply) = close {
                 drop(self);
                 let _ = reply.send(());
@@ -131,6 +142,7 @@ impl Writer {
                 || (!appends.is_empty() && self.len >= self.segment_bytes));
         if want_roll && let Err(e) = self.roll(idle) {
             tracing::error!(error = %e, "cannot start a new spool segment");
+            self.shared.set_refused(Some(e.to_string()));
             for p in appends {
                 let _ = p.reply.send(Err(e.clone()));
             }
@@ -180,12 +192,14 @@ impl Writer {
                 source: Arc::new(e),
             };
             tracing::error!(error = %err, "spool append failed");
+            self.shared.set_refused(Some(err.to_string()));
             for reply in accepted {
                 let _ = reply.send(Err(err.clone()));
             }
             return;
         }
         self.len += buf.len() as u64;
+        self.shared.set_refused(None);
         {
             let mut st = self.shared.state();
             let active = st.active;
@@ -201,6 +215,39 @@ impl Writer {
             let _ = reply.send(Ok(()));
         }
         self.shared.appended.notify_one();
+    }
+
+    /// Whether the disk takes `bytes` again: a new segment first if the last write broke this
+    /// one, then `bytes` of zeros past the committed end, fsynced and cut off (the reader never
+    /// looks past the committed end). Clears the refusal when it goes through.
+    fn probe(&mut self, bytes: u64) {
+        if self.broken {
+            let idle = self.shared.state().drained();
+            if let Err(e) = self.roll(idle) {
+                self.shared.set_refused(Some(e.to_string()));
+                return;
+            }
+        }
+        let zeros = vec![
+            0u8;
+            usize::try_from(bytes)
+                .unwrap_or(usize::MAX)
+                .min(GROUP_BYTES)
+        ];
+        let tried = self
+            .file
+            .write_all_at(&zeros, self.len)
+            .and_then(|()| self.file.sync_data());
+        let cut = self.file.set_len(self.len);
+        match tried.and(cut) {
+            Ok(()) => {
+                tracing::info!("the spool's disk takes writes again");
+                self.shared.set_refused(None);
+            }
+            Err(e) => self
+                .shared
+                .set_refused(Some(format!("cannot write the spool segment: {e}"))),
+        }
     }
 
     /// Starts the next segment; deletes the current one when `drained`.

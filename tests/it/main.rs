@@ -13,6 +13,7 @@ mod consumers;
 mod deploy_configs;
 mod deploy_files;
 mod deploy_monitoring;
+mod disk_full;
 mod dlq_amqp;
 mod dlq_nats;
 mod hostile;
