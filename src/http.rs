@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 
 use crate::bridge::{Accepted, Bridge, WebhookError};
 use crate::metrics::Outcome;
+use crate::metrics::exposition::Format;
 use crate::webhook::AuthError;
 
 /// Why a webhook request was refused: what only HTTP can see (method, headers, reading the
@@ -268,11 +269,18 @@ async fn route(
                 format!("not ready: {why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            bridge.metrics().encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let format = Format::of_accept(
+                req.headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            respond(
+                StatusCode::OK,
+                format.content_type(),
+                bridge.metrics().encode_as(format),
+            )
+        }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -8,6 +8,7 @@
 //! `increase(...)` alerts see the first event and a dashboard never shows "No data" for
 //! something that simply has not happened yet. `process` adds the `process_*` families.
 
+pub(crate) mod exposition;
 mod process;
 
 use std::sync::atomic::AtomicU64;
@@ -17,7 +18,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 pub(crate) use self::process::ProcessCollector;
@@ -52,8 +52,9 @@ pub(crate) const SWEEPER_PURGED: &str = "pusher_bridge_sweeper_purged";
 /// `pusher_bridge_sweeper_last_success_timestamp_seconds{target}`.
 pub(crate) const SWEEPER_LAST_SUCCESS: &str =
     "pusher_bridge_sweeper_last_success_timestamp_seconds";
-/// `pusher_bridge_build_info{version}`, always 1 (the text encoder appends `_info`).
-pub(crate) const BUILD_INFO: &str = "pusher_bridge_build";
+/// `pusher_bridge_build_info{version}`, the gauge 1: a gauge rather than an OpenMetrics
+/// `info`, which the text format and `promtool` do not know (`unknown metric type "info"`).
+pub(crate) const BUILD_INFO: &str = "pusher_bridge_build_info";
 /// `pusher_bridge_spool_max_bytes` gauge: `spool.max_bytes`, for "spool nearly full" alerts.
 pub(crate) const SPOOL_MAX_BYTES: &str = "pusher_bridge_spool_max_bytes";
 /// `pusher_bridge_spool_quarantined` gauge: records in the spool's `quarantine.log` (dead
@@ -460,11 +461,13 @@ impl Metrics {
             "Unix time of the last successful sweep, by target",
             m.sweeper_last_success.clone(),
         );
-        registry.register(
-            BUILD_INFO,
-            "The running build; always 1",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
-        );
+        registry.register(BUILD_INFO, "The running build; always 1", {
+            let build: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+            build
+                .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+                .set(1);
+            build
+        });
         registry.register(
             SPOOL_MAX_BYTES,
             "spool.max_bytes: what pusher_bridge_spool_bytes may reach before webhooks get 503",
@@ -648,12 +651,25 @@ impl Metrics {
         self.broker_up.set(i64::from(up));
     }
 
-    /// The Prometheus text exposition of every family.
+    /// Every family in the Prometheus text format (0.0.4), what `/metrics` answers by default.
     pub fn encode(&self) -> String {
+        exposition::to_text(&self.encode_openmetrics())
+    }
+
+    /// Every family in OpenMetrics 1.0, for a scraper that asks for it.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Every family in `format`.
+    pub(crate) fn encode_as(&self, format: exposition::Format) -> String {
+        match format {
+            exposition::Format::Text => self.encode(),
+            exposition::Format::OpenMetrics => self.encode_openmetrics(),
+        }
     }
 }
 

@@ -354,3 +354,135 @@ fn promtool_checks_rules_config_tests_and_dashboard_queries() {
     promtool_ok(&["check", "rules", &file.display().to_string()]);
     let _ = std::fs::remove_file(file);
 }
+
+/// Runs the Prometheus Python client's parser for `format` ("text" or "openmetrics") over
+/// `exposition`; `None` when the client is not installed (`.ci/run` installs it).
+fn python_parses(format: &str, exposition: &str) -> Option<Result<usize, String>> {
+    let python = repo("tests/sdk/venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return None;
+    }
+    let script = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families as text
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
+parse = om if sys.argv[1] == "openmetrics" else text
+print(len(list(parse(sys.stdin.read()))))
+"#;
+    let mut child = Command::new(&python)
+        .args(["-c", script, format])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("exposition written");
+    let out = child.wait_with_output().expect("python ends");
+    Some(if out.status.success() {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| format!("{e}"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_the_standard_parsers_in_both_formats() {
+    let s = nats_settings();
+    let mut bridge = BridgeProcess::start(&["serve"], settings_env(&s));
+    bridge.wait_ready().await;
+    let body = crate::common::webhook_body(1, &[r#"{"name":"channel_occupied","channel":"m"}"#]);
+    let posted = post_signed(
+        bridge.port,
+        crate::common::APP_KEY,
+        crate::common::APP_SECRET,
+        &body,
+    )
+    .await;
+    assert_eq!(posted.map(|(c, _)| c), Some(200));
+    let get = |accept: Option<&'static str>| {
+        let port = bridge.port;
+        async move {
+            let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+            crate::common::process::http_request(port, "GET", "/metrics", &headers, "")
+                .await
+                .expect("metrics answer")
+        }
+    };
+    let (code, text) = get(None).await;
+    assert_eq!(code, 200);
+    let (_, star) = get(Some("*/*")).await;
+    let (_, om) = get(Some(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert_eq!(bridge.terminate().await, Some(0));
+    delete_streams(&jetstream_ctx(s.broker.nats.url.expose()).await, &s).await;
+
+    // The text format by default: no OpenMetrics lines, counters named as their samples,
+    // build information a gauge.
+    for t in [&text, &star] {
+        assert!(!t.contains("# EOF") && !t.contains("# UNIT"), "{t}");
+        assert!(
+            t.contains("# TYPE pusher_bridge_webhooks_received_total counter"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE pusher_bridge_build_info gauge"), "{t}");
+        assert!(t.contains("pusher_bridge_build_info{version=\""), "{t}");
+    }
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    assert!(
+        om.contains("# TYPE pusher_bridge_webhooks_received counter"),
+        "{om}"
+    );
+
+    if promtool().is_some() {
+        let bin = promtool().unwrap();
+        let mut child = Command::new(&bin)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool runs");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("written");
+        let out = child.wait_with_output().expect("promtool ends");
+        assert!(
+            out.status.success(),
+            "promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        println!("NOTICE: promtool not installed (apt-get install prometheus): not checked");
+    }
+    match (
+        python_parses("text", &text),
+        python_parses("openmetrics", &om),
+    ) {
+        (Some(t), Some(o)) => {
+            let families = t.expect("the text format parses");
+            assert!(families >= 20, "{families} families");
+            assert_eq!(o.expect("OpenMetrics parses"), families);
+        }
+        _ => println!("NOTICE: prometheus_client not installed in tests/sdk/venv: not parsed"),
+    }
+}
