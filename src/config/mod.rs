@@ -664,11 +664,13 @@ pub struct StateSettings {
     /// Name of the durable consumers (NATS: `<durable>_<event>` on the events stream) or the
     /// durable queue suffix (AMQP: `<broker.amqp.queue>.<durable>`) the state is applied from.
     pub durable: String,
-    /// Vacated channels and removed members stay as tombstones this long, so a late older
-    /// event (Pusher retries for 5 minutes) cannot bring them back; then they are dropped.
+    /// Vacated channels and removed members stay as tombstones this long after the tombstone
+    /// was written (not after the event's `time_ms`: an event that waited in a spool still
+    /// gets the whole span), so a late older event (Pusher retries for 5 minutes) cannot bring
+    /// them back; then they are dropped.
     #[serde(with = "humantime_serde")]
     pub tombstone_ttl: Duration,
-    /// How often each replica drops tombstones older than `tombstone_ttl`.
+    /// How often each replica drops tombstones written more than `tombstone_ttl` ago.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
 }

@@ -8,6 +8,12 @@
 //! record as applying them once in stamp order: the merge is commutative and idempotent, which
 //! is what lets several replicas apply events concurrently (with compare-and-set writes) and a
 //! redelivered webhook change nothing.
+//!
+//! A tombstone (a vacated channel, a removed member) also carries `written_ms`, the local clock
+//! when it was written: the sweep counts its horizon from there, not from the event's
+//! `time_ms`, so an event that reached the bridge late (from a spool that was offline for a
+//! while) still leaves a tombstone that lasts `tombstone_ttl`. It is metadata, never compared
+//! by the merge: which record wins is decided by the stamps alone.
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +74,10 @@ pub struct ChannelRecord {
     /// Stamp of that event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscription_count_at: Option<Stamp>,
+    /// When this tombstone was written (local clock, ms since the epoch), for the sweep; absent
+    /// while occupied. See [`ChannelRecord::tombstone_written_ms`] for records without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_ms: Option<i64>,
 }
 
 impl ChannelRecord {
@@ -93,7 +103,18 @@ impl ChannelRecord {
         !self.occupied
     }
 
-    /// The newest stamp in the record (its age decides when a tombstone is dropped).
+    /// When the sweep's horizon starts for this record: `None` unless it is a tombstone; its
+    /// `written_ms`, or for a tombstone written without one (by a version before issue 21, or
+    /// rewritten by one during a rolling upgrade: those ignore the field) the `time_ms` of its
+    /// newest stamp, as the horizon counted before.
+    pub fn tombstone_written_ms(&self) -> Option<i64> {
+        if !self.is_tombstone() {
+            return None;
+        }
+        self.written_ms.or_else(|| self.newest().map(|s| s.time_ms))
+    }
+
+    /// The newest stamp in the record.
     pub fn newest(&self) -> Option<&Stamp> {
         [
             self.occupied_at.as_ref(),
@@ -113,6 +134,22 @@ pub struct MemberRecord {
     pub present: bool,
     /// Stamp of the event that said so.
     pub at: Stamp,
+    /// When this tombstone was written (local clock, ms since the epoch), for the sweep; absent
+    /// while present. See [`MemberRecord::tombstone_written_ms`] for records without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_ms: Option<i64>,
+}
+
+impl MemberRecord {
+    /// When the sweep's horizon starts for this record: `None` while present; its
+    /// `written_ms`, or for a tombstone written without one (by a version before issue 21, or
+    /// rewritten by one during a rolling upgrade) the removal's `time_ms`, as before.
+    pub fn tombstone_written_ms(&self) -> Option<i64> {
+        if self.present {
+            return None;
+        }
+        Some(self.written_ms.unwrap_or(self.at.time_ms))
+    }
 }
 
 /// The outcome of a merge.
@@ -135,10 +172,13 @@ fn advance(slot: &mut Option<Stamp>, stamp: &Stamp) -> bool {
 
 /// Merges an occupancy or subscription-count event into a channel record.
 /// [`Change::Member`] never touches the channel record: it is [`Merged::Stale`] here.
+/// `now_ms` (the local clock) becomes the `written_ms` of a record that is written as a
+/// tombstone.
 pub(crate) fn merge_channel(
     current: Option<&ChannelRecord>,
     change: &Change,
     stamp: &Stamp,
+    now_ms: i64,
 ) -> Merged<ChannelRecord> {
     let mut next = current.cloned().unwrap_or_default();
     let changed = match change {
@@ -159,24 +199,30 @@ pub(crate) fn merge_channel(
         }
         Change::Member { .. } => false,
     };
+    // Only a record an event changed gets a new write time: a stale or redelivered event
+    // leaves a tombstone's horizon where it was.
     if changed && current != Some(&next) {
+        next.written_ms = next.is_tombstone().then_some(now_ms);
         Merged::Changed(next)
     } else {
         Merged::Stale
     }
 }
 
-/// Merges a member event into a member record.
+/// Merges a member event into a member record. `now_ms` (the local clock) becomes the
+/// `written_ms` of a removal's tombstone.
 pub(crate) fn merge_member(
     current: Option<&MemberRecord>,
     present: bool,
     stamp: &Stamp,
+    now_ms: i64,
 ) -> Merged<MemberRecord> {
     match current {
         Some(c) if c.at >= *stamp => Merged::Stale,
         _ => Merged::Changed(MemberRecord {
             present,
             at: stamp.clone(),
+            written_ms: (!present).then_some(now_ms),
         }),
     }
 }
@@ -186,6 +232,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// The write time of every record in the convergence tests: one clock reading, so the
+    /// records of every order compare equal.
+    const NOW: i64 = 1_700_000_000_000;
 
     /// The whole state as an in-memory map, applied with the merge functions (what the KV
     /// holds, minus revisions).
@@ -200,7 +250,7 @@ mod tests {
             match &u.change {
                 Change::Member { user_id, present } => {
                     let key = (u.channel.clone(), user_id.clone());
-                    match merge_member(self.members.get(&key), *present, &u.stamp) {
+                    match merge_member(self.members.get(&key), *present, &u.stamp, NOW) {
                         Merged::Changed(r) => {
                             self.members.insert(key, r);
                             true
@@ -208,7 +258,8 @@ mod tests {
                         Merged::Stale => false,
                     }
                 }
-                change => match merge_channel(self.channels.get(&u.channel), change, &u.stamp) {
+                change => match merge_channel(self.channels.get(&u.channel), change, &u.stamp, NOW)
+                {
                     Merged::Changed(r) => {
                         self.channels.insert(u.channel.clone(), r);
                         true
@@ -408,6 +459,116 @@ mod tests {
             events.push(dup);
             assert_converges(&events);
         }
+    }
+
+    /// A tombstone carries the local clock of its write (issue 21); a live record does not;
+    /// a stale or redelivered event does not refresh it, a newer one does; what wins is still
+    /// decided by the stamps alone.
+    #[test]
+    fn tombstones_carry_their_write_time() {
+        let at = |t: i64| Stamp {
+            time_ms: t,
+            index: 0,
+            webhook: format!("w{t}"),
+        };
+        let Merged::Changed(added) = merge_member(None, true, &at(10), NOW) else {
+            panic!("stale")
+        };
+        assert_eq!(
+            (added.written_ms, added.tombstone_written_ms()),
+            (None, None)
+        );
+        let Merged::Changed(removed) = merge_member(Some(&added), false, &at(20), NOW + 5) else {
+            panic!("stale")
+        };
+        assert_eq!(removed.written_ms, Some(NOW + 5));
+        assert_eq!(removed.tombstone_written_ms(), Some(NOW + 5));
+        // Older, the same again, or written later: stale, the write time stays.
+        for t in [15, 20] {
+            assert_eq!(
+                merge_member(Some(&removed), true, &at(t), NOW + 9),
+                Merged::Stale
+            );
+            assert_eq!(
+                merge_member(Some(&removed), false, &at(t), NOW + 9),
+                Merged::Stale
+            );
+        }
+        let Merged::Changed(again) = merge_member(Some(&removed), false, &at(30), NOW + 9) else {
+            panic!("stale")
+        };
+        assert_eq!(again.written_ms, Some(NOW + 9));
+
+        let Merged::Changed(vacated) = merge_channel(None, &Change::Occupied(false), &at(10), NOW)
+        else {
+            panic!("stale")
+        };
+        assert_eq!(vacated.tombstone_written_ms(), Some(NOW));
+        assert_eq!(
+            merge_channel(Some(&vacated), &Change::Occupied(true), &at(5), NOW + 1),
+            Merged::Stale
+        );
+        let Merged::Changed(back) =
+            merge_channel(Some(&vacated), &Change::Occupied(true), &at(11), NOW + 1)
+        else {
+            panic!("stale")
+        };
+        assert_eq!((back.written_ms, back.tombstone_written_ms()), (None, None));
+        assert_eq!(back.vacated_at, Some(at(10)));
+    }
+
+    /// Records of a version before issue 21 (no `written_ms`) read as before: the horizon
+    /// counts from their event time. Records with it read in such a version (its structs, as
+    /// they were, ignore unknown fields), and live records are the same JSON as before.
+    #[test]
+    fn write_times_are_compatible_both_ways() {
+        let old_member = r#"{"present":false,"at":{"time_ms":7,"index":0,"webhook":"w"}}"#;
+        let m: MemberRecord = serde_json::from_str(old_member).unwrap();
+        assert_eq!((m.written_ms, m.tombstone_written_ms()), (None, Some(7)));
+        let seven = m.at.clone();
+        let old_channel = r#"{"occupied":false,"occupied_at":{"time_ms":7,"index":0,"webhook":"w"},"subscription_count":2,"subscription_count_at":{"time_ms":9,"index":0,"webhook":"w"}}"#;
+        let c: ChannelRecord = serde_json::from_str(old_channel).unwrap();
+        assert_eq!((c.written_ms, c.tombstone_written_ms()), (None, Some(9)));
+
+        /// `MemberRecord` and `ChannelRecord` before issue 21.
+        #[derive(Deserialize)]
+        struct OldMember {
+            present: bool,
+            at: Stamp,
+        }
+        #[derive(Deserialize)]
+        struct OldChannel {
+            occupied: bool,
+            vacated_at: Option<Stamp>,
+        }
+        let tomb = MemberRecord {
+            written_ms: Some(NOW),
+            ..m
+        };
+        let text = serde_json::to_string(&tomb).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"present":false,"at":{{"time_ms":7,"index":0,"webhook":"w"}},"written_ms":{NOW}}}"#
+            )
+        );
+        let read: OldMember = serde_json::from_str(&text).unwrap();
+        assert_eq!((read.present, read.at.time_ms), (false, 7));
+        let Merged::Changed(vacated) = merge_channel(None, &Change::Occupied(false), &tomb.at, NOW)
+        else {
+            panic!("stale")
+        };
+        let read: OldChannel =
+            serde_json::from_str(&serde_json::to_string(&vacated).unwrap()).unwrap();
+        assert_eq!((read.occupied, read.vacated_at), (false, Some(tomb.at)));
+
+        let Merged::Changed(present) = merge_member(None, true, &seven, NOW) else {
+            panic!("stale")
+        };
+        assert_eq!(
+            serde_json::to_string(&present).unwrap(),
+            r#"{"present":true,"at":{"time_ms":7,"index":0,"webhook":"w"}}"#
+        );
     }
 
     #[test]

@@ -147,7 +147,9 @@ pub async fn run(
     tokio::join!(sweep, apply);
 }
 
-/// Drops old tombstones every `interval` (every replica may: deletes are revision-exact).
+/// Drops tombstones written more than `horizon` ago every `interval` (every replica may:
+/// deletes are revision-exact). Ages are by this replica's clock against the writer's: keep
+/// the replicas' clocks in sync (NTP); a skew of seconds is nothing against the horizon.
 async fn sweep_loop(
     store: StateStore,
     horizon: Duration,

@@ -115,6 +115,11 @@ fn bucket_spec(bucket: &str, replicas: usize, version: Option<ServerVersion>) ->
     StreamSpec::new(&create, owned)
 }
 
+/// The local clock in ms since the epoch, as the records' `written_ms` hold it.
+fn clock_ms() -> i64 {
+    i64::try_from(crate::message::now_ms()).unwrap_or(i64::MAX)
+}
+
 /// Wraps a KV client error with what the bridge was doing.
 fn kv_err<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
@@ -174,20 +179,21 @@ impl StateStore {
         &self.bucket
     }
 
-    /// Applies one update: read, merge, compare-and-set, again on conflict.
+    /// Applies one update: read, merge, compare-and-set, again on conflict. A tombstone it
+    /// writes carries the local clock of that write (the sweep's horizon starts there).
     pub async fn apply(&self, update: &Update) -> Result<Applied, StateError> {
         match &update.change {
             Change::Member { user_id, present } => {
                 let key = keys::member_key(&update.app_id, &update.channel, user_id);
                 self.cas(&key, |current: Option<&MemberRecord>| {
-                    merge::merge_member(current, *present, &update.stamp)
+                    merge::merge_member(current, *present, &update.stamp, clock_ms())
                 })
                 .await
             }
             change => {
                 let key = keys::channel_key(&update.app_id, &update.channel);
                 self.cas(&key, |current: Option<&ChannelRecord>| {
-                    merge::merge_channel(current, change, &update.stamp)
+                    merge::merge_channel(current, change, &update.stamp, clock_ms())
                 })
                 .await
             }
@@ -401,46 +407,17 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Drops tombstones whose newest stamp is older than `now_ms - horizon`: vacated channels,
-    /// removed members, and members left over from before a long-gone vacate. Returns how many
-    /// it dropped. Safe to run on every replica at once (deletes name the exact revision).
+    /// Drops tombstones written more than `horizon` before `now_ms` (their `written_ms`; the
+    /// event's `time_ms` for a record written without one): vacated channels, removed members,
+    /// and members left over from before a long-gone vacate. Returns how many it dropped. Safe
+    /// to run on every replica at once (deletes name the exact revision).
     pub async fn sweep_once(&self, now_ms: i64, horizon: Duration) -> Result<u64, StateError> {
         let cutoff = now_ms.saturating_sub(i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX));
-        let old = |s: Option<&merge::Stamp>| s.is_some_and(|s| s.time_ms < cutoff);
         let channels: Vec<Stored<ChannelRecord>> =
             self.scan(&format!("*.{}.>", keys::CHANNELS)).await?;
         let members: Vec<Stored<MemberRecord>> =
             self.scan(&format!("*.{}.>", keys::MEMBERS)).await?;
-        let by_channel: std::collections::HashMap<(String, String), &ChannelRecord> = channels
-            .iter()
-            .filter_map(|c| match &c.key {
-                Parsed::Channel { app_id, channel } => {
-                    Some(((app_id.clone(), channel.clone()), &c.record))
-                }
-                Parsed::Member { .. } => None,
-            })
-            .collect();
-        let mut doomed = Vec::new();
-        for m in &members {
-            let Parsed::Member {
-                app_id, channel, ..
-            } = &m.key
-            else {
-                continue;
-            };
-            let removed = !m.record.present && old(Some(&m.record.at));
-            let left_over = by_channel
-                .get(&(app_id.clone(), channel.clone()))
-                .is_some_and(|c| !c.counts_member(&m.record) && old(c.vacated_at.as_ref()));
-            if removed || (m.record.present && left_over) {
-                doomed.push(m.revision);
-            }
-        }
-        for c in &channels {
-            if c.record.is_tombstone() && old(c.record.newest()) {
-                doomed.push(c.revision);
-            }
-        }
+        let doomed = doomed(&channels, &members, cutoff);
         let mut dropped = 0;
         for revision in doomed {
             // Fails when replaced by a newer revision meanwhile (or swept by another replica).
@@ -449,5 +426,198 @@ impl StateStore {
             }
         }
         Ok(dropped)
+    }
+}
+
+/// The revisions the sweep deletes, given every channel and member record and the cutoff
+/// (`now - tombstone_ttl`, local clock):
+///
+/// - a removed member or a vacated channel whose tombstone was written before the cutoff
+///   ([`MemberRecord::tombstone_written_ms`], [`ChannelRecord::tombstone_written_ms`]: the
+///   write time, or for a record without one its event time). Counting from the write, not
+///   from the event's `time_ms`, is what keeps the tombstone of an event that arrived late
+///   (from a spool offline longer than the ttl) for a whole ttl (issue 21);
+/// - a present member from before its channel's last vacate, once that vacate's `time_ms` is
+///   before the cutoff. It does not count while the channel record holds the vacate, and the
+///   channel's tombstone (written after the vacate happened) is not dropped before it, so its
+///   event time is enough; the record keeps no write time of a vacate once it is reoccupied.
+///
+/// Members come first: a channel and its leftovers dropped in one sweep go members first.
+fn doomed(
+    channels: &[Stored<ChannelRecord>],
+    members: &[Stored<MemberRecord>],
+    cutoff: i64,
+) -> Vec<u64> {
+    let before_cutoff = |ms: Option<i64>| ms.is_some_and(|ms| ms < cutoff);
+    let by_channel: std::collections::HashMap<(&str, &str), &ChannelRecord> = channels
+        .iter()
+        .filter_map(|c| match &c.key {
+            Parsed::Channel { app_id, channel } => {
+                Some(((app_id.as_str(), channel.as_str()), &c.record))
+            }
+            Parsed::Member { .. } => None,
+        })
+        .collect();
+    let mut doomed = Vec::new();
+    for m in members {
+        let Parsed::Member {
+            app_id, channel, ..
+        } = &m.key
+        else {
+            continue;
+        };
+        let removed = before_cutoff(m.record.tombstone_written_ms());
+        let left_over = m.record.present
+            && by_channel
+                .get(&(app_id.as_str(), channel.as_str()))
+                .is_some_and(|c| {
+                    !c.counts_member(&m.record)
+                        && before_cutoff(c.vacated_at.as_ref().map(|v| v.time_ms))
+                });
+        if removed || left_over {
+            doomed.push(m.revision);
+        }
+    }
+    for c in channels {
+        if before_cutoff(c.record.tombstone_written_ms()) {
+            doomed.push(c.revision);
+        }
+    }
+    doomed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::merge::Stamp;
+
+    const HOUR_MS: i64 = 3600 * 1000;
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn stamp(time_ms: i64) -> Stamp {
+        Stamp {
+            time_ms,
+            index: 0,
+            webhook: format!("w{time_ms}"),
+        }
+    }
+
+    fn changed<T>(m: Merged<T>) -> T {
+        match m {
+            Merged::Changed(r) => r,
+            Merged::Stale => panic!("the merge found the event stale"),
+        }
+    }
+
+    fn member(user: &str, record: MemberRecord, revision: u64) -> Stored<MemberRecord> {
+        Stored {
+            key: Parsed::Member {
+                app_id: "1".into(),
+                channel: "presence-a".into(),
+                user_id: user.into(),
+            },
+            record,
+            revision,
+        }
+    }
+
+    fn channel(name: &str, record: ChannelRecord, revision: u64) -> Stored<ChannelRecord> {
+        Stored {
+            key: Parsed::Channel {
+                app_id: "1".into(),
+                channel: name.into(),
+            },
+            record,
+            revision,
+        }
+    }
+
+    /// Issue 21: a tombstone whose event is older than the ttl but that was written just now
+    /// (the event waited in a spool) stays; one written longer ago than the ttl goes; a record
+    /// of an older version, without a write time, is judged by its event time as before.
+    #[test]
+    fn the_sweep_counts_the_horizon_from_the_write() {
+        let ttl = HOUR_MS;
+        let cutoff = NOW - ttl;
+        let spooled = NOW - 2 * HOUR_MS;
+        let removed = |time_ms, written_ms| {
+            changed(merge::merge_member(
+                None,
+                false,
+                &stamp(time_ms),
+                written_ms,
+            ))
+        };
+        let vacated = |time_ms, written_ms| {
+            changed(merge::merge_channel(
+                None,
+                &Change::Occupied(false),
+                &stamp(time_ms),
+                written_ms,
+            ))
+        };
+        let legacy_member = |time_ms: i64| -> MemberRecord {
+            serde_json::from_str(&format!(
+                r#"{{"present":false,"at":{{"time_ms":{time_ms},"index":0,"webhook":"w"}}}}"#
+            ))
+            .unwrap()
+        };
+        let legacy_channel = |time_ms: i64| -> ChannelRecord {
+            serde_json::from_str(&format!(
+                r#"{{"occupied":false,"occupied_at":{{"time_ms":{time_ms},"index":0,"webhook":"w"}},"vacated_at":{{"time_ms":{time_ms},"index":0,"webhook":"w"}}}}"#
+            ))
+            .unwrap()
+        };
+        let present = changed(merge::merge_member(None, true, &stamp(spooled), NOW));
+        let occupied = changed(merge::merge_channel(
+            None,
+            &Change::Occupied(true),
+            &stamp(spooled),
+            NOW,
+        ));
+        assert_eq!(removed(spooled, NOW - 1000).written_ms, Some(NOW - 1000));
+        assert_eq!(legacy_member(spooled).written_ms, None);
+
+        let members = [
+            member("spooled-written-now", removed(spooled, NOW - 1000), 1),
+            member("written-long-ago", removed(spooled, cutoff - 1000), 2),
+            member("legacy-old", legacy_member(spooled), 3),
+            member("legacy-recent", legacy_member(NOW - 1000), 4),
+            member("present", present, 5),
+        ];
+        let channels = [
+            channel("spooled-written-now", vacated(spooled, NOW - 1000), 11),
+            channel("written-long-ago", vacated(spooled, cutoff - 1000), 12),
+            channel("legacy-old", legacy_channel(spooled), 13),
+            channel("legacy-recent", legacy_channel(NOW - 1000), 14),
+            channel("occupied", occupied, 15),
+        ];
+        assert_eq!(doomed(&channels, &members, cutoff), [2, 3, 12, 13]);
+    }
+
+    /// Members from before a vacate go once the vacate is past the horizon, as before; a
+    /// present member after it stays.
+    #[test]
+    fn the_sweep_drops_members_left_over_from_an_old_vacate() {
+        let cutoff = NOW - HOUR_MS;
+        let old = cutoff - HOUR_MS;
+        let mut room = changed(merge::merge_channel(
+            None,
+            &Change::Occupied(false),
+            &stamp(old),
+            NOW,
+        ));
+        room = changed(merge::merge_channel(
+            Some(&room),
+            &Change::Occupied(true),
+            &stamp(old + 10),
+            NOW,
+        ));
+        assert_eq!(room.written_ms, None);
+        let before = changed(merge::merge_member(None, true, &stamp(old - 10), NOW));
+        let after = changed(merge::merge_member(None, true, &stamp(old + 20), NOW));
+        let channels = [channel("presence-a", room, 9)];
+        let members = [member("before", before, 1), member("after", after, 2)];
+        assert_eq!(doomed(&channels, &members, cutoff), [1]);
     }
 }
