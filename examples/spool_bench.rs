@@ -214,6 +214,7 @@ async fn run_http(
             id: "123456".into(),
             key: "bench-key".into(),
             secret: Secret::new("bench-secret"),
+            secret_file: None,
         }],
         ..Settings::default()
     };

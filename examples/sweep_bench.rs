@@ -59,6 +59,7 @@ fn settings(kind: BrokerKind, tag: &str) -> Settings {
             id: format!("a{i}"),
             key: format!("k{i}"),
             secret: Secret::new("s"),
+            secret_file: None,
         })
         .collect();
     s

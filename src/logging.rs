@@ -166,6 +166,7 @@ mod tests {
                 id: "1".into(),
                 key: "k".into(),
                 secret: Secret::new("app-s3cret"),
+                secret_file: None,
             }],
             ..Settings::default()
         };

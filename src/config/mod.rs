@@ -15,6 +15,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod secret_files;
 pub(crate) mod servers;
 pub(crate) mod url_auth;
 mod validate;
@@ -226,7 +227,11 @@ pub struct AppSettings {
     /// The app key (token) sent in `X-Pusher-Key`.
     pub key: String,
     /// The secret that signs webhooks for this key.
+    #[serde(default)]
     pub secret: Secret,
+    /// A file holding `secret` (a mounted Kubernetes Secret), read at start-up and on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// Which broker implementation runs.
@@ -314,9 +319,15 @@ pub struct NatsSettings {
     /// Password for user/password authentication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
+    /// A file holding `password` (a mounted Kubernetes Secret), read at start-up and on reload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// Token authentication.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<Secret>,
+    /// A file holding `token`, read at start-up and on reload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
     /// A `.creds` file (JWT + nkey seed) for decentralised auth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
@@ -337,7 +348,9 @@ impl Default for NatsSettings {
             replicas: 1,
             user: None,
             password: None,
+            password_file: None,
             token: None,
+            token_file: None,
             creds_file: None,
             tls_ca_file: None,
             tls_required: false,
@@ -351,6 +364,10 @@ impl Default for NatsSettings {
 pub struct AmqpSettings {
     /// `amqp://` or `amqps://` URL, vhost included.
     pub url: SecretUrl,
+    /// A file holding the password of `url`'s user (a mounted Kubernetes Secret), put into
+    /// the URL when the configuration is loaded; the URL then names the user only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// Durable topic exchange events are published to.
     pub exchange: String,
     /// Durable queue bound to `exchange` with `#`, so nothing is unroutable.
@@ -377,6 +394,7 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            password_file: None,
             exchange: "pusher.events".into(),
             queue: "pusher.events".into(),
             dlq_exchange: "pusher.dlq".into(),
@@ -812,16 +830,18 @@ impl Settings {
                 // environment's case, so compare without it.
                 .filter(|k| !k.as_str().eq_ignore_ascii_case("config")),
         );
-        let settings: Settings = figment.extract().map_err(load_error)?;
+        let mut settings: Settings = figment.extract().map_err(load_error)?;
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
     }
 
     /// Parses a TOML string (no environment): for tests and embedded configs.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let settings: Settings = Figment::from(Toml::string(text))
+        let mut settings: Settings = Figment::from(Toml::string(text))
             .extract()
             .map_err(load_error)?;
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
     }

@@ -41,7 +41,10 @@ impl Settings {
                 return Err(invalid(format!("apps[{i}].key"), "must not be empty"));
             }
             if app.secret.expose().is_empty() {
-                return Err(invalid(format!("apps[{i}].secret"), "must not be empty"));
+                return Err(invalid(
+                    format!("apps[{i}].secret"),
+                    format!("must not be empty (or name a file in apps[{i}].secret_file)"),
+                ));
             }
             if !keys.insert(app.key.as_str()) {
                 return Err(invalid(

@@ -748,6 +748,7 @@ mod tests {
                 id: "42".into(),
                 key: "k".into(),
                 secret: crate::config::Secret::new("s"),
+                secret_file: None,
             }],
             ..Default::default()
         };

@@ -30,6 +30,7 @@ mod tests {
             id: id.into(),
             key: "k".into(),
             secret: Secret::new(secret),
+            secret_file: None,
         }]);
         let key = reg.get("k").unwrap();
         AppKey {

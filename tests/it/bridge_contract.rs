@@ -374,6 +374,7 @@ async fn sockudo_fixtures_are_accepted_byte_for_byte(kind: BrokerKind) {
             id: "app-id".into(),
             key: "app-key".into(),
             secret: Secret::new("app-secret"),
+            secret_file: None,
         }];
         s
     };
@@ -420,6 +421,7 @@ async fn rotated_keys_of_one_app_are_both_accepted(kind: BrokerKind) {
         id: APP_ID.into(),
         key: "new-key".into(),
         secret: Secret::new("new-secret"),
+        secret_file: None,
     });
     let app = TestApp::spawn_ready(settings.clone()).await;
     let body = webhook_body(2, &[r#"{"name":"channel_vacated","channel":"c"}"#]);

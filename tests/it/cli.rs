@@ -181,3 +181,71 @@ fn per_app_retention_names_a_configured_app() {
     );
     assert!(!effective.retention.dlq.apps["1"].enabled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_their_file_twins_as_kubernetes_mounts_them() {
+    use crate::common::process::{BridgeProcess, broker_env, run};
+    use crate::common::{APP_ID, APP_KEY, APP_SECRET, delete_streams, jetstream_ctx};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("app-secret");
+    // As `kubectl create secret --from-file` or `echo` writes it: one trailing newline.
+    std::fs::write(&secret, format!("{APP_SECRET}\n")).expect("secret file");
+    let s = crate::common::nats_settings();
+    let mut env = broker_env(&s);
+    env.push((
+        "PUSHER_BRIDGE_APPS".into(),
+        format!(
+            r#"[{{id="{APP_ID}",key="{APP_KEY}",secret_file="{}"}}]"#,
+            secret.display()
+        ),
+    ));
+    let mut bridge = BridgeProcess::start(&["serve"], env.clone());
+    bridge.wait_ready().await;
+    // send-test signs with the secret it read from the same file; the bridge checks it.
+    let out = run(&["send-test"], &bridge.env).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(bridge.terminate().await, Some(0));
+    assert!(!bridge.stdout().contains(APP_SECRET), "a secret in the log");
+    delete_streams(&jetstream_ctx(s.broker.nats.url.expose()).await, &s).await;
+
+    // A key and its twin together: exit 1 naming both, without the value.
+    let (code, stdout, stderr) = check_config(
+        &format!(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"inline-value\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+        &[],
+    );
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("apps[0].secret_file") && stderr.contains("set apps[0].secret or"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("inline-value"), "{stderr}");
+    // A file that is not there names the key and the path.
+    let (code, _, stderr) = check_config(
+        "",
+        &[(
+            "PUSHER_BRIDGE_BROKER__NATS__PASSWORD_FILE",
+            "/run/secrets/not-there",
+        )],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("broker.nats.password_file") && stderr.contains("/run/secrets/not-there"),
+        "{stderr}"
+    );
+    // check-config shows the path, never the value.
+    let (code, stdout, stderr) = check_config(
+        &format!(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("secret_file"), "{stdout}");
+    assert!(!stdout.contains(APP_SECRET), "{stdout}");
+}

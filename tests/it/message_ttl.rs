@@ -27,6 +27,7 @@ fn ttl_settings() -> Settings {
         id: OTHER_ID.into(),
         key: OTHER_KEY.into(),
         secret: Secret::new(OTHER_SECRET),
+        secret_file: None,
     });
     s.retention.events.method = RetentionMethod::MessageTtl;
     s.retention.dlq.method = RetentionMethod::MessageTtl;

@@ -42,6 +42,7 @@ fn with_apps(mut s: Settings) -> Settings {
             id: id.into(),
             key: format!("key-{i}"),
             secret: Secret::new("s"),
+            secret_file: None,
         });
     }
     s.retention.lease_ttl = Duration::from_secs(4);

@@ -47,6 +47,7 @@ fn answer(body: &[u8]) -> (u16, usize) {
         id: "123456".into(),
         key: "k".into(),
         secret: Secret::new("s"),
+        secret_file: None,
     }]);
     let Some(app) = registry.get("k") else {
         unreachable!("the app was just configured")

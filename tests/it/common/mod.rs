@@ -79,6 +79,7 @@ pub fn nats_settings() -> Settings {
         id: APP_ID.into(),
         key: APP_KEY.into(),
         secret: Secret::new(APP_SECRET),
+        secret_file: None,
     }];
     s.broker.subject_prefix = id.to_lowercase();
     s.broker.nats.url = pusher_bridge::config::SecretUrl::new(nats_url());
@@ -263,6 +264,7 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
         id: "x".into(),
         key: "x".into(),
         secret: Secret::new(secret),
+        secret_file: None,
     }]);
     reg.get("x").unwrap().sign(body)
 }
