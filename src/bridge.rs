@@ -190,7 +190,12 @@ impl Bridge {
             ));
         }
         if !self.broker().is_up() && !self.spool.has_room() {
-            return Err("broker unreachable and no spool room".into());
+            return Err(format!(
+                "no spool room, and the broker is not up: {}",
+                self.broker()
+                    .status()
+                    .describe(self.settings.broker.kind, None)
+            ));
         }
         Ok(())
     }
