@@ -191,13 +191,22 @@ impl Bridge {
             ));
         }
         if !self.broker().is_up() {
+            let broker = || {
+                self.broker()
+                    .status()
+                    .describe(self.settings.broker.kind, None)
+            };
             if let Some(why) = self.spool.write_refused() {
                 return Err(format!(
-                    "broker unreachable and the spool's disk refuses writes ({why})"
+                    "the spool's disk refuses writes ({why}), and the broker is not up: {}",
+                    broker()
                 ));
             }
             if !self.spool.has_room() {
-                return Err("broker unreachable and no spool room".into());
+                return Err(format!(
+                    "no spool room, and the broker is not up: {}",
+                    broker()
+                ));
             }
         }
         Ok(())

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::bridge::{Accepted, Bridge, WebhookError};
+use crate::broker::BrokerStatus;
 use crate::metrics::Outcome;
 use crate::metrics::exposition::Format;
 use crate::webhook::AuthError;
@@ -262,7 +263,18 @@ async fn route(
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => match bridge.readiness() {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Ok(()) => match bridge.broker().status() {
+                BrokerStatus::Up => respond(StatusCode::OK, "text/plain", "ready\n"),
+                // Ready (the spool takes the events), and why the broker does not.
+                status => respond(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!(
+                        "ready; events go to the spool while the broker is not up: {}\n",
+                        status.describe(bridge.settings().broker.kind, None)
+                    ),
+                ),
+            },
             Err(why) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -309,7 +321,13 @@ async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
     match result {
         Ok(accepted) => {
             metrics.webhook(app_id, Outcome::Accepted);
-            respond(StatusCode::OK, "application/json", accepted_body(&accepted))
+            // Only an answer with spooled events says why the broker did not take them.
+            let broker = (accepted.spooled > 0).then(|| bridge.broker().status());
+            respond(
+                StatusCode::OK,
+                "application/json",
+                accepted_body(&accepted, broker.as_ref()),
+            )
         }
         Err(e) => {
             let (status, outcome) = status_of(&e);
@@ -319,7 +337,13 @@ async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
             } else {
                 tracing::warn!(app_id, status = status.as_u16(), error = %e, "webhook refused");
             }
-            let mut resp = json(status, serde_json::json!({ "error": e.to_string() }));
+            let mut body = serde_json::json!({ "error": e.to_string() });
+            if let RequestError::Webhook(WebhookError::NotDurable { .. }) = &e {
+                // Refused because neither the broker nor the spool took the events: say why
+                // the broker did not, as a spooled answer does.
+                broker_keys(&mut body, &bridge.broker().status());
+            }
+            let mut resp = json(status, body);
             if status == StatusCode::METHOD_NOT_ALLOWED {
                 resp.headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -334,17 +358,38 @@ async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
 }
 
 /// `{"published":n,"dead_lettered":n,"spooled":n}`, written directly (this is the answer to
-/// every accepted webhook; a `serde_json::Value` would allocate a map for it).
-fn accepted_body(a: &Accepted) -> String {
+/// every accepted webhook; a `serde_json::Value` would allocate a map for it). With `broker`
+/// (events were spooled), why the broker did not take them follows the counts:
+/// `"broker":"<token>"` ([`BrokerStatus::token`]) and, when the client or broker said why,
+/// `"broker_error":"<its words>"`.
+fn accepted_body(a: &Accepted, broker: Option<&BrokerStatus>) -> String {
     use std::fmt::Write;
     let mut body = String::with_capacity(64);
     // Writing into a String cannot fail.
     let _ = write!(
         body,
-        "{{\"published\":{},\"dead_lettered\":{},\"spooled\":{}}}",
+        "{{\"published\":{},\"dead_lettered\":{},\"spooled\":{}",
         a.published, a.dead_lettered, a.spooled
     );
+    if let Some(status) = broker {
+        let _ = write!(body, ",\"broker\":\"{}\"", status.token());
+        if let Some(words) = status.error() {
+            // Escaped as JSON: the words are the client's or the broker's.
+            let _ = write!(body, ",\"broker_error\":{}", serde_json::Value::from(words));
+        }
+    }
+    body.push('}');
     body
+}
+
+/// Adds `"broker"` and `"broker_error"` (as in [`accepted_body`]) to a refusal's body.
+fn broker_keys(body: &mut serde_json::Value, status: &BrokerStatus) {
+    if let Some(map) = body.as_object_mut() {
+        map.insert("broker".into(), status.token().into());
+        if let Some(words) = status.error() {
+            map.insert("broker_error".into(), words.into());
+        }
+    }
 }
 
 async fn accept_webhook(
@@ -412,10 +457,27 @@ mod tests {
             dead_lettered: 1,
             spooled: 0,
         };
-        let v: serde_json::Value = serde_json::from_str(&accepted_body(&a)).unwrap();
+        let body = accepted_body(&a, None);
+        assert_eq!(body, r#"{"published":3,"dead_lettered":1,"spooled":0}"#);
+        let spooled = Accepted {
+            published: 0,
+            dead_lettered: 0,
+            spooled: 2,
+        };
+        let refused = BrokerStatus::Refused("nats: \"authorization\" violation".into());
+        let body = accepted_body(&spooled, Some(&refused));
+        assert!(
+            body.starts_with(r#"{"published":0,"dead_lettered":0,"spooled":2,"broker":"refused""#),
+            "the counts come first, in their order: {body}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["broker_error"], "nats: \"authorization\" violation");
+        let v: serde_json::Value =
+            serde_json::from_str(&accepted_body(&spooled, Some(&BrokerStatus::Connecting)))
+                .unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"published": 3, "dead_lettered": 1, "spooled": 0})
+            serde_json::json!({"published": 0, "dead_lettered": 0, "spooled": 2, "broker": "connecting"})
         );
     }
 

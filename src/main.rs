@@ -260,6 +260,7 @@ fn send_test(
 ) -> anyhow::Result<std::process::ExitCode> {
     let settings = load(path)?;
     let selection: sendtest::Selection = event.parse()?;
+    let context = sendtest::BrokerContext::of(&settings, url.is_some());
     let (url, results) =
         small_runtime()?.block_on(sendtest::send_test(&settings, url.as_deref(), &selection))?;
     for r in &results {
@@ -268,7 +269,7 @@ fn send_test(
     let accepted = results.iter().filter(|r| r.accepted()).count();
     println!("{accepted} of {} webhooks accepted by {url}", results.len());
     let verdict = sendtest::Verdict::of(&results);
-    if let Some(why) = verdict.explanation() {
+    if let Some(why) = verdict.explanation(&context) {
         println!("{why}");
     }
     Ok(std::process::ExitCode::from(verdict.exit_code()))

@@ -4,13 +4,19 @@
 //!
 //! The samples use channels named `*send-test` so their events are easy to spot (and filter)
 //! downstream; `time_ms` is the current time, so a repeated run is never taken for a duplicate.
+//!
+//! When events were only spooled (or refused with 503), the bridge's answer says why its broker
+//! did not take them (`"broker"`, `"broker_error"`: [`BrokerStatus`]), and `send-test` names
+//! the cause and what to do: connecting, JetStream off, unreachable, refused, not declared,
+//! blocked, or draining (the broker is up, the events queued behind earlier spooled ones).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hyper::Method;
 
-use crate::config::Settings;
+use crate::broker::BrokerStatus;
+use crate::config::{BrokerKind, Settings};
 use crate::probe::{self, HttpAnswer, ProbeError};
 use crate::webhook::AppRegistry;
 
@@ -129,6 +135,14 @@ pub struct Delivery {
     pub spooled: u64,
 }
 
+/// Why the bridge's broker did not take the events, as an answer says it: the `"broker"` and
+/// `"broker_error"` keys of a `200` with spooled events or of a `503`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct BrokerKeys {
+    broker: Option<String>,
+    broker_error: Option<String>,
+}
+
 impl SendResult {
     /// Where the events went, when the bridge accepted the webhook and said so.
     pub fn delivery(&self) -> Option<Delivery> {
@@ -137,6 +151,47 @@ impl SendResult {
             return None;
         }
         serde_json::from_str(&a.body).ok()
+    }
+
+    /// Why the bridge's broker did not take this webhook's events, when the answer says so
+    /// (bridges before issue 21 do not; an unknown token is left out too).
+    pub fn broker_status(&self) -> Option<BrokerStatus> {
+        let a = self.answer.as_ref().ok()?;
+        let keys: BrokerKeys = serde_json::from_str(&a.body).ok()?;
+        BrokerStatus::from_token(keys.broker.as_deref()?, keys.broker_error.as_deref())
+    }
+}
+
+/// The broker `send-test`'s explanation names: its kind and, when `send-test` posted to the
+/// bridge of its own configuration, the configured address (password redacted).
+#[derive(Debug, Clone)]
+pub struct BrokerContext {
+    /// NATS or RabbitMQ.
+    pub kind: BrokerKind,
+    /// `broker.nats.url` / `broker.amqp.url` redacted; `None` with `--url` (another bridge,
+    /// whose broker this configuration may not name).
+    pub address: Option<String>,
+}
+
+impl BrokerContext {
+    /// The broker of `settings`; its address only when `url_given` is false.
+    pub fn of(settings: &Settings, url_given: bool) -> Self {
+        let kind = settings.broker.kind;
+        let address = (!url_given).then(|| match kind {
+            BrokerKind::Amqp => settings.broker.amqp.url.redacted(),
+            // NATS (and the benchmark's null broker, which never spools).
+            _ => settings.broker.nats.url.redacted(),
+        });
+        Self { kind, address }
+    }
+
+    /// `why: <label>: <what it means and what to do>`.
+    fn why(&self, status: &BrokerStatus) -> String {
+        format!(
+            "why: {}: {}",
+            status.label(),
+            status.describe(self.kind, self.address.as_deref())
+        )
     }
 }
 
@@ -152,16 +207,29 @@ pub enum Verdict {
     Published,
     /// Every webhook accepted, but events only spooled or dead-lettered
     /// (exit `EXIT_NOT_PUBLISHED`).
-    NotPublished(Delivery),
+    NotPublished {
+        /// Where the events went, summed over the answers.
+        delivery: Delivery,
+        /// Why the broker did not take the spooled ones, as the last answer that said so
+        /// put it.
+        broker: Option<BrokerStatus>,
+    },
     /// Some webhooks were not accepted (exit 1).
-    Refused,
+    Refused {
+        /// Why the broker did not take the events of a `503` (no spool room either), as the
+        /// last such answer put it.
+        broker: Option<BrokerStatus>,
+    },
 }
 
 impl Verdict {
     /// The verdict of `results`.
     pub fn of(results: &[SendResult]) -> Self {
+        // The last answer is the most recent word on the connection (a first webhook may
+        // have found it connecting, a later one refused).
+        let broker = results.iter().rev().find_map(SendResult::broker_status);
         if results.iter().any(|r| !r.accepted()) {
-            return Self::Refused;
+            return Self::Refused { broker };
         }
         let mut total = Delivery::default();
         for d in results.iter().filter_map(SendResult::delivery) {
@@ -170,7 +238,10 @@ impl Verdict {
             total.spooled += d.spooled;
         }
         if total.spooled > 0 || total.dead_lettered > 0 {
-            Self::NotPublished(total)
+            Self::NotPublished {
+                delivery: total,
+                broker: (total.spooled > 0).then_some(broker).flatten(),
+            }
         } else {
             Self::Published
         }
@@ -180,21 +251,33 @@ impl Verdict {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Published => 0,
-            Self::NotPublished(_) => EXIT_NOT_PUBLISHED,
-            Self::Refused => 1,
+            Self::NotPublished { .. } => EXIT_NOT_PUBLISHED,
+            Self::Refused { .. } => 1,
         }
     }
 
-    /// What to tell the operator beyond the count of accepted webhooks, if anything.
-    pub fn explanation(&self) -> Option<String> {
-        let Self::NotPublished(d) = self else {
-            return None;
+    /// What to tell the operator beyond the count of accepted webhooks, if anything: where
+    /// the events went and, for spooled (or 503) ones, why the broker of `context` did not take
+    /// them and what to do.
+    pub fn explanation(&self, context: &BrokerContext) -> Option<String> {
+        let (d, broker) = match self {
+            Self::Published => return None,
+            Self::Refused { broker: None } => return None,
+            Self::Refused {
+                broker: Some(status),
+            } => {
+                return Some(format!(
+                    "the bridge could not make events durable: its spool has no room, and the \
+                     broker did not take them\n{}",
+                    context.why(status)
+                ));
+            }
+            Self::NotPublished { delivery, broker } => (delivery, broker),
         };
         let mut parts = Vec::new();
         if d.spooled > 0 {
             parts.push(format!(
-                "{} event(s) only spooled: the bridge cannot reach the broker (see its log and \
-                 /readyz); they are published once it is back",
+                "{} event(s) only spooled (published once the broker takes them)",
                 d.spooled
             ));
         }
@@ -204,12 +287,23 @@ impl Verdict {
                 d.dead_lettered
             ));
         }
-        Some(format!(
+        let mut text = format!(
             "not delivered to the broker: {} of {} event(s) published; {}",
             d.published,
             d.published + d.spooled + d.dead_lettered,
             parts.join("; ")
-        ))
+        );
+        if d.spooled > 0 {
+            text.push('\n');
+            match broker {
+                Some(status) => text.push_str(&context.why(status)),
+                None => text.push_str(
+                    "why: the bridge did not say (a version before send-test named the cause): \
+                     see its log and /readyz",
+                ),
+            }
+        }
+        Some(text)
     }
 }
 
@@ -331,18 +425,22 @@ mod tests {
         ]);
         assert_eq!(
             v,
-            Verdict::NotPublished(Delivery {
-                published: 1,
-                dead_lettered: 1,
-                spooled: 1
-            })
+            Verdict::NotPublished {
+                delivery: Delivery {
+                    published: 1,
+                    dead_lettered: 1,
+                    spooled: 1
+                },
+                broker: None,
+            }
         );
         assert_eq!(v.exit_code(), EXIT_NOT_PUBLISHED);
-        let text = v.explanation().unwrap();
+        let text = v.explanation(&nats()).unwrap();
         assert!(
             text.contains("1 of 3 event(s) published")
                 && text.contains("1 event(s) only spooled")
-                && text.contains("dlq list"),
+                && text.contains("dlq list")
+                && text.contains("the bridge did not say"),
             "{text}"
         );
         let v = Verdict::of(&[
@@ -350,7 +448,138 @@ mod tests {
             answered(200, r#"{"published":0,"dead_lettered":0,"spooled":1}"#),
         ]);
         assert_eq!(v.exit_code(), 1);
-        assert_eq!(v.explanation(), None);
+        assert_eq!(v.explanation(&nats()), None);
+    }
+
+    fn nats() -> BrokerContext {
+        BrokerContext {
+            kind: BrokerKind::Nats,
+            address: Some("nats://127.0.0.1:4222".into()),
+        }
+    }
+
+    /// The explanation of seven webhooks whose events were spooled, each answer saying
+    /// `broker` (and `broker_error`).
+    fn spooled_because(broker: &str, error: Option<&str>) -> (Verdict, String) {
+        let error = error
+            .map(|e| format!(r#","broker_error":{}"#, serde_json::Value::from(e)))
+            .unwrap_or_default();
+        let body = format!(
+            r#"{{"published":0,"dead_lettered":0,"spooled":1,"broker":"{broker}"{error}}}"#
+        );
+        let results: Vec<_> = (0..7).map(|_| answered(200, &body)).collect();
+        let v = Verdict::of(&results);
+        let text = v.explanation(&nats()).unwrap();
+        (v, text)
+    }
+
+    #[test]
+    fn spooled_events_are_explained_by_the_brokers_status() {
+        let cases: [(&str, Option<&str>, &[&str]); 6] = [
+            (
+                "connecting",
+                None,
+                &[
+                    "why: connecting: the bridge's connection to NATS at nats://127.0.0.1:4222 is still coming up",
+                    "run send-test again",
+                ],
+            ),
+            (
+                "jetstream_off",
+                Some("no responders"),
+                &[
+                    "why: JetStream off: NATS at nats://127.0.0.1:4222 is up but JetStream is off",
+                    "-js",
+                ],
+            ),
+            (
+                "unreachable",
+                Some("IO error"),
+                &[
+                    "why: unreachable: nothing answers at NATS at nats://127.0.0.1:4222 (IO error)",
+                    "broker.nats.url",
+                ],
+            ),
+            (
+                "refused",
+                Some("authorization violation"),
+                &[
+                    "why: refused: NATS at nats://127.0.0.1:4222 refused the bridge's connection (authorization violation)",
+                    "broker.nats.password",
+                ],
+            ),
+            (
+                "not_declared",
+                Some("stream X: timed out"),
+                &[
+                    "why: not declared: connected to NATS",
+                    "streams (stream X: timed out)",
+                    "log",
+                ],
+            ),
+            (
+                "up",
+                None,
+                &["why: draining:", "pusher_bridge_spool_events"],
+            ),
+        ];
+        for (token, error, words) in cases {
+            let (v, text) = spooled_because(token, error);
+            assert_eq!(v.exit_code(), EXIT_NOT_PUBLISHED, "{token}");
+            assert!(text.contains("0 of 7 event(s) published"), "{text}");
+            for w in words {
+                assert!(text.contains(w), "{token}: `{w}` missing in:\n{text}");
+            }
+            assert!(!text.contains("cannot reach the broker"), "{text}");
+        }
+        // The latest answer wins, and `--url` leaves the configured address out.
+        let v = Verdict::of(&[
+            answered(
+                200,
+                r#"{"published":0,"dead_lettered":0,"spooled":1,"broker":"connecting"}"#,
+            ),
+            answered(
+                200,
+                r#"{"published":0,"dead_lettered":0,"spooled":1,"broker":"refused","broker_error":"authorization violation"}"#,
+            ),
+        ]);
+        let elsewhere = BrokerContext {
+            kind: BrokerKind::Nats,
+            address: None,
+        };
+        let text = v.explanation(&elsewhere).unwrap();
+        assert!(
+            text.contains("why: refused: NATS refused the bridge's connection"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_503_says_why_the_broker_did_not_take_the_events() {
+        let v = Verdict::of(&[answered(
+            503,
+            r#"{"broker":"unreachable","broker_error":"IO error","error":"unavailable: 1 events could not be made durable: spool full"}"#,
+        )]);
+        assert_eq!(v.exit_code(), 1);
+        let text = v.explanation(&nats()).unwrap();
+        assert!(
+            text.contains("spool has no room")
+                && text.contains("why: unreachable: nothing answers at NATS"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_configured_address_is_shown_redacted() {
+        let mut s = Settings::default();
+        s.broker.nats.url = crate::config::SecretUrl::new("nats://bridge:hunter2@nats:4222");
+        let c = BrokerContext::of(&s, false);
+        let address = c.address.unwrap();
+        assert!(
+            !address.contains("hunter2") && address.contains("nats:4222"),
+            "{address}"
+        );
+        assert!(BrokerContext::of(&s, true).address.is_none());
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ pub mod fake;
 pub mod nats;
 #[cfg(feature = "bench-null-broker")]
 pub mod null;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub use crate::message::{DeadLetter, DlqReason, Message, PublishError, headers, 
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::supervisor::{Supervisor, TaskHealth};
+pub use status::BrokerStatus;
 
 /// A client library's error (async-nats, lapin, std::io), kept as a [`BrokerError`]'s source.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,6 +83,26 @@ impl BrokerError {
         BrokerError::Topology {
             what: what.into(),
             source: Some(source.into()),
+        }
+    }
+}
+
+impl BrokerError {
+    /// The client's or broker's own words (the source's message, else what failed), without
+    /// the "cannot connect" or "cannot declare" a [`BrokerStatus`] says itself, and without the
+    /// address that this error's message names beside a source.
+    pub(crate) fn cause_words(&self) -> String {
+        match self {
+            BrokerError::Connect {
+                source: Some(source),
+                ..
+            }
+            | BrokerError::Topology {
+                source: Some(source),
+                ..
+            } => source.to_string(),
+            BrokerError::Connect { what, .. } | BrokerError::Topology { what, .. } => what.clone(),
+            BrokerError::Unsupported(why) => why.clone(),
         }
     }
 }
@@ -221,6 +243,21 @@ impl Broker {
             Broker::Amqp(b) => b.is_connecting(),
             #[cfg(any(test, feature = "bench-null-broker"))]
             _ => false,
+        }
+    }
+
+    /// Up, or why not (connecting, JetStream off, unreachable, refused, not declared,
+    /// blocked): for `/readyz` and the answer to a webhook whose events were spooled.
+    pub fn status(&self) -> BrokerStatus {
+        match self {
+            Broker::Nats(b) => b.status(),
+            Broker::Amqp(b) => b.status(),
+            #[cfg(feature = "bench-null-broker")]
+            Broker::Null(_) => BrokerStatus::Up,
+            #[cfg(test)]
+            Broker::Fake(b) if b.is_up() => BrokerStatus::Up,
+            #[cfg(test)]
+            Broker::Fake(_) => BrokerStatus::Unreachable("the fake broker is down".into()),
         }
     }
 

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeSet;
 
-use crate::common::process::{BridgeProcess, Env, run, settings_env};
+use crate::common::process::{BridgeProcess, Env, Run, run, settings_env};
 use crate::common::{
-    APP_ID, delete_streams, free_port, jetstream_ctx, nats_settings, stream_messages,
+    APP_ID, NatsServer, delete_streams, free_port, jetstream_ctx, nats_settings, stream_messages,
 };
+use pusher_bridge::config::SecretUrl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SAMPLES: [(&str, &str); 7] = [
@@ -250,4 +251,280 @@ async fn healthcheck_exits_0_only_on_200() {
 
     let js = jetstream_ctx(s.broker.nats.url.expose()).await;
     delete_streams(&js, &s).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Why events were only spooled (issue 21): `send-test` names the cause and what to do, from the
+// broker state the bridge reports in its answer.
+
+/// `env` with the broker settings of `extra` added (set last, so they win).
+fn with_all(env: &Env, extra: &[(&str, &str)]) -> Env {
+    let mut env = env.clone();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+/// Starts a bridge with `env`, waits for `/healthz` only (its broker is not up) and runs
+/// `send-test` against it.
+async fn send_test_against(env: Env) -> (BridgeProcess, Run) {
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_healthy().await;
+    let out = run(&["send-test"], &bridge.env).await;
+    (bridge, out)
+}
+
+/// Asserts that `out` exited 3 with all seven events spooled and every one of `words` in its
+/// output.
+fn spooled_because(out: &Run, words: &[&str]) {
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stdout.contains("7 of 7 webhooks accepted")
+            && out.stdout.contains("0 of 7 event(s) published"),
+        "{}",
+        out.stdout
+    );
+    for w in words {
+        assert!(out.stdout.contains(w), "`{w}` missing:\n{}", out.stdout);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_says_jetstream_is_off() {
+    let server = NatsServer::start_without_jetstream(free_port()).await;
+    let mut s = nats_settings();
+    s.broker.nats.url = SecretUrl::new(server.url());
+    let (bridge, out) = send_test_against(settings_env(&s)).await;
+    spooled_because(
+        &out,
+        &[
+            "JetStream off",
+            &format!("NATS at {} is up but JetStream is off", server.url()),
+            "start nats-server with -js",
+        ],
+    );
+    assert!(!out.stdout.contains("cannot reach"), "{}", out.stdout);
+    // The bridge says the same: a warning naming it, and /readyz (200: the spool has room).
+    let log = bridge.stdout();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("JetStream is off")),
+        "{log}"
+    );
+    let (code, body) = bridge.get("/readyz").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("JetStream is off"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_says_nothing_answers_at_the_broker_url() {
+    let mut s = nats_settings();
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    s.broker.nats.url = SecretUrl::new(url.clone());
+    let (_bridge, out) = send_test_against(settings_env(&s)).await;
+    spooled_because(
+        &out,
+        &[
+            "unreachable",
+            &format!("nothing answers at NATS at {url}"),
+            "broker.nats.url",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_says_the_broker_refused_the_bridge() {
+    let server =
+        NatsServer::start_with_args(free_port(), &["--user", "u", "--pass", "right-pass"]).await;
+    let mut s = nats_settings();
+    s.broker.nats.url = SecretUrl::new(server.url());
+    let env = with_all(
+        &settings_env(&s),
+        &[
+            ("PUSHER_BRIDGE_BROKER__NATS__USER", "u"),
+            ("PUSHER_BRIDGE_BROKER__NATS__PASSWORD", "wrong-pass-x1"),
+        ],
+    );
+    let (bridge, out) = send_test_against(env).await;
+    spooled_because(
+        &out,
+        &[
+            "refused",
+            &format!("NATS at {} refused the bridge's connection", server.url()),
+            "authorization violation",
+            "broker.nats.password",
+        ],
+    );
+    for text in [&out.stdout, &out.stderr, &bridge.stdout()] {
+        assert!(!text.contains("wrong-pass-x1"), "a secret shown:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_says_rabbitmq_refused_the_bridge() {
+    let s = crate::common::settings_for(pusher_bridge::config::BrokerKind::Amqp);
+    let base = settings_env(&s);
+    let authority = crate::common::relay::rabbitmq_addr();
+    for (url, words) in [
+        (
+            format!("amqp://guest:wrong-pass-x2@{authority}/%2f"),
+            "ACCESS_REFUSED",
+        ),
+        (
+            format!("amqp://guest:guest@{authority}/no-such-vhost-x3"),
+            "vhost",
+        ),
+    ] {
+        let env = with_all(
+            &base,
+            &[
+                ("PUSHER_BRIDGE_BROKER__KIND", "amqp"),
+                ("PUSHER_BRIDGE_BROKER__AMQP__URL", &url),
+                (
+                    "PUSHER_BRIDGE_BROKER__AMQP__EXCHANGE",
+                    &s.broker.amqp.exchange,
+                ),
+                ("PUSHER_BRIDGE_BROKER__AMQP__QUEUE", &s.broker.amqp.queue),
+                (
+                    "PUSHER_BRIDGE_BROKER__AMQP__DLQ_EXCHANGE",
+                    &s.broker.amqp.dlq_exchange,
+                ),
+                (
+                    "PUSHER_BRIDGE_BROKER__AMQP__DLQ_QUEUE",
+                    &s.broker.amqp.dlq_queue,
+                ),
+            ],
+        );
+        let (bridge, out) = send_test_against(env).await;
+        spooled_because(
+            &out,
+            &[
+                "refused",
+                "refused the bridge's connection",
+                words,
+                "broker.amqp.url",
+            ],
+        );
+        for text in [&out.stdout, &out.stderr, &bridge.stdout()] {
+            assert!(!text.contains("wrong-pass-x2"), "a secret shown:\n{text}");
+        }
+    }
+}
+
+/// A TCP relay to `target` that passes the NATS handshake (up to the server's first `PONG`)
+/// and then holds everything the server sends until released: the bridge is connected, but
+/// its first JetStream request gets no answer, so its broker connection is still coming up.
+struct HeldRelay {
+    port: u16,
+    release: std::sync::Arc<tokio::sync::Notify>,
+    released: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HeldRelay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let released = Arc::new(AtomicBool::new(false));
+        let (rel, reld) = (release.clone(), released.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (rel, reld) = (rel.clone(), reld.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        let mut seen = Vec::new();
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let handshake_done = seen.windows(6).any(|w| w == b"PONG\r\n");
+                            if handshake_done {
+                                while !reld.load(Ordering::SeqCst) {
+                                    let _ = tokio::time::timeout(
+                                        std::time::Duration::from_millis(50),
+                                        rel.notified(),
+                                    )
+                                    .await;
+                                }
+                            } else if seen.len() < 64 * 1024 {
+                                seen.extend_from_slice(&buf[..n]);
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        () = down => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            release,
+            released,
+        }
+    }
+
+    fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_says_the_connection_is_still_coming_up() {
+    let server = NatsServer::start_on(free_port()).await;
+    let relay = HeldRelay::start(([127, 0, 0, 1], server.port).into()).await;
+    let mut s = nats_settings();
+    s.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", relay.port));
+    // The bridge's JetStream requests wait up to publish_timeout: longer than the test needs.
+    let env = with_all(
+        &settings_env(&s),
+        &[
+            ("PUSHER_BRIDGE_BROKER__PUBLISH_TIMEOUT", "20s"),
+            ("PUSHER_BRIDGE_BROKER__RESPONSE_BUDGET", "400ms"),
+        ],
+    );
+    let (mut bridge, out) = send_test_against(env).await;
+    spooled_because(
+        &out,
+        &[
+            "connecting",
+            &format!(
+                "the bridge's connection to NATS at nats://127.0.0.1:{} is still coming up",
+                relay.port
+            ),
+            "run send-test again",
+        ],
+    );
+    // Once the broker answers, the spooled events are published and the next run passes.
+    relay.release();
+    bridge.wait_ready().await;
+    let js = jetstream_ctx(&server.url()).await;
+    assert_eq!(
+        stream_messages(&js, &s.broker.nats.stream, 7).await.len(),
+        7
+    );
+    for _ in 0..250 {
+        let metrics = bridge.get("/metrics").await.map(|(_, m)| m);
+        if metrics.is_some_and(|m| m.lines().any(|l| l == "pusher_bridge_spool_events 0")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let again = run(&["send-test"], &bridge.env).await;
+    assert_eq!(again.code, 0, "{again:?}");
 }

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 
 use self::publish::{ChannelPublisher, Outgoing};
 use self::session::{Session, SessionConfig};
+use super::status::{BrokerStatus, StatusCell};
 use super::{BrokerError, BrokerTasks, DeadLetter, DlqReason, Message, PublishError};
 use crate::backoff::Backoff;
 use crate::config::Settings;
@@ -69,11 +70,11 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// `broker.cloudevents`: event messages carry `ce-` headers.
     cloudevents: bool,
-    /// A connect attempt has failed since the start (RabbitMQ is not simply coming up).
-    attempt_failed: std::sync::atomic::AtomicBool,
     /// With `declare = true`: a publish found an exchange or queue of the bridge missing; the
     /// recovery loop declares the topology again.
     redeclare: std::sync::atomic::AtomicBool,
+    /// What the last connect attempt said (for [`AmqpBroker::status`]).
+    status: StatusCell,
 }
 
 impl AmqpBroker {
@@ -120,8 +121,8 @@ impl AmqpBroker {
             wake: Arc::new(Notify::new()),
             metrics,
             cloudevents: settings.broker.cloudevents,
-            attempt_failed: std::sync::atomic::AtomicBool::new(false),
             redeclare: std::sync::atomic::AtomicBool::new(false),
+            status: StatusCell::default(),
         });
         shared.metrics.set_broker_up(false);
         let tasks = BrokerTasks::new(shared.metrics.clone());
@@ -137,9 +138,25 @@ impl AmqpBroker {
         self.tasks.down()
     }
 
-    /// Not up yet, and no connect attempt has failed: the first connection is on its way.
+    /// Not up, and the connection is on its way (nothing has failed since it was lost or the
+    /// bridge started).
     pub(crate) fn is_connecting(&self) -> bool {
-        !self.is_up() && !self.shared.attempt_failed.load(Ordering::SeqCst)
+        self.status() == BrokerStatus::Connecting
+    }
+
+    /// Up, or why not: blocked by a resource alarm, or what the last connect attempt said.
+    pub(crate) fn status(&self) -> BrokerStatus {
+        if self.is_up() {
+            return BrokerStatus::Up;
+        }
+        if self
+            .shared
+            .current()
+            .is_some_and(|s| s.connected() && s.blocked())
+        {
+            return BrokerStatus::Blocked;
+        }
+        self.shared.status.not_up()
     }
 
     /// Connected, not blocked, and at least one channel open.
@@ -353,6 +370,8 @@ impl Shared {
             _ => {
                 if let Some(old) = self.take_session() {
                     self.cfg.log.disconnected(None);
+                    self.status
+                        .set(BrokerStatus::Unreachable("connection lost".into()));
                     old.close("reconnecting").await;
                 }
                 let opened = tokio::time::timeout(
@@ -371,13 +390,19 @@ impl Shared {
                             declared = self.cfg.declare,
                             "connected to RabbitMQ"
                         );
+                        self.status.set(BrokerStatus::Up);
                         self.cfg.log.connected();
                     }
-                    Ok(Err(e)) => self.cfg.log.connect_failed(&e),
-                    Err(_) => self.cfg.log.connect_failed(&format_args!(
-                        "no connection within {} ms",
-                        CONNECT_TIMEOUT.as_millis()
-                    )),
+                    Ok(Err(e)) => {
+                        self.status.set(open_failure(&e));
+                        self.cfg.log.connect_failed(&e);
+                    }
+                    Err(_) => {
+                        let words =
+                            format!("no connection within {} ms", CONNECT_TIMEOUT.as_millis());
+                        self.cfg.log.connect_failed(&words);
+                        self.status.set(BrokerStatus::Unreachable(words));
+                    }
                 }
             }
         }
@@ -385,6 +410,52 @@ impl Shared {
         self.metrics.set_broker_up(up);
         up
     }
+}
+
+/// What a failed [`Session::open`] says about RabbitMQ: it refused the bridge (`ACCESS_REFUSED`:
+/// a wrong user or password, or no permission on the vhost; `NOT_ALLOWED`: no such vhost; any
+/// other answer to the login), it answered but the topology cannot be declared, or nothing
+/// answered (an IO error). The words are lapin's (RabbitMQ's own for a refusal), not the
+/// error's message, which names the address.
+fn open_failure(e: &BrokerError) -> BrokerStatus {
+    use lapin::ErrorKind;
+    let mut next = std::error::Error::source(e);
+    let mut lapin_error = None;
+    while let Some(err) = next {
+        if let Some(l) = err.downcast_ref::<lapin::Error>() {
+            lapin_error = Some(l);
+            break;
+        }
+        next = err.source();
+    }
+    let words = lapin_error.map_or_else(|| e.cause_words(), ToString::to_string);
+    match (e, lapin_error.map(lapin::Error::kind)) {
+        (_, Some(ErrorKind::ProtocolError(answer))) if is_refusal(answer) => {
+            BrokerStatus::Refused(words)
+        }
+        (
+            BrokerError::Connect { .. },
+            Some(
+                ErrorKind::ProtocolError(_)
+                | ErrorKind::AuthProviderError(_)
+                | ErrorKind::InvalidProtocolVersion(_),
+            ),
+        ) => BrokerStatus::Refused(words),
+        (BrokerError::Topology { .. } | BrokerError::Unsupported(_), _) => {
+            BrokerStatus::NotDeclared(words)
+        }
+        _ => BrokerStatus::Unreachable(words),
+    }
+}
+
+/// RabbitMQ's answers to a login it refuses or a vhost it does not have.
+fn is_refusal(answer: &lapin::protocol::AMQPError) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    matches!(
+        answer.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+    )
 }
 
 /// Keeps a session up: [`Shared::recover_once`] right away, then every [`HEALTH_INTERVAL`] (or
@@ -404,9 +475,6 @@ async fn recovery_loop(shared: Arc<Shared>, mut shutdown: Shutdown) {
             () = shutdown.wait() => return,
             up = shared.recover_once() => up,
         };
-        if !up && !shared.connected() {
-            shared.attempt_failed.store(true, Ordering::SeqCst);
-        }
         if up || shared.connected() {
             failures = 0;
             tokio::select! {
@@ -421,5 +489,55 @@ async fn recovery_loop(shared: Arc<Shared>, mut shutdown: Shutdown) {
                 _ = tokio::time::sleep(backoff.delay(failures)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPHardError, AMQPSoftError};
+
+    use super::*;
+
+    fn answer(kind: lapin::protocol::AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn refusals_silence_and_declarations_are_told_apart() {
+        let login = answer(
+            AMQPSoftError::ACCESSREFUSED.into(),
+            "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN",
+        );
+        let vhost = answer(
+            AMQPHardError::NOTALLOWED.into(),
+            "NOT_ALLOWED - vhost nope not found",
+        );
+        for e in [login.clone(), vhost] {
+            let status = open_failure(&BrokerError::connect("amqp://g:***@h/%2f", e));
+            assert!(matches!(status, BrokerStatus::Refused(_)), "{status:?}");
+            assert!(
+                !status.error().unwrap_or("").contains("amqp://"),
+                "{status:?}"
+            );
+        }
+        let reset: lapin::Error =
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into();
+        assert!(matches!(
+            open_failure(&BrokerError::connect("amqp://h", reset)),
+            BrokerStatus::Unreachable(_)
+        ));
+        let precondition = answer(
+            AMQPSoftError::PRECONDITIONFAILED.into(),
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",
+        );
+        assert!(matches!(
+            open_failure(&BrokerError::topology("queue q", precondition)),
+            BrokerStatus::NotDeclared(_)
+        ));
+        // No permission to declare is a refusal too.
+        assert!(matches!(
+            open_failure(&BrokerError::topology("exchange e", login)),
+            BrokerStatus::Refused(_)
+        ));
     }
 }

@@ -16,7 +16,8 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use tokio::sync::{Notify, watch};
 
 use super::BrokerTasks;
-use super::connection_log::ConnectionLog;
+use super::connection_log::{ConnectionLog, WARN_EVERY};
+use super::status::{BrokerStatus, StatusCell};
 use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
 use crate::backoff::Backoff;
 use crate::config::servers;
@@ -45,8 +46,9 @@ pub struct NatsBroker {
     connected: Arc<AtomicBool>,
     /// Both streams exist (or `declare = false`) since the last (re)connect.
     topology_ready: Arc<AtomicBool>,
-    /// A connect attempt has failed since the start (the server is not simply coming up).
-    attempt_failed: Arc<AtomicBool>,
+    /// What the client and the topology task last learned about the connection (for
+    /// [`NatsBroker::status`]).
+    status: Arc<StatusCell>,
     /// Both streams have been declared at least once (from the start with `declare = false`):
     /// side tasks that need them (the state applier) wait for it instead of polling.
     streams_ready: watch::Receiver<bool>,
@@ -158,6 +160,26 @@ pub(crate) async fn wait_connected(
     Ok(())
 }
 
+/// What a failed connect attempt says about the server. async-nats reports only the kind of
+/// failure (`authorization violation`, `failed signing nonce`, `TLS error`, `timed out`,
+/// `IO error`, `DNS error`): the first three mean the server answered and refused the bridge,
+/// the others that nothing answered.
+fn connect_failure(e: &async_nats::ClientError) -> BrokerStatus {
+    let words = match e {
+        async_nats::ClientError::Other(words) => words.clone(),
+        other => other.to_string(),
+    };
+    let lower = words.to_ascii_lowercase();
+    if ["authorization", "authentication", "signing nonce", "tls"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        BrokerStatus::Refused(words)
+    } else {
+        BrokerStatus::Unreachable(words)
+    }
+}
+
 /// The events and dead-letter streams as the bridge declares them: its subject filter, the
 /// duplicate window and replicas at least as configured, file storage when it creates them,
 /// and per-message TTLs on where `retention.<target>.method = "message_ttl"`.
@@ -223,7 +245,7 @@ impl NatsBroker {
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, BrokerError> {
         let s = settings.broker.nats.clone();
         let connected = Arc::new(AtomicBool::new(false));
-        let attempt_failed = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(StatusCell::default());
         // Ready at once only when there is nothing to declare or check first: with per-message
         // TTLs the server's version and the streams' `allow_msg_ttl` are checked before any
         // event is published with a `Nats-TTL`.
@@ -239,14 +261,14 @@ impl NatsBroker {
         ));
         let opts = {
             let connected = connected.clone();
-            let attempt_failed = attempt_failed.clone();
+            let status = status.clone();
             let topology_ready = topology_ready.clone();
             let reconnected = reconnected.clone();
             let metrics = metrics.clone();
             let declare = settings.broker.declare;
             connect_options(&s).await?.event_callback(move |event| {
                 let connected = connected.clone();
-                let attempt_failed = attempt_failed.clone();
+                let status = status.clone();
                 let topology_ready = topology_ready.clone();
                 let reconnected = reconnected.clone();
                 let metrics = metrics.clone();
@@ -255,6 +277,12 @@ impl NatsBroker {
                     match event {
                         Event::Connected => {
                             connected.store(true, Ordering::SeqCst);
+                            // Up once the topology task has checked JetStream and declared.
+                            status.set(if topology_ready.load(Ordering::SeqCst) {
+                                BrokerStatus::Up
+                            } else {
+                                BrokerStatus::Connecting
+                            });
                             reconnected.notify_one();
                             metrics.set_broker_up(topology_ready.load(Ordering::SeqCst));
                             log.connected();
@@ -265,11 +293,12 @@ impl NatsBroker {
                                 topology_ready.store(false, Ordering::SeqCst);
                             }
                             metrics.set_broker_up(false);
+                            status.set(BrokerStatus::Unreachable("connection lost".into()));
                             log.disconnected(None);
                         }
                         // Failed (re)connection attempts: async-nats retries on its own.
                         Event::ClientError(e) => {
-                            attempt_failed.store(true, Ordering::SeqCst);
+                            status.set(connect_failure(&e));
                             log.connect_failed(&e);
                         }
                         _ => {}
@@ -297,6 +326,7 @@ impl NatsBroker {
                 .collect(),
             url: s.url.redacted(),
             connected: connected.clone(),
+            status: status.clone(),
             ready: topology_ready.clone(),
             ready_tx,
             fatal: fatal_tx,
@@ -312,7 +342,7 @@ impl NatsBroker {
             client,
             js,
             connected,
-            attempt_failed,
+            status,
             topology_ready,
             streams_ready,
             fatal,
@@ -350,9 +380,20 @@ impl NatsBroker {
         self.tasks.down()
     }
 
-    /// Not up yet, and no connect attempt has failed: the first connection is on its way.
+    /// Not up, and nothing has failed since the last connect attempt began: the connection
+    /// (or its declaration) is on its way.
     pub(crate) fn is_connecting(&self) -> bool {
-        !self.is_up() && !self.attempt_failed.load(Ordering::SeqCst)
+        self.status() == BrokerStatus::Connecting
+    }
+
+    /// Up, or why not: what the client's last connect attempt said, or the topology task's
+    /// JetStream check and declaration.
+    pub(crate) fn status(&self) -> BrokerStatus {
+        if self.is_up() {
+            BrokerStatus::Up
+        } else {
+            self.status.not_up()
+        }
     }
 
     /// Connected and both streams known to exist.
@@ -653,6 +694,8 @@ struct Topology {
     /// The redacted server URL, for the refusal.
     url: String,
     connected: Arc<AtomicBool>,
+    /// Where each declaration's outcome is recorded ([`NatsBroker::status`]).
+    status: Arc<StatusCell>,
     ready: Arc<AtomicBool>,
     ready_tx: watch::Sender<bool>,
     fatal: watch::Sender<Option<String>>,
@@ -675,6 +718,7 @@ impl Topology {
             }
             wait = true;
             let mut failures = 0;
+            let mut warned_off: Option<tokio::time::Instant> = None;
             while self.connected.load(Ordering::SeqCst) {
                 let step = tokio::select! {
                     () = shutdown.wait() => return,
@@ -684,11 +728,34 @@ impl Topology {
                     Ok(()) => {
                         self.ready.store(true, Ordering::SeqCst);
                         self.ready_tx.send_replace(true);
+                        self.record(BrokerStatus::Up);
                         self.metrics
                             .set_broker_up(self.connected.load(Ordering::SeqCst));
                         break;
                     }
+                    Err(Step::JetStreamOff(why)) => {
+                        // Not ready even with declare = false: no event can be stored.
+                        self.ready.store(false, Ordering::SeqCst);
+                        self.metrics.set_broker_up(false);
+                        let status = BrokerStatus::JetStreamOff(why);
+                        let changed = self.record(status.clone());
+                        if changed || warned_off.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            warned_off = Some(tokio::time::Instant::now());
+                            tracing::warn!(
+                                broker = "nats",
+                                address = %self.url,
+                                "{}",
+                                status.describe(crate::config::BrokerKind::Nats, Some(&self.url))
+                            );
+                        }
+                        failures += 1;
+                        tokio::select! {
+                            () = shutdown.wait() => return,
+                            () = tokio::time::sleep(DECLARE_RETRY.delay(failures)) => {}
+                        }
+                    }
                     Err(Step::Fatal(why)) => {
+                        self.record(BrokerStatus::NotDeclared(why.clone()));
                         tracing::error!(error = %why, "the NATS server cannot do what the configuration asks");
                         self.fatal.send_replace(Some(why));
                         // The bridge stops on it; nothing more to declare.
@@ -696,6 +763,7 @@ impl Topology {
                         return;
                     }
                     Err(Step::Retry(e)) => {
+                        self.record(BrokerStatus::NotDeclared(e.cause_words()));
                         tracing::warn!(error = %e, "cannot declare JetStream streams; retrying");
                         failures += 1;
                         tokio::select! {
@@ -708,9 +776,16 @@ impl Topology {
         }
     }
 
-    /// One declaration: the version check, both streams, and the TTL check of each stream
-    /// whose messages carry TTLs.
+    /// Records `status` while still connected (a disconnect the client reported meanwhile
+    /// says more); returns whether it changed.
+    fn record(&self, status: BrokerStatus) -> bool {
+        self.connected.load(Ordering::SeqCst) && self.status.set(status)
+    }
+
+    /// One declaration: the JetStream check, the version check, both streams, and the TTL
+    /// check of each stream whose messages carry TTLs.
     async fn once(&self) -> Result<(), Step> {
+        jetstream_on(&self.js).await?;
         if let Some((key, _)) = self.ttl_streams.first() {
             match ServerVersion::of_connected(&self.js.client()).await {
                 // The INFO may trail the connect event: ask again rather than refuse.
@@ -761,10 +836,57 @@ impl Topology {
 
 /// Why a declaration did not finish.
 enum Step {
+    /// The server answers but its JetStream API does not (the client's or server's words):
+    /// try again, the broker not up meanwhile.
+    JetStreamOff(String),
     /// Transient: try again.
     Retry(BrokerError),
     /// The server cannot do what the configuration asks: stop the bridge.
     Fatal(String),
+}
+
+/// The answer of `$JS.API.INFO`: only its error matters here.
+#[derive(serde::Deserialize)]
+struct AccountInfoReply {
+    error: Option<jetstream::Error>,
+}
+
+/// Asks the JetStream API for the account's information, once per (re)connect: without
+/// JetStream nothing can be stored, whether the bridge declares its streams or not, and the
+/// operator must hear "JetStream is off" rather than "cannot reach the broker". No responders
+/// (a server started without `-js`) and "JetStream not enabled" (for the server or the
+/// account) mean it is off; no answer in time says nothing definite.
+async fn jetstream_on(js: &jetstream::Context) -> Result<(), Step> {
+    use jetstream::context::RequestErrorKind;
+    let asked = js
+        .request::<_, _, AccountInfoReply>("INFO", &serde_json::json!({}))
+        .await;
+    match asked {
+        Ok(AccountInfoReply { error: None }) => Ok(()),
+        Ok(AccountInfoReply { error: Some(e) }) if jetstream_off_code(e.error_code()) => {
+            Err(Step::JetStreamOff(e.to_string()))
+        }
+        Ok(AccountInfoReply { error: Some(e) }) => Err(Step::Retry(BrokerError::topology(
+            "the JetStream account information",
+            e,
+        ))),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+            Err(Step::JetStreamOff("no responders".into()))
+        }
+        Err(e) => Err(Step::Retry(BrokerError::topology(
+            "the JetStream account information",
+            e,
+        ))),
+    }
+}
+
+/// The server's "JetStream not enabled" and "JetStream not enabled for account".
+fn jetstream_off_code(code: jetstream::ErrorCode) -> bool {
+    matches!(
+        code,
+        jetstream::ErrorCode::JETSTREAM_NOT_ENABLED
+            | jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+    )
 }
 
 #[cfg(test)]
@@ -783,6 +905,32 @@ mod tests {
             channel: "c".into(),
             time_ms: "1700000000123".into(),
         }
+    }
+
+    #[test]
+    fn refusals_and_silence_are_told_apart() {
+        let failed = |words: &str| connect_failure(&async_nats::ClientError::Other(words.into()));
+        for refused in [
+            "authorization violation",
+            "failed signing nonce",
+            "TLS error",
+        ] {
+            assert_eq!(
+                failed(refused),
+                BrokerStatus::Refused(refused.into()),
+                "{refused}"
+            );
+        }
+        for silent in ["IO error", "timed out", "DNS error"] {
+            assert_eq!(
+                failed(silent),
+                BrokerStatus::Unreachable(silent.into()),
+                "{silent}"
+            );
+        }
+        assert!(jetstream_off_code(jetstream::ErrorCode(10039)));
+        assert!(jetstream_off_code(jetstream::ErrorCode(10076)));
+        assert!(!jetstream_off_code(jetstream::ErrorCode(10008)));
     }
 
     #[test]

@@ -426,7 +426,8 @@ pub async fn delete_streams(js: &jetstream::Context, settings: &Settings) {
         .await;
 }
 
-/// A private `nats-server` with JetStream on a free port and its own store directory.
+/// A private `nats-server` with JetStream (unless started without) on a free port and its own
+/// store directory.
 pub struct NatsServer {
     /// Port it listens on.
     pub port: u16,
@@ -434,6 +435,8 @@ pub struct NatsServer {
     pub dir: PathBuf,
     /// Extra command-line arguments (auth, TLS), passed on every (re)start.
     pub args: Vec<String>,
+    /// Started with `-js` (the default).
+    pub jetstream: bool,
     child: Option<std::process::Child>,
 }
 
@@ -455,6 +458,21 @@ impl NatsServer {
             port,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
+            jetstream: true,
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// Starts one on `port` without JetStream (no `-js`): core NATS answers, the JetStream API
+    /// does not.
+    pub async fn start_without_jetstream(port: u16) -> Self {
+        let mut s = Self {
+            port,
+            dir: std::env::temp_dir().join(unique("nats-store")),
+            args: Vec::new(),
+            jetstream: false,
             child: None,
         };
         s.restart().await;
@@ -470,14 +488,9 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
         let child = std::process::Command::new(bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(if self.jetstream { &["-js"][..] } else { &[] })
+            .arg("-sd")
             .arg(&self.dir)
             .args(&self.args)
             .stdout(std::process::Stdio::null())
