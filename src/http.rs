@@ -2,7 +2,9 @@
 //! [`crate::webhook`]), and the one place where a refusal ([`RequestError`]) becomes a status
 //! code and a metric outcome.
 //!
-//! Routes: `POST <webhook_path>`, `GET /metrics`, `GET /healthz`, `GET /readyz`. Request headers
+//! Routes: `POST <webhook_path>`, `GET /metrics`, `GET /healthz`, `GET /readyz` (with
+//! `server.admin_listen`, the webhook path on `listen` and the rest there, see [`Routes`]).
+//! Request headers
 //! must arrive within `server.header_read_timeout` and the body within
 //! `server.body_read_timeout`; the body limit is enforced while reading. At most
 //! `server.max_connections` connections are served at once; more wait to be accepted.
@@ -127,17 +129,32 @@ pub fn bind(addr: std::net::SocketAddr, max_connections: usize) -> std::io::Resu
     socket.listen(backlog)
 }
 
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// Everything: the webhook path, the probes, `/metrics` and the state API
+    /// (`server.admin_listen` unset).
+    All,
+    /// The webhook path alone (`server.listen` beside an admin listener): what Pusher must
+    /// reach, and nothing else.
+    Webhook,
+    /// The probes, `/metrics` and the state API (`server.admin_listen`), not the webhook path.
+    Admin,
+}
+
 /// Serves HTTP on `listener` until `shutdown` completes, then lets in-flight requests finish
 /// for up to `server.shutdown_grace`.
 pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, shutdown: impl Future<Output = ()>) {
-    serve_with_state(listener, bridge, None, shutdown).await;
+    serve_with_state(listener, bridge, None, Routes::All, shutdown).await;
 }
 
-/// [`serve`], plus the channel-state query API (`/apps/...`) when `state` is given.
+/// [`serve`] of `routes`, plus the channel-state query API (`/apps/...`) when `state` is given
+/// and `routes` include it.
 pub(crate) async fn serve_with_state(
     listener: TcpListener,
     bridge: Arc<Bridge>,
     state: Option<crate::state::api::SharedApi>,
+    routes: Routes,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -188,7 +205,9 @@ pub(crate) async fn serve_with_state(
                 let service = service_fn(move |req| {
                     let bridge = bridge.clone();
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(req, &bridge, state.as_deref()).await) }
+                    async move {
+                        Ok::<_, Infallible>(route(req, &bridge, state.as_deref(), routes).await)
+                    }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -251,9 +270,19 @@ async fn route(
     req: Request<Incoming>,
     bridge: &Arc<Bridge>,
     state: Option<&crate::state::StateApi>,
+    routes: Routes,
 ) -> Resp {
     let path = req.uri().path();
-    if path == bridge.settings().server.webhook_path {
+    let webhook_path = path == bridge.settings().server.webhook_path;
+    let served = match routes {
+        Routes::All => true,
+        Routes::Webhook => webhook_path,
+        Routes::Admin => !webhook_path,
+    };
+    if !served {
+        return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    }
+    if webhook_path {
         return webhook(req, bridge).await;
     }
     if path.starts_with("/apps/") {

@@ -84,6 +84,18 @@ pub enum StartError {
     /// The channel state (`[state]`) could not be set up.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The configuration does not hold (an address that does not parse).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// `server.admin_listen` could not be bound.
+    #[error("cannot listen on {addr} (server.admin_listen)")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The operating system's answer.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Opens the spool, connects the broker and builds the webhook pipeline (no listener yet, no
@@ -114,8 +126,29 @@ pub async fn build(settings: Settings) -> Result<Arc<Bridge>, StartError> {
 /// Runs the bridge on `listener` until `shutdown` completes: serves webhooks and drains the
 /// spool in the background; on shutdown lets in-flight webhooks finish, stops the background
 /// tasks and closes the broker connection. Spooled events stay on disk for the next start.
+/// With `server.admin_listen` set, binds it too ([`run_with_admin`]).
 pub async fn run(
     listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let admin = match settings.admin_addr()? {
+        Some(addr) => Some(http::bind(addr, settings.server.max_connections).map_err(
+            |source| StartError::Listen {
+                addr: addr.to_string(),
+                source,
+            },
+        )?),
+        None => None,
+    };
+    run_with_admin(listener, admin, settings, shutdown).await
+}
+
+/// [`run`] with the admin listener bound by the caller: with `admin`, `listener` serves the
+/// webhook path alone and `admin` the probes, `/metrics` and the channel-state API.
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
@@ -123,8 +156,10 @@ pub async fn run(
         tracing::warn!("no [[apps]] configured: every webhook will be refused with 401");
     }
     let bridge = build(settings).await?;
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %local(&listener),
+        admin_listen = %admin.as_ref().map(local).unwrap_or_else(|| "(on listen)".into()),
         path = %bridge.settings().server.webhook_path,
         broker = ?bridge.settings().broker.kind,
         "pusher-bridge serving"
@@ -168,6 +203,7 @@ pub async fn run(
     // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
     let broker = bridge.broker().clone();
+    let (stop_servers, servers) = shutdown::channel();
     let shutdown = async move {
         tokio::select! {
             () = shutdown => {}
@@ -175,9 +211,32 @@ pub async fn run(
                 let _ = fatal_tx.send(e);
             }
         }
+        stop_servers.trigger();
         stop_background.trigger();
     };
-    http::serve_with_state(listener, bridge.clone(), state_api, shutdown).await;
+    let serve = |l, routes| {
+        let mut stop = servers.clone();
+        http::serve_with_state(l, bridge.clone(), state_api.clone(), routes, async move {
+            stop.wait().await
+        })
+    };
+    let serving = async {
+        match admin {
+            None => serve(listener, http::Routes::All).await,
+            Some(admin) => {
+                tokio::join!(
+                    serve(listener, http::Routes::Webhook),
+                    serve(admin, http::Routes::Admin)
+                );
+            }
+        }
+    };
+    tokio::pin!(serving, shutdown);
+    // Servers that end on their own drop `shutdown`, and with it the background's trigger.
+    tokio::select! {
+        () = &mut serving => {}
+        () = &mut shutdown => serving.await,
+    }
     tasks.join(std::time::Duration::from_secs(5)).await;
     bridge.spool().close().await;
     bridge.broker().close().await;

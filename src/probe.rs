@@ -63,14 +63,26 @@ pub struct HttpAnswer {
 /// `http://<addr>` for reaching the bridge on the machine it runs on: an unspecified listen
 /// address (`0.0.0.0`, `[::]`) is mapped to the loopback address of its family.
 pub(crate) fn local_base_url(settings: &Settings) -> Result<String, ConfigError> {
-    let mut addr = settings.listen_addr()?;
+    Ok(local_url(settings.listen_addr()?))
+}
+
+/// `http://<addr>` of the probes and `/metrics`: `server.admin_listen` when it is set, else
+/// `server.listen` (as [`local_base_url`]).
+pub(crate) fn local_admin_url(settings: &Settings) -> Result<String, ConfigError> {
+    match settings.admin_addr()? {
+        Some(addr) => Ok(local_url(addr)),
+        None => local_base_url(settings),
+    }
+}
+
+fn local_url(mut addr: std::net::SocketAddr) -> String {
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    Ok(format!("http://{addr}"))
+    format!("http://{addr}")
 }
 
 /// Parses `url` and checks it is plain `http://` (the client has no TLS).
@@ -139,13 +151,14 @@ pub async fn send(
 }
 
 /// GETs `path` (`/healthz`, or `/readyz` for readiness) on the bridge configured by
-/// `settings`. Any answer is returned; the caller decides that only 200 is healthy.
+/// `settings` (on `server.admin_listen` when set). Any answer is returned; the caller decides
+/// that only 200 is healthy.
 pub async fn healthcheck(
     settings: &Settings,
     path: &str,
     timeout: Duration,
 ) -> Result<(String, HttpAnswer), ProbeError> {
-    let url = format!("{}{path}", local_base_url(settings)?);
+    let url = format!("{}{path}", local_admin_url(settings)?);
     let answer = send(Method::GET, &url, &[], Bytes::new(), timeout).await?;
     Ok((url, answer))
 }

@@ -166,8 +166,14 @@ pub struct Settings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
-    /// Address for webhooks, `/metrics`, `/healthz` and `/readyz`.
+    /// Address for webhooks, and for `/metrics`, `/healthz`, `/readyz` and the channel-state
+    /// API unless `admin_listen` is set.
     pub listen: String,
+    /// When set, `/metrics`, `/healthz`, `/readyz` and the channel-state API are served on this
+    /// address and only there, and `listen` serves the webhook path alone: exposing the
+    /// webhook to Pusher then exposes nothing else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// Path Pusher posts webhooks to (POST only).
     pub webhook_path: String,
     /// Bodies larger than this are refused with 413 while they are read.
@@ -205,6 +211,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: None,
             webhook_path: "/pusher/webhooks".into(),
             max_body_bytes: 1_048_576,
             header_read_timeout: Duration::from_secs(10),
@@ -852,6 +859,18 @@ impl Settings {
             .listen
             .parse()
             .map_err(|e| invalid("server.listen", format!("{e}")))
+    }
+
+    /// The admin listen address, parsed (`None`: everything is served on `listen`).
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.server
+            .admin_listen
+            .as_deref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| invalid("server.admin_listen", format!("{e}")))
+            })
+            .transpose()
     }
 
     /// The effective configuration as TOML, secrets redacted (for `check-config`).

@@ -9,7 +9,16 @@ use crate::message::is_subject_token;
 impl Settings {
     /// Checks values that parse but cannot work.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
+        if let Some(admin) = self.admin_addr()?
+            && admin == listen
+            && admin.port() != 0
+        {
+            return Err(invalid(
+                "server.admin_listen",
+                "must differ from server.listen (unset it to serve everything on listen)",
+            ));
+        }
         let path = &self.server.webhook_path;
         if !path.starts_with('/') {
             return Err(invalid("server.webhook_path", "must start with `/`"));

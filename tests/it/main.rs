@@ -4,6 +4,7 @@
 
 mod common;
 
+mod admin;
 mod amqp_broker;
 mod amqp_cluster;
 mod amqp_quorum;
