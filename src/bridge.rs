@@ -23,7 +23,7 @@ use crate::message::{DeadLetter, Message};
 use crate::metrics::Metrics;
 use crate::spool::{Record, Spool, SpoolError};
 use crate::supervisor::TaskHealth;
-use crate::webhook::{self, AppKey, AppRegistry};
+use crate::webhook::{self, AppKey, AppRegistry, Apps};
 
 /// Why a webhook was not accepted once its request was read; [`crate::http`] maps each to its
 /// status code (with the refusals only HTTP can make).
@@ -81,7 +81,7 @@ pub struct Accepted {
 /// Shared state of the webhook pipeline.
 pub struct Bridge {
     settings: Arc<Settings>,
-    apps: AppRegistry,
+    apps: Arc<Apps>,
     deliverer: Deliverer,
     metrics: Arc<Metrics>,
     spool: Arc<Spool>,
@@ -129,7 +129,7 @@ impl Bridge {
         metrics: Arc<Metrics>,
         spool: Arc<Spool>,
     ) -> Self {
-        let apps = AppRegistry::new(&settings.apps);
+        let apps = Arc::new(Apps::new(&settings.apps));
         let deliverer = Deliverer::new(
             broker,
             settings.broker.publish_timeout,
@@ -213,7 +213,13 @@ impl Bridge {
     }
 
     /// The configured app keys ([`crate::http`] authenticates each request against them).
-    pub fn apps(&self) -> &AppRegistry {
+    pub fn apps(&self) -> Arc<AppRegistry> {
+        self.apps.current()
+    }
+
+    /// The swappable keys (the state API checks its requests against them; a reload replaces
+    /// them).
+    pub(crate) fn app_keys(&self) -> &Arc<Apps> {
         &self.apps
     }
 
@@ -401,7 +407,7 @@ mod tests {
             );
             let broker = Arc::new(Broker::Fake(Box::default()));
             let bridge = Bridge::new(settings, broker, metrics, spool);
-            let app = bridge.apps.get("k").unwrap().clone();
+            let app = bridge.apps.current().get("k").unwrap().clone();
             Self {
                 bridge,
                 app,

@@ -28,6 +28,7 @@
 //! - [`shutdown`]: the stop signal background tasks select on; [`supervisor`]: starts them,
 //!   restarts one that ends or panics (counted, `/readyz` red meanwhile), waits for all at the end.
 //! - [`logging`]: the log output, every configured secret masked in every line.
+//! - [`reload`]: a configuration loaded on SIGHUP, applied (apps, log level) or refused.
 //! - [`state`]: channel state (occupancy, subscription counts, presence members) in NATS KV,
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
 //!
@@ -48,6 +49,7 @@ pub mod message;
 pub mod metrics;
 pub mod probe;
 mod refusals;
+pub mod reload;
 pub mod retention;
 pub mod routing;
 pub mod sendtest;
@@ -141,17 +143,37 @@ pub async fn run(
         )?),
         None => None,
     };
-    run_with_admin(listener, admin, settings, shutdown).await
+    run_with(
+        listener,
+        Extras {
+            admin,
+            reloads: None,
+        },
+        settings,
+        shutdown,
+    )
+    .await
 }
 
-/// [`run`] with the admin listener bound by the caller: with `admin`, `listener` serves the
-/// webhook path alone and `admin` the probes, `/metrics` and the channel-state API.
-pub async fn run_with_admin(
+/// What [`run_with`] takes beside the webhook listener.
+#[derive(Default)]
+pub struct Extras {
+    /// The admin listener, bound by the caller: with it, the webhook listener serves the
+    /// webhook path alone and this one the probes, `/metrics` and the channel-state API.
+    pub admin: Option<TcpListener>,
+    /// Configurations loaded on SIGHUP (the binary's signal handler sends them), applied as
+    /// they arrive ([`reload`]).
+    pub reloads: Option<tokio::sync::mpsc::Receiver<reload::Loaded>>,
+}
+
+/// [`run`] with the admin listener and the reloads of [`Extras`].
+pub async fn run_with(
     listener: TcpListener,
-    admin: Option<TcpListener>,
+    extras: Extras,
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let Extras { admin, reloads } = extras;
     if settings.apps.is_empty() {
         tracing::warn!("no [[apps]] configured: every webhook will be refused with 401");
     }
@@ -198,7 +220,7 @@ pub async fn run_with_admin(
         );
         drainer.run(shutdown)
     });
-    let state_api = start_state(&settings, bridge.metrics(), bridge.broker(), &mut tasks).await?;
+    let state_api = start_state(&settings, &bridge, &mut tasks).await?;
     // The server stops when `shutdown` completes, or when the broker finds it cannot do what
     // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
@@ -220,16 +242,24 @@ pub async fn run_with_admin(
             stop.wait().await
         })
     };
-    let serving = async {
-        match admin {
-            None => serve(listener, http::Routes::All).await,
-            Some(admin) => {
-                tokio::join!(
-                    serve(listener, http::Routes::Webhook),
-                    serve(admin, http::Routes::Admin)
-                );
-            }
+    let reloading = async {
+        if let Some(loads) = reloads {
+            reload::run(bridge.clone(), loads, servers.clone()).await;
         }
+    };
+    let serving = async {
+        let listening = async {
+            match admin {
+                None => serve(listener, http::Routes::All).await,
+                Some(admin) => {
+                    tokio::join!(
+                        serve(listener, http::Routes::Webhook),
+                        serve(admin, http::Routes::Admin)
+                    );
+                }
+            }
+        };
+        tokio::join!(listening, reloading);
     };
     tokio::pin!(serving, shutdown);
     // Servers that end on their own drop `shutdown`, and with it the background's trigger.
@@ -253,10 +283,10 @@ pub async fn run_with_admin(
 /// it connects.
 async fn start_state(
     settings: &Arc<Settings>,
-    metrics: &Arc<Metrics>,
-    broker: &Arc<Broker>,
+    bridge: &Arc<Bridge>,
     tasks: &mut Supervisor,
 ) -> Result<Option<state::api::SharedApi>, StartError> {
+    let (metrics, broker, apps) = (bridge.metrics(), bridge.broker(), bridge.app_keys());
     if !settings.state.enabled {
         return Ok(None);
     }
@@ -267,7 +297,7 @@ async fn start_state(
         _ if kv_settings.url == settings.broker.nats.url => Some(kv.clone()),
         _ => Some(state::connect(&settings.broker.nats).await?),
     };
-    let api = Arc::new(state::StateApi::new(settings, kv.clone()));
+    let api = Arc::new(state::StateApi::new(settings, kv.clone(), apps.clone()));
     let (settings, metrics, broker) = (settings.clone(), metrics.clone(), broker.clone());
     tasks.spawn(metrics::task::CHANNEL_STATE, move |shutdown| {
         state::run(

@@ -9,7 +9,7 @@
 //! escaped for `Debug` or JSON, as a list of byte values), with `***` before it is written.
 
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -17,6 +17,21 @@ use crate::config::{LogFormat, Settings};
 
 /// The mask written in place of a secret.
 const MASK: &str = "***";
+
+/// Puts a new `log.level` in force (typed once per log format: erased here).
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What a reload may change in the running subscriber: the level filter and the secrets the
+/// mask knows.
+struct Control {
+    /// Puts a new `log.level` in force.
+    set_level: SetLevel,
+    /// The running mask.
+    redactor: Redactor,
+}
+
+/// The running subscriber's [`Control`] (set once by [`init`]).
+static CONTROL: OnceLock<Control> = OnceLock::new();
 
 /// Starts the global `tracing` subscriber: `RUST_LOG` if set (else `log.level`), `log.format`,
 /// secrets masked.
@@ -26,14 +41,53 @@ pub fn init(settings: &Settings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let redactor = Redactor::new(&secrets_of(settings));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(Redactor::new(&secrets_of(settings)));
-    match settings.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        .with_writer(redactor.clone());
+    let set_level: SetLevel = match settings.log.format {
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| set(&handle, level))
+        }
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| set(&handle, level))
+        }
+    };
+    let _ = CONTROL.set(Control {
+        set_level,
+        redactor,
+    });
+}
+
+/// Puts `level` in force through a reload handle.
+fn set<S>(
+    handle: &tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+    level: &str,
+) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    handle.reload(filter).map_err(|e| e.to_string())
+}
+
+/// Applies a reloaded configuration to the running log output: its secrets join the mask
+/// (the old ones stay masked: a rotated secret may still be in a line) and `log.level` takes
+/// effect, unless `RUST_LOG` is set, which replaces `log.level` as at start-up. Does nothing
+/// before [`init`] (tests, tools).
+pub(crate) fn reload(settings: &Settings) -> Result<(), String> {
+    let Some(control) = CONTROL.get() else {
+        return Ok(());
+    };
+    control.redactor.add(&secrets_of(settings));
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
     }
+    (control.set_level)(&settings.log.level)
 }
 
 /// Every secret in `settings`: app secrets, the NATS password and token, and the password or
@@ -93,33 +147,53 @@ fn forms(secret: &str) -> Vec<String> {
     out
 }
 
-/// A [`MakeWriter`] for stdout that masks the secrets it was built with in every line.
+/// A [`MakeWriter`] for stdout that masks the secrets it was built with (and those a reload
+/// added) in every line.
 #[derive(Clone)]
 pub(crate) struct Redactor {
     /// Every form of every secret, longest first (so a longer form is masked whole).
-    forms: Arc<[String]>,
+    forms: Arc<RwLock<Arc<[String]>>>,
+}
+
+/// RabbitMQ's default credentials: public, and masking them would also mask the user name
+/// `guest` in every line that names it.
+const PUBLIC_DEFAULTS: &[&str] = &["guest"];
+
+/// Every form of every secret in `secrets`, longest first.
+fn all_forms<'a>(secrets: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut forms: Vec<String> = secrets
+        .filter(|s| !s.is_empty() && !PUBLIC_DEFAULTS.contains(&s.as_str()))
+        .flat_map(|s| forms(s))
+        .filter(|f| !f.is_empty())
+        .collect();
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
 }
 
 impl Redactor {
-    /// Masks `secrets` (empty ones ignored).
+    /// Masks `secrets` (empty ones and public defaults ignored).
     pub fn new(secrets: &[String]) -> Self {
-        let mut forms: Vec<String> = secrets
-            .iter()
-            .filter(|s| !s.is_empty())
-            .flat_map(|s| forms(s))
-            .filter(|f| !f.is_empty())
-            .collect();
-        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        forms.dedup();
         Self {
-            forms: forms.into(),
+            forms: Arc::new(RwLock::new(all_forms(secrets.iter()).into())),
         }
+    }
+
+    /// Masks `secrets` too.
+    fn add(&self, secrets: &[String]) {
+        let mut forms = self.forms.write().unwrap_or_else(|e| e.into_inner());
+        let mut all = all_forms(secrets.iter());
+        all.extend(forms.iter().cloned());
+        all.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        all.dedup();
+        *forms = all.into();
     }
 
     /// `line` with every secret masked.
     pub(crate) fn redact(&self, line: &str) -> String {
+        let forms = self.forms.read().unwrap_or_else(|e| e.into_inner()).clone();
         let mut out = line.to_string();
-        for form in self.forms.iter() {
+        for form in forms.iter() {
             if out.contains(form.as_str()) {
                 out = out.replace(form.as_str(), MASK);
             }

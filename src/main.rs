@@ -114,6 +114,38 @@ fn init_logs(settings: &Settings) {
     pusher_bridge::logging::init(settings);
 }
 
+/// Loads the configuration again on every SIGHUP (file, environment, `*_file`s) and sends the
+/// result to the server, which applies it or keeps the running one. Without this handler a
+/// SIGHUP would end the process (exit 129). Off the runtime: reading files blocks.
+fn reloads_on_sighup(
+    cli_path: Option<PathBuf>,
+) -> anyhow::Result<tokio::sync::mpsc::Receiver<pusher_bridge::reload::Loaded>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    #[cfg(unix)]
+    {
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: loading the configuration again");
+                let path = cli_path.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    let path = config::resolve_path(path.as_deref());
+                    Settings::load(path.as_deref())
+                })
+                .await;
+                let Ok(loaded) = loaded else { continue };
+                if tx.send(loaded).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop((tx, cli_path));
+    Ok(rx)
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -301,7 +333,18 @@ fn serve(path: Option<&PathBuf>) -> anyhow::Result<std::process::ExitCode> {
         let addr = settings.listen_addr()?;
         let listener = pusher_bridge::http::bind(addr, settings.server.max_connections)
             .with_context(|| format!("cannot listen on {addr}"))?;
-        pusher_bridge::run(listener, settings, shutdown_signal()).await?;
+        let admin = match settings.admin_addr()? {
+            Some(addr) => Some(
+                pusher_bridge::http::bind(addr, settings.server.max_connections)
+                    .with_context(|| format!("cannot listen on {addr} (server.admin_listen)"))?,
+            ),
+            None => None,
+        };
+        let extras = pusher_bridge::Extras {
+            admin,
+            reloads: Some(reloads_on_sighup(path.cloned())?),
+        };
+        pusher_bridge::run_with(listener, extras, settings, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -76,6 +76,12 @@ pub(crate) const STATE_LAG: &str = "pusher_bridge_state_lag_seconds";
 /// panicked while the bridge ran and were started again.
 pub(crate) const TASK_RESTARTS: &str = "pusher_bridge_task_restarts";
 
+/// `pusher_bridge_config_reloads_total{outcome}`: reloads on SIGHUP, `success` or `failure`
+/// (named as Prometheus names its own).
+pub(crate) const CONFIG_RELOADS: &str = "pusher_bridge_config_reloads";
+/// `pusher_bridge_config_last_reload_successful`: 1 while the last reload (or the start)
+/// loaded, 0 after one that did not.
+pub(crate) const CONFIG_LAST_RELOAD_OK: &str = "pusher_bridge_config_last_reload_successful";
 /// The `task` label values of `task_restarts_total`: the supervised background tasks.
 pub(crate) mod task {
     /// The spool drainer.
@@ -132,6 +138,8 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "pusher_bridge_state_updates_total",
     "pusher_bridge_state_lag_seconds",
     "pusher_bridge_task_restarts_total",
+    "pusher_bridge_config_reloads_total",
+    "pusher_bridge_config_last_reload_successful",
 ];
 
 /// Outcome label of `webhooks_received_total`.
@@ -188,6 +196,13 @@ impl StateOutcome {
             Self::Failed => "failed",
         }
     }
+}
+
+/// Labels of `config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `failure`.
+    pub outcome: &'static str,
 }
 
 /// Labels of `task_restarts_total`.
@@ -348,6 +363,10 @@ pub struct Metrics {
     pub state_lag: Gauge<f64, AtomicU64>,
     /// Background tasks restarted by the supervisor, by task.
     pub task_restarts: Family<TaskLabels, Counter>,
+    /// See `CONFIG_RELOADS`.
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    /// See `CONFIG_LAST_RELOAD_OK`.
+    pub config_last_reload_ok: Gauge,
 }
 
 impl Default for Metrics {
@@ -389,6 +408,8 @@ impl Metrics {
             state_updates: Family::default(),
             state_lag: Gauge::default(),
             task_restarts: Family::default(),
+            config_reloads: Family::default(),
+            config_last_reload_ok: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -506,6 +527,20 @@ impl Metrics {
         for task in task::ALL {
             let _ = m.task_restarts.get_or_create(&TaskLabels { task });
         }
+        registry.register(
+            CONFIG_RELOADS,
+            "Configuration reloads on SIGHUP, by outcome",
+            m.config_reloads.clone(),
+        );
+        for outcome in ["success", "failure"] {
+            let _ = m.config_reloads.get_or_create(&ReloadLabels { outcome });
+        }
+        registry.register(
+            CONFIG_LAST_RELOAD_OK,
+            "1 while the configuration in force is the last one loaded (at start or on SIGHUP), 0 after a reload that failed",
+            m.config_last_reload_ok.clone(),
+        );
+        m.config_last_reload_ok.set(1);
         for outcome in StateOutcome::ALL {
             let _ = m.state_updates.get_or_create(&StateLabels {
                 outcome: outcome.as_str(),
@@ -515,15 +550,9 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Creates at 0 every series whose labels the settings tell: webhook outcomes of each
-    /// configured app (and of `unknown`), dead letters of each app and reason, the broker's
-    /// reconnects, published events of each app and event label, `spool_max_bytes`, and the
-    /// sweeper series of each enabled target.
-    pub(crate) fn init_known_series(&self, settings: &crate::config::Settings) {
-        for outcome in UNKNOWN_APP_OUTCOMES {
-            self.init_webhook("unknown", outcome);
-        }
-        for app in &settings.apps {
+    /// Creates at 0 the series of `apps` (also for the apps a reload adds).
+    pub(crate) fn init_app_series(&self, apps: &[crate::config::AppSettings]) {
+        for app in apps {
             for outcome in ALL_OUTCOMES {
                 self.init_webhook(&app.id, outcome);
             }
@@ -544,6 +573,26 @@ impl Metrics {
                     .inc_by(0);
             }
         }
+    }
+
+    /// Counts a reload on SIGHUP and whether it loaded.
+    pub(crate) fn config_reloaded(&self, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels { outcome })
+            .inc();
+        self.config_last_reload_ok.set(i64::from(ok));
+    }
+
+    /// Creates at 0 every series whose labels the settings tell: webhook outcomes of each
+    /// configured app (and of `unknown`), dead letters of each app and reason, the broker's
+    /// reconnects, published events of each app and event label, `spool_max_bytes`, and the
+    /// sweeper series of each enabled target.
+    pub(crate) fn init_known_series(&self, settings: &crate::config::Settings) {
+        for outcome in UNKNOWN_APP_OUTCOMES {
+            self.init_webhook("unknown", outcome);
+        }
+        self.init_app_series(&settings.apps);
         let broker = match settings.broker.kind {
             crate::config::BrokerKind::Nats => Some("nats"),
             crate::config::BrokerKind::Amqp => Some("amqp"),

@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::StateError;
 use super::store::StateStore;
 use crate::config::Settings;
-use crate::webhook::AppRegistry;
+use crate::webhook::Apps;
 
 /// How far `auth_timestamp` may be from the bridge's clock, as Pusher allows.
 pub(crate) const MAX_CLOCK_SKEW_SECS: i64 = 600;
@@ -64,8 +64,8 @@ impl QueryError {
 
 /// The query API of one bridge: the app keys and a reader of the state bucket.
 pub(crate) struct StateApi {
-    apps: AppRegistry,
-    app_ids: HashSet<String>,
+    /// The bridge's app keys (replaced on a reload).
+    apps: Arc<Apps>,
     client: async_nats::Client,
     bucket: String,
     replicas: usize,
@@ -152,11 +152,10 @@ fn is_presence(channel: &str) -> bool {
 }
 
 impl StateApi {
-    /// The API for the apps of `settings`, reading the state bucket through `client`.
-    pub fn new(settings: &Settings, client: async_nats::Client) -> Self {
+    /// The API for the bridge's `apps`, reading the state bucket of `settings` through `client`.
+    pub fn new(settings: &Settings, client: async_nats::Client, apps: Arc<Apps>) -> Self {
         Self {
-            apps: AppRegistry::new(&settings.apps),
-            app_ids: settings.apps.iter().map(|a| a.id.clone()).collect(),
+            apps,
             client,
             bucket: settings.state.bucket.clone(),
             replicas: settings.broker.nats.replicas,
@@ -183,7 +182,7 @@ impl StateApi {
             return Err(QueryError::MethodNotAllowed);
         }
         let (app_id, what) = route(path)?;
-        if !self.app_ids.contains(&app_id) {
+        if !self.apps.current().has_app(&app_id) {
             return Err(QueryError::NotFound("unknown app"));
         }
         let params = parse_query(query.unwrap_or("")).ok_or(QueryError::Unauthorized(
@@ -217,8 +216,8 @@ impl StateApi {
         if version != "1.0" {
             return Err(QueryError::Unauthorized("auth_version must be 1.0"));
         }
-        let app = self
-            .apps
+        let apps = self.apps.current();
+        let app = apps
             .get(key)
             .filter(|a| &*a.app_id == app_id)
             .ok_or(QueryError::Unauthorized("unknown auth_key for this app"))?;

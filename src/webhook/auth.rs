@@ -2,7 +2,7 @@
 //! the raw body (compared in constant time), and the `max_webhook_age` refusal.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -66,6 +66,30 @@ impl AppKey {
     }
 }
 
+/// The app keys in force, swapped whole when a reload (SIGHUP) changes `[[apps]]`: each
+/// request takes the registry of its moment ([`Apps::current`]), so a webhook in flight is
+/// checked against one consistent set of keys.
+#[derive(Debug)]
+pub struct Apps(RwLock<Arc<AppRegistry>>);
+
+impl Apps {
+    /// The keys of `apps`.
+    pub fn new(apps: &[AppSettings]) -> Self {
+        Self(RwLock::new(Arc::new(AppRegistry::new(apps))))
+    }
+
+    /// The registry in force now.
+    pub fn current(&self) -> Arc<AppRegistry> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts the keys of `apps` in force (added, removed, rotated keys and secrets).
+    pub(crate) fn replace(&self, apps: &[AppSettings]) {
+        let fresh = Arc::new(AppRegistry::new(apps));
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+}
+
 /// All configured keys, looked up by `X-Pusher-Key`.
 #[derive(Debug, Default)]
 pub struct AppRegistry {
@@ -101,6 +125,11 @@ impl AppRegistry {
     /// The key entry for `X-Pusher-Key`, if configured.
     pub fn get(&self, key: &str) -> Option<&Arc<AppKey>> {
         self.by_key.get(key)
+    }
+
+    /// Whether `app_id` has a key here.
+    pub(crate) fn has_app(&self, app_id: &str) -> bool {
+        self.by_key.values().any(|k| &*k.app_id == app_id)
     }
 
     /// The app of `X-Pusher-Key` (surrounding whitespace ignored), before its signature is

@@ -13,7 +13,7 @@ pub mod parse;
 pub mod prepare;
 
 pub(crate) use auth::check_age;
-pub use auth::{AppKey, AppRegistry, AuthError};
+pub use auth::{AppKey, AppRegistry, Apps, AuthError};
 pub use parse::{EventHead, MAX_CHANNEL_CHARS, PayloadError, Webhook, event_head, parse};
 pub(crate) use prepare::prepare;
 pub use prepare::{body_suffix, message_body};

@@ -20,13 +20,20 @@ async fn with_an_admin_address_the_webhook_is_alone_on_listen() {
     let mut bridge = BridgeProcess::start(&["serve"], env);
     let mut ready = false;
     for _ in 0..500 {
-        if http_get(admin, "/readyz").await.is_some_and(|(c, _)| c == 200) {
+        if http_get(admin, "/readyz")
+            .await
+            .is_some_and(|(c, _)| c == 200)
+        {
             ready = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(ready, "not ready on the admin address:\n{}", bridge.stdout());
+    assert!(
+        ready,
+        "not ready on the admin address:\n{}",
+        bridge.stdout()
+    );
 
     // `listen`: the webhook, nothing else.
     let body = webhook_body(1, &[r#"{"name":"channel_occupied","channel":"adm"}"#]);

@@ -31,6 +31,7 @@ mod poison;
 mod quarantine;
 mod readme;
 mod refusals;
+mod reload;
 mod send_test;
 mod spool;
 mod spool_amqp;
