@@ -1,21 +1,24 @@
-//! Dead-letter tooling behind `pusher-bridge dlq list` and `pusher-bridge dlq replay`.
+//! Dead-letter tooling behind `pusher-bridge dlq list`, `dlq replay` and `dlq purge`.
 //!
 //! Both brokers store a dead letter the same way: the body is the event's message body (for a
 //! `malformed` event the raw event JSON) and the headers of [`crate::broker::headers`] say where
 //! it was going and why it did not get there. [`DeadLetterRecord`] is one letter read back from
 //! those headers (`record`); `format` writes records for people (`write_table_header`,
 //! `write_table_row`) and machines (`write_json_array`); `held` keeps a listing's output until
-//! the listing succeeded; this module lists, and `replay` replays, over the configured broker's
-//! store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for RabbitMQ).
+//! the listing succeeded; this module lists, `replay` replays and `purge` removes, over the
+//! configured broker's store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for
+//! RabbitMQ).
 //!
 //! Listing never removes a letter. Replaying publishes each replayable letter to its original
 //! subject / routing key with its original message id and removes it only after the broker
-//! acknowledged the publish; everything else stays where it is.
+//! acknowledged the publish; purging removes the letters its filter matches; everything else
+//! stays where it is.
 
 pub mod amqp;
 mod format;
 mod held;
 pub mod nats;
+mod purge;
 mod record;
 mod replay;
 
@@ -27,6 +30,7 @@ use tokio::sync::mpsc;
 pub(crate) use self::format::{
     format_utc_ms, write_json_array, write_table_header, write_table_row,
 };
+pub use self::purge::{FilterError, PurgeError, PurgeFilter, purge, purge_line};
 pub use self::record::DeadLetterRecord;
 pub use self::replay::{LeftLetter, ReplaySummary, replay};
 use crate::broker::{BoxError, BrokerError, cause};
