@@ -20,7 +20,8 @@
 //!   reason at most.
 //! - [`spool`]: the local durable spool for events the broker cannot take, and its drainer.
 //! - [`metrics`]: every Prometheus family, named in one place.
-//! - [`dlq`]: the `dlq list` / `dlq replay` tools over the dead letters both brokers store.
+//! - [`dlq`]: the `dlq list` / `dlq replay` / `dlq purge` tools over the dead letters both
+//!   brokers store.
 //! - [`probe`] and [`sendtest`]: the client side of the `healthcheck` and `send-test` commands.
 //! - [`retention`]: the retention rules (per app, per event) that the sweeper purges by and
 //!   that per-message TTLs are stamped from.

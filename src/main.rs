@@ -57,7 +57,7 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Show or replay the dead letters of the configured broker.
+    /// Show, replay or purge the dead letters of the configured broker.
     Dlq {
         #[command(subcommand)]
         action: DlqCommand,
@@ -103,6 +103,27 @@ enum DlqCommand {
     },
     /// Publish the dead letters to their original subjects; exit 0 only when none is left.
     Replay,
+    /// Remove the dead letters that match every filter given (with none, --all); the others
+    /// stay in place and in order.
+    Purge {
+        /// Only letters of this reason: malformed, no_stream, too_large, rejected, nacked,
+        /// unroutable or full.
+        #[arg(long, value_name = "R")]
+        reason: Option<String>,
+        /// Only letters of this app id.
+        #[arg(long, value_name = "ID")]
+        app: Option<String>,
+        /// Only letters whose first failure (as `dlq list` shows it) is older than this
+        /// (humantime, e.g. `7d`, `90m`).
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        /// Remove every dead letter (needed when no filter is given, and goes with none).
+        #[arg(long)]
+        all: bool,
+        /// Count what would be removed and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn load(cli_path: Option<&PathBuf>) -> anyhow::Result<Settings> {
@@ -248,6 +269,25 @@ fn dlq(path: Option<&PathBuf>, action: DlqCommand) -> anyhow::Result<std::proces
     match action {
         DlqCommand::List { json } => {
             runtime.block_on(pusher_bridge::dlq::print_list(&settings, json))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        DlqCommand::Purge {
+            reason,
+            app,
+            older_than,
+            all,
+            dry_run,
+        } => {
+            // Arguments are checked here rather than by clap so that a bad one exits 1 with the
+            // other errors (clap's usage errors exit 2), as the interface fixes.
+            let filter = pusher_bridge::dlq::PurgeFilter::from_args(
+                reason.as_deref(),
+                app,
+                older_than.as_deref(),
+                all,
+            )?;
+            let n = runtime.block_on(pusher_bridge::dlq::purge(&settings, &filter, dry_run))?;
+            println!("{}", pusher_bridge::dlq::purge_line(n, dry_run));
             Ok(std::process::ExitCode::SUCCESS)
         }
         DlqCommand::Replay => {

@@ -1,20 +1,24 @@
-//! Dead-letter tooling behind `pusher-bridge dlq list` and `pusher-bridge dlq replay`.
+//! Dead-letter tooling behind `pusher-bridge dlq list`, `dlq replay` and `dlq purge`.
 //!
 //! Both brokers store a dead letter the same way: the body is the event's message body (for a
 //! `malformed` event the raw event JSON) and the headers of [`crate::broker::headers`] say where
 //! it was going and why it did not get there. [`DeadLetterRecord`] is one letter read back from
 //! those headers (`record`); `format` writes records for people (`write_table_header`,
-//! `write_table_row`) and machines (`write_json_array`); this module lists, and `replay`
-//! replays, over the configured broker's store of letters (`LetterStore`: [`nats`] for
-//! JetStream, [`amqp`] for RabbitMQ).
+//! `write_table_row`) and machines (`write_json_array`); `held` keeps a listing's output until
+//! the listing succeeded; this module lists, `replay` replays and `purge` removes, over the
+//! configured broker's store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for
+//! RabbitMQ).
 //!
 //! Listing never removes a letter. Replaying publishes each replayable letter to its original
 //! subject / routing key with its original message id and removes it only after the broker
-//! acknowledged the publish; everything else stays where it is.
+//! acknowledged the publish; purging removes the letters its filter matches; everything else
+//! stays where it is.
 
 pub mod amqp;
 mod format;
+mod held;
 pub mod nats;
+mod purge;
 mod record;
 mod replay;
 
@@ -26,6 +30,7 @@ use tokio::sync::mpsc;
 pub(crate) use self::format::{
     format_utc_ms, write_json_array, write_table_header, write_table_row,
 };
+pub use self::purge::{FilterError, PurgeError, PurgeFilter, purge, purge_line};
 pub use self::record::DeadLetterRecord;
 pub use self::replay::{LeftLetter, ReplaySummary, replay};
 use crate::broker::{BoxError, BrokerError, cause};
@@ -177,19 +182,21 @@ pub async fn list_all(settings: &Settings) -> Result<Vec<DeadLetterRecord>, DlqE
     Ok(all)
 }
 
-/// `dlq list`: writes the dead letters to stdout as they are read, as a table (with a count at
-/// the end) or, with `json`, as one JSON array. Stdout is written on a blocking thread so the
-/// runtime never waits on a slow terminal or pipe. Returns how many letters were listed.
+/// `dlq list`: the dead letters as a table (with a count at the end) or, with `json`, as one
+/// JSON array, printed on stdout once the listing succeeded. The output is written as the
+/// letters are read, but held (`held`: in memory, beyond `held::MEMORY_LIMIT` in a temporary
+/// file) until the end, so a listing that fails prints nothing on stdout: not the "0 dead
+/// letters" of a broker it could not reach, nor half a table. Output is written on blocking
+/// threads so the runtime never waits on a disk, a slow terminal or a pipe. Returns how many
+/// letters were listed.
 pub async fn print_list(settings: &Settings, json: bool) -> Result<u64, DlqError> {
     let (tx, mut rx) = mpsc::channel::<DeadLetterRecord>(256);
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<held::Held> {
+        let mut out = held::Held::new(held::MEMORY_LIMIT);
         let mut n = 0u64;
         let mut blocked = 0u64;
         if json {
-            let records = std::iter::from_fn(|| rx.blocking_recv()).inspect(|_| n += 1);
-            write_json_array(&mut out, records)?;
+            write_json_array(&mut out, std::iter::from_fn(|| rx.blocking_recv()))?;
         } else {
             while let Some(r) = rx.blocking_recv() {
                 if n == 0 {
@@ -207,19 +214,27 @@ pub async fn print_list(settings: &Settings, json: bool) -> Result<u64, DlqError
                 if n == 1 { "" } else { "s" }
             )?;
         }
-        out.flush()?;
-        Ok(n)
+        Ok(out)
     });
     let listed = list(settings, tx).await;
     let written = writer
         .await
         .map_err(|e| DlqError::Output(std::io::Error::other(e.to_string())))?;
+    // A failed listing is the error to report; what it wrote is dropped unprinted.
     let n = listed?;
-    match written {
+    let held = written?;
+    let printed = tokio::task::spawn_blocking(move || {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        held.write_to(&mut out)
+    })
+    .await
+    .map_err(|e| DlqError::Output(std::io::Error::other(e.to_string())))?;
+    match printed {
         // The reader went away (`dlq list | head`): not an error of the listing.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(n),
         Err(e) => Err(e.into()),
-        Ok(_) => Ok(n),
+        Ok(()) => Ok(n),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The bridge's contract, end to end, against both brokers: subjects / routing keys, bodies,
 //! ids, status codes, dead letters, metrics and readiness. Every test body takes the broker
-//! kind; [`contract!`] makes one `#[tokio::test]` per body and broker (`nats::NAME`,
+//! kind; [`per_broker!`] makes one `#[tokio::test]` per body and broker (`nats::NAME`,
 //! `amqp::NAME`, and `amqp_quorum::NAME` with `broker.amqp.queue_type = "quorum"`), against the
 //! real NATS JetStream and RabbitMQ of this machine.
 
@@ -9,42 +9,7 @@ use std::time::Duration;
 use crate::common::*;
 use pusher_bridge::config::{AppSettings, BrokerKind, Secret};
 
-/// One test per broker for each shared test body.
-macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod nats {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(pusher_bridge::config::BrokerKind::Nats).await
-                }
-            )*
-        }
-        mod amqp {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(pusher_bridge::config::BrokerKind::Amqp).await
-                }
-            )*
-        }
-        mod amqp_quorum {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    crate::common::AMQP_QUEUE_TYPE
-                        .scope(
-                            pusher_bridge::config::QueueType::Quorum,
-                            super::$name(pusher_bridge::config::BrokerKind::Amqp),
-                        )
-                        .await
-                }
-            )*
-        }
-    };
-}
-
-contract!(
+per_broker!(
     every_event_type_lands_on_its_subject_with_its_body,
     the_same_webhook_twice_gives_the_same_ids,
     every_status_code_of_the_table,

@@ -17,6 +17,7 @@ mod deploy_monitoring;
 mod disk_full;
 mod dlq_amqp;
 mod dlq_nats;
+mod dlq_purge;
 mod hostile;
 mod http_limits;
 mod logs;

@@ -576,6 +576,44 @@ tokio::task_local! {
     pub static AMQP_QUEUE_TYPE: pusher_bridge::config::QueueType;
 }
 
+/// One `#[tokio::test]` per broker for each shared test body (an `async fn NAME(kind:
+/// BrokerKind)` of the calling module): `nats::NAME`, `amqp::NAME`, and `amqp_quorum::NAME`
+/// with `broker.amqp.queue_type = "quorum"` (inside an [`AMQP_QUEUE_TYPE`] scope).
+macro_rules! per_broker {
+    ($($name:ident),* $(,)?) => {
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(pusher_bridge::config::BrokerKind::Nats).await
+                }
+            )*
+        }
+        mod amqp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(pusher_bridge::config::BrokerKind::Amqp).await
+                }
+            )*
+        }
+        mod amqp_quorum {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::common::AMQP_QUEUE_TYPE
+                        .scope(
+                            pusher_bridge::config::QueueType::Quorum,
+                            super::$name(pusher_bridge::config::BrokerKind::Amqp),
+                        )
+                        .await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use per_broker;
+
 /// Settings for one test against `kind`: unique prefix, streams / exchanges / queues and AMQP
 /// connection name, one app.
 pub fn settings_for(kind: BrokerKind) -> Settings {
