@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::deploy::{
-    compose_binds, compose_named_volumes, dockerfile, dockerignore, exec_form, ignored, read, repo,
-    s, seq, yaml, yaml_docs,
+    compose_binds, compose_named_volumes, dockerfile, dockerignore, exec_form, gitignored_samples,
+    ignored, read, repo, s, seq, yaml, yaml_docs,
 };
 use serde_yaml::Value;
 
@@ -455,9 +455,76 @@ fn dockerfile_is_multi_stage_non_root_with_a_healthcheck() {
     }
 }
 
+/// What git ignores (builds, virtualenvs, node_modules, profiles, local secrets) and the tool
+/// caches anywhere in the tree stay out of the build context: `COPY . .` would send them to the
+/// builder (hundreds of MB) and into its cache. Issue 22.
+#[test]
+fn dockerignore_leaves_out_what_git_ignores_and_tool_caches() {
+    let rules = dockerignore(&read(".dockerignore"));
+    let mut unwanted = gitignored_samples(&read(".gitignore"));
+    assert!(unwanted.len() > 10, "{unwanted:?}");
+    for path in [
+        ".git/objects/pack/x.pack",
+        "target/release/pusher-bridge",
+        ".venv/bin/python",
+        "examples/python/.venv/lib/python3.11/site-packages/nats/aio.py",
+        "bench/.venv/bin/python",
+        "node_modules/nats/package.json",
+        "examples/node/node_modules/nats/package.json",
+        "tests/sdk/node_modules/pusher/package.json",
+        "tests/sdk/venv/bin/python",
+        "tests/sdk/__pycache__/query.cpython-311.pyc",
+        "deploy/compose/bridge.local.env",
+    ] {
+        unwanted.push(path.to_string());
+    }
+    let sent: Vec<&String> = unwanted.iter().filter(|p| !ignored(&rules, p)).collect();
+    assert!(
+        sent.is_empty(),
+        ".dockerignore sends these to the builder: {sent:?}"
+    );
+    // What the build reads stays: the crate, and every target Cargo.toml names (cargo refuses a
+    // manifest whose explicit target is missing, even when it builds another).
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    let mut needed = vec![
+        "Cargo.toml".to_string(),
+        "Cargo.lock".into(),
+        "src/main.rs".into(),
+        "src/lib.rs".into(),
+    ];
+    for (kind, dir) in [
+        ("bin", "src/bin"),
+        ("example", "examples"),
+        ("bench", "benches"),
+    ] {
+        for target in manifest
+            .get(kind)
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let name = target["name"].as_str().unwrap();
+            let path = match target.get("path").and_then(|p| p.as_str()) {
+                Some(p) => p.to_string(),
+                None if repo(&format!("{dir}/{name}.rs")).exists() => format!("{dir}/{name}.rs"),
+                None => format!("{dir}/{name}/main.rs"),
+            };
+            assert!(repo(&path).exists(), "{kind} {name}: {path} missing");
+            needed.push(path);
+        }
+    }
+    assert!(needed.len() > 4, "{needed:?}");
+    for path in &needed {
+        assert!(
+            !ignored(&rules, path),
+            "{path} is left out of the build context"
+        );
+    }
+}
+
 #[test]
 fn dockerignore_matching_follows_docker() {
-    let rules = dockerignore("target/\n.git\ndeploy/*\n!deploy/a.toml\n*.md\n");
+    let rules = dockerignore("target/\n.git\ndeploy/*\n!deploy/a.toml\n*.md\n**/.venv\n");
     assert!(ignored(&rules, "target/release/x"));
     assert!(ignored(&rules, ".git/HEAD"));
     assert!(ignored(&rules, "deploy/b.yml"));
@@ -465,4 +532,11 @@ fn dockerignore_matching_follows_docker() {
     assert!(ignored(&rules, "README.md"));
     assert!(!ignored(&rules, "docs/README.md"));
     assert!(!ignored(&rules, "src/main.rs"));
+    assert!(ignored(&rules, ".venv/bin/python"));
+    assert!(ignored(&rules, "examples/python/.venv/bin/python"));
+    assert!(!ignored(&rules, "examples/python/venv.py"));
+    let rules = dockerignore("a/**/b\n");
+    assert!(ignored(&rules, "a/b/c"));
+    assert!(ignored(&rules, "a/x/y/b"));
+    assert!(!ignored(&rules, "x/a/b"));
 }

@@ -187,10 +187,40 @@ pub fn dockerignore(text: &str) -> Vec<(String, bool)> {
 
 fn glob(pattern: &str, path: &str) -> bool {
     let (p, t): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
-    p.len() == t.len()
-        && p.iter()
-            .zip(&t)
-            .all(|(p, t)| glob_segment(p.as_bytes(), t.as_bytes()))
+    glob_segments(&p, &t)
+}
+
+/// Segment by segment; `**` stands for any number of segments, none included (Docker's rule).
+fn glob_segments(p: &[&str], t: &[&str]) -> bool {
+    match p.first() {
+        None => t.is_empty(),
+        Some(&"**") => glob_segments(&p[1..], t) || (!t.is_empty() && glob_segments(p, &t[1..])),
+        Some(seg) => {
+            !t.is_empty()
+                && glob_segment(seg.as_bytes(), t[0].as_bytes())
+                && glob_segments(&p[1..], &t[1..])
+        }
+    }
+}
+
+/// Paths that a `.gitignore` pattern ignores, one or two per pattern (`*` filled in): at the
+/// root for an anchored pattern (a `/` before its end), else at the root and deeper down.
+/// Negated patterns give none.
+pub fn gitignored_samples(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let pattern = line.trim_end_matches('/');
+        let anchored = pattern.contains('/');
+        let path = pattern.trim_start_matches('/').replace('*', "sample");
+        out.push(format!("{path}/file"));
+        if !anchored {
+            out.push(format!("some/dir/{path}"));
+        }
+    }
+    out
 }
 
 fn glob_segment(p: &[u8], t: &[u8]) -> bool {
