@@ -397,9 +397,9 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner());
         if probed.is_none_or(|at| at.elapsed() >= PROBE_EVERY) {
             *probed = Some(std::time::Instant::now());
-            let _ = self.tx.try_send(writer::Request::Probe {
-                bytes: PROBE_BYTES,
-            });
+            let _ = self
+                .tx
+                .try_send(writer::Request::Probe { bytes: PROBE_BYTES });
         }
         Some(why)
     }

@@ -83,7 +83,9 @@ async fn readiness_is_503_while_the_disk_refuses_the_spool_and_200_once_it_has_r
     let pad = "x".repeat(64 * 1024);
     let big = webhook_body(
         2,
-        &[&format!(r#"{{"name":"channel_occupied","channel":"c","pad":"{pad}"}}"#)],
+        &[&format!(
+            r#"{{"name":"channel_occupied","channel":"c","pad":"{pad}"}}"#
+        )],
     );
     let refused = app.post_signed(&big).await;
     assert_eq!(
