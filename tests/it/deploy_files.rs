@@ -6,8 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::deploy::{
-    compose_binds, compose_named_volumes, dockerfile, dockerignore, exec_form, gitignored_samples,
-    ignored, read, repo, s, seq, yaml, yaml_docs,
+    compose_binds, compose_environment, compose_interpolate, compose_named_volumes,
+    compose_variables, dockerfile, dockerignore, env_file, exec_form, gitignored_samples, ignored,
+    read, repo, s, seq, yaml, yaml_docs,
 };
 use serde_yaml::Value;
 
@@ -189,6 +190,101 @@ fn compose_file_describes_the_stack() {
     let ds = &seq(&datasources["datasources"])[0];
     assert_eq!(s(&ds["type"], "type"), "prometheus");
     assert_eq!(s(&ds["url"], "url"), "http://prometheus:9090");
+}
+
+/// The password RabbitMQ is created with and the one in the bridge's AMQP URL are one compose
+/// variable with one default: `RABBITMQ_PASSWORD=... docker compose up` changes both, so
+/// `PUSHER_BRIDGE_BROKER__KIND=amqp` keeps working. Issue 22.
+#[test]
+fn compose_bridge_logs_in_to_rabbitmq_with_its_password() {
+    let compose = yaml("docker-compose.yml");
+    let rabbit = compose_environment(&compose["services"]["rabbitmq"]);
+    let service = &compose["services"]["pusher-bridge"];
+    // What the container gets: its env files, then `environment:`, which wins.
+    let mut bridge = Vec::new();
+    for file in seq(&service["env_file"]) {
+        let path = repo(s(&file["path"], "env_file"));
+        if path.exists() && file["required"] != Value::Bool(false) {
+            let from_file = env_file(&path);
+            assert!(
+                from_file
+                    .iter()
+                    .all(|(k, _)| k != "PUSHER_BRIDGE_BROKER__AMQP__URL"),
+                "{} sets the AMQP URL: a stale password there is overridden by `environment:`",
+                path.display()
+            );
+            bridge.extend(from_file);
+        }
+    }
+    bridge.extend(compose_environment(service));
+    let last = |env: &[(String, String)], key: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{key} not set"))
+    };
+    let (user, password) = (
+        last(&rabbit, "RABBITMQ_DEFAULT_USER"),
+        last(&rabbit, "RABBITMQ_DEFAULT_PASS"),
+    );
+    let url = last(&bridge, "PUSHER_BRIDGE_BROKER__AMQP__URL");
+    let variables = compose_variables(&password);
+    assert_eq!(variables.len(), 1, "RabbitMQ's password: {password}");
+    assert_eq!(
+        compose_variables(&url),
+        variables,
+        "the bridge's AMQP URL {url} and RabbitMQ's password {password} differ"
+    );
+    let name = variables[0].0.clone();
+    for vars in [
+        BTreeMap::new(),
+        BTreeMap::from([(name.clone(), "s3cret-22".to_string())]),
+    ] {
+        let url = compose_interpolate(&url, &vars);
+        let (login, host) = url
+            .strip_prefix("amqp://")
+            .and_then(|rest| rest.split_once('@'))
+            .unwrap_or_else(|| panic!("no credentials in {url}"));
+        assert_eq!(
+            login,
+            format!(
+                "{}:{}",
+                compose_interpolate(&user, &vars),
+                compose_interpolate(&password, &vars)
+            ),
+            "with {vars:?}"
+        );
+        let host = host.split([':', '/']).next().unwrap();
+        assert!(
+            compose["services"][host].is_mapping(),
+            "{host} is no service"
+        );
+    }
+}
+
+#[test]
+fn compose_interpolation_follows_compose() {
+    let vars = BTreeMap::from([
+        ("SET".to_string(), "v".to_string()),
+        ("EMPTY".to_string(), String::new()),
+    ]);
+    let cases = [
+        ("a${SET:-d}b", "avb"),
+        ("${UNSET:-d}", "d"),
+        ("${EMPTY:-d}", "d"),
+        ("${EMPTY-d}", ""),
+        ("${UNSET-d}", "d"),
+        ("$SET/$UNSET", "v/"),
+        ("$${SET}", "${SET}"),
+    ];
+    for (value, want) in cases {
+        assert_eq!(compose_interpolate(value, &vars), want, "{value}");
+    }
+    assert_eq!(
+        compose_variables("x${A:-1}y${B}"),
+        [("A".to_string(), Some("1".to_string())), ("B".into(), None)]
+    );
 }
 
 fn by_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {

@@ -87,6 +87,63 @@ pub fn compose_environment(service: &Value) -> Vec<(String, String)> {
     }
 }
 
+/// A compose value with its `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$` replaced as
+/// Compose does, the variables looked up in `vars` (Compose's shell environment and `.env`).
+pub fn compose_interpolate(value: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 1..];
+        if let Some(after) = tail.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = tail.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed ${{ in {value}"));
+            let (name, default) = compose_variable(&inner[..end]);
+            let set = vars.get(&name).filter(|v| !(v.is_empty() && default.0));
+            out.push_str(set.map_or(default.1.as_deref().unwrap_or(""), |v| v.as_str()));
+            rest = &inner[end + 1..];
+        } else {
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push_str(vars.get(&tail[..end]).map_or("", |v| v.as_str()));
+            rest = &tail[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The variables a compose value refers to, each with its default (`None` when it has none).
+pub fn compose_variables(value: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(i) = rest.find("${") {
+        let inner = &rest[i + 2..];
+        let end = inner.find('}').unwrap_or(inner.len());
+        let (name, (_, default)) = compose_variable(&inner[..end]);
+        out.push((name, default));
+        rest = &inner[end..];
+    }
+    out
+}
+
+/// `VAR`, `VAR:-default` or `VAR-default`: the name, and (whether an empty value takes the
+/// default too, the default).
+fn compose_variable(inner: &str) -> (String, (bool, Option<String>)) {
+    if let Some((name, default)) = inner.split_once(":-") {
+        (name.to_string(), (true, Some(default.to_string())))
+    } else if let Some((name, default)) = inner.split_once('-') {
+        (name.to_string(), (false, Some(default.to_string())))
+    } else {
+        (inner.to_string(), (false, None))
+    }
+}
+
 /// A compose service's volumes as (source, container path).
 fn compose_volumes(service: &Value) -> Vec<(String, String)> {
     seq(&service["volumes"])
