@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::common::deploy::{
     compose_binds, compose_environment, compose_interpolate, compose_named_volumes,
     compose_variables, dockerfile, dockerignore, env_file, exec_form, gitignored_samples, ignored,
-    read, repo, s, seq, yaml, yaml_docs,
+    markdown_part, read, repo, s, seq, shell_commands, yaml, yaml_docs,
 };
 use serde_yaml::Value;
 
@@ -448,6 +448,112 @@ fn kubernetes_manifests_agree_with_each_other() {
     );
     let claim = &seq(&sts["spec"]["volumeClaimTemplates"])[0];
     assert_eq!(s(&claim["metadata"]["name"], "claim"), "spool");
+}
+
+/// Every YAML file of `deploy/kubernetes/`, sorted.
+fn k8s_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(repo("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        .map(|n| format!("deploy/kubernetes/{n}"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The Kubernetes part of each document that tells how to deploy: (document, text).
+fn k8s_docs() -> Vec<(&'static str, String)> {
+    let readme = read("README.md");
+    let operations = read("docs/operations.md");
+    vec![
+        (
+            "README.md",
+            markdown_part(&readme, "**Kubernetes.**", "**Scaling out.**").to_string(),
+        ),
+        (
+            "docs/operations.md",
+            markdown_part(&operations, "### Kubernetes", "### ").to_string(),
+        ),
+    ]
+}
+
+/// The crate's version, as Cargo.toml says.
+fn crate_version() -> String {
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    manifest["package"]["version"].as_str().unwrap().to_string()
+}
+
+/// The manifests run the image of this version (`pusher-bridge:<Cargo.toml's version>`), and
+/// never pull it when a node has it (`:latest` would always pull, so an image loaded into kind or
+/// minikube could not start). The docs build that very tag and load it into the cluster before
+/// the manifests are applied. Issue 22.
+#[test]
+fn kubernetes_image_is_the_crate_version_loaded_not_pulled() {
+    let image = format!("pusher-bridge:{}", crate_version());
+    let mut containers = 0;
+    let mut workload_files = BTreeSet::new();
+    for file in k8s_files() {
+        for doc in yaml_docs(&file) {
+            let spec = &doc["spec"]["template"]["spec"];
+            for c in seq(&spec["containers"])
+                .into_iter()
+                .chain(seq(&spec["initContainers"]))
+            {
+                containers += 1;
+                workload_files.insert(file.clone());
+                let name = s(&c["name"], "container");
+                assert_eq!(s(&c["image"], "image"), image, "{file}: {name}");
+                assert_eq!(
+                    c["imagePullPolicy"],
+                    Value::String("IfNotPresent".into()),
+                    "{file}: {name}"
+                );
+            }
+        }
+    }
+    assert!(containers >= 2, "{containers} containers");
+
+    for (doc, part) in k8s_docs() {
+        for stale in part
+            .match_indices("pusher-bridge:")
+            .map(|(i, _)| &part[i..])
+        {
+            let tag: String = stale["pusher-bridge:".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || ".-_".contains(*c))
+                .collect();
+            if tag.starts_with(|c: char| c.is_ascii_digit()) || tag == "latest" {
+                assert_eq!(format!("pusher-bridge:{tag}"), image, "{doc}");
+            }
+        }
+        let commands = shell_commands(&part);
+        let at = |what: &str, found: &dyn Fn(&[String]) -> bool| {
+            commands
+                .iter()
+                .position(|c| found(c))
+                .unwrap_or_else(|| panic!("{doc}: no `{what}` in {commands:?}"))
+        };
+        let words = |c: &[String], want: &[&str]| c.windows(want.len()).any(|w| w == want);
+        let built = at(&format!("docker build -t {image} ."), &|c| {
+            c[..2] == ["docker", "build"] && words(c, &["-t", &image]) && c.last().unwrap() == "."
+        });
+        let loaded = at(&format!("kind load docker-image {image}"), &|c| {
+            words(c, &["kind", "load", "docker-image", &image])
+        });
+        assert!(built < loaded, "{doc}: loaded before it is built");
+        assert!(
+            part.contains(&format!("minikube image load {image}")),
+            "{doc}: says nothing of minikube"
+        );
+        let applied = at("kubectl apply of a workload", &|c| {
+            c[0] == "kubectl" && c[1] == "apply" && c.iter().any(|w| workload_files.contains(w))
+        });
+        assert!(
+            loaded < applied,
+            "{doc}: applied before the image is loaded"
+        );
+    }
 }
 
 #[test]

@@ -360,6 +360,92 @@ pub fn exported_family(sample: &str) -> Option<&'static str> {
     })
 }
 
+/// The text of `markdown` from the line that starts with `start` to the next line that starts
+/// with `end` (or to the end).
+pub fn markdown_part<'a>(markdown: &'a str, start: &str, end: &str) -> &'a str {
+    let from = markdown
+        .find(&format!("\n{start}"))
+        .unwrap_or_else(|| panic!("no line starting with {start:?}"))
+        + 1;
+    let rest = &markdown[from..];
+    let to = rest[start.len()..]
+        .find(&format!("\n{end}"))
+        .map_or(rest.len(), |i| i + start.len() + 1);
+    &rest[..to]
+}
+
+/// The commands of a Markdown text's indented code blocks (four spaces), in order, each split
+/// into words as the shell does: `\` continuation lines joined, quotes removed, comments dropped.
+pub fn shell_commands(markdown: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in markdown.lines() {
+        let Some(code) = line.strip_prefix("    ") else {
+            continue;
+        };
+        match code.trim_end().strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(code);
+                let words = shell_words(&current);
+                if !words.is_empty() {
+                    out.push(words);
+                }
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+/// One command line split into words as the shell does (no expansions).
+pub fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                word.extend(chars.by_ref().take_while(|&c| c != '\''));
+            }
+            '"' => {
+                in_word = true;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => word.extend(chars.next()),
+                        c => word.push(c),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                word.extend(chars.next());
+            }
+            '#' if !in_word => break,
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
 /// `promtool` on the PATH, if installed (Debian package `prometheus`).
 pub fn promtool() -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
