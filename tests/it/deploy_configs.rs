@@ -118,7 +118,10 @@ async fn compose_bridge_config_checks_and_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_configmap_checks_and_serves() {
-    let docs = yaml_docs("deploy/kubernetes/pusher-bridge.yaml");
+    let docs: Vec<Value> = ["config.yaml", "deployment.yaml"]
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("deploy/kubernetes/{f}")))
+        .collect();
     let kind = |k: &str| {
         docs.iter()
             .find(|d| d["kind"] == Value::String(k.into()))

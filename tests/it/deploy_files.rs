@@ -6,13 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::deploy::{
-    compose_binds, compose_environment, compose_interpolate, compose_named_volumes,
+    Cluster, compose_binds, compose_environment, compose_interpolate, compose_named_volumes,
     compose_variables, dockerfile, dockerignore, env_file, exec_form, gitignored_samples, ignored,
-    markdown_part, read, repo, s, seq, shell_commands, yaml, yaml_docs,
+    markdown_part, read, repo, s, selects, seq, shell_commands, yaml, yaml_docs,
 };
 use serde_yaml::Value;
 
-const K8S: &str = "deploy/kubernetes/pusher-bridge.yaml";
+const K8S: &str = "deploy/kubernetes/deployment.yaml";
+const K8S_CONFIG: &str = "deploy/kubernetes/config.yaml";
 const K8S_STS: &str = "deploy/kubernetes/statefulset.yaml";
 const K8S_SECRET: &str = "deploy/kubernetes/secret.example.yaml";
 
@@ -293,6 +294,28 @@ fn by_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind}"))
 }
 
+/// `v` with the value of every `key` in it (a label) set to `value`.
+fn relabel(v: &Value, key: &str, value: &str) -> Value {
+    match v {
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if k.as_str() == Some(key) {
+                        Value::String(value.into())
+                    } else {
+                        relabel(v, key, value)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Sequence(list) => {
+            Value::Sequence(list.iter().map(|v| relabel(v, key, value)).collect())
+        }
+        other => other.clone(),
+    }
+}
+
 fn labels_match(selector: &Value, labels: &Value) -> bool {
     selector
         .as_mapping()
@@ -303,20 +326,36 @@ fn labels_match(selector: &Value, labels: &Value) -> bool {
 
 #[test]
 fn kubernetes_manifests_agree_with_each_other() {
-    let docs = yaml_docs(K8S);
-    let kinds: Vec<&str> = docs.iter().map(|d| s(&d["kind"], "kind")).collect();
+    let kinds_of = |file: &str| -> Vec<String> {
+        yaml_docs(file)
+            .iter()
+            .map(|d| s(&d["kind"], "kind").to_string())
+            .collect()
+    };
+    assert_eq!(kinds_of(K8S_CONFIG), ["ConfigMap"]);
     assert_eq!(
-        kinds,
-        ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"],
-        "no Secret in the manifest that is re-applied: it would overwrite the real one"
+        kinds_of(K8S),
+        ["Deployment", "Service", "PodDisruptionBudget"]
     );
-    for d in &docs {
-        assert!(
-            d["apiVersion"].is_string() && d["metadata"]["name"].is_string(),
-            "{d:?}"
-        );
+    assert_eq!(
+        kinds_of(K8S_STS),
+        ["Service", "StatefulSet", "Service", "PodDisruptionBudget"]
+    );
+    for file in k8s_files() {
+        for d in yaml_docs(&file) {
+            assert!(
+                d["apiVersion"].is_string() && d["metadata"]["name"].is_string(),
+                "{file}: {d:?}"
+            );
+            assert!(
+                file == K8S_SECRET || d["kind"] != Value::String("Secret".into()),
+                "{file}: no Secret in a manifest that is re-applied: it would overwrite the real one"
+            );
+        }
     }
-    let config_map = by_kind(&docs, "ConfigMap");
+    let docs = yaml_docs(K8S);
+    let config_docs = yaml_docs(K8S_CONFIG);
+    let config_map = by_kind(&config_docs, "ConfigMap");
     let secret_docs = yaml_docs(K8S_SECRET);
     let secret = by_kind(&secret_docs, "Secret");
     let deployment = by_kind(&docs, "Deployment");
@@ -428,13 +467,37 @@ fn kubernetes_manifests_agree_with_each_other() {
             < deployment["spec"]["replicas"].as_u64().unwrap()
     );
 
-    // The StatefulSet alternative runs the very same pod, with a claim per pod for the spool.
+    // The StatefulSet alternative runs the very same pod (its `workload` label aside), with a
+    // claim per pod for the spool, and the Service and PodDisruptionBudget of the Deployment's
+    // file under the same names, for its own pods.
     let sts_docs = yaml_docs(K8S_STS);
     let headless = by_kind(&sts_docs, "Service");
     let sts = by_kind(&sts_docs, "StatefulSet");
     assert_eq!(headless["spec"]["clusterIP"], Value::String("None".into()));
     assert_eq!(sts["spec"]["serviceName"], headless["metadata"]["name"]);
+    let sts_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(sts_labels["workload"], Value::String("statefulset".into()));
+    assert_eq!(
+        pod["metadata"]["labels"]["workload"],
+        Value::String("deployment".into())
+    );
+    let sts = relabel(sts, "workload", "deployment");
     assert_eq!(sts["spec"]["template"]["metadata"], pod["metadata"]);
+    let sts_service = sts_docs
+        .iter()
+        .find(|d| {
+            d["kind"] == Value::String("Service".into()) && !d["spec"]["clusterIP"].is_string()
+        })
+        .expect("the StatefulSet's Service");
+    let sts_pdb = by_kind(&sts_docs, "PodDisruptionBudget");
+    for (mine, theirs) in [(sts_service, service), (sts_pdb, pdb)] {
+        assert_eq!(
+            relabel(mine, "workload", "deployment"),
+            *theirs,
+            "the StatefulSet's {:?} differs from the Deployment's",
+            mine["kind"]
+        );
+    }
     let mut dep_spec = spec.clone();
     let kept: Vec<Value> = volumes
         .iter()
@@ -553,6 +616,127 @@ fn kubernetes_image_is_the_crate_version_loaded_not_pulled() {
             loaded < applied,
             "{doc}: applied before the image is loaded"
         );
+    }
+}
+
+/// The Kubernetes commands of README.md and docs/operations.md, run in the order given on a
+/// model of a cluster (`Cluster`: what kubectl would refuse panics), for each way they offer:
+/// the Deployment (the commands before the StatefulSet's), the StatefulSet alone (every command
+/// but the Deployment's apply) and the StatefulSet after the Deployment (all of them). Each ends
+/// with its one workload and nothing missing: the namespace exists before anything goes in it,
+/// every ConfigMap, Secret and Service a workload names exists, every Service and
+/// PodDisruptionBudget takes the pods of exactly that workload. The StatefulSet's files hold no
+/// Deployment (re-applying them cannot bring it back), and neither variant's selectors take the
+/// other's pods. Issue 22.
+#[test]
+fn kubernetes_docs_deploy_each_variant_whole_and_apart() {
+    let applies = |c: &[String], file: &str| {
+        c[0] == "kubectl" && c[1] == "apply" && c.iter().any(|w| w.ends_with(file))
+    };
+    let mut files_of: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for (doc, part) in k8s_docs() {
+        let commands = shell_commands(&part);
+        let variants: [(&str, Vec<&Vec<String>>, &str, &str); 3] = [
+            (
+                "the Deployment",
+                commands
+                    .iter()
+                    .take_while(|c| !applies(c, "statefulset.yaml"))
+                    .collect(),
+                "Deployment",
+                "StatefulSet",
+            ),
+            (
+                "the StatefulSet alone",
+                commands
+                    .iter()
+                    .filter(|c| !applies(c, "deployment.yaml"))
+                    .collect(),
+                "StatefulSet",
+                "Deployment",
+            ),
+            (
+                "the StatefulSet after the Deployment",
+                commands.iter().collect(),
+                "StatefulSet",
+                "Deployment",
+            ),
+        ];
+        for (variant, commands, kept, gone) in variants {
+            let mut cluster = Cluster::default();
+            for c in &commands {
+                cluster.run(c);
+            }
+            let what = format!("{doc}, {variant}");
+            assert_eq!(cluster.of_kind(kept).len(), 1, "{what}: {cluster:#?}");
+            assert!(cluster.of_kind(gone).is_empty(), "{what}: a {gone} is left");
+            let problems = cluster.problems();
+            assert!(problems.is_empty(), "{what}: {problems:#?}");
+            let files: BTreeSet<String> = cluster.applied_files.iter().cloned().collect();
+            if variant.contains("after") {
+                continue;
+            }
+            let previous = files_of.insert(kept, files.clone());
+            assert!(
+                previous.is_none_or(|p| p == files),
+                "README.md and docs/operations.md apply different files for {variant}"
+            );
+            if kept == "StatefulSet" {
+                for file in &files {
+                    assert!(
+                        yaml_docs(file)
+                            .iter()
+                            .all(|d| d["kind"] != Value::String("Deployment".into())),
+                        "{what}: {file} holds a Deployment"
+                    );
+                }
+            }
+        }
+    }
+
+    // Apart: no selector of one variant's files takes the pods of the other's.
+    let docs_of = |variant: &str| -> Vec<Value> {
+        files_of[variant]
+            .iter()
+            .flat_map(|f| yaml_docs(f))
+            .collect()
+    };
+    let (deployment, statefulset) = (docs_of("Deployment"), docs_of("StatefulSet"));
+    let pods = |docs: &[Value]| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| d["spec"]["template"]["metadata"]["labels"].is_mapping())
+            .map(|d| d["spec"]["template"]["metadata"]["labels"].clone())
+            .collect()
+    };
+    let selectors = |docs: &[Value]| -> Vec<(String, Value)> {
+        docs.iter()
+            .filter_map(|d| {
+                let sel = match s(&d["kind"], "kind") {
+                    "Service" => d["spec"]["selector"].clone(),
+                    "Deployment" | "StatefulSet" | "PodDisruptionBudget" => {
+                        d["spec"]["selector"]["matchLabels"].clone()
+                    }
+                    _ => return None,
+                };
+                Some((
+                    format!("{} {:?}", s(&d["kind"], "kind"), d["metadata"]["name"]),
+                    sel,
+                ))
+            })
+            .collect()
+    };
+    for (mine, theirs, other) in [
+        (&deployment, &statefulset, "StatefulSet"),
+        (&statefulset, &deployment, "Deployment"),
+    ] {
+        for (what, sel) in selectors(mine) {
+            for labels in pods(theirs) {
+                assert!(
+                    !selects(&sel, &labels),
+                    "{what} would take the pods of the {other} ({labels:?})"
+                );
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! (YAML), env files, the Dockerfile (instructions and `.dockerignore`), and the metric names a
 //! PromQL expression mentions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -444,6 +444,299 @@ pub fn shell_words(line: &str) -> Vec<String> {
         words.push(word);
     }
     words
+}
+
+/// What `kubectl` leaves in a cluster, for the commands the deploy docs use: namespaces, and the
+/// objects of applied manifests and created Secrets. Panics, naming the command, where kubectl
+/// would fail: a namespace that does not exist yet, an object created twice or deleted while
+/// absent, a changed field the API server refuses to update (a workload's selector).
+#[derive(Debug)]
+pub struct Cluster {
+    /// Existing namespaces.
+    pub namespaces: BTreeSet<String>,
+    /// Objects by (namespace, kind, name); cluster-scoped ones have namespace "".
+    pub objects: BTreeMap<(String, String, String), Value>,
+    /// Every manifest file applied, in order.
+    pub applied_files: Vec<String>,
+}
+
+/// Kinds without a namespace (of those a manifest here may hold).
+const CLUSTER_SCOPED: [&str; 4] = [
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+];
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            namespaces: ["default", "kube-system", "kube-public"]
+                .map(String::from)
+                .into(),
+            objects: BTreeMap::new(),
+            applied_files: Vec::new(),
+        }
+    }
+}
+
+impl Cluster {
+    /// Runs one command; anything but `kubectl` (docker, kind, minikube) leaves the cluster as it is.
+    pub fn run(&mut self, command: &[String]) {
+        if command.first().map(String::as_str) != Some("kubectl") {
+            return;
+        }
+        let line = command.join(" ");
+        let (mut args, mut namespace, mut files, mut literals, mut ignore_missing) =
+            (Vec::new(), None, Vec::new(), Vec::new(), false);
+        let mut words = command[1..].iter();
+        while let Some(w) = words.next() {
+            let (flag, inline) = match w.split_once('=') {
+                Some((f, v)) if f.starts_with('-') => (f, Some(v.to_string())),
+                _ => (w.as_str(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| words.next().cloned())
+                    .unwrap_or_else(|| panic!("`{line}`: {flag} without a value"))
+            };
+            match flag {
+                "-n" | "--namespace" => namespace = Some(value()),
+                "-f" | "--filename" => files.push(value()),
+                "--from-literal" => literals.push(value()),
+                "--ignore-not-found" => ignore_missing = inline.as_deref() != Some("false"),
+                f if f.starts_with('-') => {
+                    panic!("`{line}`: the model does not know {f}: teach it")
+                }
+                _ => args.push(w.clone()),
+            }
+        }
+        let ns = namespace.unwrap_or_else(|| "default".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match args.as_slice() {
+            ["apply"] => {
+                assert!(!files.is_empty(), "`{line}`: nothing to apply");
+                for file in files {
+                    for doc in yaml_docs(&file) {
+                        self.apply(doc, &ns, &line);
+                    }
+                    self.applied_files.push(file);
+                }
+            }
+            ["create", "namespace" | "ns", name] => {
+                assert!(
+                    self.namespaces.insert(name.to_string()),
+                    "`{line}`: namespace {name} exists"
+                );
+            }
+            ["create", "secret", "generic", name] => {
+                let mut data = serde_yaml::Mapping::new();
+                for literal in &literals {
+                    let (k, v) = literal.split_once('=').expect("--from-literal=KEY=value");
+                    data.insert(k.into(), v.into());
+                }
+                let secret: Value = serde_yaml::from_str(&format!(
+                    "{{apiVersion: v1, kind: Secret, metadata: {{name: {name}}}}}"
+                ))
+                .unwrap();
+                let mut secret = secret;
+                secret["stringData"] = Value::Mapping(data);
+                let key = self.key("Secret", name, &ns, &line);
+                assert!(
+                    !self.objects.contains_key(&key),
+                    "`{line}`: secret {name} exists"
+                );
+                self.objects.insert(key, secret);
+            }
+            ["delete", kind, name] => {
+                let kind = match kind.to_ascii_lowercase().trim_end_matches('s') {
+                    "deployment" | "deploy" => "Deployment",
+                    "statefulset" | "st" => "StatefulSet",
+                    "service" | "svc" => "Service",
+                    "configmap" | "cm" => "ConfigMap",
+                    "secret" => "Secret",
+                    "poddisruptionbudget" | "pdb" => "PodDisruptionBudget",
+                    other => panic!("`{line}`: the model does not know kind {other}"),
+                };
+                let key = self.key(kind, name, &ns, &line);
+                assert!(
+                    self.objects.remove(&key).is_some() || ignore_missing,
+                    "`{line}`: {kind} {name} not found"
+                );
+            }
+            ["rollout", "status" | "restart", target] => {
+                let (kind, name) = target.split_once('/').expect("KIND/NAME");
+                let kind = match kind {
+                    "deployment" | "deploy" => "Deployment",
+                    "statefulset" | "sts" => "StatefulSet",
+                    other => panic!("`{line}`: the model does not know kind {other}"),
+                };
+                let key = self.key(kind, name, &ns, &line);
+                assert!(self.objects.contains_key(&key), "`{line}`: not found");
+            }
+            ["get" | "logs" | "describe" | "port-forward" | "exec", ..] => {}
+            other => panic!("`{line}`: the model does not know kubectl {other:?}"),
+        }
+    }
+
+    /// The key of an object, checking that its namespace exists.
+    fn key(&self, kind: &str, name: &str, ns: &str, line: &str) -> (String, String, String) {
+        if CLUSTER_SCOPED.contains(&kind) {
+            return (String::new(), kind.into(), name.into());
+        }
+        assert!(
+            self.namespaces.contains(ns),
+            "`{line}`: namespaces \"{ns}\" not found (create it first)"
+        );
+        (ns.into(), kind.into(), name.into())
+    }
+
+    fn apply(&mut self, doc: Value, ns: &str, line: &str) {
+        let kind = s(&doc["kind"], "kind").to_string();
+        let name = s(&doc["metadata"]["name"], "name").to_string();
+        let ns = doc["metadata"]["namespace"].as_str().unwrap_or(ns);
+        let key = self.key(&kind, &name, ns, line);
+        if let Some(old) = self.objects.get(&key) {
+            let immutable: &[&str] = match kind.as_str() {
+                "Deployment" => &["selector"],
+                "StatefulSet" => &[
+                    "selector",
+                    "serviceName",
+                    "volumeClaimTemplates",
+                    "podManagementPolicy",
+                ],
+                _ => &[],
+            };
+            for field in immutable {
+                assert_eq!(
+                    old["spec"][*field], doc["spec"][*field],
+                    "`{line}`: {kind} {name}: spec.{field} is immutable"
+                );
+            }
+        }
+        if kind == "Namespace" {
+            self.namespaces.insert(name.clone());
+        }
+        self.objects.insert(key, doc);
+    }
+
+    /// The objects of one kind, as (namespace, object).
+    pub fn of_kind(&self, kind: &str) -> Vec<(String, Value)> {
+        self.objects
+            .iter()
+            .filter(|((_, k, _), _)| k == kind)
+            .map(|((ns, _, _), v)| (ns.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Whether an object of `kind` named `name` exists in `ns`.
+    pub fn has(&self, ns: &str, kind: &str, name: &str) -> bool {
+        self.objects
+            .contains_key(&(ns.to_string(), kind.to_string(), name.to_string()))
+    }
+
+    /// What does not hold together: a ConfigMap, Secret or governing Service a workload names
+    /// that does not exist in its namespace, a Service or PodDisruptionBudget that selects the
+    /// pods of no workload or of more than one, two workloads whose selectors take the same pods.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let workloads: Vec<(String, Value)> = ["Deployment", "StatefulSet", "DaemonSet"]
+            .iter()
+            .flat_map(|k| self.of_kind(k))
+            .collect();
+        let name = |v: &Value| {
+            format!(
+                "{} {}",
+                s(&v["kind"], "kind"),
+                s(&v["metadata"]["name"], "name")
+            )
+        };
+        for (ns, w) in &workloads {
+            let what = name(w);
+            let pod = &w["spec"]["template"]["spec"];
+            let mut needs: Vec<(&str, String)> = Vec::new();
+            for v in seq(&pod["volumes"]) {
+                if let Some(n) = v["configMap"]["name"].as_str() {
+                    needs.push(("ConfigMap", n.into()));
+                }
+                if let Some(n) = v["secret"]["secretName"].as_str() {
+                    needs.push(("Secret", n.into()));
+                }
+            }
+            for c in seq(&pod["containers"])
+                .iter()
+                .chain(&seq(&pod["initContainers"]))
+            {
+                for from in seq(&c["envFrom"]) {
+                    if let Some(n) = from["secretRef"]["name"].as_str() {
+                        needs.push(("Secret", n.into()));
+                    }
+                    if let Some(n) = from["configMapRef"]["name"].as_str() {
+                        needs.push(("ConfigMap", n.into()));
+                    }
+                }
+                for e in seq(&c["env"]) {
+                    if let Some(n) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                        needs.push(("Secret", n.into()));
+                    }
+                    if let Some(n) = e["valueFrom"]["configMapKeyRef"]["name"].as_str() {
+                        needs.push(("ConfigMap", n.into()));
+                    }
+                }
+            }
+            if let Some(n) = w["spec"]["serviceName"].as_str() {
+                needs.push(("Service", n.into()));
+            }
+            for (kind, n) in needs {
+                if !self.has(ns, kind, &n) {
+                    out.push(format!("{what} needs {kind} {n}, which {ns} lacks"));
+                }
+            }
+            let labels = &w["spec"]["template"]["metadata"]["labels"];
+            if !selects(&w["spec"]["selector"]["matchLabels"], labels) {
+                out.push(format!("{what}: its selector misses its own pods"));
+            }
+            for (other_ns, other) in &workloads {
+                if other_ns == ns
+                    && !std::ptr::eq(other, w)
+                    && selects(&other["spec"]["selector"]["matchLabels"], labels)
+                {
+                    out.push(format!("{} selects the pods of {what}", name(other)));
+                }
+            }
+        }
+        for (kind, selector) in [
+            ("Service", &["spec", "selector"][..]),
+            (
+                "PodDisruptionBudget",
+                &["spec", "selector", "matchLabels"][..],
+            ),
+        ] {
+            for (ns, obj) in self.of_kind(kind) {
+                let sel = selector.iter().fold(&obj, |v, k| &v[*k]);
+                let taken: Vec<String> = workloads
+                    .iter()
+                    .filter(|(wns, w)| {
+                        *wns == ns && selects(sel, &w["spec"]["template"]["metadata"]["labels"])
+                    })
+                    .map(|(_, w)| name(w))
+                    .collect();
+                if taken.len() != 1 {
+                    out.push(format!("{} selects the pods of {taken:?}", name(&obj)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether a label selector (`matchLabels` or a Service's `selector`) takes pods with `labels`.
+/// An empty or missing selector takes none here (a Service without one manages no endpoints).
+pub fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_mapping()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[s(k, "label")] == *v))
 }
 
 /// `promtool` on the PATH, if installed (Debian package `prometheus`).
