@@ -303,19 +303,23 @@ pub fn ignored(rules: &[(String, bool)], path: &str) -> bool {
     result
 }
 
-/// Every `pusher_bridge_*` metric name in a PromQL expression (or any text).
+/// Every `pusher_bridge_*` and `process_*` metric name in a PromQL expression (or any text), in
+/// order.
 pub fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("pusher_bridge_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_string());
-        rest = &tail[end..];
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for prefix in ["pusher_bridge_", "process_"] {
+        for (i, _) in expr.match_indices(prefix) {
+            if expr[..i].ends_with(ident) {
+                continue;
+            }
+            let tail = &expr[i..];
+            let end = tail.find(|c: char| !ident(c)).unwrap_or(tail.len());
+            found.push((i, tail[..end].to_string()));
+        }
     }
-    out
+    found.sort();
+    found.into_iter().map(|(_, name)| name).collect()
 }
 
 /// The sample names a `/metrics` exposition exports: every sample line's name, plus the names
