@@ -599,7 +599,9 @@ fn kubernetes_image_is_the_crate_version_loaded_not_pulled() {
         };
         let words = |c: &[String], want: &[&str]| c.windows(want.len()).any(|w| w == want);
         let built = at(&format!("docker build -t {image} ."), &|c| {
-            c[..2] == ["docker", "build"] && words(c, &["-t", &image]) && c.last().unwrap() == "."
+            c.starts_with(&["docker".into(), "build".into()])
+                && words(c, &["-t", &image])
+                && c.last().unwrap() == "."
         });
         let loaded = at(&format!("kind load docker-image {image}"), &|c| {
             words(c, &["kind", "load", "docker-image", &image])
@@ -610,7 +612,8 @@ fn kubernetes_image_is_the_crate_version_loaded_not_pulled() {
             "{doc}: says nothing of minikube"
         );
         let applied = at("kubectl apply of a workload", &|c| {
-            c[0] == "kubectl" && c[1] == "apply" && c.iter().any(|w| workload_files.contains(w))
+            c.starts_with(&["kubectl".into(), "apply".into()])
+                && c.iter().any(|w| workload_files.contains(w))
         });
         assert!(
             loaded < applied,
@@ -631,7 +634,7 @@ fn kubernetes_image_is_the_crate_version_loaded_not_pulled() {
 #[test]
 fn kubernetes_docs_deploy_each_variant_whole_and_apart() {
     let applies = |c: &[String], file: &str| {
-        c[0] == "kubectl" && c[1] == "apply" && c.iter().any(|w| w.ends_with(file))
+        c.starts_with(&["kubectl".into(), "apply".into()]) && c.iter().any(|w| w.ends_with(file))
     };
     let mut files_of: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for (doc, part) in k8s_docs() {
@@ -925,4 +928,16 @@ fn dockerignore_matching_follows_docker() {
     assert!(ignored(&rules, "a/b/c"));
     assert!(ignored(&rules, "a/x/y/b"));
     assert!(!ignored(&rules, "x/a/b"));
+}
+
+#[test]
+fn shell_commands_are_read_as_the_shell_and_markdown_read_them() {
+    let md = "Text\n    not code: it continues the paragraph\n\n    kubectl apply -n ns \\\n      -f 'a b.yaml'   # a comment\n    echo \"x \\\"y\\\"\" z\\ w\n\n- item\n    continued item\n";
+    assert_eq!(
+        shell_commands(md),
+        [
+            vec!["kubectl", "apply", "-n", "ns", "-f", "a b.yaml"],
+            vec!["echo", "x \"y\"", "z w"],
+        ]
+    );
 }

@@ -378,13 +378,24 @@ pub fn markdown_part<'a>(markdown: &'a str, start: &str, end: &str) -> &'a str {
     &rest[..to]
 }
 
-/// The commands of a Markdown text's indented code blocks (four spaces), in order, each split
-/// into words as the shell does: `\` continuation lines joined, quotes removed, comments dropped.
+/// The commands of a Markdown text's indented code blocks (four spaces, after a blank line: an
+/// indented line that continues a paragraph or list item is no code), in order, each split into
+/// words as the shell does: `\` continuation lines joined, quotes removed, comments dropped.
 pub fn shell_commands(markdown: &str) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let mut current = String::new();
+    let (mut after_blank, mut in_block) = (true, false);
     for line in markdown.lines() {
-        let Some(code) = line.strip_prefix("    ") else {
+        if line.trim().is_empty() {
+            after_blank = true;
+            continue;
+        }
+        let code = line
+            .strip_prefix("    ")
+            .filter(|_| in_block || after_blank);
+        after_blank = false;
+        in_block = code.is_some();
+        let Some(code) = code else {
             continue;
         };
         match code.trim_end().strip_suffix('\\') {
