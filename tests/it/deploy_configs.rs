@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::common::deploy::{
-    compose_binds, compose_environment, dockerfile, env_file, exec_form, host_path, read, repo, s,
-    seq, yaml, yaml_docs,
+    compose_binds, compose_environment, compose_interpolate, dockerfile, env_file, exec_form,
+    host_path, read, repo, s, seq, yaml, yaml_docs,
 };
 use crate::common::process::{BridgeProcess, Env, broker_env, http_get, run};
 use crate::common::{
@@ -73,7 +73,9 @@ async fn compose_bridge_config_checks_and_serves() {
     let compose = yaml("docker-compose.yml");
     let service = &compose["services"]["pusher-bridge"];
     let binds = compose_binds(service);
-    let mut env = compose_environment(service);
+    // As Compose builds the container's environment: the env files in order, then
+    // `environment:` (which wins), its variables at their defaults.
+    let mut env: Env = Vec::new();
     for file in seq(&service["env_file"]) {
         let path = repo(s(&file["path"], "env_file"));
         if path.exists() {
@@ -87,6 +89,12 @@ async fn compose_bridge_config_checks_and_serves() {
             );
         }
     }
+    let no_variables = std::collections::BTreeMap::new();
+    env.extend(
+        compose_environment(service)
+            .into_iter()
+            .map(|(k, v)| (k, compose_interpolate(&v, &no_variables))),
+    );
     let config = value_of(&env, "PUSHER_BRIDGE_CONFIG").expect("PUSHER_BRIDGE_CONFIG set");
     let host = host_path(&binds, config).expect("the config file is mounted");
     assert!(host.is_file(), "{}", host.display());
@@ -110,7 +118,10 @@ async fn compose_bridge_config_checks_and_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_configmap_checks_and_serves() {
-    let docs = yaml_docs("deploy/kubernetes/pusher-bridge.yaml");
+    let docs: Vec<Value> = ["config.yaml", "deployment.yaml"]
+        .iter()
+        .flat_map(|f| yaml_docs(&format!("deploy/kubernetes/{f}")))
+        .collect();
     let kind = |k: &str| {
         docs.iter()
             .find(|d| d["kind"] == Value::String(k.into()))

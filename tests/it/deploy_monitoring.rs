@@ -11,6 +11,7 @@ use crate::common::deploy::{
 };
 use crate::common::process::{BridgeProcess, post_signed, run, settings_env};
 use crate::common::{delete_streams, jetstream_ctx, nats_settings};
+use serde_yaml::Value;
 
 const DASHBOARD: &str = "deploy/grafana/dashboards/pusher-bridge.json";
 const RULES: &str = "deploy/prometheus/rules/pusher-bridge.yml";
@@ -200,6 +201,118 @@ fn alert_rules_cover_the_failure_modes() {
     }
 }
 
+/// The channel state's series (`pusher_bridge_state_*`) and the open files have panels and
+/// alerts: state updates failing, the applier lagging, open files nearing the limit for 10
+/// minutes (of bridges only: every exporter has `process_*`). Issue 22.
+#[test]
+fn dashboard_and_alerts_cover_channel_state_and_open_files() {
+    let exprs: Vec<String> = dashboard_exprs().into_iter().map(|(_, e)| e).collect();
+    let shown = |needle: &str| exprs.iter().any(|e| e.contains(needle));
+    assert!(shown(
+        "sum by (outcome) (rate(pusher_bridge_state_updates_total"
+    ));
+    assert!(shown("pusher_bridge_state_lag_seconds"));
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("process_open_fds") && e.contains("process_max_fds")),
+        "no panel shows open files against the limit"
+    );
+
+    let doc = yaml(RULES);
+    let rules: Vec<Value> = seq(&doc["groups"])
+        .iter()
+        .flat_map(|g| seq(&g["rules"]))
+        .collect();
+    let rule = |name: &str| {
+        rules
+            .iter()
+            .find(|r| r["alert"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no alert {name}"))
+            .clone()
+    };
+    let expr = |r: &Value| s(&r["expr"], "expr").to_string();
+    let pending = |r: &Value| humantime::parse_duration(s(&r["for"], "for")).unwrap();
+    let failing = rule("PusherBridgeStateUpdatesFailing");
+    assert!(
+        expr(&failing).contains(r#"pusher_bridge_state_updates_total{outcome="failed"}"#),
+        "{failing:?}"
+    );
+    let lagging = rule("PusherBridgeStateLagging");
+    assert!(
+        expr(&lagging).contains("pusher_bridge_state_lag_seconds"),
+        "{lagging:?}"
+    );
+    let fds = rule("PusherBridgeOpenFilesNearLimit");
+    let e = expr(&fds);
+    assert!(
+        e.contains("process_open_fds / process_max_fds > 0.8"),
+        "{e}"
+    );
+    assert!(
+        e.contains("pusher_bridge_build_info"),
+        "{e} would fire for every exporter's process_* series"
+    );
+    assert!(
+        pending(&fds) >= std::time::Duration::from_secs(600),
+        "{fds:?}"
+    );
+}
+
+/// Every alert fires in a promtool unit test and stays quiet in another, and both alert tables
+/// (README.md, docs/operations.md) list exactly the rules' alerts.
+#[test]
+fn every_alert_is_unit_tested_and_in_the_docs() {
+    let alerts: BTreeSet<String> = alert_rules().into_iter().map(|(n, _)| n).collect();
+    let (mut fired, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    let files = rule_test_files();
+    assert!(!files.is_empty());
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let doc: Value = serde_yaml::from_str(&text).unwrap();
+        assert!(
+            seq(&doc["rule_files"])
+                .iter()
+                .any(|r| s(r, "rule file") == "../rules/pusher-bridge.yml"),
+            "{} does not load the rules",
+            file.display()
+        );
+        for test in seq(&doc["tests"]) {
+            for t in seq(&test["alert_rule_test"]) {
+                let name = s(&t["alertname"], "alertname").to_string();
+                if seq(&t["exp_alerts"]).is_empty() {
+                    quiet.insert(name);
+                } else {
+                    fired.insert(name);
+                }
+            }
+        }
+    }
+    for alert in &alerts {
+        assert!(fired.contains(alert), "no unit test fires {alert}");
+        assert!(quiet.contains(alert), "no unit test keeps {alert} quiet");
+    }
+    for doc in ["README.md", "docs/operations.md"] {
+        let listed: BTreeSet<String> = read(doc)
+            .lines()
+            .filter_map(|l| l.strip_prefix("| PusherBridge"))
+            .map(|rest| format!("PusherBridge{}", rest.split('|').next().unwrap().trim()))
+            .collect();
+        assert_eq!(listed, alerts, "{doc}'s alert table");
+    }
+}
+
+/// Every promtool unit test file (`deploy/prometheus/tests/*.test.yml`), sorted.
+fn rule_test_files() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo("deploy/prometheus/tests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".test.yml"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// Families that get their first sample from a retention sweep (labelled by target).
 const SWEEPER_FAMILIES: [&str; 3] = [
     "pusher_bridge_sweeper_runs_total",
@@ -327,11 +440,9 @@ fn promtool_checks_rules_config_tests_and_dashboard_queries() {
     let path = |p: &str| repo(p).display().to_string();
     promtool_ok(&["check", "rules", &path(RULES)]);
     promtool_ok(&["check", "config", &path("deploy/prometheus/prometheus.yml")]);
-    promtool_ok(&[
-        "test",
-        "rules",
-        &path("deploy/prometheus/tests/pusher-bridge.test.yml"),
-    ]);
+    for file in rule_test_files() {
+        promtool_ok(&["test", "rules", &file.display().to_string()]);
+    }
 
     // The dashboard's queries, with Grafana's variables filled in, as recording rules: promtool
     // parses each one as PromQL.
