@@ -129,7 +129,7 @@ pub async fn build(settings: Settings) -> Result<Arc<Bridge>, StartError> {
 /// Runs the bridge on `listener` until `shutdown` completes: serves webhooks and drains the
 /// spool in the background; on shutdown lets in-flight webhooks finish, stops the background
 /// tasks and closes the broker connection. Spooled events stay on disk for the next start.
-/// With `server.admin_listen` set, binds it too ([`run_with_admin`]).
+/// With `server.admin_listen` set, binds it too ([`run_with`]).
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
