@@ -120,6 +120,10 @@ fn url_secrets(url: &str) -> Vec<String> {
             let rest = &part[part.find("://").map_or(0, |i| i + 3)..];
             let userinfo = rest[..rest.rfind('@')?].trim_start();
             Some(match userinfo.split_once(':') {
+                // A password equal to its user name (a demo's `pusher:pusher`) protects
+                // nothing the line does not show already; masking it would mask the name in
+                // every line that holds it (the webhook path, the start-up line).
+                Some((user, password)) if user == password => String::new(),
                 Some((_, password)) => password.to_string(),
                 None => userinfo.to_string(),
             })
@@ -266,5 +270,15 @@ mod tests {
             }
         }
         assert_eq!(r.redact("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn public_defaults_and_passwords_equal_to_their_user_stay_readable() {
+        let mut s = Settings::default();
+        s.broker.amqp.url = SecretUrl::new("amqp://guest:guest@h/%2f");
+        s.broker.nats.url = SecretUrl::new("nats://pusher:pusher@h:4222");
+        let r = Redactor::new(&secrets_of(&s));
+        let line = "user=guest path=/pusher/webhooks";
+        assert_eq!(r.redact(line), line);
     }
 }

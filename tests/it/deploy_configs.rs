@@ -48,11 +48,15 @@ async fn check_and_serve(env: &Env, serve_args: &[&str]) -> String {
     let (settings, overrides) = local_overrides();
     let mut full = env.clone();
     full.extend(overrides);
-    let mut bridge = BridgeProcess::start(serve_args, full);
+    // The deployed configurations serve the probes on server.admin_listen, the webhook alone on
+    // listen (a free port for each here).
+    let mut bridge = BridgeProcess::start_with_admin(serve_args, full);
     bridge.wait_ready().await;
+    assert_eq!(bridge.get("/healthz").await.map(|a| a.0), Some(200));
     assert_eq!(
         http_get(bridge.port, "/healthz").await.map(|a| a.0),
-        Some(200)
+        Some(404),
+        "only the webhook on listen"
     );
     let sent = run(&["send-test"], &bridge.env).await;
     assert_eq!(sent.code, 0, "{sent:?}");
@@ -236,7 +240,7 @@ async fn image_config_checks_and_serves_with_its_healthcheck() {
     let (settings, overrides) = local_overrides();
     let mut full = env.clone();
     full.extend(overrides);
-    let mut bridge = BridgeProcess::start(&cmd, full);
+    let mut bridge = BridgeProcess::start_with_admin(&cmd, full);
     bridge.wait_ready().await;
     let health = stage
         .iter()

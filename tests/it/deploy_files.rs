@@ -161,7 +161,15 @@ fn compose_file_describes_the_stack() {
         .map(|t| s(&t, "target").to_string())
         .collect();
     assert!(
-        targets.contains(&"pusher-bridge:8080".to_string()),
+        targets.contains(&"pusher-bridge:8081".to_string()),
+        "Prometheus scrapes server.admin_listen: {targets:?}"
+    );
+    let bridge_config =
+        pusher_bridge::config::Settings::from_toml(&read("deploy/pusher-bridge.toml"))
+            .expect("the image's config");
+    assert_eq!(
+        bridge_config.admin_addr().unwrap().map(|a| a.port()),
+        Some(8081),
         "{targets:?}"
     );
     assert!(
@@ -335,11 +343,17 @@ fn kubernetes_manifests_agree_with_each_other() {
     assert_eq!(kinds_of(K8S_CONFIG), ["ConfigMap"]);
     assert_eq!(
         kinds_of(K8S),
-        ["Deployment", "Service", "PodDisruptionBudget"]
+        ["Deployment", "Service", "Service", "PodDisruptionBudget"]
     );
     assert_eq!(
         kinds_of(K8S_STS),
-        ["Service", "StatefulSet", "Service", "PodDisruptionBudget"]
+        [
+            "Service",
+            "StatefulSet",
+            "Service",
+            "Service",
+            "PodDisruptionBudget"
+        ]
     );
     for file in k8s_files() {
         for d in yaml_docs(&file) {
@@ -393,17 +407,28 @@ fn kubernetes_manifests_agree_with_each_other() {
     );
 
     let container = &seq(&spec["containers"])[0];
-    let port = &seq(&container["ports"])[0];
+    let ports = seq(&container["ports"]);
+    let port = &ports[0];
     let listen_port = settings.listen_addr().unwrap().port();
     assert_eq!(port["containerPort"].as_u64(), Some(u64::from(listen_port)));
+    // Probes and the scrape on server.admin_listen, the webhook alone on listen.
+    let admin_port = settings
+        .admin_addr()
+        .unwrap()
+        .expect("the manifests set server.admin_listen")
+        .port();
+    let admin = ports
+        .iter()
+        .find(|p| p["containerPort"].as_u64() == Some(u64::from(admin_port)))
+        .expect("the admin port is a container port");
     assert_eq!(
         pod["metadata"]["annotations"]["prometheus.io/port"],
-        Value::String(listen_port.to_string())
+        Value::String(admin_port.to_string())
     );
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         let get = &container[probe]["httpGet"];
         assert_eq!(s(&get["path"], "path"), path, "{probe}");
-        assert_eq!(get["port"], port["name"], "{probe} port");
+        assert_eq!(get["port"], admin["name"], "{probe} port");
     }
 
     // The config path the binary reads is the ConfigMap's key where the volume is mounted.
@@ -454,9 +479,26 @@ fn kubernetes_manifests_agree_with_each_other() {
         &service["spec"]["selector"],
         &pod["metadata"]["labels"]
     ));
+    // The Service behind the Ingress carries the webhook port only.
+    assert_eq!(seq(&service["spec"]["ports"]).len(), 1);
     assert_eq!(
         seq(&service["spec"]["ports"])[0]["targetPort"],
         port["name"]
+    );
+    let admin_service = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == Value::String("Service".into())
+                && d["metadata"]["name"] == Value::String("pusher-bridge-admin".into())
+        })
+        .expect("a Service for the admin port");
+    assert!(labels_match(
+        &admin_service["spec"]["selector"],
+        &pod["metadata"]["labels"]
+    ));
+    assert_eq!(
+        seq(&admin_service["spec"]["ports"])[0]["targetPort"],
+        admin["name"]
     );
     assert!(labels_match(
         &pdb["spec"]["selector"]["matchLabels"],

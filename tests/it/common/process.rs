@@ -117,6 +117,9 @@ pub fn broker_env(s: &Settings) -> Env {
 pub struct BridgeProcess {
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Its admin port (`server.admin_listen`), when started with one: probes and `/metrics`
+    /// are asked there.
+    pub admin_port: Option<u16>,
     /// The environment it was started with (listen address included).
     pub env: Env,
     dir: PathBuf,
@@ -126,7 +129,22 @@ pub struct BridgeProcess {
 impl BridgeProcess {
     /// Starts `pusher-bridge <args>` with `env`, listening on 127.0.0.1 at a free port
     /// (`PUSHER_BRIDGE_SERVER__LISTEN`, set last so it wins).
-    pub fn start(args: &[&str], mut env: Env) -> Self {
+    pub fn start(args: &[&str], env: Env) -> Self {
+        Self::start_on(args, env, None)
+    }
+
+    /// [`Self::start`] with `server.admin_listen` on another free port (for configurations
+    /// that set one: the container's and the manifests'); [`Self::get`] asks there.
+    pub fn start_with_admin(args: &[&str], mut env: Env) -> Self {
+        let admin = free_port();
+        env.push((
+            "PUSHER_BRIDGE_SERVER__ADMIN_LISTEN".into(),
+            format!("127.0.0.1:{admin}"),
+        ));
+        Self::start_on(args, env, Some(admin))
+    }
+
+    fn start_on(args: &[&str], mut env: Env, admin_port: Option<u16>) -> Self {
         let port = free_port();
         env.push((
             "PUSHER_BRIDGE_SERVER__LISTEN".into(),
@@ -143,6 +161,7 @@ impl BridgeProcess {
             .expect("pusher-bridge starts");
         Self {
             port,
+            admin_port,
             env,
             dir,
             child: Some(child),
@@ -210,9 +229,10 @@ impl BridgeProcess {
         panic!("broker never up\nstderr:\n{}", self.stderr());
     }
 
-    /// GET `path` over a plain HTTP/1.1 connection: (status, body), None when nothing answers.
+    /// GET `path` over a plain HTTP/1.1 connection (on the admin port when there is one):
+    /// (status, body), None when nothing answers.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.port, path).await
+        http_get(self.admin_port.unwrap_or(self.port), path).await
     }
 
     /// Sends SIGTERM and waits up to 15 s for the exit (then SIGKILL). Returns the exit code.
