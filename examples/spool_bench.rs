@@ -76,6 +76,7 @@ fn webhook(w: usize, events: usize, prefix: &str) -> Vec<Record> {
                 event: "member_added".into(),
                 channel,
                 time_ms: "1700000000000".into(),
+                trace: None,
             })
         })
         .collect()

@@ -23,6 +23,8 @@ use crate::message::{DeadLetter, Message};
 use crate::metrics::Metrics;
 use crate::spool::{Record, Spool, SpoolError};
 use crate::supervisor::TaskHealth;
+use crate::telemetry::export::Export;
+use crate::telemetry::{Tracer, WebhookSpan};
 use crate::webhook::{self, AppKey, AppRegistry, Apps};
 
 /// Why a webhook was not accepted once its request was read; [`crate::http`] maps each to its
@@ -87,6 +89,10 @@ pub struct Bridge {
     spool: Arc<Spool>,
     /// The supervised background tasks that are down right now (for `/readyz`).
     tasks: TaskHealth,
+    /// `[tracing]`: the spans of webhooks and their events (off: does nothing).
+    tracer: Tracer,
+    /// The span export task, for the supervisor to run (`None`: tracing is off).
+    export: Option<Arc<Export>>,
     /// When the bridge was built, and whether its broker has been up since: right after a
     /// start a webhook waits for the first connection ([`FIRST_CONNECT`]).
     started: Instant,
@@ -130,6 +136,7 @@ impl Bridge {
         spool: Arc<Spool>,
     ) -> Self {
         let apps = Arc::new(Apps::new(&settings.apps));
+        let (tracer, export) = Tracer::new(&settings, metrics.clone());
         let deliverer = Deliverer::new(
             broker,
             settings.broker.publish_timeout,
@@ -142,6 +149,8 @@ impl Bridge {
             metrics,
             spool,
             tasks: TaskHealth::default(),
+            tracer,
+            export,
             started: Instant::now(),
             seen_up: AtomicBool::new(false),
         }
@@ -212,6 +221,16 @@ impl Bridge {
         Ok(())
     }
 
+    /// The spans of webhooks and their events (`[tracing]`).
+    pub(crate) fn tracer(&self) -> &Tracer {
+        &self.tracer
+    }
+
+    /// The span export task to run under the supervisor (`None`: tracing is off).
+    pub(crate) fn span_export(&self) -> Option<Arc<Export>> {
+        self.export.clone()
+    }
+
     /// The configured app keys ([`crate::http`] authenticates each request against them).
     pub fn apps(&self) -> Arc<AppRegistry> {
         self.apps.current()
@@ -225,7 +244,7 @@ impl Bridge {
 
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
     pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, WebhookError> {
-        self.handle_checked(app, None, body).await
+        self.handle_checked(app, None, body, None).await
     }
 
     /// Checks `signature` (the `X-Pusher-Signature` [`crate::http`] read) against `app`'s
@@ -237,7 +256,19 @@ impl Bridge {
         signature: Option<&[u8]>,
         body: &Bytes,
     ) -> Result<Accepted, WebhookError> {
-        self.handle_checked(app, Some(signature), body).await
+        self.handle_checked(app, Some(signature), body, None).await
+    }
+
+    /// [`Bridge::handle_signed`] under the request's span (`[tracing]`): each event gets a
+    /// producer span, its child, whose context its message carries.
+    pub(crate) async fn handle_traced(
+        &self,
+        app: &Arc<AppKey>,
+        signature: Option<&[u8]>,
+        body: &Bytes,
+        span: Option<&WebhookSpan>,
+    ) -> Result<Accepted, WebhookError> {
+        self.handle_checked(app, Some(signature), body, span).await
     }
 
     /// `check`: the signature to check first (`None`: already authenticated).
@@ -246,6 +277,7 @@ impl Bridge {
         app: &Arc<AppKey>,
         check: Option<Option<&[u8]>>,
         body: &Bytes,
+        span: Option<&WebhookSpan>,
     ) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
         let budget = self.settings.broker.response_budget;
@@ -272,6 +304,8 @@ impl Bridge {
             }
             parse_and_prepare(&self.settings, app, body)?
         };
+        let mut messages = messages;
+        let producers = span.map(|s| s.producers(&mut messages)).unwrap_or_default();
         self.await_first_connect(budget / 2).await;
         if !self.spool.is_empty() {
             // Earlier events are still waiting: queue behind them (the drainer keeps order).
@@ -281,6 +315,7 @@ impl Bridge {
                 .chain(dead.into_iter().map(Record::DeadLetter))
                 .collect();
             let spooled = self.make_durable(records).await?;
+            producers.into_iter().for_each(|p| p.end("spooled"));
             return Ok(Accepted {
                 spooled,
                 ..Accepted::default()
@@ -297,9 +332,18 @@ impl Bridge {
         let mut accepted = Accepted::default();
         let mut kept = Vec::new();
         let mut events = messages.iter();
+        let mut producers = producers.into_iter();
+        let mut ended = Vec::new();
         for fate in fates {
             // The first fates are the events', in order; the rest the malformed letters'.
             let event = events.next();
+            let producer = event.and_then(|_| producers.next());
+            let outcome = match fate {
+                Fate::Published => "published",
+                Fate::DeadLettered(_) => "dead_lettered",
+                _ => "spooled",
+            };
+            ended.extend(producer.map(|p| (p, outcome)));
             match fate {
                 Fate::Published => {
                     accepted.published += 1;
@@ -326,7 +370,19 @@ impl Bridge {
             }
         }
         if !kept.is_empty() {
-            accepted.spooled = self.make_durable(kept).await?;
+            let spooled = self.make_durable(kept).await;
+            let refused = spooled.is_err();
+            for (p, outcome) in ended.drain(..) {
+                p.end(if refused && outcome == "spooled" {
+                    "refused"
+                } else {
+                    outcome
+                });
+            }
+            accepted.spooled = spooled?;
+        }
+        for (p, outcome) in ended {
+            p.end(outcome);
         }
         Ok(accepted)
     }

@@ -590,6 +590,7 @@ mod tests {
                 event: "e".into(),
                 channel: subject.into(),
                 time_ms: "1".into(),
+                trace: None,
             }
         }
 

@@ -30,6 +30,7 @@ use crate::bridge::{Accepted, Bridge, WebhookError};
 use crate::broker::BrokerStatus;
 use crate::metrics::Outcome;
 use crate::metrics::exposition::Format;
+use crate::telemetry::WebhookSpan;
 use crate::webhook::AuthError;
 
 /// Why a webhook request was refused: what only HTTP can see (method, headers, reading the
@@ -341,8 +342,31 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
 async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
     let started = Instant::now();
     let mut app_label: Option<Arc<str>> = None;
-    let result = accept_webhook(req, bridge, &mut app_label).await;
-    let app_id = app_label.as_deref().unwrap_or("unknown");
+    // `[tracing]`: the request's server span (None when off or not sampled).
+    let span = bridge.tracer().webhook(
+        req.headers().get("traceparent").map(HeaderValue::as_bytes),
+        req.headers().get("tracestate").map(HeaderValue::as_bytes),
+    );
+    let result = accept_webhook(req, bridge, &mut app_label, span.as_ref()).await;
+    let resp = answer(bridge, result, app_label.as_deref(), started);
+    if let Some(span) = span {
+        span.end(
+            &bridge.settings().server.webhook_path,
+            resp.status().as_u16(),
+            app_label.as_deref(),
+        );
+    }
+    resp
+}
+
+/// The answer to a webhook, counted in the metrics and logged when refused.
+fn answer(
+    bridge: &Arc<Bridge>,
+    result: Result<Accepted, RequestError>,
+    app_label: Option<&str>,
+    started: Instant,
+) -> Resp {
+    let app_id = app_label.unwrap_or("unknown");
     let metrics = bridge.metrics();
     metrics
         .webhook_duration
@@ -425,6 +449,7 @@ async fn accept_webhook(
     req: Request<Incoming>,
     bridge: &Arc<Bridge>,
     app_label: &mut Option<Arc<str>>,
+    span: Option<&WebhookSpan>,
 ) -> Result<Accepted, RequestError> {
     if req.method() != Method::POST {
         return Err(RequestError::MethodNotAllowed);
@@ -459,7 +484,7 @@ async fn accept_webhook(
         .clone();
     *app_label = Some(app.app_id.clone());
     let signature = signature.as_ref().map(HeaderValue::as_bytes);
-    Ok(bridge.handle_signed(&app, signature, &body).await?)
+    Ok(bridge.handle_traced(&app, signature, &body, span).await?)
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@
 //! - [`shutdown`]: the stop signal background tasks select on; [`supervisor`]: starts them,
 //!   restarts one that ends or panics (counted, `/readyz` red meanwhile), waits for all at the end.
 //! - [`logging`]: the log output, every configured secret masked in every line.
+//! - [`telemetry`]: OpenTelemetry spans of webhooks and published events, and the
+//!   `traceparent` each message carries (`[tracing]`).
 //! - [`reload`]: a configuration loaded on SIGHUP, applied (apps, log level) or refused.
 //! - [`state`]: channel state (occupancy, subscription counts, presence members) in NATS KV,
 //!   applied from a durable copy of the events and served with Pusher's HTTP API paths.
@@ -59,6 +61,7 @@ pub mod spool;
 pub mod state;
 pub mod supervisor;
 pub mod sweeper;
+pub mod telemetry;
 pub mod webhook;
 
 use std::future::Future;
@@ -202,6 +205,12 @@ pub async fn run_with(
             sweeper::run(settings.clone(), metrics.clone(), shutdown)
         });
     }
+    if let Some(export) = bridge.span_export() {
+        tasks.spawn(metrics::task::TRACE_EXPORT, move |shutdown| {
+            export.clone().run(shutdown)
+        });
+    }
+    let tracer = bridge.tracer().clone();
     let (spool, broker, metrics) = (
         bridge.spool().clone(),
         bridge.broker().clone(),
@@ -218,7 +227,8 @@ pub async fn run_with(
             metrics.clone(),
             publish_timeout,
             interval,
-        );
+        )
+        .with_tracer(tracer.clone());
         drainer.run(shutdown)
     });
     let state_api = start_state(&settings, &bridge, &mut tasks).await?;

@@ -41,6 +41,20 @@ pub struct Message {
     pub channel: String,
     /// The webhook's `time_ms` as sent.
     pub time_ms: String,
+    /// The W3C trace context the message carries in its headers (`[tracing]` on and the
+    /// webhook sampled): its producer span's, so a consumer continues the trace. Boxed: most
+    /// messages have none, and a message is moved often.
+    pub trace: Option<Box<TraceContext>>,
+}
+
+/// A W3C trace context as a message carries it: `traceparent` and, when the caller sent one,
+/// `tracestate`, both as header values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `00-<trace id>-<span id>-<flags>`.
+    pub traceparent: String,
+    /// The vendors' `tracestate`, passed on unchanged.
+    pub tracestate: Option<String>,
 }
 
 /// Why an event went to the dead-letter queue (the `reason` label and header).
@@ -144,6 +158,11 @@ pub mod headers {
     pub const DLQ_ATTEMPTS: &str = "Pusher-Bridge-Attempts";
     /// Dead letters: unix ms of the first failure.
     pub const DLQ_FIRST_FAILURE: &str = "Pusher-Bridge-First-Failure-Ms";
+    /// W3C Trace Context's header of the producer span (lower case, as the spec and the
+    /// OpenTelemetry propagators write it).
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C Trace Context's vendor state.
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 /// What a dead letter's own message id starts with (`dlq-<msg_id>`, docs/dlq.md). The id is
@@ -302,6 +321,7 @@ mod tests {
                 event: "e".into(),
                 channel: "c".into(),
                 time_ms: "5".into(),
+                trace: None,
             },
             reason: DlqReason::Nacked,
             detail: "line\nbreak".into(),

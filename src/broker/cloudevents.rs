@@ -119,6 +119,7 @@ mod tests {
             event: "member_added".into(),
             channel: "presence-a.b".into(),
             time_ms: time_ms.into(),
+            trace: None,
         }
     }
 

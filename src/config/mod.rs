@@ -160,6 +160,56 @@ pub struct Settings {
     pub log: LogSettings,
     /// Channel state (occupancy, subscription counts, presence members) kept in NATS KV.
     pub state: StateSettings,
+    /// OpenTelemetry tracing of webhooks and published events (off by default).
+    pub tracing: TracingSettings,
+}
+
+/// `[tracing]`: spans over OTLP/HTTP, so a consumer's trace continues the webhook's.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// OTLP/HTTP base URL (`http://otel-collector:4318`): spans go to `<it>/v1/traces`.
+    /// Unset: `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) when the
+    /// environment sets it, else tracing is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of new traces recorded (0 to 1); a request's own `traceparent` decides for it.
+    pub sample_ratio: f64,
+}
+
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: the OTLP base URL (spans go to `<it>/v1/traces`), honoured
+/// when `tracing.otlp_endpoint` is unset, as every OpenTelemetry SDK does.
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full traces URL, used as it is.
+pub const OTLP_TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+
+impl TracingSettings {
+    /// Where spans go: `otlp_endpoint` + `/v1/traces`, else the environment's OpenTelemetry
+    /// variables; `None`: tracing is off.
+    pub fn traces_url(&self) -> Option<String> {
+        let base = |b: &str| format!("{}/v1/traces", b.trim_end_matches('/'));
+        if let Some(e) = self.otlp_endpoint.as_deref() {
+            return Some(base(e));
+        }
+        let env = |k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v: &String| !v.trim().is_empty())
+        };
+        env(OTLP_TRACES_ENDPOINT_ENV).or_else(|| env(OTLP_ENDPOINT_ENV).map(|b| base(&b)))
+    }
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "pusher-bridge".into(),
+            sample_ratio: 1.0,
+        }
+    }
 }
 
 /// `[server]`: the HTTP side.

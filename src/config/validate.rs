@@ -41,6 +41,27 @@ impl Settings {
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be greater than 0"));
         }
+        let t = &self.tracing;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
+        }
+        if let Some(url) = t.traces_url() {
+            let key = if t.otlp_endpoint.is_some() {
+                "tracing.otlp_endpoint"
+            } else {
+                super::OTLP_ENDPOINT_ENV
+            };
+            match url.parse::<hyper::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {}
+                Ok(u) if u.scheme_str() == Some("https") => {
+                    return Err(invalid(
+                        key,
+                        "https is not supported: send to an OpenTelemetry Collector over http (it forwards to https endpoints)",
+                    ));
+                }
+                _ => return Err(invalid(key, "must be an http:// URL with a host")),
+            }
+        }
         let mut keys = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             if app.id.is_empty() {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use super::format_utc_ms;
-use crate::message::{DlqReason, LetterHeaders, Message};
+use crate::message::{DlqReason, LetterHeaders, Message, TraceContext, headers};
 
 /// One stored dead letter, read back from its headers and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +33,9 @@ pub struct DeadLetterRecord {
     pub time_ms: String,
     /// The stored body: the message body to replay, or the raw event JSON of a malformed event.
     pub body: Bytes,
+    /// The trace context the event carried (`traceparent` / `tracestate` headers), if any:
+    /// replay links its new producer span to it.
+    pub trace: Option<Box<TraceContext>>,
 }
 
 impl DeadLetterRecord {
@@ -45,8 +48,15 @@ impl DeadLetterRecord {
         stored_id: Option<&str>,
         body: Bytes,
     ) -> Self {
+        let trace = header(headers::TRACEPARENT).map(|traceparent| {
+            Box::new(TraceContext {
+                traceparent,
+                tracestate: header(headers::TRACESTATE),
+            })
+        });
         let h = LetterHeaders::read(header, stored_id);
         Self {
+            trace,
             position,
             subject: h.subject,
             msg_id: h.msg_id,
@@ -92,6 +102,7 @@ impl DeadLetterRecord {
             event: self.event.clone(),
             channel: self.channel.clone(),
             time_ms: self.time_ms.clone(),
+            trace: self.trace.clone(),
         }
     }
 

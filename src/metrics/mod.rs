@@ -82,6 +82,11 @@ pub(crate) const CONFIG_RELOADS: &str = "pusher_bridge_config_reloads";
 /// `pusher_bridge_config_last_reload_successful`: 1 while the last reload (or the start)
 /// loaded, 0 after one that did not.
 pub(crate) const CONFIG_LAST_RELOAD_OK: &str = "pusher_bridge_config_last_reload_successful";
+/// `pusher_bridge_trace_spans_exported_total`: spans the OTLP collector accepted.
+pub(crate) const TRACE_EXPORTED: &str = "pusher_bridge_trace_spans_exported";
+/// `pusher_bridge_trace_spans_dropped_total{reason}`: spans not exported, `queue_full` (the
+/// collector is away or slow and the bounded queue filled) or `export_failed`.
+pub(crate) const TRACE_DROPPED: &str = "pusher_bridge_trace_spans_dropped";
 /// The `task` label values of `task_restarts_total`: the supervised background tasks.
 pub(crate) mod task {
     /// The spool drainer.
@@ -94,17 +99,20 @@ pub(crate) mod task {
     pub(crate) const NATS_TOPOLOGY: &str = "nats_topology";
     /// The RabbitMQ broker's recovery loop (connects, declares, replaces lost sessions).
     pub(crate) const AMQP_RECOVERY: &str = "amqp_recovery";
+    /// The span export (`[tracing]`).
+    pub(crate) const TRACE_EXPORT: &str = "trace_export";
     /// The tasks events need to become durable and move on: while one is down (between a
-    /// crash and its restart) `/readyz` answers 503. The sweeper and the channel state are
-    /// only counted: a load balancer must not take every replica out for them.
+    /// crash and its restart) `/readyz` answers 503. The sweeper, the channel state and the
+    /// span export are only counted: a load balancer must not take every replica out for them.
     pub(crate) const DURABILITY: [&str; 3] = [SPOOL_DRAINER, NATS_TOPOLOGY, AMQP_RECOVERY];
     /// All of them (their series exist from start-up).
-    pub(crate) const ALL: [&str; 5] = [
+    pub(crate) const ALL: [&str; 6] = [
         SPOOL_DRAINER,
         RETENTION_SWEEPER,
         CHANNEL_STATE,
         NATS_TOPOLOGY,
         AMQP_RECOVERY,
+        TRACE_EXPORT,
     ];
 }
 
@@ -140,6 +148,8 @@ pub const EXPORTED_NAMES: &[&str] = &[
     "pusher_bridge_task_restarts_total",
     "pusher_bridge_config_reloads_total",
     "pusher_bridge_config_last_reload_successful",
+    "pusher_bridge_trace_spans_exported_total",
+    "pusher_bridge_trace_spans_dropped_total",
 ];
 
 /// Outcome label of `webhooks_received_total`.
@@ -196,6 +206,13 @@ impl StateOutcome {
             Self::Failed => "failed",
         }
     }
+}
+
+/// Labels of `trace_spans_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `queue_full` or `export_failed`.
+    pub reason: &'static str,
 }
 
 /// Labels of `config_reloads_total`.
@@ -367,6 +384,10 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadLabels, Counter>,
     /// See `CONFIG_LAST_RELOAD_OK`.
     pub config_last_reload_ok: Gauge,
+    /// See `TRACE_EXPORTED`.
+    pub trace_exported: Counter,
+    /// See `TRACE_DROPPED`.
+    pub trace_dropped: Family<DropLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -410,6 +431,8 @@ impl Metrics {
             task_restarts: Family::default(),
             config_reloads: Family::default(),
             config_last_reload_ok: Gauge::default(),
+            trace_exported: Counter::default(),
+            trace_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -541,6 +564,19 @@ impl Metrics {
             m.config_last_reload_ok.clone(),
         );
         m.config_last_reload_ok.set(1);
+        registry.register(
+            TRACE_EXPORTED,
+            "Spans the OTLP collector accepted ([tracing])",
+            m.trace_exported.clone(),
+        );
+        registry.register(
+            TRACE_DROPPED,
+            "Spans not exported, by reason: queue_full (the collector is away or slow) or export_failed",
+            m.trace_dropped.clone(),
+        );
+        for reason in ["queue_full", "export_failed"] {
+            let _ = m.trace_dropped.get_or_create(&DropLabels { reason });
+        }
         for outcome in StateOutcome::ALL {
             let _ = m.state_updates.get_or_create(&StateLabels {
                 outcome: outcome.as_str(),
@@ -573,6 +609,18 @@ impl Metrics {
                     .inc_by(0);
             }
         }
+    }
+
+    /// Counts spans the collector accepted.
+    pub(crate) fn trace_spans_exported(&self, n: u64) {
+        self.trace_exported.inc_by(n);
+    }
+
+    /// Counts spans dropped for `reason`.
+    pub(crate) fn trace_spans_dropped(&self, reason: &'static str, n: u64) {
+        self.trace_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(n);
     }
 
     /// Counts a reload on SIGHUP and whether it loaded.

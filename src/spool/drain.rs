@@ -19,9 +19,10 @@ use std::time::Duration;
 use super::{Batch, DRAIN_BATCH, Item, Spool, SpoolError, record};
 use crate::broker::Broker;
 use crate::delivery::{Deliverer, Fate, Pending, Policy};
-use crate::message::{DeadLetter, DlqReason, now_ms};
+use crate::message::{DeadLetter, DlqReason, Message, now_ms};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::telemetry::Tracer;
 
 /// How often the drainer looks at the broker while records wait and the broker is down.
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
@@ -121,6 +122,9 @@ pub struct Drainer {
     deliverer: Deliverer,
     metrics: Arc<Metrics>,
     interval: Duration,
+    /// `[tracing]`: a spooled event that carries a trace context is published under a
+    /// producer span of its own, a child of the one it was spooled under.
+    tracer: Tracer,
 }
 
 impl Drainer {
@@ -137,7 +141,14 @@ impl Drainer {
             deliverer: Deliverer::new(broker, publish_timeout, DRAIN_BATCH),
             metrics,
             interval,
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records a producer span for each spooled event that carries a trace context.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     fn broker(&self) -> &Broker {
@@ -207,23 +218,47 @@ impl Drainer {
     /// was spooled), its dead letters to the dead-letter queue; one outcome per record, in order.
     async fn deliver(&self, batch: &Batch) -> Vec<Outcome> {
         let policy = Policy::drain();
-        let mut events = Vec::new();
+        let mut spooled = Vec::new();
         let mut letters = Vec::new();
         for item in &batch.items {
             if let Item::Record(s) = item {
                 match &s.record {
-                    record::Record::Event(m) => events.push(Pending {
-                        message: m,
-                        failed_since_ms: Some(s.spooled_at_ms),
-                    }),
+                    record::Record::Event(m) => spooled.push((m, s.spooled_at_ms)),
                     record::Record::DeadLetter(dl) => letters.push(dl.clone()),
                 }
             }
         }
+        // With tracing on, the events that carry a context are published as copies carrying
+        // their new producer span's (the rest, and everything with tracing off, as stored).
+        let mut retraced: Vec<Message> = Vec::new();
+        let mut spans = Vec::new();
+        if self.tracer.is_on() && spooled.iter().any(|(m, _)| m.trace.is_some()) {
+            retraced = spooled.iter().map(|(m, _)| (*m).clone()).collect();
+            spans = self
+                .tracer
+                .republish(&mut retraced, "publish (from the spool)");
+        }
+        let events: Vec<Pending> = spooled
+            .iter()
+            .enumerate()
+            .map(|(i, (m, at))| Pending {
+                message: retraced.get(i).unwrap_or(m),
+                failed_since_ms: Some(*at),
+            })
+            .collect();
         let (events, letters) = tokio::join!(
             self.deliverer.events(&events, policy),
             self.deliverer.dead_letters(letters, policy)
         );
+        for (span, fate) in spans.into_iter().zip(&events) {
+            if let Some(span) = span {
+                span.end(match fate {
+                    Fate::Published => "published",
+                    Fate::DeadLettered(_) => "dead_lettered",
+                    _ => "spooled",
+                });
+            }
+        }
         let (mut events, mut letters) = (events.into_iter(), letters.into_iter());
         batch
             .items
@@ -367,6 +402,7 @@ mod tests {
             event: "e".into(),
             channel: subject.into(),
             time_ms: "1".into(),
+            trace: None,
         }
     }
 

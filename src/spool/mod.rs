@@ -659,6 +659,7 @@ pub(crate) mod test_support {
                 event: "channel_occupied".into(),
                 channel: format!("c{i}"),
                 time_ms: "1700000000000".into(),
+                trace: None,
             }),
         }
     }

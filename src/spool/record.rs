@@ -7,7 +7,8 @@
 //!
 //! The payload is a version byte, a kind byte, the unix ms the record was spooled at, then the
 //! [`Message`] fields as length-prefixed strings, and for dead letters the reason, detail,
-//! attempts and first failure time: everything needed to publish it again.
+//! attempts and first failure time: everything needed to publish it again; version 2 adds the
+//! message's trace context at the end.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,8 +23,12 @@ pub(crate) const MAGIC: [u8; 4] = *b"PBsp";
 pub(crate) const HEADER_LEN: usize = 12;
 /// Largest payload a reader accepts; a larger length field is damage, not a record.
 pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
-/// Payload format version written by this code.
+/// Payload format version of a record without a trace context: what every version reads.
 const VERSION: u8 = 1;
+/// Version 1 plus, at the end, the message's `traceparent` and `tracestate` (empty: none).
+/// Written only for a message that carries a trace context (`[tracing]` on), so a spool
+/// written with tracing off stays readable by a bridge that predates tracing.
+const VERSION_TRACED: u8 = 2;
 const KIND_EVENT: u8 = 1;
 const KIND_DEAD_LETTER: u8 = 2;
 
@@ -82,7 +87,11 @@ pub(crate) fn encode_into(out: &mut Vec<u8>, spooled_at_ms: u64, record: &Record
         Record::Event(m) => (KIND_EVENT, m),
         Record::DeadLetter(d) => (KIND_DEAD_LETTER, &d.message),
     };
-    out.push(VERSION);
+    out.push(if m.trace.is_some() {
+        VERSION_TRACED
+    } else {
+        VERSION
+    });
     out.push(kind);
     out.extend_from_slice(&spooled_at_ms.to_le_bytes());
     put_bytes(out, m.subject.as_bytes());
@@ -97,6 +106,10 @@ pub(crate) fn encode_into(out: &mut Vec<u8>, spooled_at_ms: u64, record: &Record
         put_bytes(out, d.detail.as_bytes());
         out.extend_from_slice(&d.attempts.to_le_bytes());
         out.extend_from_slice(&d.first_failure_ms.to_le_bytes());
+    }
+    if let Some(trace) = &m.trace {
+        put_bytes(out, trace.traceparent.as_bytes());
+        put_bytes(out, trace.tracestate.as_deref().unwrap_or("").as_bytes());
     }
     seal(out, start);
     out.len() - start
@@ -167,7 +180,8 @@ impl<'a> Cursor<'a> {
 /// Decodes a payload whose frame checksum matched.
 pub fn decode(payload: &[u8]) -> Result<Spooled, DecodeError> {
     let mut c = Cursor { buf: payload };
-    if c.u8()? != VERSION {
+    let version = c.u8()?;
+    if version != VERSION && version != VERSION_TRACED {
         return Err(DecodeError("unknown version"));
     }
     let kind = c.u8()?;
@@ -180,6 +194,7 @@ pub fn decode(payload: &[u8]) -> Result<Spooled, DecodeError> {
         event: c.string()?,
         channel: c.string()?,
         time_ms: c.string()?,
+        trace: None,
     };
     let record = match kind {
         KIND_EVENT => Record::Event(message),
@@ -196,6 +211,19 @@ pub fn decode(payload: &[u8]) -> Result<Spooled, DecodeError> {
         }
         _ => return Err(DecodeError("unknown record kind")),
     };
+    let mut record = record;
+    if version == VERSION_TRACED {
+        let traceparent = c.string()?;
+        let tracestate = Some(c.string()?).filter(|s| !s.is_empty());
+        let trace = Some(Box::new(crate::message::TraceContext {
+            traceparent,
+            tracestate,
+        }));
+        match &mut record {
+            Record::Event(m) => m.trace = trace,
+            Record::DeadLetter(d) => d.message.trace = trace,
+        }
+    }
     if !c.buf.is_empty() {
         return Err(DecodeError("trailing bytes"));
     }
@@ -287,6 +315,31 @@ mod tests {
             assert_eq!(next, frame.len());
             assert_eq!(decode(&frame[payload]).unwrap(), s);
         }
+    }
+
+    #[test]
+    fn trace_contexts_round_trip_and_untraced_records_stay_version_1() {
+        let traced = |mut s: Spooled| {
+            let m = match &mut s.record {
+                Record::Event(m) => m,
+                Record::DeadLetter(d) => &mut d.message,
+            };
+            m.trace = Some(Box::new(crate::message::TraceContext {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                tracestate: Some("congo=t61rcWkgMzE".into()),
+            }));
+            s
+        };
+        for s in [traced(event(1)), traced(dead_letter())] {
+            let frame = encode(&s);
+            assert_eq!(frame[HEADER_LEN], VERSION_TRACED);
+            let Parsed::Frame { payload, .. } = parse_at(&frame, 0) else {
+                panic!("not a frame")
+            };
+            assert_eq!(decode(&frame[payload]).unwrap(), s);
+        }
+        // What a bridge that predates tracing wrote, and reads.
+        assert_eq!(encode(&event(2))[HEADER_LEN], VERSION);
     }
 
     #[test]

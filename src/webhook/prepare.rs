@@ -32,6 +32,7 @@ pub(crate) fn prepare(
                 event: head.name.into_owned(),
                 channel: head.channel.into_owned(),
                 time_ms: hook.time_ms.to_string(),
+                trace: None,
             }),
             Err(detail) => dead.push(DeadLetter {
                 message: Message {
@@ -42,6 +43,7 @@ pub(crate) fn prepare(
                     event: String::new(),
                     channel: String::new(),
                     time_ms: hook.time_ms.to_string(),
+                    trace: None,
                 },
                 reason: DlqReason::Malformed,
                 detail,

@@ -288,6 +288,7 @@ async fn pipelined_publishes_get_their_own_confirms_and_returns() {
                 event: "e".into(),
                 channel: "c".into(),
                 time_ms: "1".into(),
+                trace: None,
             }
         })
         .collect();
@@ -349,6 +350,7 @@ async fn a_confirm_that_never_comes_is_unavailable_after_the_timeout() {
         event: "e".into(),
         channel: "c".into(),
         time_ms: "1".into(),
+        trace: None,
     };
     relay.freeze(true);
     let started = Instant::now();

@@ -89,6 +89,7 @@ fn letter(s: &Settings, i: usize, reason: DlqReason) -> DeadLetter {
             event: if malformed { String::new() } else { event },
             channel: if malformed { String::new() } else { channel },
             time_ms: "5".into(),
+            trace: None,
         },
         reason,
         detail: format!("detail of {i}"),

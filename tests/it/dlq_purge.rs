@@ -84,6 +84,7 @@ fn dead_letter(s: &Settings, l: &Seeded, now: u64) -> DeadLetter {
             },
             channel: if malformed { String::new() } else { channel },
             time_ms: "5".into(),
+            trace: None,
         },
         reason: l.reason,
         detail: "seeded by the test".into(),

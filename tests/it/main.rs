@@ -42,4 +42,5 @@ mod state_sdk;
 mod sweeper_amqp;
 mod sweeper_nats;
 mod sweeper_per_app;
+mod tracing;
 mod webhook_fuzz;

@@ -59,7 +59,14 @@ pub(crate) fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &
 }
 
 fn message_headers(msg: &Message) -> FieldTable {
-    event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms)
+    let mut h = event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms);
+    if let Some(trace) = &msg.trace {
+        put(&mut h, headers::TRACEPARENT, &trace.traceparent);
+        if let Some(state) = &trace.tracestate {
+            put(&mut h, headers::TRACESTATE, state);
+        }
+    }
+    h
 }
 
 /// Adds the CloudEvents binary-mode headers of `msg` ([`cloudevents::Attributes`]); the
@@ -142,6 +149,7 @@ mod tests {
             event: "member_added".into(),
             channel: "presence-a.b".into(),
             time_ms: "1700000000123".into(),
+            trace: None,
         }
     }
 

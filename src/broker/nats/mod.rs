@@ -612,6 +612,9 @@ const APP_ID: HeaderName = HeaderName::from_static(headers::APP_ID);
 const EVENT: HeaderName = HeaderName::from_static(headers::EVENT);
 const CHANNEL: HeaderName = HeaderName::from_static(headers::CHANNEL);
 const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
+/// W3C Trace Context headers (`[tracing]`).
+const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
+const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
 /// A message's own time to live (NATS 2.11+, on a stream with `allow_msg_ttl`).
 const NATS_TTL: HeaderName = HeaderName::from_static("Nats-TTL");
 
@@ -653,6 +656,15 @@ fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
     ]
     .into_iter()
     .collect();
+    if let Some(trace) = &msg.trace {
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_lossy(trace.traceparent.as_str()),
+        );
+        if let Some(state) = &trace.tracestate {
+            h.insert(TRACESTATE, HeaderValue::from_lossy(state.as_str()));
+        }
+    }
     if cloudevents {
         cloudevents_headers(&mut h, msg);
     }
@@ -904,6 +916,7 @@ mod tests {
             event: "channel_occupied".into(),
             channel: "c".into(),
             time_ms: "1700000000123".into(),
+            trace: None,
         }
     }
 

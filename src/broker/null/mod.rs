@@ -54,6 +54,7 @@ mod tests {
             event: "e".into(),
             channel: "c".into(),
             time_ms: "1".into(),
+            trace: None,
         };
         assert!(b.is_up());
         assert!(b.publish(&msg, Duration::from_millis(1)).await.is_ok());

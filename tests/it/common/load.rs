@@ -93,6 +93,7 @@ pub fn event_message(settings: &Settings, i: usize, tag: &str) -> Message {
         event: "channel_occupied".into(),
         channel,
         time_ms: "1".into(),
+        trace: None,
     }
 }
 

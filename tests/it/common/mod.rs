@@ -31,6 +31,7 @@ pub mod amqp;
 pub mod deploy;
 pub mod load;
 pub mod nats_cluster;
+pub mod otlp;
 pub mod process;
 pub mod rabbit_cluster;
 pub mod relay;
