@@ -187,6 +187,9 @@ impl Bridge {
     /// stalled, and none of the tasks that move events on (the drainer, the broker's loop) is
     /// down between a crash and its restart.
     pub(crate) fn readiness(&self) -> Result<(), String> {
+        // Asked first, whatever the broker: while the disk refused its last write this probes
+        // it, so a refusal that is over is not reported when the broker drops next.
+        let disk = self.spool.write_refused();
         if self.spool.is_stalled() {
             return Err("the spool is not draining although the broker is up".into());
         }
@@ -205,7 +208,7 @@ impl Bridge {
                     .status()
                     .describe(self.settings.broker.kind, None)
             };
-            if let Some(why) = self.spool.write_refused() {
+            if let Some(why) = disk {
                 return Err(format!(
                     "the spool's disk refuses writes ({why}), and the broker is not up: {}",
                     broker()
@@ -306,7 +309,6 @@ impl Bridge {
         };
         let mut messages = messages;
         let producers = span.map(|s| s.producers(&mut messages)).unwrap_or_default();
-        self.await_first_connect(budget / 2).await;
         if !self.spool.is_empty() {
             // Earlier events are still waiting: queue behind them (the drainer keeps order).
             let records: Vec<Record> = messages
@@ -314,13 +316,19 @@ impl Bridge {
                 .map(Record::Event)
                 .chain(dead.into_iter().map(Record::DeadLetter))
                 .collect();
-            let spooled = self.make_durable(records).await?;
-            producers.into_iter().for_each(|p| p.end("spooled"));
+            let spooled = self.make_durable(records).await;
+            let outcome = if spooled.is_ok() {
+                "spooled"
+            } else {
+                "refused"
+            };
+            producers.into_iter().for_each(|p| p.end(outcome));
             return Ok(Accepted {
-                spooled,
+                spooled: spooled?,
                 ..Accepted::default()
             });
         }
+        self.await_first_connect(budget / 2).await;
         let mut fates = self
             .deliverer
             .events(&Pending::fresh(&messages), policy)

@@ -205,11 +205,6 @@ pub async fn run_with(
             sweeper::run(settings.clone(), metrics.clone(), shutdown)
         });
     }
-    if let Some(export) = bridge.span_export() {
-        tasks.spawn(metrics::task::TRACE_EXPORT, move |shutdown| {
-            export.clone().run(shutdown)
-        });
-    }
     let tracer = bridge.tracer().clone();
     let (spool, broker, metrics) = (
         bridge.spool().clone(),
@@ -232,6 +227,12 @@ pub async fn run_with(
         drainer.run(shutdown)
     });
     let state_api = start_state(&settings, &bridge, &mut tasks).await?;
+    // Started last, so at shutdown the tasks that move events on are awaited first.
+    if let Some(export) = bridge.span_export() {
+        tasks.spawn(metrics::task::TRACE_EXPORT, move |shutdown| {
+            export.clone().run(shutdown)
+        });
+    }
     // The server stops when `shutdown` completes, or when the broker finds it cannot do what
     // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
@@ -272,12 +273,15 @@ pub async fn run_with(
         };
         tokio::join!(listening, reloading);
     };
-    tokio::pin!(serving, shutdown);
-    // Servers that end on their own drop `shutdown`, and with it the background's trigger.
+    tokio::pin!(serving);
+    let mut shutdown = Box::pin(shutdown);
     tokio::select! {
         () = &mut serving => {}
         () = &mut shutdown => serving.await,
     }
+    // Servers that ended on their own: dropping `shutdown` drops the background's trigger,
+    // which stops the background tasks too.
+    drop(shutdown);
     tasks.join(std::time::Duration::from_secs(5)).await;
     bridge.spool().close().await;
     bridge.broker().close().await;

@@ -79,15 +79,24 @@ fn set<S>(
 /// (the old ones stay masked: a rotated secret may still be in a line) and `log.level` takes
 /// effect, unless `RUST_LOG` is set, which replaces `log.level` as at start-up. Does nothing
 /// before [`init`] (tests, tools).
-pub(crate) fn reload(settings: &Settings) -> Result<(), String> {
+pub(crate) fn reload(settings: &Settings) -> Result<Level, String> {
     let Some(control) = CONTROL.get() else {
-        return Ok(());
+        return Ok(Level::Applied);
     };
     control.redactor.add(&secrets_of(settings));
     if std::env::var_os("RUST_LOG").is_some() {
-        return Ok(());
+        return Ok(Level::Overridden);
     }
-    (control.set_level)(&settings.log.level)
+    (control.set_level)(&settings.log.level).map(|()| Level::Applied)
+}
+
+/// What a reload did with `log.level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// In force.
+    Applied,
+    /// `RUST_LOG` replaces it.
+    Overridden,
 }
 
 /// Every secret in `settings`: app secrets, the NATS password and token, and the password or
@@ -105,6 +114,7 @@ pub(crate) fn secrets_of(settings: &Settings) -> Vec<String> {
         Some(&nats.url),
         Some(&settings.broker.amqp.url),
         settings.state.nats_url.as_ref(),
+        settings.tracing.otlp_endpoint.as_ref(),
     ];
     for url in urls.into_iter().flatten() {
         secrets.extend(url_secrets(url.expose()));

@@ -74,7 +74,7 @@ pub enum DlqReason {
     /// AMQP: no queue is bound for the routing key (returned by `mandatory`).
     Unroutable,
     /// NATS: the stream is full: its limits (`max_msgs`, `max_bytes`, `max_msgs_per_subject`
-    /// with `discard = new`) or the server's storage refuse new messages. Named apart from
+    /// with `discard = new`) refuse new messages. Named apart from
     /// `rejected` because retrying within a webhook's answer cannot change it, and because
     /// the operator's remedy is plain: raise the limit or let retention make room.
     Full,

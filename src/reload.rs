@@ -49,11 +49,14 @@ pub(crate) fn apply(bridge: &Bridge, running: &mut Settings, loaded: Loaded) {
     let restart = needs_restart(running, &new);
     bridge.app_keys().replace(&new.apps);
     metrics.init_app_series(&new.apps);
-    if let Err(e) = crate::logging::reload(&new) {
-        tracing::warn!(error = %e, "log.level did not change");
-    }
     running.apps = new.apps.clone();
-    running.log.level = new.log.level.clone();
+    match crate::logging::reload(&new) {
+        Ok(crate::logging::Level::Applied) => running.log.level = new.log.level.clone(),
+        Ok(crate::logging::Level::Overridden) => {
+            tracing::info!("RUST_LOG is set: it replaces log.level, as at start-up");
+        }
+        Err(e) => tracing::warn!(error = %e, level = %new.log.level, "log.level did not change"),
+    }
     if !restart.is_empty() {
         tracing::warn!(
             keys = %restart.join(", "),

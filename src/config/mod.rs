@@ -20,6 +20,8 @@ pub(crate) mod servers;
 pub(crate) mod url_auth;
 mod validate;
 
+pub(crate) use validate::usable_traces_url;
+
 /// Prefix of the environment variables that override file keys.
 pub(crate) const ENV_PREFIX: &str = "PUSHER_BRIDGE_";
 /// Environment variable naming the config file (not itself a config key).
@@ -171,8 +173,9 @@ pub struct TracingSettings {
     /// OTLP/HTTP base URL (`http://otel-collector:4318`): spans go to `<it>/v1/traces`.
     /// Unset: `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) when the
     /// environment sets it, else tracing is off.
+    /// A password, token or key in it is shown as `***` (check-config, logs).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub otlp_endpoint: Option<String>,
+    pub otlp_endpoint: Option<SecretUrl>,
     /// `service.name` of the spans.
     pub service_name: String,
     /// Share of new traces recorded (0 to 1); a request's own `traceparent` decides for it.
@@ -185,20 +188,46 @@ pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full traces URL, used as it is.
 pub const OTLP_TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
+/// `OTEL_EXPORTER_OTLP_PROTOCOL` / `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`: the exporter speaks
+/// `http/json` (and a Collector's OTLP/HTTP port takes it beside `http/protobuf`); `grpc`
+/// names a port it cannot talk to.
+const OTLP_PROTOCOL_ENVS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+];
+
 impl TracingSettings {
     /// Where spans go: `otlp_endpoint` + `/v1/traces`, else the environment's OpenTelemetry
     /// variables; `None`: tracing is off.
     pub fn traces_url(&self) -> Option<String> {
+        self.traces_url_from().map(|(url, _)| url)
+    }
+
+    /// [`TracingSettings::traces_url`] and what set it: the key, or the variable's name. The
+    /// environment counts only while it does not turn OpenTelemetry off
+    /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`) or name gRPC.
+    pub fn traces_url_from(&self) -> Option<(String, &'static str)> {
         let base = |b: &str| format!("{}/v1/traces", b.trim_end_matches('/'));
-        if let Some(e) = self.otlp_endpoint.as_deref() {
-            return Some(base(e));
+        if let Some(e) = &self.otlp_endpoint {
+            return Some((base(e.expose()), "tracing.otlp_endpoint"));
         }
         let env = |k| {
             std::env::var(k)
                 .ok()
                 .filter(|v: &String| !v.trim().is_empty())
         };
-        env(OTLP_TRACES_ENDPOINT_ENV).or_else(|| env(OTLP_ENDPOINT_ENV).map(|b| base(&b)))
+        let off = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"))
+            || OTLP_PROTOCOL_ENVS
+                .iter()
+                .find_map(|k| env(k))
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("grpc"));
+        if off {
+            return None;
+        }
+        env(OTLP_TRACES_ENDPOINT_ENV)
+            .map(|u| (u, OTLP_TRACES_ENDPOINT_ENV))
+            .or_else(|| env(OTLP_ENDPOINT_ENV).map(|b| (base(&b), OTLP_ENDPOINT_ENV)))
     }
 }
 

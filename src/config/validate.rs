@@ -45,22 +45,11 @@ impl Settings {
         if !(0.0..=1.0).contains(&t.sample_ratio) {
             return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
         }
-        if let Some(url) = t.traces_url() {
-            let key = if t.otlp_endpoint.is_some() {
-                "tracing.otlp_endpoint"
-            } else {
-                super::OTLP_ENDPOINT_ENV
-            };
-            match url.parse::<hyper::Uri>() {
-                Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {}
-                Ok(u) if u.scheme_str() == Some("https") => {
-                    return Err(invalid(
-                        key,
-                        "https is not supported: send to an OpenTelemetry Collector over http (it forwards to https endpoints)",
-                    ));
-                }
-                _ => return Err(invalid(key, "must be an http:// URL with a host")),
-            }
+        // The key is checked here; a URL from the environment (set for every container of a
+        // namespace, perhaps) is checked where tracing starts, which then warns and stays off
+        // rather than keep the bridge from starting.
+        if let Some((url, "tracing.otlp_endpoint")) = t.traces_url_from() {
+            usable_traces_url(&url).map_err(|why| invalid("tracing.otlp_endpoint", why))?;
         }
         let mut keys = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
@@ -299,5 +288,16 @@ impl Settings {
             return Err(invalid("state.sweep_interval", "must be greater than 0"));
         }
         Ok(())
+    }
+}
+
+/// Whether the exporter can send to `url`, or why not.
+pub(crate) fn usable_traces_url(url: &str) -> Result<(), &'static str> {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => Ok(()),
+        Ok(u) if u.scheme_str() == Some("https") => Err(
+            "https is not supported: send to an OpenTelemetry Collector over http (it forwards to https endpoints)",
+        ),
+        _ => Err("must be an http:// URL with a host"),
     }
 }

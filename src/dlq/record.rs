@@ -34,7 +34,7 @@ pub struct DeadLetterRecord {
     /// The stored body: the message body to replay, or the raw event JSON of a malformed event.
     pub body: Bytes,
     /// The trace context the event carried (`traceparent` / `tracestate` headers), if any:
-    /// replay links its new producer span to it.
+    /// replay publishes the event with it, so a consumer still joins the webhook's trace.
     pub trace: Option<Box<TraceContext>>,
 }
 

@@ -250,13 +250,14 @@ impl Drainer {
             self.deliverer.events(&events, policy),
             self.deliverer.dead_letters(letters, policy)
         );
+        // Only a try that settled the event is recorded: a record that stays on the spool is
+        // tried again every pass, and a span per pass would crowd the webhooks' spans out of
+        // the export queue.
         for (span, fate) in spans.into_iter().zip(&events) {
-            if let Some(span) = span {
-                span.end(match fate {
-                    Fate::Published => "published",
-                    Fate::DeadLettered(_) => "dead_lettered",
-                    _ => "spooled",
-                });
+            match (span, fate) {
+                (Some(span), Fate::Published) => span.end("published"),
+                (Some(span), Fate::DeadLettered(_)) => span.end("dead_lettered"),
+                _ => {}
             }
         }
         let (mut events, mut letters) = (events.into_iter(), letters.into_iter());

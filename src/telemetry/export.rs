@@ -28,6 +28,8 @@ const BATCH: usize = 512;
 const BATCH_DELAY: Duration = Duration::from_secs(1);
 /// How long one export request may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the last round at shutdown may take, all batches together.
+const FINAL_ROUND: Duration = Duration::from_secs(1);
 /// At most one warning about failed exports this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -60,7 +62,7 @@ pub(crate) struct SpanData {
     pub start: SystemTime,
     pub end: SystemTime,
     pub attributes: Vec<(&'static str, Attr)>,
-    /// Spans this one follows from (the webhook span of a spooled or dead-lettered event).
+    /// Spans this one follows from (a drained event's: the producer span it was spooled under).
     pub links: Vec<(TraceId, SpanId)>,
     /// Set when the span's work failed.
     pub error: Option<String>,
@@ -152,6 +154,8 @@ impl Recorder {
 pub(crate) struct Export {
     rx: Mutex<mpsc::Receiver<SpanData>>,
     url: hyper::Uri,
+    /// `url` as the log shows it: user info and query left out (they may hold a key).
+    shown_url: String,
     service_name: String,
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -168,8 +172,15 @@ pub(crate) fn channel(
         tx,
         metrics: metrics.clone(),
     };
+    let shown_url = format!(
+        "{}://{}{}",
+        url.scheme_str().unwrap_or("http"),
+        url.host().unwrap_or_default(),
+        url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    ) + url.path();
     let export = Export {
         rx: Mutex::new(rx),
+        shown_url,
         url,
         service_name,
         metrics,
@@ -179,10 +190,13 @@ pub(crate) fn channel(
 }
 
 impl Export {
-    /// Sends batches until `shutdown`, then what is queued (one last try, bounded in time).
+    /// Sends batches until `shutdown`, then what is queued (one last try, within
+    /// [`FINAL_ROUND`]).
     pub(crate) async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut rx = self.rx.lock().await;
         let mut warned: Option<tokio::time::Instant> = None;
+        // The batch in hand when the shutdown came: it goes in the last round.
+        let mut rest = Vec::new();
         loop {
             let mut batch = Vec::new();
             let first = tokio::select! {
@@ -202,16 +216,31 @@ impl Export {
                     },
                 }
             }
-            self.send(&batch, &mut warned).await;
+            if shutdown.is_triggered() {
+                rest = batch;
+                break;
+            }
+            // A shutdown does not wait for a collector that does not answer (the batch is
+            // tried once more in the last round).
+            tokio::select! {
+                () = self.send(&batch, &mut warned) => {}
+                () = shutdown.wait() => {
+                    rest = batch;
+                    break;
+                }
+            }
         }
-        // Shutting down: what is queued goes in one last round.
-        let mut rest = Vec::new();
+        // Shutting down: what is queued goes in one last round, within FINAL_ROUND at most
+        // (the drainer and the broker's close must not wait for a collector that is gone).
         while let Ok(span) = rx.try_recv() {
             rest.push(span);
         }
-        for chunk in rest.chunks(BATCH) {
-            self.send(chunk, &mut warned).await;
-        }
+        let last = async {
+            for chunk in rest.chunks(BATCH) {
+                self.send(chunk, &mut warned).await;
+            }
+        };
+        let _ = tokio::time::timeout(FINAL_ROUND, last).await;
     }
 
     /// One export request; a failure drops the batch (counted, and said once a minute).
@@ -223,7 +252,7 @@ impl Export {
                 self.metrics.trace_spans_dropped("export_failed", n);
                 if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     *warned = Some(tokio::time::Instant::now());
-                    tracing::warn!(url = %self.url, error = %why, spans = n, "cannot export spans to the OTLP collector; they are dropped (one line a minute at most)");
+                    tracing::warn!(url = %self.shown_url, error = %why, spans = n, "cannot export spans to the OTLP collector; they are dropped (one line a minute at most)");
                 }
             }
         }

@@ -6,8 +6,9 @@
 //! own, a child of the one they were spooled under and linked to it.
 //!
 //! Off, a [`Tracer`] is `None` inside: each call is one branch, nothing is allocated.
-//! Spans carry no secret, body or user data: the app id, event name, subject, message id,
-//! the HTTP method, path and status.
+//! Spans carry no secret, body or user data: the app id, event name, message id, stream or
+//! exchange, the HTTP method, path and status (not the subject: it holds the channel name,
+//! which may name a user).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -44,11 +45,15 @@ impl Tracer {
     /// The tracer of `settings` and its export task (`None`: tracing is off, or its URL is
     /// not one the exporter can reach, which [`Settings::load`] refuses earlier).
     pub(crate) fn new(settings: &Settings, metrics: Arc<Metrics>) -> (Self, Option<Arc<Export>>) {
-        let Some(url) = settings
-            .tracing
-            .traces_url()
-            .and_then(|u| u.parse::<hyper::Uri>().ok())
-        else {
+        let Some((url, from)) = settings.tracing.traces_url_from() else {
+            return (Self::off(), None);
+        };
+        if let Err(why) = crate::config::usable_traces_url(&url) {
+            // Only the environment gets here (the key is refused when the config loads).
+            tracing::warn!(variable = from, why, "tracing stays off");
+            return (Self::off(), None);
+        }
+        let Ok(url) = url.parse::<hyper::Uri>() else {
             return (Self::off(), None);
         };
         let (recorder, export) =
@@ -221,7 +226,6 @@ impl ProducerSpan {
                     Attr::Str(inner.destination.clone()),
                 ),
                 ("messaging.message.id", Attr::Str(m.msg_id.clone())),
-                ("pusher.subject", Attr::Str(m.subject.clone())),
                 ("pusher.app_id", Attr::Str(m.app_id.to_string())),
                 ("pusher.event", Attr::Str(m.event.clone())),
             ],
@@ -287,7 +291,7 @@ mod tests {
     fn ratio_sampling_decides_by_the_trace_id_and_a_parent_decides_for_itself() {
         let metrics = Arc::new(Metrics::new());
         let mut s = Settings::default();
-        s.tracing.otlp_endpoint = Some("http://127.0.0.1:1".into());
+        s.tracing.otlp_endpoint = Some(crate::config::SecretUrl::new("http://127.0.0.1:1"));
         s.tracing.sample_ratio = 0.0;
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

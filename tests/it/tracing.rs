@@ -69,7 +69,7 @@ fn carried(m: &Stored) -> (String, String) {
 async fn the_trace_continues_into_every_message(kind: BrokerKind) {
     let receiver = Receiver::start().await;
     let mut s = settings_for(kind);
-    s.tracing.otlp_endpoint = Some(receiver.endpoint());
+    s.tracing.otlp_endpoint = Some(pusher_bridge::config::SecretUrl::new(receiver.endpoint()));
     s.tracing.service_name = "bridge-under-test".into();
     let app = TestApp::spawn_ready(s.clone()).await;
     let (status, answer) = post(
@@ -134,7 +134,7 @@ async fn amqp_the_trace_continues_into_every_message() {
 async fn a_request_without_a_traceparent_starts_a_trace() {
     let receiver = Receiver::start().await;
     let mut s = settings_for(BrokerKind::Nats);
-    s.tracing.otlp_endpoint = Some(receiver.endpoint());
+    s.tracing.otlp_endpoint = Some(pusher_bridge::config::SecretUrl::new(receiver.endpoint()));
     let app = TestApp::spawn_ready(s.clone()).await;
     let (status, _) = post(&app, &body(), None).await;
     assert_eq!(status, StatusCode::OK);
@@ -152,7 +152,10 @@ async fn a_request_without_a_traceparent_starts_a_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_changes_no_answer() {
     let mut s = settings_for(BrokerKind::Nats);
-    s.tracing.otlp_endpoint = Some(format!("http://127.0.0.1:{}", free_port()));
+    s.tracing.otlp_endpoint = Some(pusher_bridge::config::SecretUrl::new(format!(
+        "http://127.0.0.1:{}",
+        free_port()
+    )));
     let app = TestApp::spawn_ready(s.clone()).await;
     for i in 0..20 {
         let started = Instant::now();
@@ -186,7 +189,7 @@ async fn a_collector_that_is_down_changes_no_answer() {
 async fn sampling_zero_records_and_carries_nothing() {
     let receiver = Receiver::start().await;
     let mut s = settings_for(BrokerKind::Nats);
-    s.tracing.otlp_endpoint = Some(receiver.endpoint());
+    s.tracing.otlp_endpoint = Some(pusher_bridge::config::SecretUrl::new(receiver.endpoint()));
     s.tracing.sample_ratio = 0.0;
     let app = TestApp::spawn_ready(s.clone()).await;
     let (status, _) = post(&app, &body(), None).await;
@@ -203,7 +206,7 @@ async fn sampling_zero_records_and_carries_nothing() {
 async fn a_spooled_event_is_published_under_a_span_of_its_own_linked_to_the_first() {
     let receiver = Receiver::start().await;
     let mut s = settings_for(BrokerKind::Nats);
-    s.tracing.otlp_endpoint = Some(receiver.endpoint());
+    s.tracing.otlp_endpoint = Some(pusher_bridge::config::SecretUrl::new(receiver.endpoint()));
     // NATS away: the events go to the spool under their first producer spans.
     let mut away = s.clone();
     crate::common::unreachable(BrokerKind::Nats, &mut away);

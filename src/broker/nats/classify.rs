@@ -62,19 +62,22 @@ const LASTING_NEWER_CODES: &[(u64, &str)] = &[
     (10227, "message stream source header is not allowed"),
 ];
 
-/// The store's answers when a stream's limits (with `discard = new`) or the server's storage
-/// leave no room: all under one code (10077, "store failed") or as the resources error, told
-/// apart by the store's words, which nats-server has kept since 2.2.
+/// The store's answers when a stream's own limits (with `discard = new`) leave no room: all
+/// under one code (10077, "store failed"), told apart by the store's words, which nats-server
+/// has kept since 2.2.
 const FULL_ANSWERS: &[&str] = &[
     "maximum messages exceeded",
     "maximum bytes exceeded",
     "maximum messages per subject exceeded",
-    "insufficient resources",
-    "resource limits exceeded",
 ];
 
-/// Whether the server refused a publish because the stream (or its storage) is full: a refusal
-/// that lasts until retention or the operator makes room, so it is not retried.
+/// The server's or the account's storage is used up. Not the stream's refusal of this event:
+/// the dead-letter stream usually sits on the same storage and would refuse the letter too,
+/// so the event waits on the spool (`Unavailable`) until there is room again.
+const NO_STORAGE_ANSWERS: &[&str] = &["insufficient resources", "resource limits exceeded"];
+
+/// Whether the server refused a publish because the stream is full: a refusal that lasts
+/// until retention or the operator makes room, so it is not retried.
 fn is_full(js: &jetstream::Error) -> bool {
     let words = js.to_string();
     FULL_ANSWERS.iter().any(|w| words.contains(w))
@@ -129,7 +132,10 @@ pub(super) fn classify(e: jetstream::context::PublishError) -> PublishError {
         _ => {
             let source = e.source();
             if let Some(js) = source.and_then(|s| s.downcast_ref::<jetstream::Error>()) {
-                if TRANSIENT_CODES.contains(&js.error_code()) {
+                let words = js.to_string();
+                if TRANSIENT_CODES.contains(&js.error_code())
+                    || NO_STORAGE_ANSWERS.iter().any(|w| words.contains(w))
+                {
                     return PublishError::Unavailable(detail);
                 }
                 if js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM {
@@ -336,13 +342,16 @@ mod tests {
                 "{words}"
             );
         }
-        assert!(matches!(
-            classify(js_error_saying(10023, 503, "insufficient resources")),
-            PublishError::Refused {
-                reason: DlqReason::Full,
-                ..
-            }
-        ));
+        // The server's storage, not the stream's limits: the event waits on the spool.
+        assert!(classify(js_error_saying(10023, 503, "insufficient resources")).is_transient());
+        assert!(
+            classify(js_error_saying(
+                10077,
+                503,
+                "resource limits exceeded for account"
+            ))
+            .is_transient()
+        );
     }
 
     #[test]
