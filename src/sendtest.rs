@@ -229,6 +229,17 @@ impl Verdict {
         // have found it connecting, a later one refused).
         let broker = results.iter().rev().find_map(SendResult::broker_status);
         if results.iter().any(|r| !r.accepted()) {
+            // Only a 503's own words explain a refusal (a 200 before it may have spooled for
+            // another reason).
+            let broker = results
+                .iter()
+                .rev()
+                .filter(|r| {
+                    r.answer
+                        .as_ref()
+                        .is_ok_and(|a| a.status == hyper::StatusCode::SERVICE_UNAVAILABLE)
+                })
+                .find_map(SendResult::broker_status);
             return Self::Refused { broker };
         }
         let mut total = Delivery::default();
@@ -267,8 +278,8 @@ impl Verdict {
                 broker: Some(status),
             } => {
                 return Some(format!(
-                    "the bridge could not make events durable: its spool has no room, and the \
-                     broker did not take them\n{}",
+                    "the bridge could not make events durable: the broker did not take them, \
+                     and it could not write them to its spool\n{}",
                     context.why(status)
                 ));
             }
@@ -563,7 +574,7 @@ mod tests {
         assert_eq!(v.exit_code(), 1);
         let text = v.explanation(&nats()).unwrap();
         assert!(
-            text.contains("spool has no room")
+            text.contains("could not write them to its spool")
                 && text.contains("why: unreachable: nothing answers at NATS"),
             "{text}"
         );
