@@ -241,7 +241,7 @@ pub struct AppSettings {
     pub secret_file: Option<PathBuf>,
 }
 
-/// Which broker implementation runs.
+/// Which broker implementation runs. Displayed as the configuration spells it (`nats`, `amqp`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
@@ -255,6 +255,24 @@ pub enum BrokerKind {
     /// benchmark can measure the HTTP path's ceiling.
     #[cfg(feature = "bench-null-broker")]
     Null,
+}
+
+impl BrokerKind {
+    /// The value of `broker.kind` that selects this broker.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nats => "nats",
+            Self::Amqp => "amqp",
+            #[cfg(feature = "bench-null-broker")]
+            Self::Null => "null",
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `[broker]`: common publishing settings plus one section per broker.

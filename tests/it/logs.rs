@@ -46,6 +46,8 @@ async fn text_is_the_default_format() {
         .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
     assert!(serving.contains(" INFO "), "{serving}");
     assert!(serving.contains("listen=127.0.0.1:"), "{serving}");
+    // The broker as the configuration spells it (`broker.kind = "nats"`), not `Nats`.
+    assert!(serving.contains(" broker=nats"), "{serving}");
     let refused = out
         .lines()
         .find(|l| l.contains("webhook refused"))
@@ -78,6 +80,7 @@ async fn json_format_writes_one_object_per_line() {
         .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
     assert_eq!(serving["level"], "INFO");
     assert_eq!(serving["fields"]["path"], "/pusher/webhooks");
+    assert_eq!(serving["fields"]["broker"], "nats");
     let refused = lines
         .iter()
         .find(|l| l["fields"]["message"] == "webhook refused")
