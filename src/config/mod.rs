@@ -682,11 +682,17 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// The default `log.level`: `info`, but async-nats at `warn`. async-nats logs every failed
+/// connection attempt of each of the bridge's NATS clients at `info` (`event: client error`),
+/// two lines every few hundred milliseconds while NATS is away, beside the bridge's own
+/// rate-limited `cannot connect to NATS` warning, which says the same with the address.
+pub const DEFAULT_LOG_LEVEL: &str = "info,async_nats=warn";
+
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            level: "info".into(),
+            level: DEFAULT_LOG_LEVEL.into(),
         }
     }
 }
