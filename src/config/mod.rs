@@ -796,6 +796,10 @@ fn describe(e: &figment::Error) -> String {
                 " in environment variable {ENV_PREFIX}{}",
                 var.join("__")
             ));
+            if let Some(hint) = env_toml_hint(e) {
+                out.push_str(": ");
+                out.push_str(&hint);
+            }
         }
         Some(m) => {
             out.push_str(&format!(" in {}", m.name));
@@ -806,6 +810,32 @@ fn describe(e: &figment::Error) -> String {
         None => {}
     }
     out
+}
+
+/// What to write instead, for an environment value that should have been a list or a table:
+/// figment reads environment values as TOML and takes one that does not parse (JSON's
+/// `"id":"1"`, say) as a plain string, so the error alone ("found a string") does not say why.
+/// Names the format with an example, never the value (`PUSHER_BRIDGE_APPS` holds secrets).
+fn env_toml_hint(e: &figment::Error) -> Option<String> {
+    use figment::error::{Actual, Kind};
+    let Kind::InvalidType(Actual::Str(_), expected) = &e.kind else {
+        return None;
+    };
+    if !["sequence", "map", "struct"]
+        .iter()
+        .any(|w| expected.contains(w))
+    {
+        return None;
+    }
+    let example = if e.path.first().is_some_and(|p| p == "apps") {
+        r#"PUSHER_BRIDGE_APPS='[{id="123456",key="app-key",secret="app-secret"}]'"#
+    } else {
+        r#"a list as ["a","b"], a table as {key="value"}"#
+    };
+    Some(format!(
+        "the value is read as TOML, not JSON (inline tables: key = value, not \"key\": value), \
+         e.g. {example}"
+    ))
 }
 
 /// A TOML syntax error without the excerpt of the file it quotes (`3 | secret = "...`,
