@@ -449,6 +449,7 @@ async fn quick_start_nats_commands_do_what_their_comments_say() {
             assert!(out.contains("127.0.0.1:4222"), "{out}");
         }
     }
+    assert!(quick.contains("`systemctl is-active nats-server`"));
     assert!(quick.contains("`sudo systemctl disable --now nats-server`"));
     let unit = "/lib/systemd/system/nats-server.service";
     if let Ok(unit) = std::fs::read_to_string(unit) {
@@ -524,6 +525,15 @@ fn consumer_install_commands_are_the_ones_ci_runs() {
     let pip = "/bin/pip install -r examples/python/requirements.txt";
     for l in lines.iter().filter(|l| l.contains("pip install")) {
         assert_eq!(*l, &format!("{venv}{pip}"));
+    }
+    // The Debian packages the quick start names for them are the ones .ci/run installs.
+    let quick = section(&text, "## Quick start");
+    for (package, installed_with) in [
+        ("python3-venv", "apt_install python3 python3-venv"),
+        ("nodejs npm", "apt_install nodejs npm"),
+    ] {
+        assert!(quick.contains(package), "{package}");
+        assert!(ci.contains(installed_with), "{installed_with}");
     }
     for l in lines.iter().filter(|l| l.contains("npm ")) {
         assert_eq!(*l, "npm ci --prefix examples/node");
