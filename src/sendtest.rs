@@ -49,7 +49,7 @@ pub enum SendTestError {
 /// The event types in the order `all` posts them: one session on the presence channel, so
 /// that the channel state is consistent after each webhook (a member joins an occupied channel,
 /// leaves it before it is vacated) and empty again at the end.
-pub(crate) const SESSION: [&str; 7] = [
+pub const SESSION: [&str; 7] = [
     "channel_occupied",
     "member_added",
     "client_event",
