@@ -187,7 +187,7 @@ pub async fn run_with(
         listen = %local(&listener),
         admin_listen = %admin.as_ref().map(local).unwrap_or_else(|| "(on listen)".into()),
         path = %bridge.settings().server.webhook_path,
-        broker = ?bridge.settings().broker.kind,
+        broker = %bridge.settings().broker.kind,
         "pusher-bridge serving"
     );
     // Background tasks run under the one supervisor and stop when `shutdown` completes (or

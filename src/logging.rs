@@ -38,7 +38,7 @@ static CONTROL: OnceLock<Control> = OnceLock::new();
 pub fn init(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
     // Colours only on a terminal: escape codes would litter `docker logs` and log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let redactor = Redactor::new(&secrets_of(settings));

@@ -432,6 +432,14 @@ fn sweep(
 fn state(path: Option<&PathBuf>, action: StateCommand) -> anyhow::Result<std::process::ExitCode> {
     use pusher_bridge::state::client;
     let settings = load(path)?;
+    // With the state off no bridge of this configuration keeps the bucket: an empty listing
+    // (or one read from a bucket another configuration left) would pass for "nobody here".
+    if !settings.state.enabled {
+        anyhow::bail!(
+            "channel state is off: set [state] enabled = true (PUSHER_BRIDGE_STATE__ENABLED=true) \
+             in the bridge's configuration and in the one this command reads"
+        );
+    }
     let app = |app: Option<String>| {
         client::app_or_first(&settings, app.as_deref())
             .context("no --app given and no [[apps]] configured")

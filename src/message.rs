@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-/// Every event type Pusher sends, in the order `send-test` posts them; also the `event` label
-/// values of the metrics (any other name is `other`).
+/// Every event type Pusher sends (`send-test` posts them in its own order, `SESSION`); also the
+/// `event` label values of the metrics (any other name is `other`).
 pub const EVENT_TYPES: [&str; 7] = [
     "channel_occupied",
     "channel_vacated",

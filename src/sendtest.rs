@@ -5,6 +5,13 @@
 //! The samples use channels named `*send-test` so their events are easy to spot (and filter)
 //! downstream; `time_ms` is the current time, so a repeated run is never taken for a duplicate.
 //!
+//! `all` posts them in the order of one session on `presence-send-test` ([`SESSION`]), each
+//! webhook a millisecond or more after the one before: the channel is occupied, the member
+//! joins, ..., the member leaves, the channel is vacated. So the channel state (`[state]`),
+//! which hides the members of a channel that is not occupied, stays consistent at every step
+//! and ends as it began: nothing occupied, nobody present. One event at a time
+//! (`--event channel_occupied`, then `--event member_added`) shows the member present.
+//!
 //! When events were only spooled (or refused with 503), the bridge's answer says why its broker
 //! did not take them (`"broker"`, `"broker_error"`: [`BrokerStatus`]), and `send-test` names
 //! the cause and what to do: connecting, JetStream off, unreachable, refused, not declared,
@@ -39,10 +46,23 @@ pub enum SendTestError {
     Probe(#[from] ProbeError),
 }
 
+/// The event types in the order `all` posts them: one session on the presence channel, so
+/// that the channel state is consistent after each webhook (a member joins an occupied channel,
+/// leaves it before it is vacated) and empty again at the end.
+pub const SESSION: [&str; 7] = [
+    "channel_occupied",
+    "member_added",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+    "member_removed",
+    "channel_vacated",
+];
+
 /// Which sample webhooks to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
-    /// One webhook per entry of [`EVENT_TYPES`].
+    /// One webhook per event type, in the order of [`SESSION`].
     All,
     /// Only this event type.
     One(&'static str),
@@ -67,17 +87,20 @@ impl Selection {
     /// The event types this selection sends, in order.
     pub fn events(&self) -> Vec<&'static str> {
         match self {
-            Self::All => EVENT_TYPES.to_vec(),
+            Self::All => SESSION.to_vec(),
             Self::One(name) => vec![name],
         }
     }
 }
 
-/// The sample event object (JSON text) of `name`, with the fields Pusher sends for it.
+/// The sample event object (JSON text) of `name`, with the fields Pusher sends for it. The
+/// channel existence and member events are about one presence channel, so that the member
+/// joins a channel the state counts as occupied; `subscription_count` is for non-presence
+/// channels only (Pusher sends none for presence channels), so its channel is `send-test`.
 pub(crate) fn sample_event(name: &str) -> Option<&'static str> {
     Some(match name {
-        "channel_occupied" => r#"{"name":"channel_occupied","channel":"send-test"}"#,
-        "channel_vacated" => r#"{"name":"channel_vacated","channel":"send-test"}"#,
+        "channel_occupied" => r#"{"name":"channel_occupied","channel":"presence-send-test"}"#,
+        "channel_vacated" => r#"{"name":"channel_vacated","channel":"presence-send-test"}"#,
         "member_added" => {
             r#"{"name":"member_added","channel":"presence-send-test","user_id":"send-test-user"}"#
         }
@@ -345,11 +368,17 @@ pub async fn send_test(
     // Refuse a bad URL once, up front, instead of once per event.
     probe::parse_http_url(&url)?;
     let mut results = Vec::new();
+    let mut last_ms = 0;
     for event in selection.events() {
-        let time_ms = SystemTime::now()
+        let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
+        // Strictly increasing: the channel state orders events by `time_ms` first, and two
+        // webhooks of the same millisecond (member_added, member_removed) would be ordered by
+        // their digests instead of the order they were sent in.
+        let time_ms = now_ms.max(last_ms + 1);
+        last_ms = time_ms;
         let Some(body) = sample_webhook(event, time_ms) else {
             continue;
         };
@@ -388,6 +417,30 @@ mod tests {
             assert!(head.channel.ends_with("send-test"), "{}", head.channel);
         }
         assert!(sample_event("member_updated").is_none());
+    }
+
+    #[test]
+    fn all_is_one_consistent_session_on_the_presence_channel() {
+        let all = Selection::All.events();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        let mut types = EVENT_TYPES.to_vec();
+        types.sort_unstable();
+        assert_eq!(sorted, types, "every event type once");
+        let at = |name: &str| all.iter().position(|e| *e == name).unwrap();
+        assert_eq!(at("channel_occupied"), 0);
+        assert_eq!(at("channel_vacated"), all.len() - 1);
+        assert!(at("member_added") < at("member_removed"));
+        let channel = |name: &str| {
+            let body = sample_webhook(name, 1).unwrap();
+            let hook = parse(body.as_bytes(), 100).unwrap();
+            event_head(hook.events[0]).unwrap().channel.to_string()
+        };
+        for name in ["channel_vacated", "member_added", "member_removed"] {
+            assert_eq!(channel(name), channel("channel_occupied"), "{name}");
+        }
+        assert!(channel("channel_occupied").starts_with("presence-"));
+        assert!(!channel("subscription_count").starts_with("presence-"));
     }
 
     #[test]

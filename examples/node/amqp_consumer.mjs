@@ -5,7 +5,16 @@
 // not deduplicate: a webhook Pusher delivered twice arrives twice with the same id).
 //
 //   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f EXCHANGE=pusher.events \
-//   QUEUE=client-events-worker BINDING='pusher.*.client_event.#' node amqp_consumer.mjs
+//   QUEUE=node-amqp-example BINDING='pusher.*.client_event.#' node amqp_consumer.mjs
+//
+// QUEUE names the queue (default `node-amqp-example`, no other example's). Consumers of one queue
+// share its events, each event going to one of them (a work queue); each queue bound to the
+// exchange gets its own copy of every event it binds. The queue keeps events while the example is
+// stopped, but not for ever: RabbitMQ deletes it once it has had no consumer for QUEUE_EXPIRES
+// seconds (default 86400, a day: `x-expires`), and it holds at most QUEUE_MAX_LENGTH events
+// (default 100000, the oldest dropped first: `x-max-length`). `rabbitmqctl delete_queue <QUEUE>`
+// deletes it at once. Change either and delete the queue first: RabbitMQ refuses to declare an
+// existing queue with other arguments (PRECONDITION_FAILED).
 //
 // It prints {"ready":true} once the queue is bound. MAX_MESSAGES=n stops after n events (the
 // test suite uses it); by default it runs until stopped.
@@ -13,14 +22,19 @@ import amqp from "amqplib";
 
 const url = process.env.AMQP_URL ?? "amqp://guest:guest@127.0.0.1:5672/%2f";
 const exchange = process.env.EXCHANGE ?? "pusher.events";
-const queue = process.env.QUEUE ?? "client-events-worker";
+const queue = process.env.QUEUE ?? "node-amqp-example";
 const binding = process.env.BINDING ?? "pusher.*.client_event.#";
 const limit = Number(process.env.MAX_MESSAGES ?? "0");
 const REMEMBER = 100_000;
 
 const conn = await amqp.connect(url);
 const ch = await conn.createChannel();
-await ch.assertQueue(queue, { durable: true });
+// Bounded in time and size, so an example left behind does not grow for ever.
+await ch.assertQueue(queue, {
+  durable: true,
+  expires: Number(process.env.QUEUE_EXPIRES ?? "86400") * 1000,
+  maxLength: Number(process.env.QUEUE_MAX_LENGTH ?? "100000"),
+});
 // `*` is one word (the app id), `#` any number of words; the channel is one escaped word.
 await ch.bindQueue(queue, exchange, binding);
 await ch.prefetch(100);

@@ -4,24 +4,34 @@
 // per event and acknowledges it after processing, so a restart resumes where it stopped.
 //
 //   NATS_URL=nats://127.0.0.1:4222 STREAM=PUSHER_EVENTS \
-//   SUBJECT='pusher.*.member_added.>' DURABLE=presence-sync node nats_consumer.mjs
+//   SUBJECT='pusher.*.member_added.>' DURABLE=node-nats-example node nats_consumer.mjs
+//
+// DURABLE names the consumer (default `node-nats-example`, no other example's). Consumers that
+// share a durable name share its events, each event going to one of them (a work queue); give
+// each reader that must see every event a name of its own. The server deletes the consumer once
+// nobody has pulled from it for INACTIVE_THRESHOLD seconds (default 86400, a day; a later run
+// then starts again from the stream's first event); `nats consumer rm PUSHER_EVENTS <DURABLE>`
+// deletes it at once.
 //
 // MAX_MESSAGES=n stops after n events (the test suite uses it); by default it runs until stopped.
-import { AckPolicy, connect } from "nats";
+import { AckPolicy, connect, nanos } from "nats";
 
 const url = process.env.NATS_URL ?? "nats://127.0.0.1:4222";
 const stream = process.env.STREAM ?? "PUSHER_EVENTS";
 const subject = process.env.SUBJECT ?? "pusher.*.member_added.>";
-const durable = process.env.DURABLE ?? "presence-sync";
+const durable = process.env.DURABLE ?? "node-nats-example";
+const inactive = Number(process.env.INACTIVE_THRESHOLD ?? "86400");
 const limit = Number(process.env.MAX_MESSAGES ?? "0");
 
 const nc = await connect({ servers: url.split(",") });
 const jsm = await nc.jetstreamManager();
-// Creates the durable consumer, or finds it with its position when it exists.
+// Creates the durable consumer, or finds it with its position when it exists. The inactive
+// threshold keeps an abandoned example from holding its consumer for ever.
 await jsm.consumers.add(stream, {
   durable_name: durable,
   ack_policy: AckPolicy.Explicit,
   filter_subject: subject,
+  inactive_threshold: nanos(inactive * 1000),
 });
 const consumer = await nc.jetstream().consumers.get(stream, durable);
 const messages = await consumer.consume({ max_messages: 100 });

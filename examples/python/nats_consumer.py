@@ -4,7 +4,14 @@ Reads the events stream through a durable pull consumer with a subject filter, p
 line per event and acknowledges it after processing, so a restart resumes where it stopped.
 
     NATS_URL=nats://127.0.0.1:4222 STREAM=PUSHER_EVENTS \
-    SUBJECT='pusher.*.member_added.>' DURABLE=presence-sync python nats_consumer.py
+    SUBJECT='pusher.*.member_added.>' DURABLE=python-nats-example python nats_consumer.py
+
+DURABLE names the consumer (default `python-nats-example`, no other example's). Consumers that
+share a durable name share its events, each event going to one of them (a work queue); give
+each reader that must see every event a name of its own. The server deletes the consumer once
+nobody has pulled from it for INACTIVE_THRESHOLD seconds (default 86400, a day; a later run
+then starts again from the stream's first event); `nats consumer rm PUSHER_EVENTS <DURABLE>`
+deletes it at once.
 
 MAX_MESSAGES=n stops after n events (the test suite uses it); by default it runs until stopped.
 """
@@ -15,19 +22,27 @@ import os
 
 import nats
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import ConsumerConfig
 
 
 async def main() -> None:
     url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     stream = os.environ.get("STREAM", "PUSHER_EVENTS")
     subject = os.environ.get("SUBJECT", "pusher.*.member_added.>")
-    durable = os.environ.get("DURABLE", "presence-sync")
+    durable = os.environ.get("DURABLE", "python-nats-example")
+    inactive = float(os.environ.get("INACTIVE_THRESHOLD", "86400"))
     limit = int(os.environ.get("MAX_MESSAGES", "0"))
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    # Creates the durable consumer on first use; later runs continue from its position.
-    sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    # Creates the durable consumer on first use; later runs continue from its position. The
+    # inactive threshold keeps an abandoned example from holding its consumer for ever.
+    sub = await js.pull_subscribe(
+        subject,
+        durable=durable,
+        stream=stream,
+        config=ConsumerConfig(inactive_threshold=inactive),
+    )
     seen = 0
     while limit == 0 or seen < limit:
         batch = 100 if limit == 0 else min(100, limit - seen)

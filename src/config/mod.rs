@@ -320,7 +320,7 @@ pub struct AppSettings {
     pub secret_file: Option<PathBuf>,
 }
 
-/// Which broker implementation runs.
+/// Which broker implementation runs. Displayed as the configuration spells it (`nats`, `amqp`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
@@ -334,6 +334,24 @@ pub enum BrokerKind {
     /// benchmark can measure the HTTP path's ceiling.
     #[cfg(feature = "bench-null-broker")]
     Null,
+}
+
+impl BrokerKind {
+    /// The value of `broker.kind` that selects this broker.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nats => "nats",
+            Self::Amqp => "amqp",
+            #[cfg(feature = "bench-null-broker")]
+            Self::Null => "null",
+        }
+    }
+}
+
+impl std::fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `[broker]`: common publishing settings plus one section per broker.
@@ -743,11 +761,17 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// The default `log.level`: `info`, but async-nats at `warn`. async-nats logs every failed
+/// connection attempt of each of the bridge's NATS clients at `info` (`event: client error`),
+/// two lines every few hundred milliseconds while NATS is away, beside the bridge's own
+/// rate-limited `cannot connect to NATS` warning, which says the same with the address.
+pub const DEFAULT_LOG_LEVEL: &str = "info,async_nats=warn";
+
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            level: "info".into(),
+            level: DEFAULT_LOG_LEVEL.into(),
         }
     }
 }
@@ -851,6 +875,10 @@ fn describe(e: &figment::Error) -> String {
                 " in environment variable {ENV_PREFIX}{}",
                 var.join("__")
             ));
+            if let Some(hint) = env_toml_hint(e) {
+                out.push_str(": ");
+                out.push_str(&hint);
+            }
         }
         Some(m) => {
             out.push_str(&format!(" in {}", m.name));
@@ -861,6 +889,32 @@ fn describe(e: &figment::Error) -> String {
         None => {}
     }
     out
+}
+
+/// What to write instead, for an environment value that should have been a list or a table:
+/// figment reads environment values as TOML and takes one that does not parse (JSON's
+/// `"id":"1"`, say) as a plain string, so the error alone ("found a string") does not say why.
+/// Names the format with an example, never the value (`PUSHER_BRIDGE_APPS` holds secrets).
+fn env_toml_hint(e: &figment::Error) -> Option<String> {
+    use figment::error::{Actual, Kind};
+    let Kind::InvalidType(Actual::Str(_), expected) = &e.kind else {
+        return None;
+    };
+    if !["sequence", "map", "struct"]
+        .iter()
+        .any(|w| expected.contains(w))
+    {
+        return None;
+    }
+    let example = if e.path.first().is_some_and(|p| p == "apps") {
+        r#"PUSHER_BRIDGE_APPS='[{id="123456",key="app-key",secret="app-secret"}]'"#
+    } else {
+        r#"a list as ["a","b"], a table as {key="value"}"#
+    };
+    Some(format!(
+        "the value is read as TOML, not JSON (inline tables: key = value, not \"key\": value), \
+         e.g. {example}"
+    ))
 }
 
 /// A TOML syntax error without the excerpt of the file it quotes (`3 | secret = "...`,

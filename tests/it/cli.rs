@@ -59,6 +59,31 @@ fn a_bad_key_exits_1_and_names_it() {
     }
 }
 
+/// `PUSHER_BRIDGE_APPS` written as JSON (what most people type first) is refused with the hint
+/// that environment values are TOML and how the list is written there, without the value: it
+/// holds the secrets.
+#[test]
+fn apps_as_json_in_the_environment_say_the_value_is_toml() {
+    let json = r#"[{"id":"1","key":"k","secret":"json-s3cret-value"}]"#;
+    let (code, stdout, stderr) = check_config("", &[("PUSHER_BRIDGE_APPS", json)]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stderr.contains("PUSHER_BRIDGE_APPS")
+            && stderr.contains("TOML, not JSON")
+            && stderr.contains(r#"[{id="123456",key="app-key",secret="app-secret"}]"#),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("json-s3cret-value") && !stdout.contains("json-s3cret-value"),
+        "{stderr}"
+    );
+    // The hint's own example is a value that works.
+    let toml = r#"[{id="123456",key="app-key",secret="app-secret"}]"#;
+    let (code, stdout, stderr) = check_config("", &[("PUSHER_BRIDGE_APPS", toml)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("id = \"123456\""), "{stdout}");
+}
+
 /// `pusher-bridge` with no command serves, and without `--config` or `$PUSHER_BRIDGE_CONFIG`
 /// reads `config/pusher-bridge.toml` under the working directory.
 #[test]

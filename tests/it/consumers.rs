@@ -1,7 +1,10 @@
 //! The consumer's side, in the languages downstream teams write: the Python (nats-py, pika) and
 //! Node (nats, amqplib) subscriber examples in examples/ read what the bridge published to the
 //! real brokers, and the CloudEvents Python SDK reads the `ce-` headers of
-//! `broker.cloudevents = true` from both brokers.
+//! `broker.cloudevents = true` from both brokers. Each example has names of its own (two run
+//! side by side both read every event), bounds what it leaves on the broker (an inactive
+//! threshold on NATS, `x-expires` and `x-max-length` on RabbitMQ), and the CloudEvents reader
+//! skips events without `ce-` headers, saying why.
 //!
 //! `.ci/run` installs the dependencies from the registries into examples/python/.venv and
 //! examples/node/node_modules; a test whose interpreter or packages are missing prints a
@@ -13,17 +16,17 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::common::{
-    APP_ID, Stored, TestApp, amqp_channel, cleanup, nats_url, read_events, settings_for,
-    webhook_body,
+    APP_ID, Stored, TestApp, amqp_channel, cleanup, jetstream_ctx, nats_url, read_events,
+    settings_for, webhook_body,
 };
-use pusher_bridge::config::BrokerKind;
+use pusher_bridge::config::{BrokerKind, Settings};
 
-fn repo(p: &str) -> PathBuf {
+pub(crate) fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 /// The venv's Python with the examples' packages, or None (with a NOTICE).
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     let py = repo("examples/python/.venv/bin/python");
     let ok = py.is_file()
         && Command::new(&py)
@@ -40,7 +43,7 @@ fn python() -> Option<PathBuf> {
 }
 
 /// `node` when examples/node's packages are installed, or None (with a NOTICE).
-fn node() -> Option<PathBuf> {
+pub(crate) fn node() -> Option<PathBuf> {
     let installed = ["nats", "amqplib"]
         .iter()
         .all(|p| repo(&format!("examples/node/node_modules/{p}/package.json")).is_file());
@@ -59,14 +62,14 @@ fn node() -> Option<PathBuf> {
 }
 
 /// A consumer example running as a child process; its stdout lines arrive on a channel.
-struct Consumer {
+pub(crate) struct Consumer {
     child: std::process::Child,
     lines: mpsc::Receiver<String>,
     stderr: PathBuf,
 }
 
 impl Consumer {
-    fn start(program: &Path, script: &str, env: &[(&str, String)]) -> Self {
+    pub(crate) fn start(program: &Path, script: &str, env: &[(&str, String)]) -> Self {
         let stderr = std::env::temp_dir().join(crate::common::unique("consumer-stderr"));
         let mut child = Command::new(program)
             .arg(repo(script))
@@ -93,13 +96,13 @@ impl Consumer {
         }
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// The next stdout line as JSON, waiting up to 30 s (a loaded machine starts Python
     /// slowly).
-    async fn next(&mut self) -> serde_json::Value {
+    pub(crate) async fn next(&mut self) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match self.lines.try_recv() {
@@ -122,7 +125,7 @@ impl Consumer {
     }
 
     /// Waits for the exit (it stops by itself after MAX_MESSAGES) and asserts success.
-    async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         for _ in 0..750 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(
@@ -146,7 +149,9 @@ impl Drop for Consumer {
     }
 }
 
-const EVENTS: [&str; 3] = [
+/// The events the tests post, in one webhook: occupancy, a member, a client event on a channel
+/// whose name needs escaping.
+pub(crate) const EVENTS: [&str; 3] = [
     r#"{"name":"channel_occupied","channel":"presence-lobby"}"#,
     r#"{"name":"member_added","channel":"presence-lobby","user_id":"u-1"}"#,
     r#"{"name":"client_event","channel":"private-a.b","event":"client-x","data":"{}","socket_id":"1.2"}"#,
@@ -173,6 +178,46 @@ fn assert_lines(lines: &[serde_json::Value], stored: &[Stored]) {
         assert_eq!(line["channel"], channel, "{line}");
         assert_eq!(line["id"].as_str(), m.msg_id.as_deref(), "{line}");
     }
+}
+
+/// What the examples leave on the broker is bounded, as their docstrings say: the server
+/// deletes the NATS consumer `durable` after a day without a pull.
+async fn assert_inactive_threshold(s: &Settings, durable: &str) {
+    let js = jetstream_ctx(&nats_url()).await;
+    let stream = js.get_stream(&s.broker.nats.stream).await.unwrap();
+    let info = stream.consumer_info(durable).await.unwrap();
+    assert_eq!(
+        info.config.inactive_threshold,
+        Duration::from_secs(86_400),
+        "consumer {durable}"
+    );
+}
+
+/// The example's RabbitMQ queue is bounded as its docstring says: RabbitMQ takes a declaration
+/// with `x-expires` a day and `x-max-length` 100 000, and refuses one without them.
+async fn assert_bounded_queue(queue: &str) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let (conn, ch) = amqp_channel().await;
+    let plain = ch
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await;
+    let err = plain
+        .expect_err("the example's queue has no arguments")
+        .to_string();
+    assert!(err.contains("PRECONDITION_FAILED"), "{err}");
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
+    ch.queue_declare(queue.into(), durable, args)
+        .await
+        .unwrap_or_else(|e| panic!("{queue} has other arguments: {e}"));
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// The NATS example reads every event, in order, with its message id.
@@ -206,6 +251,7 @@ async fn nats_example(program: PathBuf, script: &str) {
         )
     );
     assert_eq!(lines[1]["user_id"], "u-1");
+    assert_inactive_threshold(&s, "example-reader").await;
     app.stop().await;
     cleanup(BrokerKind::Nats, &s).await;
 }
@@ -248,6 +294,7 @@ async fn amqp_example(program: PathBuf, script: &str) {
         lines[3]["event"], "cache_miss",
         "the redelivered copies were dropped"
     );
+    assert_bounded_queue(&queue).await;
     let (conn, ch) = amqp_channel().await;
     let _ = ch
         .queue_delete(queue.as_str().into(), Default::default())
@@ -285,6 +332,89 @@ async fn node_amqp_consumer_example() {
     }
 }
 
+/// Reads `n` lines from each of `consumers` and waits for each to stop.
+async fn lines_of(consumers: Vec<Consumer>, n: usize) -> Vec<Vec<serde_json::Value>> {
+    let mut all = Vec::new();
+    for mut c in consumers {
+        let mut lines = Vec::new();
+        for _ in 0..n {
+            lines.push(c.next().await);
+        }
+        c.finish().await;
+        all.push(lines);
+    }
+    all
+}
+
+/// The examples' default names differ (`python-nats-example`, `node-nats-example`,
+/// `python-amqp-example`, `node-amqp-example`), so two of them started side by side without
+/// DURABLE / QUEUE each read every event: consumers sharing one name would split the events
+/// between them (a work queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_left_to_their_default_names_each_read_every_event() {
+    let (Some(py), Some(node)) = (python(), node()) else {
+        return;
+    };
+    let s = settings_for(BrokerKind::Nats);
+    let app = TestApp::spawn_ready(s.clone()).await;
+    post_events(&app, 1_700_000_000_123).await;
+    let stored = read_events(BrokerKind::Nats, &s, 3).await;
+    let env = [
+        ("NATS_URL", nats_url()),
+        ("STREAM", s.broker.nats.stream.clone()),
+        ("SUBJECT", format!("{}.>", s.broker.subject_prefix)),
+        ("MAX_MESSAGES", "3".into()),
+    ];
+    let both = vec![
+        Consumer::start(&py, "examples/python/nats_consumer.py", &env),
+        Consumer::start(&node, "examples/node/nats_consumer.mjs", &env),
+    ];
+    for lines in lines_of(both, 3).await {
+        assert_lines(&lines, &stored);
+    }
+    assert_inactive_threshold(&s, "python-nats-example").await;
+    assert_inactive_threshold(&s, "node-nats-example").await;
+    app.stop().await;
+    cleanup(BrokerKind::Nats, &s).await;
+
+    let s = settings_for(BrokerKind::Amqp);
+    let app = TestApp::spawn_ready(s.clone()).await;
+    let queues = ["python-amqp-example", "node-amqp-example"];
+    let delete_queues = || async {
+        let (conn, ch) = amqp_channel().await;
+        for q in queues {
+            let _ = ch.queue_delete(q.into(), Default::default()).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    };
+    // A queue of that name left by an earlier run may hold its events.
+    delete_queues().await;
+    let env = [
+        ("AMQP_URL", crate::common::amqp_url()),
+        ("EXCHANGE", s.broker.amqp.exchange.clone()),
+        ("BINDING", format!("{}.#", s.broker.subject_prefix)),
+        ("MAX_MESSAGES", "3".into()),
+    ];
+    let mut both = vec![
+        Consumer::start(&py, "examples/python/amqp_consumer.py", &env),
+        Consumer::start(&node, "examples/node/amqp_consumer.mjs", &env),
+    ];
+    for c in &mut both {
+        assert_eq!(c.next().await["ready"], true);
+    }
+    post_events(&app, 1_700_000_000_123).await;
+    let stored = read_events(BrokerKind::Amqp, &s, 3).await;
+    for lines in lines_of(both, 3).await {
+        assert_lines(&lines, &stored);
+    }
+    for q in queues {
+        assert_bounded_queue(q).await;
+    }
+    delete_queues().await;
+    app.stop().await;
+    cleanup(BrokerKind::Amqp, &s).await;
+}
+
 /// What the CloudEvents SDK read from one event, checked against the stored message.
 fn assert_cloudevent(line: &serde_json::Value, stored: &Stored, event: &str, channel: &str) {
     assert_eq!(line["specversion"], "1.0", "{line}");
@@ -298,11 +428,15 @@ fn assert_cloudevent(line: &serde_json::Value, stored: &Stored, event: &str, cha
     assert_eq!(line["data"], stored.body, "{line}");
 }
 
-async fn cloudevents_read_by_the_sdk(kind: BrokerKind) {
+/// The CloudEvents example reads the `ce-` headers of the events of a bridge with
+/// `broker.cloudevents = true`. With `plain_first`, three events without them (a bridge with
+/// `cloudevents = false`) come first: the example skips them, saying why on stderr, and reads
+/// the CloudEvents behind them.
+async fn cloudevents_read_by_the_sdk(kind: BrokerKind, plain_first: bool) {
     let Some(py) = python() else { return };
     let mut s = settings_for(kind);
-    s.broker.cloudevents = true;
-    let app = TestApp::spawn_ready(s.clone()).await;
+    s.broker.cloudevents = !plain_first;
+    let mut app = TestApp::spawn_ready(s.clone()).await;
     let queue = format!("{}.ce", s.broker.amqp.queue);
     let script = "examples/python/cloudevents_consumer.py";
     let mut consumer = match kind {
@@ -324,9 +458,17 @@ async fn cloudevents_read_by_the_sdk(kind: BrokerKind) {
             Some(c)
         }
     };
+    let skipped = if plain_first { 3 } else { 0 };
+    if plain_first {
+        // Another time_ms: other message ids than the CloudEvents below.
+        post_events(&app, 1_700_000_000_001).await;
+        app.stop().await;
+        s.broker.cloudevents = true;
+        app = TestApp::spawn_ready(s.clone()).await;
+    }
     post_events(&app, 1_700_000_000_123).await;
-    let stored = read_events(kind, &s, 3).await;
-    assert_eq!(stored.len(), 3);
+    let stored = read_events(kind, &s, skipped + 3).await;
+    assert_eq!(stored.len(), skipped + 3);
     let mut consumer = consumer.take().unwrap_or_else(|| {
         Consumer::start(
             &py,
@@ -341,18 +483,36 @@ async fn cloudevents_read_by_the_sdk(kind: BrokerKind) {
             ],
         )
     });
-    for (m, (event, channel)) in stored.iter().zip(EXPECTED) {
+    for (m, (event, channel)) in stored[skipped..].iter().zip(EXPECTED) {
         let line = consumer.next().await;
         assert_cloudevent(&line, m, event, channel);
         assert_eq!(m.header("ce-id"), m.msg_id.as_deref());
     }
+    let stderr = consumer.stderr();
     consumer.finish().await;
-    if kind == BrokerKind::Amqp {
-        let (conn, ch) = amqp_channel().await;
-        let _ = ch
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-        let _ = conn.close(200, "done".into()).await;
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+    let skips = stderr
+        .lines()
+        .filter(|l| l.contains("no ce- headers"))
+        .count();
+    assert_eq!(skips, skipped, "{stderr}");
+    if plain_first {
+        assert!(
+            stderr.contains("broker.cloudevents = true")
+                && stderr.contains("PUSHER_BRIDGE_BROKER__CLOUDEVENTS=true"),
+            "{stderr}"
+        );
+    }
+    match kind {
+        BrokerKind::Nats => assert_inactive_threshold(&s, "ce-reader").await,
+        BrokerKind::Amqp => {
+            assert_bounded_queue(&queue).await;
+            let (conn, ch) = amqp_channel().await;
+            let _ = ch
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+            let _ = conn.close(200, "done".into()).await;
+        }
     }
     app.stop().await;
     cleanup(kind, &s).await;
@@ -360,12 +520,22 @@ async fn cloudevents_read_by_the_sdk(kind: BrokerKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_sdk_reads_nats_events() {
-    cloudevents_read_by_the_sdk(BrokerKind::Nats).await;
+    cloudevents_read_by_the_sdk(BrokerKind::Nats, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_sdk_reads_amqp_events() {
-    cloudevents_read_by_the_sdk(BrokerKind::Amqp).await;
+    cloudevents_read_by_the_sdk(BrokerKind::Amqp, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_example_skips_nats_events_without_ce_headers() {
+    cloudevents_read_by_the_sdk(BrokerKind::Nats, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_example_skips_amqp_events_without_ce_headers() {
+    cloudevents_read_by_the_sdk(BrokerKind::Amqp, true).await;
 }
 
 /// Off by default: no `ce-` header at all.

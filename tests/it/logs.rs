@@ -1,9 +1,12 @@
 //! Log output of the real binary: human-readable lines by default, one JSON object per line with
-//! `[log] format = "json"`, the `[log] level` filter, `RUST_LOG` over it, and no secret in any
-//! line.
+//! `[log] format = "json"`, the `[log] level` filter, `RUST_LOG` over it, no secret in any
+//! line, and one warning (not async-nats's lines per attempt) while NATS cannot be reached.
+
+use std::time::Duration;
 
 use crate::common::process::{BridgeProcess, Env, run, settings_env};
-use crate::common::{APP_SECRET, delete_streams, jetstream_ctx, nats_settings};
+use crate::common::{APP_SECRET, delete_streams, free_port, jetstream_ctx, nats_settings};
+use pusher_bridge::config::SecretUrl;
 
 /// Runs a bridge with `extra` env, provokes one 401 (a `warn` line) and returns its stdout.
 async fn logs_of(extra: &[(&str, &str)]) -> String {
@@ -46,6 +49,8 @@ async fn text_is_the_default_format() {
         .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
     assert!(serving.contains(" INFO "), "{serving}");
     assert!(serving.contains("listen=127.0.0.1:"), "{serving}");
+    // The broker as the configuration spells it (`broker.kind = "nats"`), not `Nats`.
+    assert!(serving.contains(" broker=nats"), "{serving}");
     let refused = out
         .lines()
         .find(|l| l.contains("webhook refused"))
@@ -78,6 +83,7 @@ async fn json_format_writes_one_object_per_line() {
         .unwrap_or_else(|| panic!("no start-up line:\n{out}"));
     assert_eq!(serving["level"], "INFO");
     assert_eq!(serving["fields"]["path"], "/pusher/webhooks");
+    assert_eq!(serving["fields"]["broker"], "nats");
     let refused = lines
         .iter()
         .find(|l| l["fields"]["message"] == "webhook refused")
@@ -107,4 +113,45 @@ async fn level_filters_and_rust_log_overrides_it() {
         !out.contains("async_nats"),
         "async_nats info lines at warn:\n{out}"
     );
+}
+
+/// The log of a bridge whose NATS URL points where nothing listens, run for three seconds
+/// (several connection attempts: the retries start at 100 ms and double), with `extra` env.
+async fn logs_while_nats_is_away(extra: &[(&str, &str)]) -> String {
+    let mut s = nats_settings();
+    s.broker.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", free_port()));
+    let mut env: Env = settings_env(&s);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_healthy().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bridge.terminate().await, Some(0), "{}", bridge.stderr());
+    bridge.stdout()
+}
+
+/// The lines of `out` that async-nats wrote about a failed connection attempt.
+fn async_nats_attempts(out: &str) -> usize {
+    out.lines()
+        .filter(|l| l.contains("async_nats") && l.contains("client error"))
+        .count()
+}
+
+/// At the default level an unreachable NATS is said once, by the bridge's own rate-limited
+/// warning, and async-nats's `event: client error` line of every attempt of each client is
+/// left out; `log.level` and `RUST_LOG` still bring those back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_nats_is_one_warning_at_the_default_level() {
+    let out = logs_while_nats_is_away(&[]).await;
+    let warnings = out
+        .lines()
+        .filter(|l| l.contains("cannot connect to NATS"))
+        .count();
+    assert_eq!(warnings, 1, "{out}");
+    assert_eq!(async_nats_attempts(&out), 0, "{out}");
+    assert!(!out.contains("async_nats"), "{out}");
+
+    for extra in [("PUSHER_BRIDGE_LOG__LEVEL", "info"), ("RUST_LOG", "info")] {
+        let out = logs_while_nats_is_away(&[extra]).await;
+        assert!(async_nats_attempts(&out) >= 2, "{extra:?}:\n{out}");
+    }
 }

@@ -1,23 +1,27 @@
 //! `pusher-bridge send-test` and `pusher-bridge healthcheck`, run as the real binary against a
 //! bridge that is itself the real binary, publishing to the real NATS.
 
-use std::collections::BTreeSet;
+use std::time::Duration;
 
 use crate::common::process::{BridgeProcess, Env, Run, run, settings_env};
+use crate::common::state::{app_path, now_secs, signed};
 use crate::common::{
-    APP_ID, NatsServer, delete_streams, free_port, jetstream_ctx, nats_settings, stream_messages,
+    APP_ID, APP_KEY, APP_SECRET, NatsServer, delete_streams, free_port, jetstream_ctx,
+    nats_settings, stream_messages, unique,
 };
 use pusher_bridge::config::SecretUrl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// (event, channel) of each sample, in the order `send-test` posts them: one session on the
+/// presence channel.
 const SAMPLES: [(&str, &str); 7] = [
-    ("channel_occupied", "send-test"),
-    ("channel_vacated", "send-test"),
+    ("channel_occupied", "presence-send-test"),
     ("member_added", "presence-send-test"),
-    ("member_removed", "presence-send-test"),
     ("client_event", "private-send-test"),
     ("cache_miss", "cache-send-test"),
     ("subscription_count", "send-test"),
+    ("member_removed", "presence-send-test"),
+    ("channel_vacated", "presence-send-test"),
 ];
 
 fn with(env: &Env, key: &str, value: &str) -> Env {
@@ -34,12 +38,11 @@ async fn send_test_puts_every_event_type_on_the_broker() {
 
     let out = run(&["send-test"], &bridge.env).await;
     assert_eq!(out.code, 0, "{out:?}");
-    for (event, _) in SAMPLES {
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    for (i, (event, _)) in SAMPLES.iter().enumerate() {
         assert!(
-            out.stdout
-                .lines()
-                .any(|l| l.starts_with(event) && l.contains("200 OK")),
-            "{event} not accepted:\n{}",
+            lines[i].starts_with(event) && lines[i].contains("200 OK"),
+            "{event} not accepted in its place:\n{}",
             out.stdout
         );
     }
@@ -54,12 +57,15 @@ async fn send_test_puts_every_event_type_on_the_broker() {
 
     let js = jetstream_ctx(s.broker.nats.url.expose()).await;
     let stored = stream_messages(&js, &s.broker.nats.stream, 7).await;
-    let subjects: BTreeSet<String> = stored.iter().map(|m| m.subject.clone()).collect();
-    let expected: BTreeSet<String> = SAMPLES
+    let subjects: Vec<String> = stored.iter().map(|m| m.subject.clone()).collect();
+    let expected: Vec<String> = SAMPLES
         .iter()
         .map(|(event, channel)| format!("{}.{APP_ID}.{event}.{channel}", s.broker.subject_prefix))
         .collect();
-    assert_eq!(subjects, expected);
+    assert_eq!(
+        subjects, expected,
+        "one webhook after the other, in the session's order"
+    );
     assert_eq!(stored.len(), 7, "one message per event type");
     for m in &stored {
         assert_eq!(m.body["app_id"], APP_ID, "{m:?}");
@@ -92,6 +98,85 @@ async fn send_test_puts_every_event_type_on_the_broker() {
     }
     assert_eq!(bridge.terminate().await, Some(0), "{}", bridge.stderr());
     delete_streams(&js, &s).await;
+}
+
+/// Runs `pusher-bridge <args>` with `env` until its stdout is `want` (the state applier works
+/// behind the webhooks' answers), for up to 20 s; returns the last output.
+async fn until_prints(env: &Env, args: &[&str], want: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = run(args, env).await;
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        if out.stdout == want {
+            return out.stdout;
+        }
+        last = out.stdout;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{args:?} printed {last:?}, not {want:?}");
+}
+
+/// With `[state]` on, send-test's webhooks keep the channel state consistent: its presence
+/// channel is occupied before the member joins, so one event at a time (`channel_occupied`,
+/// then `member_added`) shows the member in `state members`, `state channels` and the query
+/// API; the whole run is one session that ends as it began, nothing occupied, nobody present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_leaves_a_consistent_channel_state() {
+    let s = nats_settings();
+    let bucket = unique("ST");
+    let mut env = settings_env(&s);
+    env.push(("PUSHER_BRIDGE_STATE__ENABLED".into(), "true".into()));
+    env.push(("PUSHER_BRIDGE_STATE__BUCKET".into(), bucket.clone()));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_ready().await;
+
+    for event in ["channel_occupied", "member_added"] {
+        let out = run(&["send-test", "--event", event], &bridge.env).await;
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    let members = ["state", "members", "presence-send-test"];
+    until_prints(&bridge.env, &members, "send-test-user\n").await;
+    let channels = run(&["state", "channels"], &bridge.env).await;
+    assert_eq!(
+        channels.stdout, "presence-send-test subscription_count=? user_count=1\n",
+        "{channels:?}"
+    );
+    let users = signed(
+        &app_path("/channels/presence-send-test/users"),
+        &[],
+        APP_KEY,
+        APP_SECRET,
+        now_secs(),
+    );
+    let (code, body) = bridge.get(&users).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"users": [{"id": "send-test-user"}]})
+    );
+
+    // The whole run: the member joins again and leaves, the channel is vacated.
+    let out = run(&["send-test"], &bridge.env).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    until_prints(&bridge.env, &["state", "channels"], "").await;
+    until_prints(&bridge.env, &members, "").await;
+    let channel = signed(
+        &app_path("/channels/presence-send-test"),
+        &[],
+        APP_KEY,
+        APP_SECRET,
+        now_secs(),
+    );
+    let (code, body) = bridge.get(&channel).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body, serde_json::json!({"occupied": false}));
+
+    assert_eq!(bridge.terminate().await, Some(0), "{}", bridge.stderr());
+    let js = jetstream_ctx(s.broker.nats.url.expose()).await;
+    delete_streams(&js, &s).await;
+    let _ = js.delete_stream(format!("KV_{bucket}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,7 @@ async fn out_of_order_webhooks_converge_and_the_api_answers_as_pusher() {
 
     // The CLI reads the same state.
     let mut env = process::settings_env(&s);
+    env.push(("PUSHER_BRIDGE_STATE__ENABLED".into(), "true".into()));
     env.push(("PUSHER_BRIDGE_STATE__BUCKET".into(), s.state.bucket.clone()));
     let run = process::run(&["state", "channels"], &env).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -209,6 +210,28 @@ async fn without_state_the_api_paths_say_it_is_off() {
     assert!(answer.body.contains("[state] enabled"), "{}", answer.body);
     app.stop().await;
     cleanup(BrokerKind::Nats, &s).await;
+}
+
+/// `state channels` / `state members` with the state off say so on stderr and exit 1, rather
+/// than print nothing (which reads as "no channel is occupied") and exit 0.
+#[tokio::test]
+async fn without_state_the_commands_say_it_is_off() {
+    let s = settings_for(BrokerKind::Nats);
+    let env = process::settings_env(&s);
+    for args in [
+        &["state", "channels"][..],
+        &["state", "members", "presence-send-test"][..],
+    ] {
+        let run = process::run(args, &env).await;
+        assert_eq!(run.code, 1, "{args:?}: {run:?}");
+        assert_eq!(run.stdout, "", "{args:?}");
+        assert!(
+            run.stderr
+                .starts_with("pusher-bridge: channel state is off: set [state] enabled = true"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
 }
 
 #[tokio::test]
