@@ -42,14 +42,31 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Connects, declares the topology (unless told not to) and opens the channels. `wake` is
-    /// notified when the connection reports an error or a block, so recovery starts at once.
+    /// Connects to the next node of `broker.amqp.url` that takes it (see
+    /// [`Endpoint::connect_with`]), declares the topology there (unless told not to) and opens
+    /// the channels, each node's attempt bounded by [`super::CONNECT_TIMEOUT`]. Returns the
+    /// session and the position of its node. `wake` is notified when the connection reports an
+    /// error or a block, so recovery starts at once.
     pub async fn open(
         cfg: &SessionConfig,
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
+    ) -> Result<(Self, usize), BrokerError> {
+        cfg.endpoint
+            .connect_with(super::CONNECT_TIMEOUT, |conn| {
+                Self::set_up(conn, cfg, wake.clone(), metrics.clone())
+            })
+            .await
+    }
+
+    /// Makes a session of a fresh connection; on failure closes it again (politely, bounded),
+    /// so a node that took the connection but refused the topology is not left with it.
+    async fn set_up(
+        conn: Connection,
+        cfg: &SessionConfig,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, BrokerError> {
-        let conn = cfg.endpoint.open().await?;
         let watcher = tokio::spawn(watch_events(
             conn.events_listener(),
             wake,
