@@ -78,6 +78,9 @@ struct Shared {
     redeclare: std::sync::atomic::AtomicBool,
     /// What the last connect attempt said (for [`AmqpBroker::status`]).
     status: StatusCell,
+    /// A session was up once: every later one follows a lost connection and settles first
+    /// (`publish::Settling`).
+    ever_up: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpBroker {
@@ -127,6 +130,7 @@ impl AmqpBroker {
             cloudevents: settings.broker.cloudevents,
             redeclare: std::sync::atomic::AtomicBool::new(false),
             status: StatusCell::default(),
+            ever_up: std::sync::atomic::AtomicBool::new(false),
         });
         shared.metrics.set_broker_up(false);
         let tasks = BrokerTasks::new(shared.metrics.clone());
@@ -366,8 +370,18 @@ impl Shared {
                     }
                 }
                 match s.repair(self.cfg.per_channel_in_flight).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(channels = n, "reopened AMQP channels"),
+                    Ok(done) => {
+                        if done.reopened > 0 {
+                            tracing::info!(channels = done.reopened, "reopened AMQP channels");
+                        }
+                        if done.replaced > 0 {
+                            // Debug only: a queue that nacks everything would repeat it.
+                            tracing::debug!(
+                                channels = done.replaced,
+                                "replaced AMQP channels nacked before any ack"
+                            );
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot reopen an AMQP channel"),
                 }
             }
@@ -380,12 +394,19 @@ impl Shared {
                 }
                 // One round over the nodes, each attempt bounded by CONNECT_TIMEOUT: for the
                 // backoff in `recovery_loop`, a round that failed everywhere is one failure.
-                let opened =
-                    Session::open(&self.cfg, self.wake.clone(), self.metrics.clone()).await;
+                let after_loss = self.ever_up.load(Ordering::Relaxed);
+                let opened = Session::open(
+                    &self.cfg,
+                    self.wake.clone(),
+                    self.metrics.clone(),
+                    after_loss,
+                )
+                .await;
                 match opened {
                     Ok((session, node)) => {
                         *self.session.write().unwrap_or_else(|e| e.into_inner()) =
                             Some(Arc::new(session));
+                        self.ever_up.store(true, Ordering::Relaxed);
                         let endpoint = &self.cfg.endpoint;
                         let url = endpoint.node_shown(node);
                         // From now on "lost the connection" names this node.
