@@ -21,8 +21,9 @@ pub(crate) struct ConnectionLog {
     broker: &'static str,
     /// `nats` or `amqp`, the metric label.
     label: &'static str,
-    /// Where it connects, with any password replaced by `***`.
-    address: String,
+    /// Where it connects, with any password replaced by `***`: the configured address, or for
+    /// a broker that picks one of several (RabbitMQ's node list) the one it is on.
+    address: Mutex<String>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
 }
@@ -61,7 +62,7 @@ impl ConnectionLog {
         Self {
             broker,
             label,
-            address: redacted_address,
+            address: Mutex::new(redacted_address),
             metrics,
             state: Mutex::new(State {
                 up: false,
@@ -78,6 +79,20 @@ impl ConnectionLog {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where it connects now (password replaced).
+    fn address(&self) -> String {
+        self.address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The lines from now on name `redacted_address` (the caller redacts): a broker with
+    /// several nodes names the node it reached, so a later "lost" names that node.
+    pub(crate) fn set_address(&self, redacted_address: String) {
+        *self.address.lock().unwrap_or_else(|e| e.into_inner()) = redacted_address;
     }
 
     /// A connection attempt failed with `error`.
@@ -100,16 +115,17 @@ impl ConnectionLog {
         let down_for = now.duration_since(s.down_since);
         let (failures, ever_up) = (s.failures, s.ever_up);
         drop(s);
+        let address = self.address();
         tracing::warn!(
             broker = self.label,
-            address = %self.address,
+            address = %address,
             error = %error,
             failed_attempts = failures,
             down_for_s = down_for.as_secs(),
             suppressed,
             "cannot connect to {} at {}{}; retrying",
             self.broker,
-            self.address,
+            address,
             if ever_up { " (connection lost)" } else { "" },
         );
     }
@@ -135,14 +151,15 @@ impl ConnectionLog {
         let suppressed = std::mem::take(&mut s.suppressed);
         drop(s);
         let error = error.map(|e| e.to_string()).unwrap_or_default();
+        let address = self.address();
         tracing::warn!(
             broker = self.label,
-            address = %self.address,
+            address = %address,
             error = %error,
             suppressed,
             "lost the connection to {} at {}; reconnecting (webhooks' events go to the spool meanwhile)",
             self.broker,
-            self.address,
+            address,
         );
     }
 
@@ -171,20 +188,21 @@ impl ConnectionLog {
         if reconnect {
             self.metrics.broker_reconnected(self.label);
         }
+        let address = self.address();
         if warned {
             tracing::info!(
                 broker = self.label,
-                address = %self.address,
+                address = %address,
                 down_for_ms = down_for.as_millis() as u64,
                 failed_attempts = failures,
                 suppressed,
                 "connection to {} at {} is back after {}",
                 self.broker,
-                self.address,
+                address,
                 humantime::format_duration(Duration::from_millis(down_for.as_millis() as u64)),
             );
         } else {
-            tracing::debug!(broker = self.label, address = %self.address, "connected");
+            tracing::debug!(broker = self.label, address = %address, "connected");
         }
     }
 }

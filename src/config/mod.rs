@@ -466,7 +466,9 @@ impl Default for NatsSettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
-    /// `amqp://` or `amqps://` URL, vhost included.
+    /// `amqp://` or `amqps://` URL, vhost included; or several, comma-separated (the nodes of
+    /// a cluster, all with the same vhost): the bridge connects to the first that answers and,
+    /// when the connection is lost, tries the others in turn (`servers::amqp_nodes`).
     pub url: SecretUrl,
     /// A file holding the password of `url`'s user (a mounted Kubernetes Secret), put into
     /// the URL when the configuration is loaded; the URL then names the user only.
@@ -1129,6 +1131,48 @@ mod tests {
         let q = Settings::from_toml("[broker.amqp]\nqueue_type = \"quorum\"\n").unwrap();
         assert_eq!(q.broker.amqp.queue_type, QueueType::Quorum);
         assert!(Settings::from_toml("[broker.amqp]\nqueue_type = \"mirrored\"\n").is_err());
+    }
+
+    #[test]
+    fn an_amqp_node_list_is_checked_at_load_without_showing_its_password() {
+        let amqp = |url: &str| {
+            Settings::from_toml(&format!(
+                "[broker]\nkind = \"amqp\"\n[broker.amqp]\nurl = \"{url}\"\n"
+            ))
+        };
+        let s = amqp("amqp://u:pw1@h1:5672/%2f, amqp://u:pw2@h2:5672/%2f,amqps://u:pw3@h3/%2f")
+            .expect("a list of three nodes");
+        let shown = s.to_redacted_toml();
+        assert!(
+            shown.contains(
+                "url = \"amqp://u:***@h1:5672/%2f, amqp://u:***@h2:5672/%2f,amqps://u:***@h3/%2f\""
+            ),
+            "{shown}"
+        );
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(
+                !shown.contains(pw) && !format!("{s:?}").contains(pw),
+                "{shown}"
+            );
+        }
+        for (bad, words) in [
+            ("amqp://u:hunter2@h1/%2f,nats://u:hunter2@h2:4222", "URL 2"),
+            (
+                "amqp://u:hunter2@h1/%2f,amqp://u:hunter2@h2/prod",
+                "same vhost",
+            ),
+            (
+                "amqp://u:hunter2@h1/%2f,amqp://u:hunter2@h1/%2f",
+                "same node",
+            ),
+            (" , ", "names no URL"),
+        ] {
+            let e = amqp(bad).unwrap_err().to_string();
+            assert!(e.contains("broker.amqp.url") && e.contains(words), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        // Only the broker in use is checked (as for broker.nats.url).
+        assert!(Settings::from_toml("[broker.amqp]\nurl = \"nats://h\"\n").is_ok());
     }
 
     #[test]

@@ -71,7 +71,13 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC)
             .to_string();
     let mut out = Vec::new();
-    for url in urls.expose().split(',').map(str::trim) {
+    // Blank entries are skipped, as the list's parser skips them (`servers::amqp_nodes`).
+    for url in urls
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
         let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
         };

@@ -107,6 +107,13 @@ impl Settings {
         {
             return Err(invalid("broker.nats.url", e.to_string()));
         }
+        // Checked here, not only when connecting, so `check-config` and every command refuse a
+        // bad list alike, before anything starts.
+        if self.broker.kind == BrokerKind::Amqp
+            && let Err(e) = servers::amqp_nodes(&self.broker.amqp.url)
+        {
+            return Err(invalid("broker.amqp.url", e.to_string()));
+        }
         if self.state.enabled
             && let Some(url) = &self.state.nats_url
             && let Err(e) = servers::server_addrs(url.expose())

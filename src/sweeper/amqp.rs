@@ -66,6 +66,9 @@ async fn timed<T>(
 /// The AMQP backend.
 pub(super) struct AmqpSweeper {
     settings: Arc<Settings>,
+    /// Made at the first connect and kept: after a lost connection the next one starts at the
+    /// node after the lost one (`broker.amqp.url` may list several).
+    endpoint: Option<endpoint::Endpoint>,
     conn: Option<Connection>,
     /// The lease queue was declared on `conn`.
     lease: bool,
@@ -76,6 +79,7 @@ impl AmqpSweeper {
     pub(super) fn new(settings: Arc<Settings>) -> Self {
         Self {
             settings,
+            endpoint: None,
             conn: None,
             lease: false,
         }
@@ -88,7 +92,14 @@ impl AmqpSweeper {
     async fn connection(&mut self) -> Result<&Connection, SweepError> {
         if !self.connected() {
             self.lease = false;
-            self.conn = Some(connect(&self.settings).await?);
+            if self.endpoint.is_none() {
+                self.endpoint = Some(endpoint(&self.settings).await?);
+            }
+            let conn = match &self.endpoint {
+                Some(e) => e.open(CONNECT_TIMEOUT).await?,
+                None => return Err(BrokerError::connect_msg("no AMQP endpoint").into()),
+            };
+            self.conn = Some(conn);
         }
         self.conn
             .as_ref()
@@ -295,16 +306,11 @@ fn header_str(table: &Option<FieldTable>, name: &str) -> Option<String> {
     header_text(table.as_ref()?.inner().get(name)?)
 }
 
-/// Opens the sweeper's connection: heartbeat `lease_ttl / 2` (unless the URL sets one), so the
-/// broker drops a vanished holder's connection, and with it the lease, within about `lease_ttl`.
-async fn connect(settings: &Settings) -> Result<Connection, SweepError> {
+/// Where the sweeper connects: the nodes of `broker.amqp.url`, with a heartbeat of
+/// `lease_ttl / 2` (unless the URL sets one), so the broker drops a vanished holder's
+/// connection, and with it the lease, within about `lease_ttl`.
+async fn endpoint(settings: &Settings) -> Result<endpoint::Endpoint, SweepError> {
     let half_ttl = settings.retention.lease_ttl.as_secs() / 2;
     let heartbeat = u16::try_from(half_ttl).unwrap_or(u16::MAX).max(1);
-    Ok(endpoint::connect(
-        &settings.broker.amqp,
-        CONNECTION_NAME,
-        heartbeat,
-        CONNECT_TIMEOUT,
-    )
-    .await?)
+    Ok(endpoint::Endpoint::new(&settings.broker.amqp, CONNECTION_NAME, heartbeat).await?)
 }

@@ -592,3 +592,158 @@ async fn a_missing_exchange_dead_letters_as_no_stream_and_channels_reopen() {
     app.stop().await;
     cleanup(BrokerKind::Amqp, &settings).await;
 }
+
+/// `amqp://guest:guest@127.0.0.1:<port>/%2f`: a node of a `broker.amqp.url` list.
+fn node_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// Waits until the bridge counted `n` reconnects and is up again.
+async fn wait_reconnects(app: &TestApp, n: f64) {
+    for _ in 0..500 {
+        if app
+            .metric(r#"pusher_bridge_broker_reconnects_total{broker="amqp"}"#)
+            .await
+            == n
+            && app.metric("pusher_bridge_broker_up").await == 1.0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no reconnect number {n}");
+}
+
+/// Three "nodes" (relays in front of this machine's RabbitMQ) in `broker.amqp.url`. The first
+/// is down at start: the bridge connects to the second. The first comes back and the second
+/// dies: the bridge goes on to the third, the one after the lost node, not back to the first
+/// (which stopping the first then shows: no further reconnect). Events posted on each node
+/// arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_list_connects_to_the_first_that_answers_and_fails_over_in_turn() {
+    let mut a = Relay::on_port(free_port());
+    let mut b = Relay::start().await;
+    let c = Relay::start().await;
+    let mut settings = amqp_settings();
+    settings.broker.amqp.url = SecretUrl::new(format!(
+        "{},{}, {}",
+        node_url(a.port),
+        node_url(b.port),
+        node_url(c.port)
+    ));
+    // No spool room: a webhook answered 200 was published, not spooled.
+    settings.spool.max_bytes = 64;
+    let app = TestApp::spawn_ready(settings.clone()).await;
+    let post = |n: u64, channel: &str| {
+        webhook_body(
+            n,
+            &[&format!(
+                r#"{{"name":"channel_occupied","channel":"{channel}"}}"#
+            )],
+        )
+    };
+    let on_b = app.post_signed(&post(1, "on-b")).await;
+    assert_eq!(on_b.status, 200, "{}", on_b.body);
+
+    a.restart().await;
+    let lost = Instant::now();
+    b.stop();
+    wait_reconnects(&app, 1.0).await;
+    let failover = lost.elapsed();
+    let on_c = app.post_signed(&post(2, "on-c")).await;
+    assert_eq!(on_c.status, 200, "{}", on_c.body);
+    // Had the bridge gone back to the first node, losing it now would be a second reconnect.
+    a.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        app.metric(r#"pusher_bridge_broker_reconnects_total{broker="amqp"}"#)
+            .await,
+        1.0,
+        "the bridge went back to the first node instead of on to the third"
+    );
+    assert_eq!(app.metric("pusher_bridge_broker_up").await, 1.0);
+
+    let stored = read_events(BrokerKind::Amqp, &settings, 2).await;
+    let mut channels: Vec<_> = stored
+        .iter()
+        .map(|m| m.body["channel"].as_str().unwrap().to_string())
+        .collect();
+    channels.sort();
+    assert_eq!(channels, ["on-b", "on-c"]);
+    println!("FIGURE amqp-failover (relays): up on the next node {failover:.2?} after the loss");
+    drop(c);
+    app.stop().await;
+    cleanup(BrokerKind::Amqp, &settings).await;
+}
+
+/// The environment that runs the binary against `s`'s RabbitMQ topology with `url` as
+/// `broker.amqp.url`.
+fn amqp_tool_env(s: &Settings, url: &str) -> process::Env {
+    let a = &s.broker.amqp;
+    let mut env = process::settings_env(s);
+    for (key, value) in [
+        ("KIND", "amqp"),
+        ("AMQP__URL", url),
+        ("AMQP__EXCHANGE", &a.exchange),
+        ("AMQP__QUEUE", &a.queue),
+        ("AMQP__DLQ_EXCHANGE", &a.dlq_exchange),
+        ("AMQP__DLQ_QUEUE", &a.dlq_queue),
+        ("AMQP__CONNECTION_NAME", &a.connection_name),
+    ] {
+        env.push((format!("PUSHER_BRIDGE_BROKER__{key}"), value.to_string()));
+    }
+    env
+}
+
+/// `dlq list` and `sweep --once --dry-run` with a `broker.amqp.url` whose first node is down
+/// (nothing listens there) and whose second is this machine's RabbitMQ: both get through the
+/// second. `check-config` shows the list with each password masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_take_a_node_list_whose_first_node_is_down() {
+    let settings = amqp_settings();
+    let a = &settings.broker.amqp;
+    declare(&a.exchange, Some((&a.queue, "#", FieldTable::default()))).await;
+    declare_dlq(&settings).await;
+    let (conn, ch) = confirm_channel().await;
+    ch.basic_publish(
+        "".into(),
+        a.dlq_queue.as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        br#"{"name":"channel_occupied","channel":"x"}"#,
+        lapin::BasicProperties::default().with_message_id("dlq-x".into()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+    let _ = conn.close(200, "done".into()).await;
+    let dead = free_port();
+    let list = format!("amqp://guest:hunter2@127.0.0.1:{dead}/%2f, {}", amqp_url());
+    let env = amqp_tool_env(&settings, &list);
+
+    let listed = process::run(&["dlq", "list"], &env).await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(
+        listed.stdout.contains("1 dead letter "),
+        "{}",
+        listed.stdout
+    );
+    let swept = process::run(&["sweep", "--once", "--dry-run"], &env).await;
+    assert_eq!(swept.code, 0, "{swept:?}");
+    let shown = process::run(&["check-config"], &env).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    assert!(
+        shown.stdout.contains(&format!(
+            "amqp://guest:***@127.0.0.1:{dead}/%2f, amqp://guest:***@127.0.0.1:"
+        )),
+        "{}",
+        shown.stdout
+    );
+    for run in [&listed, &swept, &shown] {
+        assert!(
+            !run.stdout.contains("hunter2") && !run.stderr.contains("hunter2"),
+            "{run:?}"
+        );
+    }
+    cleanup(BrokerKind::Amqp, &settings).await;
+}

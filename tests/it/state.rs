@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::common::state::*;
 use crate::common::*;
-use pusher_bridge::config::{BrokerKind, SecretUrl};
+use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
 use pusher_bridge::state::StateStore;
 use pusher_bridge::state::merge::{Change, Stamp, Update};
 use pusher_bridge::state::store::Applied;
@@ -401,7 +401,24 @@ async fn the_kv_away_for_a_while_loses_no_update() {
 
 #[tokio::test]
 async fn state_from_rabbitmq_events() {
-    let s = state_settings(BrokerKind::Amqp);
+    state_from_rabbitmq(state_settings(BrokerKind::Amqp)).await;
+}
+
+/// The state applier takes the node list of `broker.amqp.url` as the broker does: its first
+/// node down, both connect to the second.
+#[tokio::test]
+async fn state_from_rabbitmq_events_with_a_node_list_whose_first_node_is_down() {
+    let mut s = state_settings(BrokerKind::Amqp);
+    s.broker.amqp.url = SecretUrl::new(format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f,{}",
+        free_port(),
+        amqp_url()
+    ));
+    state_from_rabbitmq(s).await;
+}
+
+/// Webhooks through the bridge on RabbitMQ of `s`, and the state the applier makes of them.
+async fn state_from_rabbitmq(s: Settings) {
     let app = TestApp::spawn_ready(s.clone()).await;
     let t0 = now_ms() - 10_000;
     let room = "presence-amqp.1";

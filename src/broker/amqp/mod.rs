@@ -1,18 +1,20 @@
 //! RabbitMQ (AMQP 0-9-1) through lapin: the same contract as the NATS broker (routing keys,
 //! bodies, ids, refusals), with publisher confirms and `mandatory` publishes.
 //!
-//! - `endpoint`: URL, TLS (`amqps://`, rustls with ring, `broker.amqp.tls_ca_file`), client
-//!   properties, and opening a connection (also for the `dlq` tools and the sweeper).
+//! - `endpoint`: the nodes of `broker.amqp.url` (one URL or several), TLS (`amqps://`, rustls
+//!   with ring, `broker.amqp.tls_ca_file`), client properties, and opening a connection to the
+//!   next node that takes it (also for the `dlq` tools, the sweeper and the state applier).
 //! - [`topology`]: exchanges, queues and bindings declared on every (re)connect.
 //! - `session`: one connection and its `broker.amqp.channels` publishing channels.
 //! - [`publish`]: pipelined publishes per channel, confirms and returns.
 //! - [`message`]: routing key, properties and headers.
 //!
 //! A background loop (`recovery_loop`: `Shared::recover_once` on an interval and on connection
-//! events)
-//! connects, declares, and replaces the session when RabbitMQ restarts or closes the
-//! connection, with backoff. The bridge therefore starts while RabbitMQ is down; `is_up()` and
-//! `pusher_bridge_broker_up` follow the session.
+//! events) connects, declares, and replaces the session when RabbitMQ restarts or closes the
+//! connection, with backoff. With several nodes, each (re)connect is one round over them,
+//! starting after the node tried last, so a lost node is tried again only after the others; a
+//! round in which every node failed is one failure for the backoff. The bridge therefore
+//! starts while RabbitMQ is down; `is_up()` and `pusher_bridge_broker_up` follow the session.
 
 pub(crate) mod endpoint;
 pub mod message;
@@ -37,7 +39,8 @@ use crate::metrics::Metrics;
 use crate::routing;
 use crate::shutdown::Shutdown;
 
-/// Longest a connection attempt (TCP, TLS, AMQP handshake, declarations) may take.
+/// Longest a connection attempt on one node (TCP, TLS, AMQP handshake, declarations, channels)
+/// may take; a round over several nodes gives each this long.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry delay after a failed connection attempt; doubles up to [`MAX_BACKOFF`].
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -75,6 +78,9 @@ struct Shared {
     redeclare: std::sync::atomic::AtomicBool,
     /// What the last connect attempt said (for [`AmqpBroker::status`]).
     status: StatusCell,
+    /// A session was up once: every later one follows a lost connection and settles first
+    /// (`publish::Settling`).
+    ever_up: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpBroker {
@@ -97,10 +103,11 @@ impl AmqpBroker {
         let exchange = short("broker.amqp.exchange", &s.exchange)?;
         let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
         let channels = s.channels.max(1);
+        // Until a node is reached the log names the whole list; then the node it is on.
         let log = Arc::new(super::connection_log::ConnectionLog::new(
             "RabbitMQ",
             "amqp",
-            s.url.redacted(),
+            endpoint.shown().to_string(),
             metrics.clone(),
         ));
         let cfg = SessionConfig {
@@ -123,6 +130,7 @@ impl AmqpBroker {
             cloudevents: settings.broker.cloudevents,
             redeclare: std::sync::atomic::AtomicBool::new(false),
             status: StatusCell::default(),
+            ever_up: std::sync::atomic::AtomicBool::new(false),
         });
         shared.metrics.set_broker_up(false);
         let tasks = BrokerTasks::new(shared.metrics.clone());
@@ -362,8 +370,18 @@ impl Shared {
                     }
                 }
                 match s.repair(self.cfg.per_channel_in_flight).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(channels = n, "reopened AMQP channels"),
+                    Ok(done) => {
+                        if done.reopened > 0 {
+                            tracing::info!(channels = done.reopened, "reopened AMQP channels");
+                        }
+                        if done.replaced > 0 {
+                            // Debug only: a queue that nacks everything would repeat it.
+                            tracing::debug!(
+                                channels = done.replaced,
+                                "replaced AMQP channels nacked before any ack"
+                            );
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "cannot reopen an AMQP channel"),
                 }
             }
@@ -374,17 +392,29 @@ impl Shared {
                         .set(BrokerStatus::Unreachable("connection lost".into()));
                     old.close("reconnecting").await;
                 }
-                let opened = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    Session::open(&self.cfg, self.wake.clone(), self.metrics.clone()),
+                // One round over the nodes, each attempt bounded by CONNECT_TIMEOUT: for the
+                // backoff in `recovery_loop`, a round that failed everywhere is one failure.
+                let after_loss = self.ever_up.load(Ordering::Relaxed);
+                let opened = Session::open(
+                    &self.cfg,
+                    self.wake.clone(),
+                    self.metrics.clone(),
+                    after_loss,
                 )
                 .await;
                 match opened {
-                    Ok(Ok(session)) => {
+                    Ok((session, node)) => {
                         *self.session.write().unwrap_or_else(|e| e.into_inner()) =
                             Some(Arc::new(session));
+                        self.ever_up.store(true, Ordering::Relaxed);
+                        let endpoint = &self.cfg.endpoint;
+                        let url = endpoint.node_shown(node);
+                        // From now on "lost the connection" names this node.
+                        self.cfg.log.set_address(url.to_string());
                         tracing::info!(
-                            url = %self.cfg.settings.url.redacted(),
+                            url = %url,
+                            node = node + 1,
+                            nodes = endpoint.len(),
                             connection_name = %self.cfg.settings.connection_name,
                             exchange = %self.cfg.settings.exchange,
                             declared = self.cfg.declare,
@@ -393,15 +423,13 @@ impl Shared {
                         self.status.set(BrokerStatus::Up);
                         self.cfg.log.connected();
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
+                        // The error names every node it tried; the warning names the list.
+                        self.cfg
+                            .log
+                            .set_address(self.cfg.endpoint.shown().to_string());
                         self.status.set(open_failure(&e));
                         self.cfg.log.connect_failed(&e);
-                    }
-                    Err(_) => {
-                        let words =
-                            format!("no connection within {} ms", CONNECT_TIMEOUT.as_millis());
-                        self.cfg.log.connect_failed(&words);
-                        self.status.set(BrokerStatus::Unreachable(words));
                     }
                 }
             }
@@ -462,7 +490,9 @@ fn is_refusal(answer: &lapin::protocol::AMQPError) -> bool {
 /// at once when a connection event or a closed channel wakes it) while connected, and with
 /// jittered exponential backoff while not (wake-ups do not shorten the backoff, so a burst of webhooks
 /// cannot turn into a reconnect storm). A connected but blocked session is checked on the
-/// health interval, so the gauge follows an unblock promptly.
+/// health interval, so the gauge follows an unblock promptly. One `recover_once` without a
+/// session is one round over every node of `broker.amqp.url`, so a failover to a live node
+/// happens at once (no backoff before it) and only a round that failed everywhere backs off.
 async fn recovery_loop(shared: Arc<Shared>, mut shutdown: Shutdown) {
     let backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut failures = 0;

@@ -13,11 +13,16 @@
 //!   its ack, so once the ack batch that settled a message is fully processed, its return (if
 //!   any) sits in some settled confirm. `barrier` waits for lapin's I/O thread to finish the
 //!   batch in progress; a message is decided only after a barrier and a harvest that followed
-//!   it.
+//!   it;
+//! - retires the channel when a nack comes before any ack (`Health`): RabbitMQ 3.10 nacks
+//!   every publish of a channel that first published to a quorum queue while the queue had no
+//!   known leader (right after a failover to another node), so such a channel is replaced.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -77,34 +82,170 @@ pub type Verdict = oneshot::Receiver<Result<(), PublishError>>;
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Settled> + Send>>>;
 
+/// What a nack before any ack on a channel of a settling session says (see [`Health`]).
+const SETTLING_NACK: &str = "nacked before any ack on a fresh channel after a reconnect (a \
+    quorum queue whose leader was on the lost node, not elected yet?): tried again on a new \
+    channel";
+
+/// How long after a reconnect that followed a lost connection a nack before any ack counts as
+/// unavailable rather than as a refusal (unless an ack ends it sooner): a quorum queue elects
+/// a new leader within seconds of losing one.
+pub(crate) const SETTLE_AFTER_LOSS: Duration = Duration::from_secs(30);
+
+/// Whether a session is still settling after a lost connection (see [`Health`]). Shared by the
+/// channels of one session: the first ack on any of them ends it.
+#[derive(Debug, Default)]
+pub(crate) struct Settling {
+    until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Settling {
+    /// Settling for [`SETTLE_AFTER_LOSS`] from now (a session that follows a lost one).
+    pub(crate) fn after_loss() -> Self {
+        Self {
+            until: std::sync::Mutex::new(Some(tokio::time::Instant::now() + SETTLE_AFTER_LOSS)),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn active(&self) -> bool {
+        self.slot()
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    fn end(&self) {
+        *self.slot() = None;
+    }
+}
+
+/// What the collector learned about its channel, for deciding whether to go on publishing on
+/// it.
+///
+/// Measured on RabbitMQ 3.10 (`tests/it/amqp_cluster.rs`): a channel whose first publish to a
+/// quorum queue comes while that queue's leader is down (the bridge has just failed over from
+/// the leader's node and the election is under way) keeps the dead leader and nacks every
+/// later publish to that queue, for good; a channel opened after the election is acked, and
+/// one that had published before keeps working. So a nack before any ack **retires** the
+/// channel: no new publish goes to it and the recovery loop replaces it. While the session
+/// settles after a lost connection ([`Settling`]), such a nack also counts as *unavailable*
+/// rather than as a refusal, so the event is tried again (or stays in the spool) instead of
+/// being dead-lettered as `nacked` during the election. Otherwise a nack is the broker's
+/// answer about that message, as before.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// RabbitMQ acked a publish on this channel.
+    acked: AtomicBool,
+    /// No new publish goes to this channel; the recovery loop replaces it.
+    retired: AtomicBool,
+    /// The session's settling time.
+    settling: Arc<Settling>,
+}
+
+impl Health {
+    fn new(settling: Arc<Settling>) -> Self {
+        Self {
+            settling,
+            ..Self::default()
+        }
+    }
+
+    /// The verdict of one publish given the broker's `answer`, whether it came back
+    /// (`returned`), and what `decide` made of them.
+    fn judge(
+        &self,
+        answer: &Answer,
+        returned: bool,
+        verdict: Result<(), PublishError>,
+    ) -> Result<(), PublishError> {
+        match answer {
+            Answer::Ack => {
+                self.acked.store(true, Ordering::Relaxed);
+                self.settling.end();
+                verdict
+            }
+            Answer::Nack if !returned && !self.acked.load(Ordering::Relaxed) => {
+                self.retired.store(true, Ordering::Relaxed);
+                if self.settling.active() {
+                    Err(PublishError::Unavailable(SETTLING_NACK.into()))
+                } else {
+                    verdict
+                }
+            }
+            _ => verdict,
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
 /// A confirm-mode channel and its collector task.
 pub(crate) struct ChannelPublisher {
     channel: Channel,
     requests: mpsc::UnboundedSender<Request>,
     collector: tokio::task::JoinHandle<()>,
+    health: Arc<Health>,
 }
 
 impl ChannelPublisher {
     /// Opens a channel on `conn`, turns confirms on and starts the collector. At most
     /// `max_in_flight` publishes await their confirm on it; more are refused as unavailable
-    /// (memory stays bounded even if the broker stops confirming).
-    pub async fn open(conn: &Connection, max_in_flight: usize) -> Result<Self, lapin::Error> {
+    /// (memory stays bounded even if the broker stops confirming). `settling`: the session's
+    /// ([`Health`]).
+    pub async fn open(
+        conn: &Connection,
+        max_in_flight: usize,
+        settling: Arc<Settling>,
+    ) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let (requests, rx) = mpsc::unbounded_channel();
-        let collector = tokio::spawn(collect(channel.clone(), rx, max_in_flight.max(1)));
+        let health = Arc::new(Health::new(settling));
+        let collector = tokio::spawn(collect(
+            channel.clone(),
+            rx,
+            max_in_flight.max(1),
+            health.clone(),
+        ));
         Ok(Self {
             channel,
             requests,
             collector,
+            health,
         })
     }
 
-    /// Whether publishes can go out on this channel.
+    /// Whether publishes can go out on this channel (open, and not retired after a nack).
     pub(crate) fn is_open(&self) -> bool {
-        self.channel.status().connected() && !self.collector.is_finished()
+        self.channel.status().connected() && !self.collector.is_finished() && !self.retired()
+    }
+
+    /// A nack before any ack retired this channel ([`Health`]): it is to be replaced.
+    pub(crate) fn retired(&self) -> bool {
+        self.health.retired()
+    }
+
+    /// Closes the channel of a retired publisher after `grace`, so the publishes still in
+    /// flight on it get their confirms first (a channel left open would hold one of the
+    /// connection's channel numbers until the connection ends).
+    pub(crate) fn close_later(&self, grace: Duration) {
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if channel.status().connected() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    channel.close(200, "replaced after a nack".into()),
+                )
+                .await;
+            }
+        });
     }
 
     /// Publishes and waits up to `timeout` for the verdict: `Ok` only after the broker's ack of
@@ -150,7 +291,12 @@ impl Drop for ChannelPublisher {
 }
 
 /// The collector task of one channel (see the module comment).
-async fn collect(channel: Channel, mut rx: mpsc::UnboundedReceiver<Request>, cap: usize) {
+async fn collect(
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    cap: usize,
+    health: Arc<Health>,
+) {
     let mut in_flight: InFlight = FuturesUnordered::new();
     let mut returns = ReturnBook::default();
     let mut accepting = true;
@@ -166,7 +312,7 @@ async fn collect(channel: Channel, mut rx: mpsc::UnboundedReceiver<Request>, cap
                 None => accepting = false,
             },
             Some(first) = in_flight.next() => {
-                settle(&channel, &mut in_flight, &mut returns, first).await;
+                settle(&channel, &mut in_flight, &mut returns, &health, first).await;
             }
             else => break,
         }
@@ -243,6 +389,7 @@ async fn settle(
     channel: &Channel,
     in_flight: &mut InFlight,
     returns: &mut ReturnBook,
+    health: &Health,
     first: Settled,
 ) {
     returns.note(&first);
@@ -256,8 +403,10 @@ async fn settle(
             returns.note(s);
         }
         for s in undecided.drain(..) {
-            let verdict = decide(&s.answer, &s.exchange, returns.take(&s.msg_id));
-            let _ = s.reply.send(verdict);
+            let returned = returns.take(&s.msg_id);
+            let was_returned = returned.is_some();
+            let verdict = decide(&s.answer, &s.exchange, returned);
+            let _ = s.reply.send(health.judge(&s.answer, was_returned, verdict));
         }
         if fresh.is_empty() {
             return;
@@ -412,6 +561,69 @@ mod tests {
             answer: Answer::Ack,
             carried: carried.map(|c| (c.to_string(), "312 NO_ROUTE".to_string())),
         }
+    }
+
+    #[test]
+    fn a_nack_before_any_ack_retires_the_channel_and_while_settling_is_no_refusal() {
+        let nacked = || decide(&Answer::Nack, "x", None);
+        let is_nacked = |r: &Result<(), PublishError>| {
+            matches!(
+                r,
+                Err(PublishError::Refused {
+                    reason: DlqReason::Nacked,
+                    ..
+                })
+            )
+        };
+        // After a lost connection: unavailable (tried again), and the channel is retired.
+        let settling = Arc::new(Settling::after_loss());
+        let fresh = Health::new(settling.clone());
+        let first = fresh.judge(&Answer::Nack, false, nacked());
+        assert!(
+            matches!(&first, Err(PublishError::Unavailable(w)) if w.contains("new channel")),
+            "{first:?}"
+        );
+        assert!(fresh.retired());
+        // An ack on any channel of the session ends the settling: a nack is a refusal again,
+        // and a channel that had an ack is not retired by one.
+        let other = Health::new(settling.clone());
+        assert!(other.judge(&Answer::Ack, false, Ok(())).is_ok());
+        assert!(!settling.active());
+        assert!(is_nacked(&other.judge(&Answer::Nack, false, nacked())));
+        assert!(!other.retired());
+        let third = Health::new(settling);
+        assert!(is_nacked(&third.judge(&Answer::Nack, false, nacked())));
+        assert!(third.retired(), "a fresh channel nacked is replaced anyway");
+        // A first connection does not settle: the nack is the broker's answer.
+        let first_connect = Health::default();
+        assert!(is_nacked(&first_connect.judge(
+            &Answer::Nack,
+            false,
+            nacked()
+        )));
+        // A returned message stays unroutable, whatever the channel's history.
+        let returned = Health::new(Arc::new(Settling::after_loss()));
+        let r = returned.judge(
+            &Answer::Nack,
+            true,
+            decide(&Answer::Nack, "x", Some("312 NO_ROUTE".into())),
+        );
+        assert!(matches!(
+            r,
+            Err(PublishError::Refused {
+                reason: DlqReason::Unroutable,
+                ..
+            })
+        ));
+        assert!(!returned.retired());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_ends_after_its_time() {
+        let s = Settling::after_loss();
+        assert!(s.active());
+        tokio::time::advance(SETTLE_AFTER_LOSS).await;
+        assert!(!s.active());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use lapin::{Connection, Event};
 use tokio::sync::Notify;
 
 use super::endpoint::Endpoint;
-use super::publish::ChannelPublisher;
+use super::publish::{ChannelPublisher, Settling};
 use super::topology;
 use crate::broker::BrokerError;
 use crate::broker::connection_log::ConnectionLog;
@@ -34,33 +34,80 @@ pub(crate) struct SessionConfig {
     pub copies: Vec<topology::BoundQueue>,
 }
 
+/// How long a channel retired after a nack stays open for the publishes in flight on it.
+const RETIRED_GRACE: Duration = Duration::from_secs(5);
+/// Shortest time between two replacements of retired channels: while a quorum queue still has
+/// no leader a fresh channel is retired again at its first publish, and a queue that nacks
+/// everything must not turn into a channel per publish.
+const REPLACE_EVERY: Duration = Duration::from_millis(100);
+
+/// What [`Session::repair`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Repaired {
+    /// Channels the broker had closed, reopened.
+    pub reopened: usize,
+    /// Channels retired after a nack before any ack, replaced by fresh ones.
+    pub replaced: usize,
+}
+
 /// A connection and its confirm-mode publishing channels.
 pub(crate) struct Session {
     conn: Connection,
     publishers: Vec<RwLock<Arc<ChannelPublisher>>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// When retired channels were last replaced ([`REPLACE_EVERY`]).
+    replaced_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Whether this session still settles after a lost connection (shared by its channels).
+    settling: Arc<Settling>,
 }
 
 impl Session {
-    /// Connects, declares the topology (unless told not to) and opens the channels. `wake` is
-    /// notified when the connection reports an error or a block, so recovery starts at once.
+    /// Connects to the next node of `broker.amqp.url` that takes it (see
+    /// [`Endpoint::connect_with`]), declares the topology there (unless told not to) and opens
+    /// the channels, each node's attempt bounded by [`super::CONNECT_TIMEOUT`]. Returns the
+    /// session and the position of its node. `wake` is notified when the connection reports an
+    /// error or a block, so recovery starts at once. `after_loss`: an earlier connection was
+    /// lost, so the session settles first ([`Settling`]).
     pub async fn open(
         cfg: &SessionConfig,
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
+        after_loss: bool,
+    ) -> Result<(Self, usize), BrokerError> {
+        cfg.endpoint
+            .connect_with(super::CONNECT_TIMEOUT, |conn| {
+                let settling = Arc::new(if after_loss {
+                    Settling::after_loss()
+                } else {
+                    Settling::default()
+                });
+                Self::set_up(conn, cfg, wake.clone(), metrics.clone(), settling)
+            })
+            .await
+    }
+
+    /// Makes a session of a fresh connection; on failure closes it again (politely, bounded),
+    /// so a node that took the connection but refused the topology is not left with it.
+    async fn set_up(
+        conn: Connection,
+        cfg: &SessionConfig,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+        settling: Arc<Settling>,
     ) -> Result<Self, BrokerError> {
-        let conn = cfg.endpoint.open().await?;
         let watcher = tokio::spawn(watch_events(
             conn.events_listener(),
             wake,
             metrics,
             cfg.log.clone(),
         ));
-        match Self::prepare(&conn, cfg).await {
+        match Self::prepare(&conn, cfg, &settling).await {
             Ok(publishers) => Ok(Self {
                 conn,
                 publishers,
                 watcher,
+                replaced_at: std::sync::Mutex::new(None),
+                settling,
             }),
             Err(e) => {
                 watcher.abort();
@@ -77,11 +124,12 @@ impl Session {
     async fn prepare(
         conn: &Connection,
         cfg: &SessionConfig,
+        settling: &Arc<Settling>,
     ) -> Result<Vec<RwLock<Arc<ChannelPublisher>>>, BrokerError> {
         Self::declare_on(conn, cfg).await?;
         let mut publishers = Vec::with_capacity(cfg.settings.channels);
         for _ in 0..cfg.settings.channels.max(1) {
-            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight)
+            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight, settling.clone())
                 .await
                 .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
             publishers.push(RwLock::new(Arc::new(p)));
@@ -143,19 +191,41 @@ impl Session {
             .find(|p| p.is_open())
     }
 
-    /// Reopens channels the broker closed (a channel error closes only that channel).
-    /// Returns how many were reopened.
-    pub(crate) async fn repair(&self, per_channel_in_flight: usize) -> Result<usize, lapin::Error> {
-        let mut reopened = 0;
+    /// Reopens channels the broker closed (a channel error closes only that channel), and
+    /// replaces channels retired after a nack before any ack (at most once per
+    /// [`REPLACE_EVERY`]; a retired channel is closed after [`RETIRED_GRACE`]).
+    pub(crate) async fn repair(
+        &self,
+        per_channel_in_flight: usize,
+    ) -> Result<Repaired, lapin::Error> {
+        let mut done = Repaired::default();
+        let now = tokio::time::Instant::now();
+        let may_replace = self
+            .replaced_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|at| now.duration_since(at) >= REPLACE_EVERY);
         for slot in &self.publishers {
-            if read(slot).is_open() {
+            let old = read(slot);
+            if old.is_open() || (old.retired() && !may_replace) {
                 continue;
             }
-            let fresh = Arc::new(ChannelPublisher::open(&self.conn, per_channel_in_flight).await?);
+            let fresh = Arc::new(
+                ChannelPublisher::open(&self.conn, per_channel_in_flight, self.settling.clone())
+                    .await?,
+            );
             *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-            reopened += 1;
+            if old.retired() {
+                old.close_later(RETIRED_GRACE);
+                done.replaced += 1;
+            } else {
+                done.reopened += 1;
+            }
         }
-        Ok(reopened)
+        if done.replaced > 0 {
+            *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        }
+        Ok(done)
     }
 
     /// Closes the connection politely (bounded in time); a dead one is just dropped.

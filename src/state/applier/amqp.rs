@@ -11,8 +11,10 @@ use futures::StreamExt;
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
+use tokio::sync::OnceCell;
 
 use super::{CONCURRENCY, RETRY_PAUSE, STATE_EVENTS, Settle, apply_message};
+use crate::broker::amqp::endpoint::Endpoint;
 use crate::broker::amqp::topology;
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -22,7 +24,7 @@ use crate::state::{StateError, StateStore};
 
 /// Heartbeat of the applier's connection, in seconds.
 const HEARTBEAT_SECS: u16 = 10;
-/// How long connecting and declaring may take.
+/// How long connecting to one node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The state queue's name: `<broker.amqp.queue>.<state.durable>`.
@@ -71,25 +73,27 @@ pub(crate) async fn declare_on(channel: &Channel, settings: &Settings) -> Result
     .map_err(StateError::Connect)
 }
 
-async fn connect(settings: &Settings) -> Result<lapin::Connection, StateError> {
+/// Where the applier connects: the nodes of `broker.amqp.url`, under a connection name of its
+/// own. Made once per run and kept, so a reconnect after a lost connection starts at the node
+/// after the lost one.
+async fn endpoint(settings: &Settings) -> Result<Endpoint, StateError> {
     let name = format!("{}-state", settings.broker.amqp.connection_name);
-    crate::broker::amqp::endpoint::connect(
-        &settings.broker.amqp,
-        &name,
-        HEARTBEAT_SECS,
-        CONNECT_TIMEOUT,
-    )
-    .await
-    .map_err(StateError::from)
+    Endpoint::new(&settings.broker.amqp, &name, HEARTBEAT_SECS)
+        .await
+        .map_err(StateError::from)
 }
 
 /// Connects, declares and consumes until the connection or consumer ends.
 async fn consume_once(
     settings: &Settings,
+    endpoint: &OnceCell<Endpoint>,
     store: &StateStore,
     metrics: &Metrics,
 ) -> Result<(), StateError> {
-    let conn = connect(settings).await?;
+    let endpoint = endpoint
+        .get_or_try_init(|| self::endpoint(settings))
+        .await?;
+    let conn = endpoint.open(CONNECT_TIMEOUT).await?;
     let amqp = |e: lapin::Error| StateError::Amqp {
         what: "state queue".to_string(),
         source: Some(e),
@@ -163,13 +167,14 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) {
+    let endpoint = OnceCell::new();
     // At shutdown the connection closes and RabbitMQ requeues what was delivered unacked.
     super::keep_consuming(shutdown, |mut stop| {
-        let (settings, store, metrics) = (&settings, &store, &metrics);
+        let (settings, endpoint, store, metrics) = (&settings, &endpoint, &store, &metrics);
         async move {
             tokio::select! {
                 () = stop.wait() => Ok(()),
-                result = consume_once(settings, store, metrics) => result,
+                result = consume_once(settings, endpoint, store, metrics) => result,
             }
         }
     })
