@@ -4,6 +4,10 @@
 // acknowledges each event after processing and drops redeliveries by `message_id` (RabbitMQ does
 // not deduplicate: a webhook Pusher delivered twice arrives twice with the same id).
 //
+// Each event is processed in an OpenTelemetry consumer span that continues the bridge's trace: its
+// `trace` field is `<trace id> parent <the bridge's producer span id> span <its own id>`, or
+// `<trace id> (new) span <id>` for a message without `traceparent` (the bridge's tracing is off).
+//
 //   AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f EXCHANGE=pusher.events \
 //   QUEUE=node-amqp-example BINDING='pusher.*.client_event.#' node amqp_consumer.mjs
 //
@@ -18,7 +22,28 @@
 //
 // It prints {"ready":true} once the queue is bound. MAX_MESSAGES=n stops after n events (the
 // test suite uses it); by default it runs until stopped.
+import { context, propagation, SpanKind, trace } from "@opentelemetry/api";
+import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { BasicTracerProvider } from "@opentelemetry/sdk-trace-base";
 import amqp from "amqplib";
+
+// Real spans with ids, sent nowhere. To send them to the collector the bridge sends its spans to,
+// `npm install @opentelemetry/exporter-trace-otlp-http@0.223.1` (the SDK 2.12.1 release), set
+// OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://127.0.0.1:4318) and make the provider with
+//   new BasicTracerProvider({ spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter())] })
+// (BatchSpanProcessor from @opentelemetry/sdk-trace-base, OTLPTraceExporter from the exporter).
+const provider = new BasicTracerProvider();
+trace.setGlobalTracerProvider(provider);
+propagation.setGlobalPropagator(new W3CTraceContextPropagator()); // `traceparent`, `tracestate`
+const tracer = trace.getTracer("pusher-bridge-example");
+
+// `<trace id> parent <producer span id> span <span id>`, or `(new)` without a parent.
+function continuation(parent, span) {
+  const ids = span.spanContext();
+  const producer = trace.getSpanContext(parent);
+  const via = producer ? `parent ${producer.spanId}` : "(new)";
+  return `${ids.traceId} ${via} span ${ids.spanId}`;
+}
 
 const url = process.env.AMQP_URL ?? "amqp://guest:guest@127.0.0.1:5672/%2f";
 const exchange = process.env.EXCHANGE ?? "pusher.events";
@@ -49,17 +74,32 @@ await new Promise((done) => {
     if (!seenIds.has(id)) {
       seenIds.add(id);
       if (seenIds.size > REMEMBER) seenIds.delete(seenIds.values().next().value);
-      const event = JSON.parse(msg.content.toString("utf8"));
-      console.log(
-        JSON.stringify({
-          id,
-          routing_key: msg.fields.routingKey,
-          app_id: event.app_id,
-          event: event.name,
-          channel: event.channel,
-          redelivered: msg.fields.redelivered,
-        }),
+      // The bridge's producer span, from the message's headers (none: a new trace).
+      const parent = propagation.extract(context.active(), msg.properties.headers ?? {});
+      const span = tracer.startSpan(
+        `process ${queue}`,
+        {
+          kind: SpanKind.CONSUMER,
+          attributes: { "messaging.system": "rabbitmq", "messaging.message.id": id },
+        },
+        parent,
       );
+      try {
+        const event = JSON.parse(msg.content.toString("utf8"));
+        console.log(
+          JSON.stringify({
+            id,
+            routing_key: msg.fields.routingKey,
+            app_id: event.app_id,
+            event: event.name,
+            channel: event.channel,
+            redelivered: msg.fields.redelivered,
+            trace: continuation(parent, span),
+          }),
+        );
+      } finally {
+        span.end();
+      }
       handled += 1;
     }
     ch.ack(msg);
@@ -68,3 +108,4 @@ await new Promise((done) => {
 });
 await ch.close();
 await conn.close();
+await provider.shutdown(); // flushes an exporter, when there is one

@@ -3,6 +3,10 @@
 // Reads the events stream through a durable consumer with a subject filter, prints one JSON line
 // per event and acknowledges it after processing, so a restart resumes where it stopped.
 //
+// Each event is processed in an OpenTelemetry consumer span that continues the bridge's trace: its
+// `trace` field is `<trace id> parent <the bridge's producer span id> span <its own id>`, or
+// `<trace id> (new) span <id>` for a message without `traceparent` (the bridge's tracing is off).
+//
 //   NATS_URL=nats://127.0.0.1:4222 STREAM=PUSHER_EVENTS \
 //   SUBJECT='pusher.*.member_added.>' DURABLE=node-nats-example node nats_consumer.mjs
 //
@@ -14,7 +18,34 @@
 // deletes it at once.
 //
 // MAX_MESSAGES=n stops after n events (the test suite uses it); by default it runs until stopped.
+import { context, propagation, SpanKind, trace } from "@opentelemetry/api";
+import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { BasicTracerProvider } from "@opentelemetry/sdk-trace-base";
 import { AckPolicy, connect, nanos } from "nats";
+
+// Real spans with ids, sent nowhere. To send them to the collector the bridge sends its spans to,
+// `npm install @opentelemetry/exporter-trace-otlp-http@0.223.1` (the SDK 2.12.1 release), set
+// OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://127.0.0.1:4318) and make the provider with
+//   new BasicTracerProvider({ spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter())] })
+// (BatchSpanProcessor from @opentelemetry/sdk-trace-base, OTLPTraceExporter from the exporter).
+const provider = new BasicTracerProvider();
+trace.setGlobalTracerProvider(provider);
+propagation.setGlobalPropagator(new W3CTraceContextPropagator()); // `traceparent`, `tracestate`
+const tracer = trace.getTracer("pusher-bridge-example");
+
+// `<trace id> parent <producer span id> span <span id>`, or `(new)` without a parent.
+function continuation(parent, span) {
+  const ids = span.spanContext();
+  const producer = trace.getSpanContext(parent);
+  const via = producer ? `parent ${producer.spanId}` : "(new)";
+  return `${ids.traceId} ${via} span ${ids.spanId}`;
+}
+
+// nats.js headers (a MsgHdrs, or none) as the propagator reads them.
+const natsHeaders = {
+  keys: (h) => (h ? [...h.keys()] : []),
+  get: (h, key) => h?.get(key) || undefined,
+};
 
 const url = process.env.NATS_URL ?? "nats://127.0.0.1:4222";
 const stream = process.env.STREAM ?? "PUSHER_EVENTS";
@@ -37,20 +68,36 @@ const consumer = await nc.jetstream().consumers.get(stream, durable);
 const messages = await consumer.consume({ max_messages: 100 });
 let seen = 0;
 for await (const m of messages) {
-  const event = m.json();
-  console.log(
-    JSON.stringify({
-      // The same id for a webhook Pusher delivered twice.
-      id: m.headers?.get("Nats-Msg-Id"),
-      subject: m.subject,
-      app_id: event.app_id,
-      event: event.name,
-      channel: event.channel,
-      user_id: event.user_id,
-    }),
+  // The bridge's producer span, from the message's headers (none: a new trace).
+  const parent = propagation.extract(context.active(), m.headers, natsHeaders);
+  const span = tracer.startSpan(
+    `process ${stream}`,
+    {
+      kind: SpanKind.CONSUMER,
+      attributes: { "messaging.system": "nats", "messaging.destination.name": stream },
+    },
+    parent,
   );
-  m.ack();
+  try {
+    const event = m.json();
+    console.log(
+      JSON.stringify({
+        // The same id for a webhook Pusher delivered twice.
+        id: m.headers?.get("Nats-Msg-Id"),
+        subject: m.subject,
+        app_id: event.app_id,
+        event: event.name,
+        channel: event.channel,
+        user_id: event.user_id,
+        trace: continuation(parent, span),
+      }),
+    );
+    m.ack();
+  } finally {
+    span.end();
+  }
   seen += 1;
   if (limit && seen >= limit) break;
 }
 await nc.drain();
+await provider.shutdown(); // flushes an exporter, when there is one

@@ -2,7 +2,10 @@
 
 Declares its own durable queue, binds it to the bridge's topic exchange with a binding key,
 acknowledges each event after processing and drops redeliveries by `message_id` (RabbitMQ does
-not deduplicate: a webhook Pusher delivered twice arrives twice with the same id).
+not deduplicate: a webhook Pusher delivered twice arrives twice with the same id). Each event is
+processed in an OpenTelemetry consumer span that continues the bridge's trace: its `trace` field
+is `<trace id> parent <the bridge's producer span id> span <its own id>`, or `<trace id> (new)
+span <id>` for a message without `traceparent` (the bridge's tracing is off).
 
     AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f EXCHANGE=pusher.events \
     QUEUE=python-amqp-example BINDING='pusher.*.client_event.#' python amqp_consumer.py
@@ -25,6 +28,31 @@ import os
 from collections import OrderedDict
 
 import pika
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+# Real spans with ids, sent nowhere. To send them to the collector the bridge sends its spans to,
+# `pip install opentelemetry-exporter-otlp-proto-http==1.45.2` (the SDK's release), set
+# OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://127.0.0.1:4318; OTEL_SERVICE_NAME names the service)
+# and add after the provider:
+#     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+#     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+#     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+provider = TracerProvider()
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("pusher-bridge-example")
+w3c = TraceContextTextMapPropagator()  # reads the `traceparent` and `tracestate` headers
+
+
+def continuation(parent, span) -> str:
+    """`<trace id> parent <producer span id> span <span id>`, or `(new)` without a parent."""
+    ids = span.get_span_context()
+    producer = trace.get_current_span(parent).get_span_context()
+    via = f"parent {format_span_id(producer.span_id)}" if producer.is_valid else "(new)"
+    return f"{format_trace_id(ids.trace_id)} {via} span {format_span_id(ids.span_id)}"
+
 
 REMEMBER = 100_000
 
@@ -63,20 +91,29 @@ def main() -> None:
             seen_ids[msg_id] = None
             if len(seen_ids) > REMEMBER:
                 seen_ids.popitem(last=False)
-            event = json.loads(body)
-            print(
-                json.dumps(
-                    {
-                        "id": msg_id,
-                        "routing_key": method.routing_key,
-                        "app_id": event["app_id"],
-                        "event": event["name"],
-                        "channel": event["channel"],
-                        "redelivered": method.redelivered,
-                    }
-                ),
-                flush=True,
-            )
+            # The bridge's producer span, from the message's headers (none: a new trace).
+            parent = w3c.extract(properties.headers or {})
+            with tracer.start_as_current_span(
+                f"process {queue}",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes={"messaging.system": "rabbitmq", "messaging.message.id": msg_id},
+            ) as span:
+                event = json.loads(body)
+                print(
+                    json.dumps(
+                        {
+                            "id": msg_id,
+                            "routing_key": method.routing_key,
+                            "app_id": event["app_id"],
+                            "event": event["name"],
+                            "channel": event["channel"],
+                            "redelivered": method.redelivered,
+                            "trace": continuation(parent, span),
+                        }
+                    ),
+                    flush=True,
+                )
             handled += 1
         channel.basic_ack(method.delivery_tag)
         if limit and handled >= limit:

@@ -4,7 +4,9 @@
 //! `broker.cloudevents = true` from both brokers. Each example has names of its own (two run
 //! side by side both read every event), bounds what it leaves on the broker (an inactive
 //! threshold on NATS, `x-expires` and `x-max-length` on RabbitMQ), and the CloudEvents reader
-//! skips events without `ce-` headers, saying why.
+//! skips events without `ce-` headers, saying why. The NATS and RabbitMQ examples process each
+//! event in an OpenTelemetry consumer span that continues the trace the message carries (issue
+//! 23): a child of the bridge's producer span, or a new trace when there is no `traceparent`.
 //!
 //! `.ci/run` installs the dependencies from the registries into examples/python/.venv and
 //! examples/node/node_modules; a test whose interpreter or packages are missing prints a
@@ -15,11 +17,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::common::otlp::Receiver;
 use crate::common::{
-    APP_ID, Stored, TestApp, amqp_channel, cleanup, jetstream_ctx, nats_url, read_events,
-    settings_for, webhook_body,
+    APP_ID, APP_KEY, APP_SECRET, Stored, TestApp, amqp_channel, cleanup, jetstream_ctx, nats_url,
+    read_events, settings_for, sign, webhook_body,
 };
-use pusher_bridge::config::{BrokerKind, Settings};
+use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
 
 pub(crate) fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
@@ -30,7 +33,10 @@ pub(crate) fn python() -> Option<PathBuf> {
     let py = repo("examples/python/.venv/bin/python");
     let ok = py.is_file()
         && Command::new(&py)
-            .args(["-c", "import nats, pika, cloudevents"])
+            .args([
+                "-c",
+                "import nats, pika, cloudevents, opentelemetry.sdk.trace",
+            ])
             .status()
             .is_ok_and(|s| s.success());
     if !ok {
@@ -44,9 +50,15 @@ pub(crate) fn python() -> Option<PathBuf> {
 
 /// `node` when examples/node's packages are installed, or None (with a NOTICE).
 pub(crate) fn node() -> Option<PathBuf> {
-    let installed = ["nats", "amqplib"]
-        .iter()
-        .all(|p| repo(&format!("examples/node/node_modules/{p}/package.json")).is_file());
+    let installed = [
+        "nats",
+        "amqplib",
+        "@opentelemetry/api",
+        "@opentelemetry/core",
+        "@opentelemetry/sdk-trace-base",
+    ]
+    .iter()
+    .all(|p| repo(&format!("examples/node/node_modules/{p}/package.json")).is_file());
     let node = Command::new("node")
         .arg("--version")
         .output()
@@ -170,14 +182,70 @@ async fn post_events(app: &TestApp, time_ms: u64) {
     assert!(answer.body.contains(r#""published":3"#), "{}", answer.body);
 }
 
+/// The ids of an example's consumer span, from its line's `trace` field.
+#[derive(Debug)]
+struct Continuation {
+    trace: String,
+    /// The span it continues (the message's producer span); None: it started a trace.
+    parent: Option<String>,
+    span: String,
+}
+
+fn is_id(hex: &str, len: usize) -> bool {
+    hex.len() == len
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && hex.bytes().any(|b| b != b'0')
+}
+
+/// `<trace id> parent <parent span id> span <span id>` or `<trace id> (new) span <span id>`.
+fn continuation(line: &serde_json::Value) -> Continuation {
+    let text = line["trace"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no `trace` field: {line}"));
+    let words: Vec<&str> = text.split(' ').collect();
+    let c = match words[..] {
+        [trace, "parent", parent, "span", span] => Continuation {
+            trace: trace.into(),
+            parent: Some(parent.into()),
+            span: span.into(),
+        },
+        [trace, "(new)", "span", span] => Continuation {
+            trace: trace.into(),
+            parent: None,
+            span: span.into(),
+        },
+        _ => panic!(
+            "`trace` is neither `<trace> parent <span> span <span>` nor `<trace> (new) span <span>`: {line}"
+        ),
+    };
+    assert!(is_id(&c.trace, 32) && is_id(&c.span, 16), "{line}");
+    assert!(
+        c.parent
+            .as_deref()
+            .is_none_or(|p| is_id(p, 16) && p != c.span),
+        "{line}"
+    );
+    c
+}
+
+/// The lines of a bridge without tracing: its messages carry no `traceparent`, so each
+/// event's span starts a trace of its own.
 fn assert_lines(lines: &[serde_json::Value], stored: &[Stored]) {
     assert_eq!(lines.len(), EXPECTED.len(), "{lines:?}");
+    let mut traces = std::collections::BTreeSet::new();
     for ((line, (event, channel)), m) in lines.iter().zip(EXPECTED).zip(stored) {
         assert_eq!(line["app_id"], APP_ID, "{line}");
         assert_eq!(line["event"], event, "{line}");
         assert_eq!(line["channel"], channel, "{line}");
         assert_eq!(line["id"].as_str(), m.msg_id.as_deref(), "{line}");
+        assert_eq!(m.header("traceparent"), None, "{m:?}");
+        let c = continuation(line);
+        assert_eq!(c.parent, None, "a new trace: {line}");
+        traces.insert(c.trace);
     }
+    assert_eq!(traces.len(), lines.len(), "one trace per event: {lines:?}");
 }
 
 /// What the examples leave on the broker is bounded, as their docstrings say: the server
@@ -329,6 +397,192 @@ async fn node_nats_consumer_example() {
 async fn node_amqp_consumer_example() {
     if let Some(node) = node() {
         amqp_example(node, "examples/node/amqp_consumer.mjs").await;
+    }
+}
+
+/// The trace a webhook brings (W3C `traceparent`) in the traced tests.
+const INCOMING_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const INCOMING_SPAN: &str = "00f067aa0ba902b7";
+
+/// POSTs [`EVENTS`] with the `traceparent` of [`INCOMING_TRACE`].
+async fn post_traced_events(app: &TestApp) {
+    let body = webhook_body(1_700_000_000_123, &EVENTS);
+    let req = hyper::Request::post(format!(
+        "http://{}{}",
+        app.addr, app.settings.server.webhook_path
+    ))
+    .header("X-Pusher-Key", APP_KEY)
+    .header("X-Pusher-Signature", sign(APP_SECRET, body.as_bytes()))
+    .header("Content-Type", "application/json")
+    .header(
+        "traceparent",
+        format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"),
+    )
+    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+    .unwrap();
+    let answer = app.request(req).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.body.contains(r#""published":3"#), "{}", answer.body);
+}
+
+/// With the bridge's tracing on, the example's span for each event continues the webhook's
+/// trace as the child of that message's producer span: its line names the incoming trace id,
+/// the span id of the message's `traceparent` (the producer span the OTLP receiver got) as its
+/// parent, and a span id of its own.
+async fn the_example_continues_the_trace(
+    kind: BrokerKind,
+    program: PathBuf,
+    script: &str,
+) -> Vec<serde_json::Value> {
+    let receiver = Receiver::start().await;
+    let mut s = settings_for(kind);
+    s.tracing.otlp_endpoint = Some(SecretUrl::new(receiver.endpoint()));
+    let app = TestApp::spawn_ready(s.clone()).await;
+    let queue = format!("{}.traced", s.broker.amqp.queue);
+    let env = match kind {
+        BrokerKind::Nats => vec![
+            ("NATS_URL", nats_url()),
+            ("STREAM", s.broker.nats.stream.clone()),
+            ("SUBJECT", format!("{}.>", s.broker.subject_prefix)),
+            ("DURABLE", "traced-reader".into()),
+            ("MAX_MESSAGES", "3".into()),
+        ],
+        _ => vec![
+            ("AMQP_URL", crate::common::amqp_url()),
+            ("EXCHANGE", s.broker.amqp.exchange.clone()),
+            ("QUEUE", queue.clone()),
+            ("BINDING", format!("{}.#", s.broker.subject_prefix)),
+            ("MAX_MESSAGES", "3".into()),
+        ],
+    };
+    let mut consumer = Consumer::start(&program, script, &env);
+    if kind == BrokerKind::Amqp {
+        assert_eq!(consumer.next().await["ready"], true);
+    }
+    post_traced_events(&app).await;
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        lines.push(consumer.next().await);
+    }
+    consumer.finish().await;
+    let stored = read_events(kind, &s, 3).await;
+    assert_eq!(stored.len(), 3);
+    let spans = receiver
+        .spans_until(|s| s.iter().filter(|s| s.kind == 4).count() >= 3)
+        .await;
+    let mut own = std::collections::BTreeSet::new();
+    for ((line, (event, _)), m) in lines.iter().zip(EXPECTED).zip(&stored) {
+        assert_eq!(line["event"], event, "{line}");
+        assert_eq!(line["id"].as_str(), m.msg_id.as_deref(), "{line}");
+        let carried = m
+            .header("traceparent")
+            .unwrap_or_else(|| panic!("no traceparent: {m:?}"));
+        let producer_span = carried.split('-').nth(2).unwrap();
+        assert_eq!(carried, format!("00-{INCOMING_TRACE}-{producer_span}-01"));
+        let producer = spans
+            .iter()
+            .find(|s| s.span_id == producer_span)
+            .unwrap_or_else(|| panic!("no producer span {producer_span}: {spans:#?}"));
+        assert_eq!(producer.kind, 4, "{producer:?}");
+        assert_eq!(producer.trace_id, INCOMING_TRACE);
+        let c = continuation(line);
+        assert_eq!(c.trace, INCOMING_TRACE, "the webhook's trace: {line}");
+        assert_eq!(
+            c.parent.as_deref(),
+            Some(producer_span),
+            "the message's producer span: {line}"
+        );
+        assert!(
+            spans.iter().all(|s| s.span_id != c.span),
+            "a span of its own: {line}"
+        );
+        own.insert(c.span);
+    }
+    assert_eq!(own.len(), 3, "one span per event: {lines:?}");
+    if kind == BrokerKind::Amqp {
+        let (conn, ch) = amqp_channel().await;
+        let _ = ch
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+    }
+    app.stop().await;
+    cleanup(kind, &s).await;
+    lines
+}
+
+/// The line the README's `heading` section shows after its command running `script` is one the
+/// example prints with the bridge's tracing on: the fields of its line for that event, and a
+/// `trace` continuing [`INCOMING_TRACE`], the `traceparent` the README names.
+fn assert_readme_shows(heading: &str, script: &str, lines: &[serde_json::Value]) {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let start = readme
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("no `{heading}` in the README"));
+    let section = &readme[start + heading.len() + 2..];
+    let section = &section[..section.find("\n#").unwrap_or(section.len())];
+    assert!(
+        section.contains(INCOMING_TRACE),
+        "{heading} names the trace"
+    );
+    let code: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .collect();
+    let shown = code
+        .windows(2)
+        .find(|w| w[0].contains(script) && w[1].starts_with('{'))
+        .unwrap_or_else(|| panic!("{heading}: no command runs {script} followed by its line"))[1];
+    let shown: serde_json::Value = serde_json::from_str(shown)
+        .unwrap_or_else(|e| panic!("{heading}: not JSON ({e}): {shown}"));
+    let printed = lines
+        .iter()
+        .find(|l| l["event"] == shown["event"])
+        .unwrap_or_else(|| panic!("{heading}: the example printed no {shown}"));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&shown), keys(printed), "{heading}: {shown}");
+    for field in ["id", "app_id", "channel", "user_id", "redelivered"] {
+        assert_eq!(
+            shown[field], printed[field],
+            "{heading}: {field} of {shown}"
+        );
+    }
+    let c = continuation(&shown);
+    assert_eq!(c.trace, INCOMING_TRACE, "{heading}: {shown}");
+    assert!(c.parent.is_some(), "{heading}: {shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_nats_consumer_continues_the_trace() {
+    if let Some(py) = python() {
+        let script = "examples/python/nats_consumer.py";
+        let lines = the_example_continues_the_trace(BrokerKind::Nats, py, script).await;
+        assert_readme_shows("### Tracing", script, &lines);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_amqp_consumer_continues_the_trace() {
+    if let Some(py) = python() {
+        the_example_continues_the_trace(BrokerKind::Amqp, py, "examples/python/amqp_consumer.py")
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_nats_consumer_continues_the_trace() {
+    if let Some(node) = node() {
+        the_example_continues_the_trace(BrokerKind::Nats, node, "examples/node/nats_consumer.mjs")
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_amqp_consumer_continues_the_trace() {
+    if let Some(node) = node() {
+        let script = "examples/node/amqp_consumer.mjs";
+        let lines = the_example_continues_the_trace(BrokerKind::Amqp, node, script).await;
+        assert_readme_shows("### Consumers in Python and Node", script, &lines);
     }
 }
 
