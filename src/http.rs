@@ -342,11 +342,17 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
 async fn webhook(req: Request<Incoming>, bridge: &Arc<Bridge>) -> Resp {
     let started = Instant::now();
     let mut app_label: Option<Arc<str>> = None;
-    // `[tracing]`: the request's server span (None when off or not sampled).
-    let span = bridge.tracer().webhook(
-        req.headers().get("traceparent").map(HeaderValue::as_bytes),
-        req.headers().get("tracestate").map(HeaderValue::as_bytes),
-    );
+    // `[tracing]`: the request's server span (None when off or not sampled; off, the headers
+    // are not even looked up).
+    let tracer = bridge.tracer();
+    let span = if tracer.is_on() {
+        tracer.webhook(
+            req.headers().get("traceparent").map(HeaderValue::as_bytes),
+            req.headers().get("tracestate").map(HeaderValue::as_bytes),
+        )
+    } else {
+        None
+    };
     let result = accept_webhook(req, bridge, &mut app_label, span.as_ref()).await;
     let resp = answer(bridge, result, app_label.as_deref(), started);
     if let Some(span) = span {

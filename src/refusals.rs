@@ -79,7 +79,7 @@ pub(crate) fn refused(reason: DlqReason, app_id: &str, subject: &str, detail: &s
             detail,
             refused = count,
             remedy = remedy(reason),
-            "the broker refuses events for good; they go to the dead-letter queue (one line per reason a minute at most: `refused` counts them since the last)"
+            "the broker refuses events for good; they are sent to the dead-letter queue (one line per reason a minute at most: `refused` counts them since the last)"
         );
     }
 }
