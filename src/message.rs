@@ -257,6 +257,8 @@ pub(crate) struct LetterHeaders {
     pub channel: String,
     /// The webhook's `time_ms`.
     pub time_ms: String,
+    /// The event's trace context (`traceparent`, `tracestate`), when it carried one.
+    pub trace: Option<Box<TraceContext>>,
 }
 
 impl LetterHeaders {
@@ -283,6 +285,12 @@ impl LetterHeaders {
             event: text(headers::EVENT),
             channel: text(headers::CHANNEL),
             time_ms: text(headers::TIME_MS),
+            trace: header(headers::TRACEPARENT).map(|traceparent| {
+                Box::new(TraceContext {
+                    traceparent,
+                    tracestate: header(headers::TRACESTATE),
+                })
+            }),
         }
     }
 }
@@ -344,9 +352,29 @@ mod tests {
         assert_eq!(read.detail, "line break");
         assert_eq!((read.attempts, read.first_failure_ms), (3, 42));
         assert_eq!((read.app_id.as_str(), read.event.as_str()), ("1", "e"));
+        assert_eq!(read.trace, None);
         // A letter without the id header: its own id names the event's.
         let bare = LetterHeaders::read(|_| None, Some("dlq-xyz-0"));
         assert_eq!(bare.msg_id, "xyz-0");
+        // The trace context an event carried comes back with its letter (`dlq replay`
+        // publishes the event with it).
+        let traced = LetterHeaders::read(
+            |name| match name {
+                headers::TRACEPARENT => {
+                    Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())
+                }
+                headers::TRACESTATE => Some("v=1".into()),
+                _ => None,
+            },
+            None,
+        );
+        assert_eq!(
+            traced.trace.as_deref(),
+            Some(&TraceContext {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                tracestate: Some("v=1".into()),
+            })
+        );
         assert!(PublishError::Unavailable("x".into()).is_transient());
         assert!(
             !PublishError::Refused {

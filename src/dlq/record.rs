@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use super::format_utc_ms;
-use crate::message::{DlqReason, LetterHeaders, Message, TraceContext, headers};
+use crate::message::{DlqReason, LetterHeaders, Message, TraceContext};
 
 /// One stored dead letter, read back from its headers and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,15 +48,9 @@ impl DeadLetterRecord {
         stored_id: Option<&str>,
         body: Bytes,
     ) -> Self {
-        let trace = header(headers::TRACEPARENT).map(|traceparent| {
-            Box::new(TraceContext {
-                traceparent,
-                tracestate: header(headers::TRACESTATE),
-            })
-        });
         let h = LetterHeaders::read(header, stored_id);
         Self {
-            trace,
+            trace: h.trace,
             position,
             subject: h.subject,
             msg_id: h.msg_id,
