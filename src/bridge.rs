@@ -346,12 +346,7 @@ impl Bridge {
             // The first fates are the events', in order; the rest the malformed letters'.
             let event = events.next();
             let producer = event.and_then(|_| producers.next());
-            let outcome = match fate {
-                Fate::Published => "published",
-                Fate::DeadLettered(_) => "dead_lettered",
-                _ => "spooled",
-            };
-            ended.extend(producer.map(|p| (p, outcome)));
+            ended.extend(producer.map(|p| (p, fate.outcome())));
             match fate {
                 Fate::Published => {
                     accepted.published += 1;

@@ -224,6 +224,24 @@ pub(crate) enum Fate {
     },
 }
 
+impl Fate {
+    /// Where the event ended, as its producer span says it (`pusher.outcome`): `published`,
+    /// `dead_lettered`, or `spooled` for what waits (kept, or a letter the dead-letter queue
+    /// refused).
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Fate::Published => "published",
+            Fate::DeadLettered(_) => "dead_lettered",
+            Fate::Kept { .. } | Fate::Unplaceable { .. } => "spooled",
+        }
+    }
+
+    /// Whether the event is settled: at the broker or in the dead-letter queue.
+    pub(crate) fn settled(&self) -> bool {
+        matches!(self, Fate::Published | Fate::DeadLettered(_))
+    }
+}
+
 /// One event to deliver, and since when it waits (a spooled event failed when it was spooled).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Pending<'a> {

@@ -254,10 +254,8 @@ impl Drainer {
         // tried again every pass, and a span per pass would crowd the webhooks' spans out of
         // the export queue.
         for (span, fate) in spans.into_iter().zip(&events) {
-            match (span, fate) {
-                (Some(span), Fate::Published) => span.end("published"),
-                (Some(span), Fate::DeadLettered(_)) => span.end("dead_lettered"),
-                _ => {}
+            if let Some(span) = span.filter(|_| fate.settled()) {
+                span.end(fate.outcome());
             }
         }
         let (mut events, mut letters) = (events.into_iter(), letters.into_iter());
