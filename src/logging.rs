@@ -173,14 +173,17 @@ pub(crate) struct Redactor {
 /// `guest` in every line that names it.
 const PUBLIC_DEFAULTS: &[&str] = &["guest"];
 
-/// Every form of every secret in `secrets`, longest first.
-fn all_forms<'a>(secrets: impl Iterator<Item = &'a String>) -> Vec<String> {
+/// Every form of every secret in `secrets`, longest first, plus the forms in `known`.
+fn all_forms<'a>(secrets: impl Iterator<Item = &'a String>, known: &[String]) -> Vec<String> {
     let mut forms: Vec<String> = secrets
         .filter(|s| !s.is_empty() && !PUBLIC_DEFAULTS.contains(&s.as_str()))
         .flat_map(|s| forms(s))
         .filter(|f| !f.is_empty())
+        .chain(known.iter().cloned())
         .collect();
-    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    // Longest first; equal ones side by side, so a reload that names the same secrets again
+    // adds nothing.
+    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
     forms.dedup();
     forms
 }
@@ -189,18 +192,14 @@ impl Redactor {
     /// Masks `secrets` (empty ones and public defaults ignored).
     pub fn new(secrets: &[String]) -> Self {
         Self {
-            forms: Arc::new(RwLock::new(all_forms(secrets.iter()).into())),
+            forms: Arc::new(RwLock::new(all_forms(secrets.iter(), &[]).into())),
         }
     }
 
     /// Masks `secrets` too.
     fn add(&self, secrets: &[String]) {
         let mut forms = self.forms.write().unwrap_or_else(|e| e.into_inner());
-        let mut all = all_forms(secrets.iter());
-        all.extend(forms.iter().cloned());
-        all.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        all.dedup();
-        *forms = all.into();
+        *forms = all_forms(secrets.iter(), &forms).into();
     }
 
     /// `line` with every secret masked.
@@ -280,6 +279,18 @@ mod tests {
             }
         }
         assert_eq!(r.redact("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn a_reload_adds_new_secrets_and_keeps_the_old_without_growing() {
+        let r = Redactor::new(&["old-secret".to_string()]);
+        let count = || r.forms.read().unwrap().len();
+        r.add(&["new-secret".to_string()]);
+        let after_one = count();
+        r.add(&["new-secret".to_string()]);
+        r.add(&["old-secret".to_string(), "new-secret".to_string()]);
+        assert_eq!(count(), after_one, "the same secrets again add nothing");
+        assert_eq!(r.redact("old-secret new-secret"), "*** ***");
     }
 
     #[test]
