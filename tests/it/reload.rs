@@ -213,3 +213,41 @@ async fn sighup_applies_apps_and_level_under_load_and_keeps_the_running_config_o
     );
     delete_streams(&jetstream_ctx(s.broker.nats.url.expose()).await, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_the_secret_files_again() {
+    // A mounted Secret rotated in place: the file's new value is in force after the SIGHUP.
+    let s = nats_settings();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bridge.toml");
+    let secret = dir.path().join("app-secret");
+    std::fs::write(&secret, "first-secret\n").expect("secret");
+    std::fs::write(
+        &file,
+        format!(
+            "[[apps]]\nid = \"{APP}\"\nkey = \"k1\"\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+    )
+    .expect("config");
+    let mut env = broker_env(&s);
+    env.push(("PUSHER_BRIDGE_CONFIG".into(), file.display().to_string()));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_ready().await;
+    let port = bridge.port;
+    assert_eq!(status(port, "k1", "first-secret", "before").await, 200);
+
+    std::fs::write(&secret, "second-secret\n").expect("secret rotated");
+    hup(&bridge);
+    let ok = r#"pusher_bridge_config_reloads_total{outcome="success"}"#;
+    assert_eq!(wait_metric(port, ok, 1.0).await, 1.0, "{}", bridge.stdout());
+    assert_eq!(status(port, "k1", "first-secret", "old").await, 401);
+    assert_eq!(status(port, "k1", "second-secret", "new").await, 200);
+    assert_eq!(bridge.terminate().await, Some(0));
+    let out = bridge.stdout();
+    assert!(
+        !out.contains("first-secret") && !out.contains("second-secret"),
+        "a secret in the log:\n{out}"
+    );
+    delete_streams(&jetstream_ctx(s.broker.nats.url.expose()).await, &s).await;
+}

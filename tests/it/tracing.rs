@@ -248,3 +248,50 @@ async fn a_spooled_event_is_published_under_a_span_of_its_own_linked_to_the_firs
     app.stop().await;
     cleanup(BrokerKind::Nats, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_opentelemetry_environment_is_honoured_and_never_stops_the_bridge() {
+    use crate::common::process::{BridgeProcess, post_signed, run, settings_env};
+
+    // OTEL_EXPORTER_OTLP_ENDPOINT alone turns tracing on, as in every OpenTelemetry SDK.
+    let receiver = Receiver::start().await;
+    let s = settings_for(BrokerKind::Nats);
+    let mut env = settings_env(&s);
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_ready().await;
+    let answer = post_signed(bridge.port, APP_KEY, APP_SECRET, &body()).await;
+    assert_eq!(answer.map(|(c, _)| c), Some(200));
+    let spans = receiver.spans_until(|s| s.len() >= 3).await;
+    assert!(spans.iter().any(|s| s.kind == 2), "{spans:#?}");
+    assert_eq!(bridge.terminate().await, Some(0));
+
+    // An endpoint from the environment that the exporter cannot use leaves tracing off with a
+    // warning; the same in the config key is refused naming it.
+    let mut env = settings_env(&s);
+    env.push((
+        "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+        "https://api.vendor.example".into(),
+    ));
+    let checked = run(&["check-config"], &env).await;
+    assert_eq!(checked.code, 0, "{checked:?}");
+    let mut bridge = BridgeProcess::start(&["serve"], env.clone());
+    bridge.wait_ready().await;
+    assert_eq!(bridge.terminate().await, Some(0));
+    assert!(
+        bridge.stdout().contains("tracing stays off"),
+        "{}",
+        bridge.stdout()
+    );
+    env.push((
+        "PUSHER_BRIDGE_TRACING__OTLP_ENDPOINT".into(),
+        "https://api.vendor.example".into(),
+    ));
+    let refused = run(&["check-config"], &env).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("tracing.otlp_endpoint"),
+        "{refused:?}"
+    );
+    cleanup(BrokerKind::Nats, &s).await;
+}
