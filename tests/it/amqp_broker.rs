@@ -679,19 +679,10 @@ async fn a_node_list_connects_to_the_first_that_answers_and_fails_over_in_turn()
 /// The environment that runs the binary against `s`'s RabbitMQ topology with `url` as
 /// `broker.amqp.url`.
 fn amqp_tool_env(s: &Settings, url: &str) -> process::Env {
-    let a = &s.broker.amqp;
     let mut env = process::settings_env(s);
-    for (key, value) in [
-        ("KIND", "amqp"),
-        ("AMQP__URL", url),
-        ("AMQP__EXCHANGE", &a.exchange),
-        ("AMQP__QUEUE", &a.queue),
-        ("AMQP__DLQ_EXCHANGE", &a.dlq_exchange),
-        ("AMQP__DLQ_QUEUE", &a.dlq_queue),
-        ("AMQP__CONNECTION_NAME", &a.connection_name),
-    ] {
-        env.push((format!("PUSHER_BRIDGE_BROKER__{key}"), value.to_string()));
-    }
+    env.extend(process::amqp_env(s));
+    // Set last, so it wins over the settings' own URL.
+    env.push(("PUSHER_BRIDGE_BROKER__AMQP__URL".into(), url.to_string()));
     env
 }
 

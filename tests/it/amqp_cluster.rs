@@ -37,23 +37,10 @@ async fn connect(url: &str) -> (lapin::Connection, lapin::Channel) {
 
 /// How often each `message_id` occurs in `queue` (taken off it with basic.get).
 async fn ids_in(url: &str, queue: &str) -> HashMap<String, usize> {
-    let (conn, ch) = connect(url).await;
     let mut counts = HashMap::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-    {
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
+    for (id, _) in messages_in(url, queue).await {
         *counts.entry(id).or_insert(0) += 1;
     }
-    let _ = conn.close(200, "done".into()).await;
     counts
 }
 

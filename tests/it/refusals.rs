@@ -9,7 +9,7 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy};
 
 use pusher_bridge::config::BrokerKind;
 
-use crate::common::process::{BridgeProcess, post_signed, settings_env};
+use crate::common::process::{BridgeProcess, amqp_env, post_signed, settings_env};
 use crate::common::{
     APP_KEY, APP_SECRET, delete_streams, jetstream_ctx, nats_settings, nats_url, read_dead_letters,
     stream_messages, webhook_body,
@@ -21,23 +21,6 @@ fn events(n: usize, tag: &str) -> String {
         .collect();
     let refs: Vec<&str> = events.iter().map(String::as_str).collect();
     webhook_body(1_700_000_000_000, &refs)
-}
-
-/// What points the binary at `s`'s RabbitMQ exchanges and queues.
-fn amqp_env(s: &pusher_bridge::Settings) -> Vec<(String, String)> {
-    let a = &s.broker.amqp;
-    [
-        ("KIND", "amqp".to_string()),
-        ("AMQP__URL", a.url.expose().to_string()),
-        ("AMQP__EXCHANGE", a.exchange.clone()),
-        ("AMQP__QUEUE", a.queue.clone()),
-        ("AMQP__DLQ_EXCHANGE", a.dlq_exchange.clone()),
-        ("AMQP__DLQ_QUEUE", a.dlq_queue.clone()),
-        ("AMQP__CONNECTION_NAME", a.connection_name.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("PUSHER_BRIDGE_BROKER__{k}"), v))
-    .collect()
 }
 
 const REFUSED_LINE: &str = "the broker refuses events for good";

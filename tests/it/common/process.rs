@@ -113,6 +113,24 @@ pub fn broker_env(s: &Settings) -> Env {
     ]
 }
 
+/// The environment that points the binary at `s`'s RabbitMQ: `broker.kind = "amqp"`, its
+/// URL, exchanges, queues and connection name.
+pub fn amqp_env(s: &Settings) -> Env {
+    let a = &s.broker.amqp;
+    [
+        ("KIND", "amqp"),
+        ("AMQP__URL", a.url.expose()),
+        ("AMQP__EXCHANGE", &a.exchange),
+        ("AMQP__QUEUE", &a.queue),
+        ("AMQP__DLQ_EXCHANGE", &a.dlq_exchange),
+        ("AMQP__DLQ_QUEUE", &a.dlq_queue),
+        ("AMQP__CONNECTION_NAME", &a.connection_name),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("PUSHER_BRIDGE_BROKER__{k}"), v.to_string()))
+    .collect()
+}
+
 /// A bridge (`serve`) running as a child process on a free port.
 pub struct BridgeProcess {
     /// Its port on 127.0.0.1.
