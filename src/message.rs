@@ -2,7 +2,7 @@
 //!
 //! - [`Message`]: one event ready to publish; [`DeadLetter`]: one that could not be, with
 //!   [`DlqReason`]; the dead-letter headers both brokers write (`DeadLetter::headers`) and
-//!   the `dlq` tools read back (`LetterHeaders`).
+//!   the `dlq` tools read back ([`DeadLetterRecord`]).
 //! - [`PublishError`]: how a publish failed, transient or the broker's lasting answer
 //!   ([`PublishError::is_transient`]); the brokers sort their answers into it, the delivery
 //!   policy decides what to do about it.
@@ -233,38 +233,51 @@ impl DeadLetter {
     }
 }
 
-/// A stored dead letter's headers, read back ([`DeadLetter::headers`] wrote them). Missing or
+/// One stored dead letter, read back from its headers ([`DeadLetter::headers`] and the event
+/// headers wrote them) and its body: what the `dlq` tools list, replay and purge. Missing or
 /// unreadable values are empty or 0: letters from other tools are listed as far as they go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct LetterHeaders {
-    /// Where the event was going.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterRecord {
+    /// Where the letter sits: the JetStream sequence in the DLQ stream, or the 1-based position
+    /// in the AMQP dead-letter queue at the time it was read.
+    pub position: u64,
+    /// The subject / routing key the event was meant for (empty for malformed events).
     pub subject: String,
-    /// The event's message id (from the letter's own `dlq-<id>` when the header is missing).
+    /// The event's original message id (`Nats-Msg-Id` / AMQP `message_id` on replay).
     pub msg_id: String,
-    /// The reason, verbatim.
+    /// Why it was dead-lettered (`malformed`, `no_stream`, ...; kept verbatim if unknown).
     pub reason: String,
-    /// The detail.
+    /// The failure's detail (a parse error, the broker's answer).
     pub detail: String,
-    /// Publish attempts made.
+    /// Publish attempts made before giving up.
     pub attempts: u32,
-    /// Unix milliseconds of the first failure.
+    /// Unix milliseconds of the first failure (0 when the header is missing).
     pub first_failure_ms: u64,
     /// The app id.
     pub app_id: String,
-    /// The event name.
+    /// The event name (empty for malformed events).
     pub event: String,
-    /// The channel.
+    /// The channel (empty for malformed events).
     pub channel: String,
-    /// The webhook's `time_ms`.
+    /// The webhook's `time_ms` as sent.
     pub time_ms: String,
-    /// The event's trace context (`traceparent`, `tracestate`), when it carried one.
+    /// The stored body: the message body to replay, or the raw event JSON of a malformed event.
+    pub body: Bytes,
+    /// The trace context the event carried (`traceparent` / `tracestate` headers), if any:
+    /// replay publishes the event with it, so a consumer still joins the webhook's trace.
     pub trace: Option<Box<TraceContext>>,
 }
 
-impl LetterHeaders {
-    /// Reads a letter's headers with `header` (a lookup by the names of [`headers`]);
-    /// `stored_id` is the letter's own message id.
-    pub(crate) fn read(header: impl Fn(&str) -> Option<String>, stored_id: Option<&str>) -> Self {
+impl DeadLetterRecord {
+    /// Reads a letter at `position` with `header` (a lookup by the names of [`headers`]);
+    /// `stored_id` is the letter's own message id (`dlq-<msg_id>`), the original id when the
+    /// `Pusher-Bridge-Msg-Id` header is missing.
+    pub(crate) fn from_headers(
+        position: u64,
+        header: impl Fn(&str) -> Option<String>,
+        stored_id: Option<&str>,
+        body: Bytes,
+    ) -> Self {
         let text = |name: &str| header(name).unwrap_or_default();
         let msg_id = header(headers::DLQ_MSG_ID)
             .filter(|id| !id.is_empty())
@@ -275,6 +288,7 @@ impl LetterHeaders {
             })
             .unwrap_or_default();
         Self {
+            position,
             subject: text(headers::DLQ_SUBJECT),
             msg_id,
             reason: text(headers::DLQ_REASON),
@@ -285,6 +299,7 @@ impl LetterHeaders {
             event: text(headers::EVENT),
             channel: text(headers::CHANNEL),
             time_ms: text(headers::TIME_MS),
+            body,
             trace: header(headers::TRACEPARENT).map(|traceparent| {
                 Box::new(TraceContext {
                     traceparent,
@@ -345,7 +360,7 @@ mod tests {
             (headers::TIME_MS, "5".to_string()),
         ]);
         let lookup = |name: &str| all.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
-        let read = LetterHeaders::read(lookup, None);
+        let read = DeadLetterRecord::from_headers(7, lookup, None, Bytes::new());
         assert_eq!(read.subject, "p.1.e.c");
         assert_eq!(read.msg_id, "abc-3");
         assert_eq!(read.reason, "nacked");
@@ -354,11 +369,12 @@ mod tests {
         assert_eq!((read.app_id.as_str(), read.event.as_str()), ("1", "e"));
         assert_eq!(read.trace, None);
         // A letter without the id header: its own id names the event's.
-        let bare = LetterHeaders::read(|_| None, Some("dlq-xyz-0"));
+        let bare = DeadLetterRecord::from_headers(1, |_| None, Some("dlq-xyz-0"), Bytes::new());
         assert_eq!(bare.msg_id, "xyz-0");
         // The trace context an event carried comes back with its letter (`dlq replay`
         // publishes the event with it).
-        let traced = LetterHeaders::read(
+        let traced = DeadLetterRecord::from_headers(
+            1,
             |name| match name {
                 headers::TRACEPARENT => {
                     Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())
@@ -367,6 +383,7 @@ mod tests {
                 _ => None,
             },
             None,
+            Bytes::new(),
         );
         assert_eq!(
             traced.trace.as_deref(),

@@ -31,10 +31,10 @@ pub(crate) use self::format::{
     format_utc_ms, write_json_array, write_table_header, write_table_row,
 };
 pub use self::purge::{FilterError, PurgeError, PurgeFilter, purge, purge_line};
-pub use self::record::DeadLetterRecord;
 pub use self::replay::{LeftLetter, ReplaySummary, replay};
 use crate::broker::{BoxError, BrokerError, cause};
 use crate::config::{BrokerKind, Settings};
+pub use crate::message::DeadLetterRecord;
 
 /// How many publishes replay keeps awaiting an ack at once (memory bound, pipelining).
 pub const REPLAY_WINDOW: usize = 64;
