@@ -22,7 +22,7 @@ use lapin::{Acker, BasicProperties, Channel, Connection};
 use super::{DeadLetterRecord, DlqError, LetterStore};
 use crate::broker::BoxError;
 use crate::broker::amqp::endpoint;
-use crate::broker::amqp::message::header_text;
+use crate::broker::amqp::message::header;
 use crate::config::Settings;
 
 /// How long the tools wait for the connection to RabbitMQ before giving up.
@@ -44,15 +44,8 @@ pub async fn connect(settings: &Settings) -> Result<Connection, DlqError> {
 
 /// Builds the record of one fetched letter at queue `position`.
 pub fn record(position: u64, props: &BasicProperties, body: Vec<u8>) -> DeadLetterRecord {
-    let table = props.headers().as_ref();
-    let header = |name: &str| {
-        table?
-            .inner()
-            .iter()
-            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| header_text(v))
-    };
     let stored_id = props.message_id().as_ref().map(ShortString::as_str);
+    let header = |name: &str| header(props.headers().as_ref(), name);
     DeadLetterRecord::from_headers(position, header, stored_id, body.into())
 }
 

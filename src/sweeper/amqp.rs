@@ -25,7 +25,7 @@ use lapin::types::FieldTable;
 use super::policy::{self, HeadAction, Retention, RuleKind, Target};
 use super::{LeaseStatus, SweepError, TargetReport, broker_msg, op_err};
 use crate::broker::amqp::endpoint;
-use crate::broker::amqp::message::header_text;
+use crate::broker::amqp::message::header;
 use crate::broker::{BrokerError, headers, now_ms};
 use crate::config::{QueueType, Settings};
 
@@ -209,10 +209,10 @@ impl AmqpSweeper {
                 };
                 seen += 1;
                 let d = &msg.delivery;
-                let app = header_str(d.properties.headers(), headers::APP_ID);
+                let app = header(d.properties.headers().as_ref(), headers::APP_ID);
                 // Dead letters have no per event rules: their event name plays no part.
                 let event = match target {
-                    Target::Events => header_str(d.properties.headers(), headers::EVENT),
+                    Target::Events => header(d.properties.headers().as_ref(), headers::EVENT),
                     Target::Dlq => None,
                 };
                 let published_ms = d
@@ -220,7 +220,7 @@ impl AmqpSweeper {
                     .timestamp()
                     .map(|secs| secs.saturating_mul(1000))
                     .or_else(|| {
-                        header_str(d.properties.headers(), headers::TIME_MS)
+                        header(d.properties.headers().as_ref(), headers::TIME_MS)
                             .and_then(|v| v.parse().ok())
                     });
                 match policy::head_action(
@@ -298,12 +298,6 @@ impl AmqpSweeper {
 /// The broker refused the exclusive queue because another connection owns it.
 fn locked(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED)
-}
-
-/// A header (`Pusher-Event`, `Pusher-Time-Ms`) as text, whatever string or number type
-/// carried it.
-fn header_str(table: &Option<FieldTable>, name: &str) -> Option<String> {
-    header_text(table.as_ref()?.inner().get(name)?)
 }
 
 /// Where the sweeper connects: the nodes of `broker.amqp.url`, with a heartbeat of

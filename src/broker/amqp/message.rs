@@ -107,9 +107,25 @@ pub(crate) fn dead_letter_properties(dl: &DeadLetter, now_secs: u64) -> BasicPro
     base_properties(&dead_letter_id(&m.msg_id), h, now_secs)
 }
 
-/// Text of a header value when reading messages back (the `dlq` tools, the sweeper): strings as
-/// sent, numbers (as some tools write them) as digits; other types have no text.
-pub(crate) fn header_text(v: &AMQPValue) -> Option<String> {
+/// A header of a message read back (the `dlq` tools, the sweeper) as text, its name compared
+/// without regard to case (other tools that move letters may change it).
+pub(crate) fn header(table: Option<&FieldTable>, name: &str) -> Option<String> {
+    let table = table?.inner();
+    let value = match table.get(name) {
+        Some(v) => v,
+        None => {
+            table
+                .iter()
+                .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))?
+                .1
+        }
+    };
+    header_text(value)
+}
+
+/// Text of a header value: strings as sent, numbers (as some tools write them) as digits;
+/// other types have no text.
+fn header_text(v: &AMQPValue) -> Option<String> {
     Some(match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_string(),
@@ -154,10 +170,7 @@ mod tests {
     }
 
     fn header(p: &BasicProperties, name: &str) -> Option<String> {
-        match p.headers().as_ref()?.inner().get(name)? {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-            _ => None,
-        }
+        super::header(p.headers().as_ref(), name)
     }
 
     #[test]
