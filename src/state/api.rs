@@ -81,29 +81,27 @@ enum Query {
     Users(String),
 }
 
-/// Percent-decodes a query or path component (`+` is a space in query strings only).
+/// Percent-decodes a query or path component (`+` is a space in query strings only). Stricter
+/// than the crate it uses, which keeps a malformed escape as it is: a signed query holding a
+/// `%` without two hex digits, or bytes that are not UTF-8, is refused (`None`, a 400).
 fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let well_formed = s.split('%').skip(1).all(|after| {
+        after
+            .get(..2)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced;
+    let s = if plus_is_space && s.contains('+') {
+        spaced = s.replace('+', " ");
+        &spaced
+    } else {
+        s
+    };
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 /// The query parameters, decoded; `None` when one is malformed or repeated.
@@ -467,5 +465,14 @@ mod tests {
         assert_eq!(params["info"], "user_count,subscription_count");
         assert!(parse_query("a=1&a=2").is_none());
         assert!(parse_query("a=%zz").is_none());
+        for malformed in ["a=%", "a=%4", "a=%+f", "a=%é1", "a=%ff"] {
+            assert!(parse_query(malformed).is_none(), "{malformed}");
+        }
+        let params = parse_query("q=a+b%2Bc%20d&e=%C3%A9").unwrap();
+        assert_eq!(
+            (params["q"].as_str(), params["e"].as_str()),
+            ("a b+c d", "é")
+        );
+        assert_eq!(percent_decode("a+b%2F", false).as_deref(), Some("a+b/"));
     }
 }
