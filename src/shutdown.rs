@@ -1,4 +1,6 @@
-//! A shutdown signal for background tasks (retention sweeper, spool drainer, ...).
+//! The one stop signal of the crate: the bridge's shutdown for its background tasks (retention
+//! sweeper, spool drainer, ...), and the end of a RabbitMQ session for the helpers that live
+//! with its connection.
 //!
 //! [`crate::run`] owns the [`ShutdownTrigger`]; every background task gets a [`Shutdown`] clone
 //! and selects on [`Shutdown::wait`] next to its interval. Dropping the trigger counts as a
@@ -24,6 +26,12 @@ impl ShutdownTrigger {
     /// Tells every listener to stop.
     pub fn trigger(&self) {
         self.0.send_replace(true);
+    }
+
+    /// Another listener, for a task started after the first (a RabbitMQ session's channel
+    /// opened again).
+    pub(crate) fn listener(&self) -> Shutdown {
+        Shutdown(self.0.subscribe())
     }
 }
 

@@ -235,15 +235,10 @@ impl Broker {
         }
     }
 
-    /// Whether the broker's first connection is still on its way: not up yet, and no attempt
-    /// has failed (the webhook path waits a little for it right after a start).
+    /// Whether the broker's connection is on its way: not up yet, and nothing has failed since
+    /// the attempt began (the webhook path waits a little for it right after a start).
     pub(crate) fn is_connecting(&self) -> bool {
-        match self {
-            Broker::Nats(b) => b.is_connecting(),
-            Broker::Amqp(b) => b.is_connecting(),
-            #[cfg(any(test, feature = "bench-null-broker"))]
-            _ => false,
-        }
+        self.status() == BrokerStatus::Connecting
     }
 
     /// Up, or why not (connecting, JetStream off, unreachable, refused, not declared,

@@ -146,12 +146,6 @@ impl AmqpBroker {
         self.tasks.down()
     }
 
-    /// Not up, and the connection is on its way (nothing has failed since it was lost or the
-    /// bridge started).
-    pub(crate) fn is_connecting(&self) -> bool {
-        self.status() == BrokerStatus::Connecting
-    }
-
     /// Up, or why not: blocked by a resource alarm, or what the last connect attempt said.
     pub(crate) fn status(&self) -> BrokerStatus {
         if self.is_up() {

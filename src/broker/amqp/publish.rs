@@ -37,6 +37,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{DlqReason, PublishError};
+use crate::shutdown::Shutdown;
 
 /// One message ready for `basic.publish`.
 pub(crate) struct Outgoing {
@@ -183,23 +184,28 @@ impl Health {
     }
 }
 
-/// A confirm-mode channel and its collector task.
+/// A confirm-mode channel and its collector task. The collector ends by itself once the last
+/// handle to it is gone and the publishes in flight have their confirms, or at once when the
+/// session's connection ends (its `stop`): nothing aborts it half-way.
 pub(crate) struct ChannelPublisher {
     channel: Channel,
     requests: mpsc::UnboundedSender<Request>,
     collector: tokio::task::JoinHandle<()>,
     health: Arc<Health>,
+    /// The session's end, which also ends [`ChannelPublisher::close_later`]'s wait.
+    stop: Shutdown,
 }
 
 impl ChannelPublisher {
     /// Opens a channel on `conn`, turns confirms on and starts the collector. At most
     /// `max_in_flight` publishes await their confirm on it; more are refused as unavailable
     /// (memory stays bounded even if the broker stops confirming). `settling`: the session's
-    /// ([`Health`]).
+    /// ([`Health`]); `stop`: the session's end.
     pub async fn open(
         conn: &Connection,
         max_in_flight: usize,
         settling: Arc<Settling>,
+        stop: Shutdown,
     ) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
         channel
@@ -212,12 +218,14 @@ impl ChannelPublisher {
             rx,
             max_in_flight.max(1),
             health.clone(),
+            stop.clone(),
         ));
         Ok(Self {
             channel,
             requests,
             collector,
             health,
+            stop,
         })
     }
 
@@ -236,8 +244,13 @@ impl ChannelPublisher {
     /// connection's channel numbers until the connection ends).
     pub(crate) fn close_later(&self, grace: Duration) {
         let channel = self.channel.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                // The connection ends, and the channel with it.
+                () = stop.wait() => return,
+            }
             if channel.status().connected() {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
@@ -284,23 +297,19 @@ impl ChannelPublisher {
     }
 }
 
-impl Drop for ChannelPublisher {
-    fn drop(&mut self) {
-        self.collector.abort();
-    }
-}
-
 /// The collector task of one channel (see the module comment).
 async fn collect(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Request>,
     cap: usize,
     health: Arc<Health>,
+    mut stop: Shutdown,
 ) {
     let mut in_flight: InFlight = FuturesUnordered::new();
     let mut returns = ReturnBook::default();
     let mut accepting = true;
-    loop {
+    // Until every handle is gone and every publish has its confirm.
+    while accepting || !in_flight.is_empty() {
         tokio::select! {
             req = rx.recv(), if accepting => match req {
                 Some(req) => {
@@ -314,7 +323,9 @@ async fn collect(
             Some(first) = in_flight.next() => {
                 settle(&channel, &mut in_flight, &mut returns, &health, first).await;
             }
-            else => break,
+            // The connection is gone: no confirm will come; the callers waiting see the
+            // channel closed before it (a transient failure) when their answers are dropped.
+            () = stop.wait() => break,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::broker::BrokerError;
 use crate::broker::connection_log::ConnectionLog;
 use crate::config::AmqpSettings;
 use crate::metrics::Metrics;
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// What opening a session needs; built once from the settings.
 pub(crate) struct SessionConfig {
@@ -54,7 +55,9 @@ pub(crate) struct Repaired {
 pub(crate) struct Session {
     conn: Connection,
     publishers: Vec<RwLock<Arc<ChannelPublisher>>>,
-    watcher: tokio::task::JoinHandle<()>,
+    /// Ends the session's helper tasks (its event watcher, its channels' collectors) when the
+    /// session is closed or dropped: they live and die with this one connection.
+    stop: ShutdownTrigger,
     /// When retired channels were last replaced ([`REPLACE_EVERY`]).
     replaced_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Whether this session still settles after a lost connection (shared by its channels).
@@ -95,22 +98,24 @@ impl Session {
         metrics: Arc<Metrics>,
         settling: Arc<Settling>,
     ) -> Result<Self, BrokerError> {
-        let watcher = tokio::spawn(watch_events(
+        let (stop, ended) = shutdown::channel();
+        tokio::spawn(watch_events(
             conn.events_listener(),
             wake,
             metrics,
             cfg.log.clone(),
+            ended.clone(),
         ));
-        match Self::prepare(&conn, cfg, &settling).await {
+        match Self::prepare(&conn, cfg, &settling, &ended).await {
             Ok(publishers) => Ok(Self {
                 conn,
                 publishers,
-                watcher,
+                stop,
                 replaced_at: std::sync::Mutex::new(None),
                 settling,
             }),
             Err(e) => {
-                watcher.abort();
+                stop.trigger();
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
                     conn.close(200, "setup failed".into()),
@@ -125,13 +130,19 @@ impl Session {
         conn: &Connection,
         cfg: &SessionConfig,
         settling: &Arc<Settling>,
+        ended: &Shutdown,
     ) -> Result<Vec<RwLock<Arc<ChannelPublisher>>>, BrokerError> {
         Self::declare_on(conn, cfg).await?;
         let mut publishers = Vec::with_capacity(cfg.settings.channels);
         for _ in 0..cfg.settings.channels.max(1) {
-            let p = ChannelPublisher::open(conn, cfg.per_channel_in_flight, settling.clone())
-                .await
-                .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
+            let p = ChannelPublisher::open(
+                conn,
+                cfg.per_channel_in_flight,
+                settling.clone(),
+                ended.clone(),
+            )
+            .await
+            .map_err(|e| BrokerError::connect("cannot open a channel", e))?;
             publishers.push(RwLock::new(Arc::new(p)));
         }
         Ok(publishers)
@@ -211,8 +222,13 @@ impl Session {
                 continue;
             }
             let fresh = Arc::new(
-                ChannelPublisher::open(&self.conn, per_channel_in_flight, self.settling.clone())
-                    .await?,
+                ChannelPublisher::open(
+                    &self.conn,
+                    per_channel_in_flight,
+                    self.settling.clone(),
+                    self.stop.listener(),
+                )
+                .await?,
             );
             *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
             if old.retired() {
@@ -230,7 +246,7 @@ impl Session {
 
     /// Closes the connection politely (bounded in time); a dead one is just dropped.
     pub async fn close(&self, reason: &str) {
-        self.watcher.abort();
+        self.stop.trigger();
         if self.connected() {
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), self.conn.close(200, reason.into()))
@@ -239,26 +255,27 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.watcher.abort();
-    }
-}
-
 fn read(slot: &RwLock<Arc<ChannelPublisher>>) -> Arc<ChannelPublisher> {
     slot.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// Follows the connection's events: an error or a block wakes the recovery loop, and an error
-/// drops the gauge at once (the loop sets it again when it has recovered).
+/// Follows the connection's events until the session ends: an error or a block wakes the
+/// recovery loop, and an error drops the gauge at once (the loop sets it again when it has
+/// recovered).
 async fn watch_events(
     events: impl futures::Stream<Item = Event>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     log: Arc<ConnectionLog>,
+    mut ended: Shutdown,
 ) {
     let mut events = std::pin::pin!(events);
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            () = ended.wait() => None,
+        };
+        let Some(event) = event else { return };
         match event {
             Event::Error(e) => {
                 log.disconnected(Some(&e));

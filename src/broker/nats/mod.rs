@@ -380,12 +380,6 @@ impl NatsBroker {
         self.tasks.down()
     }
 
-    /// Not up, and nothing has failed since the last connect attempt began: the connection
-    /// (or its declaration) is on its way.
-    pub(crate) fn is_connecting(&self) -> bool {
-        self.status() == BrokerStatus::Connecting
-    }
-
     /// Up, or why not: what the client's last connect attempt said, or the topology task's
     /// JetStream check and declaration.
     pub(crate) fn status(&self) -> BrokerStatus {
