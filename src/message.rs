@@ -47,6 +47,29 @@ pub struct Message {
     pub trace: Option<Box<TraceContext>>,
 }
 
+impl Message {
+    /// The headers every event carries, for consumers that filter without parsing the body:
+    /// app id, event, channel, the webhook's `time_ms`, and the trace context when there is
+    /// one. Both brokers send them (NATS headers, the AMQP header table), dead letters too;
+    /// [`DeadLetterRecord::from_headers`] reads them back.
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let trace = self.trace.as_deref();
+        [
+            (headers::APP_ID, &*self.app_id),
+            (headers::EVENT, self.event.as_str()),
+            (headers::CHANNEL, self.channel.as_str()),
+            (headers::TIME_MS, self.time_ms.as_str()),
+        ]
+        .into_iter()
+        .chain(trace.map(|t| (headers::TRACEPARENT, t.traceparent.as_str())))
+        .chain(
+            trace
+                .and_then(|t| t.tracestate.as_deref())
+                .map(|state| (headers::TRACESTATE, state)),
+        )
+    }
+}
+
 /// A W3C trace context as a message carries it: `traceparent` and, when the caller sent one,
 /// `tracestate`, both as header values.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,9 +7,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::broker::{
-    DeadLetter, DlqReason, Message, PublishError, cloudevents, dead_letter_id, headers,
-};
+use crate::broker::{DeadLetter, DlqReason, Message, PublishError, cloudevents, dead_letter_id};
 
 /// `content_type` of every message: the body is the event's JSON.
 pub(crate) const CONTENT_TYPE: &str = "application/json";
@@ -47,24 +45,11 @@ fn put(table: &mut FieldTable, name: &str, value: &str) {
     );
 }
 
-/// The headers every event carries: app id, event, channel, webhook `time_ms`. Public for
-/// `dlq replay`, which must send what the bridge sends.
-pub(crate) fn event_headers(app_id: &str, event: &str, channel: &str, time_ms: &str) -> FieldTable {
-    let mut h = FieldTable::default();
-    put(&mut h, headers::APP_ID, app_id);
-    put(&mut h, headers::EVENT, event);
-    put(&mut h, headers::CHANNEL, channel);
-    put(&mut h, headers::TIME_MS, time_ms);
-    h
-}
-
+/// The headers of an event message ([`Message::headers`]) as an AMQP table.
 fn message_headers(msg: &Message) -> FieldTable {
-    let mut h = event_headers(&msg.app_id, &msg.event, &msg.channel, &msg.time_ms);
-    if let Some(trace) = &msg.trace {
-        put(&mut h, headers::TRACEPARENT, &trace.traceparent);
-        if let Some(state) = &trace.tracestate {
-            put(&mut h, headers::TRACESTATE, state);
-        }
+    let mut h = FieldTable::default();
+    for (name, value) in msg.headers() {
+        put(&mut h, name, value);
     }
     h
 }

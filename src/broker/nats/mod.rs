@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use super::BrokerTasks;
 use super::connection_log::{ConnectionLog, WARN_EVERY};
 use super::status::{BrokerStatus, StatusCell};
-use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents, headers};
+use super::{BrokerError, DeadLetter, DlqReason, Message, PublishError, cloudevents};
 use crate::backoff::Backoff;
 use crate::config::servers;
 use crate::config::url_auth;
@@ -602,19 +602,9 @@ impl NatsBroker {
 
 /// Header names built once: a `HeaderName` from a `&str` is validated and copied on every insert.
 const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
-const APP_ID: HeaderName = HeaderName::from_static(headers::APP_ID);
-const EVENT: HeaderName = HeaderName::from_static(headers::EVENT);
-const CHANNEL: HeaderName = HeaderName::from_static(headers::CHANNEL);
-const TIME_MS: HeaderName = HeaderName::from_static(headers::TIME_MS);
-/// W3C Trace Context headers (`[tracing]`).
-const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
-const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
 /// A message's own time to live (NATS 2.11+, on a stream with `allow_msg_ttl`).
 const NATS_TTL: HeaderName = HeaderName::from_static("Nats-TTL");
 
-/// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and the app,
-/// event, channel and `time_ms` for consumers that filter without parsing the body; with
-/// `cloudevents`, the CloudEvents attributes too (dead letters are not CloudEvents: `false`).
 /// The longest subject the bridge hands to NATS. nats-server reads a publish's control line
 /// (`HPUB <subject> <reply inbox> <header size> <total size>`) into a 4,096-byte buffer and
 /// drops the connection of a client whose line is longer, which would break every publish in
@@ -636,6 +626,9 @@ fn check_subject(subject: &str) -> Result<(), PublishError> {
     Ok(())
 }
 
+/// The headers of an event message: `Nats-Msg-Id` (deduplication), content type, and
+/// [`Message::headers`]; with `cloudevents`, the CloudEvents attributes too (dead letters are
+/// not CloudEvents: `false`).
 fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
     let mut h: HeaderMap = [
         (
@@ -643,21 +636,15 @@ fn event_headers(msg: &Message, cloudevents: bool) -> HeaderMap {
             HeaderValue::from_lossy(msg.msg_id.as_str()),
         ),
         (CONTENT_TYPE, HeaderValue::from_lossy("application/json")),
-        (APP_ID, HeaderValue::from_lossy(&msg.app_id)),
-        (EVENT, HeaderValue::from_lossy(msg.event.as_str())),
-        (CHANNEL, HeaderValue::from_lossy(msg.channel.as_str())),
-        (TIME_MS, HeaderValue::from_lossy(msg.time_ms.as_str())),
     ]
     .into_iter()
     .collect();
-    if let Some(trace) = &msg.trace {
+    for (name, value) in msg.headers() {
+        // A static name is taken as it is (no check, no copy).
         h.insert(
-            TRACEPARENT,
-            HeaderValue::from_lossy(trace.traceparent.as_str()),
+            HeaderName::from_static(name),
+            HeaderValue::from_lossy(value),
         );
-        if let Some(state) = &trace.tracestate {
-            h.insert(TRACESTATE, HeaderValue::from_lossy(state.as_str()));
-        }
     }
     if cloudevents {
         cloudevents_headers(&mut h, msg);
