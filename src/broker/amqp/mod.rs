@@ -96,12 +96,8 @@ impl AmqpBroker {
         let endpoint =
             endpoint::Endpoint::new(&s, &s.connection_name, endpoint::DEFAULT_HEARTBEAT_SECS)
                 .await?;
-        let short = |key: &str, v: &str| {
-            ShortString::try_new(v)
-                .map_err(|_| BrokerError::connect_msg(format!("{key} is longer than 255 bytes")))
-        };
-        let exchange = short("broker.amqp.exchange", &s.exchange)?;
-        let dlq_exchange = short("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
+        let exchange = topology::name("broker.amqp.exchange", &s.exchange)?;
+        let dlq_exchange = topology::name("broker.amqp.dlq_exchange", &s.dlq_exchange)?;
         let channels = s.channels.max(1);
         // Until a node is reached the log names the whole list; then the node it is on.
         let log = Arc::new(super::connection_log::ConnectionLog::new(

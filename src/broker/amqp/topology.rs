@@ -14,7 +14,8 @@ use crate::config::{AmqpSettings, QueueType};
 /// empty remainder).
 pub(crate) const BIND_ALL: &str = "#";
 
-fn name(key: &str, value: &str) -> Result<ShortString, BrokerError> {
+/// `value` of the setting `key` as an AMQP name (a short string, at most 255 bytes).
+pub(crate) fn name(key: &str, value: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value).map_err(|_| BrokerError::Topology {
         what: format!("{key} is longer than 255 bytes"),
         source: None,
