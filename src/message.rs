@@ -344,6 +344,17 @@ pub(crate) fn is_subject_token(s: &str) -> bool {
             .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
 }
 
+/// A webhook's `time_ms` (the number as sent: digits, or a JSON number with a fraction or an
+/// exponent, as some servers write it) in unix milliseconds; `None` when it is negative or not
+/// a number. The one reading for the age check, CloudEvents' `time` and the sweeper.
+pub(crate) fn parse_time_ms(time_ms: &str) -> Option<u64> {
+    time_ms.parse::<u64>().ok().or_else(|| {
+        let f: f64 = time_ms.parse().ok()?;
+        // `as` saturates: a finite number beyond u64 is u64::MAX, left to the caller's range.
+        (f.is_finite() && f >= 0.0).then_some(f as u64)
+    })
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -428,6 +439,17 @@ mod tests {
     #[test]
     fn dead_letter_ids_are_prefixed() {
         assert_eq!(dead_letter_id("abc-3"), "dlq-abc-3");
+    }
+
+    #[test]
+    fn time_ms_is_read_as_digits_or_a_json_number() {
+        assert_eq!(parse_time_ms("1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_time_ms("1.700000000123e12"), Some(1_700_000_000_123));
+        assert_eq!(parse_time_ms("1700000000123.9"), Some(1_700_000_000_123));
+        for bad in ["-1", "-0.5", "x", "", "NaN", "inf"] {
+            assert_eq!(parse_time_ms(bad), None, "{bad}");
+        }
+        assert_eq!(parse_time_ms("1e300"), Some(u64::MAX));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::Message;
+use crate::message::parse_time_ms;
 
 /// `ce-specversion`.
 pub(crate) const SPECVERSION: &str = "ce-specversion";
@@ -85,16 +86,7 @@ impl<'a> Attributes<'a> {
 /// exponent) as RFC 3339 with milliseconds; `None` for a negative, non-numeric or out-of-range
 /// value, since `time` is an optional attribute and a wrong one is worse than none.
 pub(crate) fn rfc3339(time_ms: &str) -> Option<String> {
-    let ms = match time_ms.parse::<u64>() {
-        Ok(ms) => ms,
-        Err(_) => {
-            let f: f64 = time_ms.parse().ok()?;
-            if !f.is_finite() || f < 0.0 || f > MAX_TIME_MS as f64 {
-                return None;
-            }
-            f as u64
-        }
-    };
+    let ms = parse_time_ms(time_ms)?;
     if ms > MAX_TIME_MS {
         return None;
     }

@@ -28,6 +28,7 @@ use crate::broker::amqp::endpoint;
 use crate::broker::amqp::message::header;
 use crate::broker::{BrokerError, headers, now_ms};
 use crate::config::{QueueType, Settings};
+use crate::message::parse_time_ms;
 
 /// Messages looked at per queue and run at most; the rest waits for the next run.
 pub(super) const GET_BUDGET: u64 = 100_000;
@@ -221,7 +222,7 @@ impl AmqpSweeper {
                     .map(|secs| secs.saturating_mul(1000))
                     .or_else(|| {
                         header(d.properties.headers().as_ref(), headers::TIME_MS)
-                            .and_then(|v| v.parse().ok())
+                            .and_then(|v| parse_time_ms(&v))
                     });
                 match policy::head_action(
                     &retention,

@@ -10,7 +10,7 @@ use sha2::Sha256;
 
 use super::Webhook;
 use crate::config::AppSettings;
-use crate::message::now_ms;
+use crate::message::{now_ms, parse_time_ms};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -173,7 +173,8 @@ pub(crate) fn check_age(hook: &Webhook<'_>, max_age: Option<Duration>) -> Result
     let Some(max_age) = max_age else {
         return Ok(());
     };
-    let sent = hook.time_ms.parse::<f64>().unwrap_or(0.0) as u64;
+    // Not a number or negative: as old as can be.
+    let sent = parse_time_ms(hook.time_ms).unwrap_or(0);
     if now_ms().saturating_sub(sent) > max_age.as_millis() as u64 {
         return Err(AuthError::TooOld);
     }
