@@ -208,13 +208,23 @@ impl BrokerContext {
         Self { kind, address }
     }
 
-    /// `why: <label>: <what it means and what to do>`.
+    /// `why: <label>: <what it means and what to do>`, and when to run `send-test` again where
+    /// waiting is the remedy.
     fn why(&self, status: &BrokerStatus) -> String {
-        format!(
-            "why: {}: {}",
-            status.label(),
-            status.describe(self.kind, self.address.as_deref())
-        )
+        let (label, again) = match status {
+            BrokerStatus::Up => (
+                "draining",
+                "; run send-test again once pusher_bridge_spool_events is 0",
+            ),
+            BrokerStatus::Connecting => ("connecting", "; run send-test again in a few seconds"),
+            BrokerStatus::JetStreamOff(_) => ("JetStream off", ""),
+            BrokerStatus::Unreachable(_) => ("unreachable", ""),
+            BrokerStatus::Refused(_) => ("refused", ""),
+            BrokerStatus::NotDeclared(_) => ("not declared", ""),
+            BrokerStatus::Blocked => ("blocked", ""),
+        };
+        let describe = status.describe(self.kind, self.address.as_deref());
+        format!("why: {label}: {describe}{again}")
     }
 }
 

@@ -77,19 +77,6 @@ impl BrokerStatus {
         }
     }
 
-    /// A short name of the status, as `send-test` heads its explanation with.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Up => "draining",
-            Self::Connecting => "connecting",
-            Self::JetStreamOff(_) => "JetStream off",
-            Self::Unreachable(_) => "unreachable",
-            Self::Refused(_) => "refused",
-            Self::NotDeclared(_) => "not declared",
-            Self::Blocked => "blocked",
-        }
-    }
-
     /// What it means for the events and what to do, naming the broker of `kind` and, when
     /// given, its (redacted) address. [`BrokerStatus::Up`] is said of spooled events: they
     /// queued behind earlier ones that are still being published.
@@ -104,11 +91,12 @@ impl BrokerStatus {
         match self {
             Self::Up => format!(
                 "{who} is up; these events queued behind earlier spooled events the bridge is \
-                 still publishing: run send-test again once pusher_bridge_spool_events is 0"
+                 still publishing: they are published in turn (pusher_bridge_spool_events falls \
+                 to 0)"
             ),
             Self::Connecting => format!(
                 "the bridge's connection to {who} is still coming up (was it just started?): the \
-                 spooled events are published once it is up; run send-test again in a few seconds"
+                 spooled events are published once it is up; ask again in a few seconds"
             ),
             Self::JetStreamOff(_) => format!(
                 "{who} is up but JetStream is off{words}: start nats-server with -js (or enable \
