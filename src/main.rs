@@ -155,7 +155,13 @@ fn reloads_on_sighup(
                     Settings::load(path.as_deref())
                 })
                 .await;
-                let Ok(loaded) = loaded else { continue };
+                let loaded = match loaded {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: loading the configuration failed (the running one stays)");
+                        continue;
+                    }
+                };
                 if tx.send(loaded).await.is_err() {
                     return;
                 }

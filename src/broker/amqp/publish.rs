@@ -78,8 +78,8 @@ struct Settled {
     carried: Option<(String, String)>,
 }
 
-/// The broker's verdict on one enqueued publish.
-pub type Verdict = oneshot::Receiver<Result<(), PublishError>>;
+/// Where the broker's verdict on one enqueued publish arrives (its confirm, or a return).
+pub type PendingConfirm = oneshot::Receiver<Result<(), PublishError>>;
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Settled> + Send>>>;
 
@@ -213,13 +213,20 @@ impl ChannelPublisher {
             .await?;
         let (requests, rx) = mpsc::unbounded_channel();
         let health = Arc::new(Health::new(settling));
-        let collector = tokio::spawn(collect(
+        let collecting = tokio::spawn(collect(
             channel.clone(),
             rx,
             max_in_flight.max(1),
             health.clone(),
             stop.clone(),
         ));
+        // A collector that panicked is said here; the session sees it ended (`is_open`) and
+        // replaces the channel.
+        let collector = tokio::spawn(async move {
+            if let Err(e) = collecting.await {
+                tracing::error!(error = %e, "a RabbitMQ channel's confirm collector panicked; the channel is replaced");
+            }
+        });
         Ok(Self {
             channel,
             requests,
@@ -270,7 +277,7 @@ impl ChannelPublisher {
 
     /// Hands one publish to the channel's collector at once (publishes enqueued one after the
     /// other go out in that order); [`ChannelPublisher::verdict`] waits for its confirm.
-    pub(crate) fn enqueue(&self, out: Outgoing) -> Result<Verdict, PublishError> {
+    pub(crate) fn enqueue(&self, out: Outgoing) -> Result<PendingConfirm, PublishError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request { out, reply })
@@ -280,7 +287,7 @@ impl ChannelPublisher {
 
     /// Waits until `deadline` for the verdict of an enqueued publish.
     pub async fn verdict(
-        answer: Verdict,
+        answer: PendingConfirm,
         deadline: tokio::time::Instant,
     ) -> Result<(), PublishError> {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
