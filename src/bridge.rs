@@ -30,8 +30,9 @@ use crate::webhook::{self, AppKey, AppRegistry, Apps};
 /// Why a webhook was not accepted once its request was read; [`crate::http`] maps each to its
 /// status code (with the refusals only HTTP can make).
 #[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    /// Key or signature missing or wrong (found by [`crate::http`]), or `time_ms` too old.
+pub enum BridgeError {
+    /// Key or signature missing or wrong (the key found by [`crate::http`], the signature
+    /// checked by [`Bridge::handle_signed`]), or `time_ms` too old.
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] webhook::AuthError),
     /// More events than `server.max_events_per_webhook` (answered 413 like a large body).
@@ -60,11 +61,11 @@ pub enum WebhookError {
     },
 }
 
-impl From<webhook::PayloadError> for WebhookError {
+impl From<webhook::PayloadError> for BridgeError {
     fn from(e: webhook::PayloadError) -> Self {
         match e {
-            webhook::PayloadError::TooManyEvents { max } => WebhookError::TooManyEvents(max),
-            e => WebhookError::BadRequest(e),
+            webhook::PayloadError::TooManyEvents { max } => BridgeError::TooManyEvents(max),
+            e => BridgeError::BadRequest(e),
         }
     }
 }
@@ -116,7 +117,7 @@ fn parse_and_prepare(
     settings: &Settings,
     app: &AppKey,
     body: &[u8],
-) -> Result<(Vec<Message>, Vec<DeadLetter>), WebhookError> {
+) -> Result<(Vec<Message>, Vec<DeadLetter>), BridgeError> {
     let hook = webhook::parse(body, settings.server.max_events_per_webhook)?;
     webhook::check_age(&hook, settings.server.max_webhook_age)?;
     Ok(webhook::prepare(
@@ -246,7 +247,7 @@ impl Bridge {
     }
 
     /// Publishes every event of an authenticated webhook; `Ok` once all are durable.
-    pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, WebhookError> {
+    pub async fn handle(&self, app: &Arc<AppKey>, body: &Bytes) -> Result<Accepted, BridgeError> {
         self.handle_checked(app, None, body, None).await
     }
 
@@ -258,7 +259,7 @@ impl Bridge {
         app: &Arc<AppKey>,
         signature: Option<&[u8]>,
         body: &Bytes,
-    ) -> Result<Accepted, WebhookError> {
+    ) -> Result<Accepted, BridgeError> {
         self.handle_checked(app, Some(signature), body, None).await
     }
 
@@ -270,7 +271,7 @@ impl Bridge {
         signature: Option<&[u8]>,
         body: &Bytes,
         span: Option<&WebhookSpan>,
-    ) -> Result<Accepted, WebhookError> {
+    ) -> Result<Accepted, BridgeError> {
         self.handle_checked(app, Some(signature), body, span).await
     }
 
@@ -281,7 +282,7 @@ impl Bridge {
         check: Option<Option<&[u8]>>,
         body: &Bytes,
         span: Option<&WebhookSpan>,
-    ) -> Result<Accepted, WebhookError> {
+    ) -> Result<Accepted, BridgeError> {
         let started = Instant::now();
         let budget = self.settings.broker.response_budget;
         let policy = Policy::webhook(started + budget, budget);
@@ -297,7 +298,7 @@ impl Bridge {
                 parse_and_prepare(&settings, &app, &body)
             })
             .await
-            .map_err(|source| WebhookError::Stopped {
+            .map_err(|source| BridgeError::Stopped {
                 what: "webhook check and parsing",
                 source,
             })??
@@ -414,14 +415,14 @@ impl Bridge {
     /// Makes events the broker could not take durable on the local spool: appended as one unit
     /// and fsynced before this returns. A full spool (or a disk error) refuses the webhook and
     /// Pusher retries it (ids are deterministic, so events already published are deduplicated).
-    async fn make_durable(&self, records: Vec<Record>) -> Result<usize, WebhookError> {
+    async fn make_durable(&self, records: Vec<Record>) -> Result<usize, BridgeError> {
         match self.spool.append(&records).await {
             Ok(()) => Ok(records.len()),
             Err(source) => {
                 if !matches!(source, SpoolError::Full { .. }) {
                     tracing::error!(error = %source, "cannot write to the spool");
                 }
-                Err(WebhookError::NotDurable {
+                Err(BridgeError::NotDurable {
                     events: records.len(),
                     source,
                 })
@@ -482,7 +483,7 @@ mod tests {
         }
 
         /// Posts one webhook with an event per channel name.
-        async fn post(&self, channels: &[&str]) -> Result<Accepted, WebhookError> {
+        async fn post(&self, channels: &[&str]) -> Result<Accepted, BridgeError> {
             let events: Vec<String> = channels
                 .iter()
                 .map(|c| format!(r#"{{"name":"channel_occupied","channel":"{c}"}}"#))

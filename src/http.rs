@@ -26,7 +26,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::bridge::{Accepted, Bridge, WebhookError};
+use crate::bridge::{Accepted, Bridge, BridgeError};
 use crate::broker::BrokerStatus;
 use crate::metrics::Outcome;
 use crate::metrics::exposition::Format;
@@ -54,7 +54,7 @@ pub enum RequestError {
     BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The authentic webhook's refusal by the pipeline, or the key / signature check's.
     #[error(transparent)]
-    Webhook(#[from] WebhookError),
+    Webhook(#[from] BridgeError),
 }
 
 impl From<AuthError> for RequestError {
@@ -65,7 +65,7 @@ impl From<AuthError> for RequestError {
 
 /// Status code and metric outcome of each refusal: the whole mapping, in one place.
 pub fn status_of(e: &RequestError) -> (StatusCode, Outcome) {
-    use WebhookError as W;
+    use BridgeError as W;
     match e {
         RequestError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Outcome::BadRequest),
         RequestError::UnsupportedMediaType => (
@@ -397,7 +397,7 @@ fn answer(
                 tracing::warn!(app_id, status = status.as_u16(), error = %e, "webhook refused");
             }
             let mut body = serde_json::json!({ "error": e.to_string() });
-            if let RequestError::Webhook(WebhookError::NotDurable { .. }) = &e {
+            if let RequestError::Webhook(BridgeError::NotDurable { .. }) = &e {
                 // Refused because neither the broker nor the spool took the events: say why
                 // the broker did not, as a spooled answer does.
                 broker_keys(&mut body, &bridge.broker().status());
@@ -547,16 +547,16 @@ mod tests {
             (RequestError::MethodNotAllowed, 405),
             (RequestError::UnsupportedMediaType, 415),
             (RequestError::TooLarge, 413),
-            (WebhookError::TooManyEvents(1000).into(), 413),
+            (BridgeError::TooManyEvents(1000).into(), 413),
             (RequestError::BodyTimeout, 408),
             (AuthError::SignatureMismatch.into(), 401),
             (RequestError::BodyRead("x".into()), 400),
             (
-                WebhookError::from(crate::webhook::PayloadError::TimeNotNumber).into(),
+                BridgeError::from(crate::webhook::PayloadError::TimeNotNumber).into(),
                 400,
             ),
             (
-                WebhookError::NotDurable {
+                BridgeError::NotDurable {
                     events: 1,
                     source: crate::spool::SpoolError::Closed,
                 }

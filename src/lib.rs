@@ -8,8 +8,9 @@
 //! - [`config`]: typed settings (defaults < TOML < `PUSHER_BRIDGE_*` env), secrets redacted.
 //! - [`http`]: hyper server, routes, limits, the HTTP-only refusals and the mapping of every
 //!   refusal to its status code.
-//! - [`webhook`]: app lookup by key and HMAC signature check (called by `http`), borrowed
-//!   parsing of the body, and the messages and dead letters its events become.
+//! - [`webhook`]: app lookup by key (asked by `http`), the HMAC signature check and the
+//!   borrowed parsing of the body (asked by `bridge`, on the blocking pool for a large body),
+//!   and the messages and dead letters its events become.
 //! - [`routing`]: subjects / routing keys, token escaping, deterministic message ids.
 //! - [`bridge`]: the pipeline shared by all brokers: publish concurrently, await every ack,
 //!   dead-letter refusals, answer only when every event is durable.
@@ -26,8 +27,9 @@
 //! - [`retention`]: the retention rules (per app, per event) that the sweeper purges by and
 //!   that per-message TTLs are stamped from.
 //! - [`sweeper`]: the retention sweeper (trims old events and dead letters) and its lease.
-//! - [`shutdown`]: the stop signal background tasks select on; [`supervisor`]: starts them,
-//!   restarts one that ends or panics (counted, `/readyz` red meanwhile), waits for all at the end.
+//! - [`shutdown`]: the one stop signal background tasks select on; [`supervisor`]: starts
+//!   them, restarts one that ends or panics (logged and counted; `/readyz` red meanwhile for
+//!   the drainer and the broker's loops, which keep events durable), waits for all at the end.
 //! - [`logging`]: the log output, every configured secret masked in every line.
 //! - [`telemetry`]: OpenTelemetry spans of webhooks and published events, and the
 //!   `traceparent` each message carries (`[tracing]`).
@@ -69,7 +71,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-pub use crate::bridge::{Accepted, Bridge, WebhookError};
+pub use crate::bridge::{Accepted, Bridge, BridgeError};
 pub use crate::broker::{Broker, BrokerError, Message};
 pub use crate::config::Settings;
 pub use crate::metrics::Metrics;

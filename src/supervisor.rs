@@ -4,7 +4,8 @@
 //! the brokers' topology and recovery loops. Each task is started under it with
 //! the one shutdown signal ([`crate::shutdown`]). A task that ends or panics while the bridge
 //! runs is logged, counted (`pusher_bridge_task_restarts_total{task}`) and started again after a
-//! jittered pause; until it runs again `/readyz` answers 503 naming it ([`TaskHealth`]). At
+//! jittered pause; until it runs again, if it is one events need to become durable and move on
+//! (`crate::metrics::task::DURABILITY`), `/readyz` answers 503 naming it ([`TaskHealth`]). At
 //! shutdown every task sees the signal and returns; `Supervisor::join` waits for them, with a
 //! bound, so nothing is aborted half-way.
 

@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
-use pusher_bridge::bridge::WebhookError;
+use pusher_bridge::bridge::BridgeError;
 use pusher_bridge::config::{AppSettings, Secret};
 use pusher_bridge::webhook::{self, AppRegistry};
 use serde_json::Value;
@@ -55,7 +55,7 @@ fn answer(body: &[u8]) -> (u16, usize) {
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let status = match webhook::parse(body, MAX_EVENTS) {
-        Err(e) => pusher_bridge::http::status_of(&WebhookError::from(e).into()).0,
+        Err(e) => pusher_bridge::http::status_of(&BridgeError::from(e).into()).0,
         Ok(hook) => {
             assert!(hook.events.len() <= MAX_EVENTS);
             let suffix = webhook::body_suffix(app, hook.time_ms);

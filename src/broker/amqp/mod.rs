@@ -185,7 +185,8 @@ impl AmqpBroker {
     }
 
     /// Publishes `msgs` in this order on one channel, all in flight at once, and waits for every
-    /// confirm together until `timeout` (the spool drainer: arrival order, at pipeline speed).
+    /// confirm together until `timeout`: every path's first try ([`crate::delivery`]), in the
+    /// webhook's or the spool's order, at pipeline speed.
     pub(crate) async fn publish_in_order(
         &self,
         msgs: &[&Message],
