@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use super::url_auth::{Reading, split_user_info};
 use super::{ConfigError, Secret, SecretUrl, Settings, invalid};
 
 /// The value of the secret file `path` (for the key `key`), one trailing newline trimmed.
@@ -78,29 +79,22 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         .map(str::trim)
         .filter(|u| !u.is_empty())
     {
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        if !url.contains("://") {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
-        };
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let Some(at) = rest[..authority_end].rfind('@') else {
+        }
+        let Some((scheme, user, rest)) = split_user_info(url, Reading::Client) else {
             return Err(invalid(
                 KEY,
                 "broker.amqp.url must name the user the password is for (amqp://user@host/vhost)",
             ));
         };
-        let user = &rest[..at];
         if user.contains(':') {
             return Err(invalid(
                 KEY,
                 "set the password in broker.amqp.url or broker.amqp.password_file, not both",
             ));
         }
-        out.push(format!(
-            "{}{user}:{encoded}{}",
-            &url[..scheme_end],
-            &rest[at..]
-        ));
+        out.push(format!("{scheme}{user}:{encoded}{rest}"));
     }
     Ok(SecretUrl::new(out.join(",")))
 }
