@@ -82,7 +82,10 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         if !url.contains("://") {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
         }
-        let Some((scheme, user, rest)) = split_user_info(url, Reading::Client) else {
+        // An empty user (`amqp://@h`) names none: the client would log in as `guest`.
+        let Some((scheme, user, rest)) =
+            split_user_info(url, Reading::Client).filter(|(_, user, _)| !user.is_empty())
+        else {
             return Err(invalid(
                 KEY,
                 "broker.amqp.url must name the user the password is for (amqp://user@host/vhost)",
@@ -201,6 +204,22 @@ mod tests {
         .to_string();
         assert!(e.contains("broker.amqp.password_file"), "{e}");
         assert!(!e.contains("inline"), "a password in an error: {e}");
+    }
+
+    #[test]
+    fn every_url_must_name_the_user_the_password_is_for() {
+        // An empty user (`amqp://@h`) names none: the client would log in as `guest`. the AMQP client would log in as `guest` with
+        // the file's password.
+        let f = file("pw\n");
+        for url in ["amqp://h/%2f", "amqp://@h/%2f", "amqp://u@h1, amqp://@h2"] {
+            let e = Settings::from_toml(&format!(
+                "[broker.amqp]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+                toml_path(&f)
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("must name the user"), "{url}: {e}");
+        }
     }
 
     #[test]
