@@ -20,7 +20,7 @@ pub(crate) mod servers;
 pub(crate) mod url_auth;
 mod validate;
 
-use url_auth::Reading;
+use url_auth::{Reading, split_user_info};
 pub(crate) use validate::usable_traces_url;
 
 /// Prefix of the environment variables that override file keys.
@@ -102,22 +102,19 @@ impl SecretUrl {
     }
 }
 
-/// Replaces the password of every `scheme://user:password@host` in `url` (comma-separated server
-/// lists included, with or without a scheme: `user:pass@host` too) with `***`; a lone
-/// `token@host` becomes `***@host`. Read greedily ([`Reading::Mask`]): a password
-/// holding `/`, `?` or `@` is hidden whole.
+/// Replaces the password of every `[scheme://]user:password@host` in `url` (comma-separated
+/// server lists included) with `***`, `token@host` with `***@host`; read greedily
+/// ([`Reading::Mask`]), so a password holding `/`, `?` or `@` is hidden whole.
 pub(crate) fn redact_url(url: &str) -> String {
     url.split(',')
-        .map(
-            |part| match url_auth::split_user_info(part, Reading::Mask) {
-                Some((before, userinfo, rest)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{before}{user}:***{rest}"),
-                    // A lone token (`nats://token@host`) is itself the secret.
-                    None => format!("{before}***{rest}"),
-                },
-                None => part.to_string(),
+        .map(|part| match split_user_info(part, Reading::Mask) {
+            Some((before, userinfo, rest)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{before}{user}:***{rest}"),
+                // A lone token (`nats://token@host`) is itself the secret.
+                None => format!("{before}***{rest}"),
             },
-        )
+            None => part.to_string(),
+        })
         .collect::<Vec<_>>()
         .join(",")
 }

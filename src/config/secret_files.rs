@@ -82,10 +82,7 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         if !url.contains("://") {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
         }
-        // An empty user (`amqp://@h`) names none: the client would log in as `guest`.
-        let Some((scheme, user, rest)) =
-            split_user_info(url, Reading::Client).filter(|(_, user, _)| !user.is_empty())
-        else {
+        let Some((scheme, user, rest)) = split_user_info(url, Reading::Client) else {
             return Err(invalid(
                 KEY,
                 "broker.amqp.url must name the user the password is for (amqp://user@host/vhost)",

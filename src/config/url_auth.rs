@@ -7,31 +7,30 @@
 //! ([`url_credentials`]) and passes them as connect options.
 
 /// Where the user info of a URL ends: the clients and the log mask need different answers.
-#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reading {
     /// As the clients read it: a scheme is required, the authority ends at the first `/`, `?`
-    /// or `#`, and the last `@` inside it ends the user info.
+    /// or `#`, and the last `@` inside it ends the user info. Empty user info (`amqp://@h`) is
+    /// none: a URL parser reads the same empty user name from it as from `amqp://h`.
     Client,
     /// As the log mask reads it: the scheme is optional (`user:pass@host`), the last `@` of the
-    /// whole URL ends the user info, and white space opening it (a list's `a@h, b@h`) is left
-    /// out. Greedy on purpose: a password holding an unescaped `/`, `?` or `@` is hidden whole;
+    /// whole URL ends the user info, white space opening it (a list's `a@h, b@h`) left out.
+    /// Greedy on purpose: a password holding an unescaped `/`, `?` or `@` is hidden whole;
     /// hiding too much is safe, hiding too little leaks a secret.
     Mask,
 }
 
 /// One server URL (one entry of a comma-separated list) split around its user info: what
 /// comes before it, the user info, and the rest from its `@` on. `None` without user info (and,
-/// read as a client, without a scheme).
+/// read as a client, without a scheme or with empty user info).
 pub(crate) fn split_user_info(url: &str, reading: Reading) -> Option<(&str, &str, &str)> {
-    let greedy = reading == Reading::Mask;
+    let greedy = matches!(reading, Reading::Mask);
     let start = url.find("://").map(|i| i + 3).or(greedy.then_some(0))?;
-    // What ends the authority: nothing for the mask, which reads to the end.
     let ends: &[char] = if greedy { &[] } else { &['/', '?', '#'] };
     let rest = &url[start..];
     let at = start + rest[..rest.find(ends).unwrap_or(rest.len())].rfind('@')?;
     let info = &url[start..at];
     let info = if greedy { info.trim_start() } else { info };
-    Some((&url[..at - info.len()], info, &url[at..]))
+    (greedy || !info.is_empty()).then(|| (&url[..at - info.len()], info, &url[at..]))
 }
 
 /// User info found in a NATS URL.
@@ -56,9 +55,6 @@ impl std::fmt::Debug for UrlCredentials {
 pub(crate) fn url_credentials(urls: &str) -> Option<UrlCredentials> {
     urls.split(',').find_map(|url| {
         let (_, userinfo, _) = split_user_info(url, Reading::Client)?;
-        if userinfo.is_empty() {
-            return None;
-        }
         Some(match userinfo.split_once(':') {
             Some((user, password)) => {
                 UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
@@ -88,7 +84,6 @@ mod tests {
         let cases = [
             ("nats://u:p@h:1", Some(("nats://", "u:p", "@h:1"))),
             ("nats://tok@h:1", Some(("nats://", "tok", "@h:1"))),
-            ("nats://@h:1", Some(("nats://", "", "@h:1"))),
             ("nats://h:1", None),
             ("amqp://u:p@ss@h", Some(("amqp://", "u:p@ss", "@h"))),
             ("", None),
@@ -108,6 +103,8 @@ mod tests {
             ("amqp://u:p#w@h", None, Some(("amqp://", "u:p#w", "@h"))),
             // An `@` after the authority: the mask hides more.
             ("nats://h:1/x@y", None, Some(("nats://", "h:1/x", "@y"))),
+            // Empty user info: none for a client, nothing to hide for the mask.
+            ("nats://@h:1", None, Some(("nats://", "", "@h:1"))),
             (
                 "nats://u:p@h:1/x@y",
                 Some(("nats://", "u:p", "@h:1/x@y")),
