@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn every_url_must_name_the_user_the_password_is_for() {
-        // An empty user (`amqp://@h`) names none: the client would log in as `guest`. the AMQP client would log in as `guest` with
+        // An empty user (`amqp://@h`) names none: the AMQP client would log in as `guest` with
         // the file's password.
         let f = file("pw\n");
         for url in ["amqp://h/%2f", "amqp://@h/%2f", "amqp://u@h1, amqp://@h2"] {

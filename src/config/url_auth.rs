@@ -1,6 +1,6 @@
 //! User info in URLs (`scheme://user:password@host`, `scheme://token@host`), read once: the
-//! NATS credentials, the password put into `broker.amqp.url`, and the log mask all split a
-//! server URL with [`split_user_info`], so their readings cannot drift apart.
+//! NATS credentials, the password put into `broker.amqp.url`, the URLs shown redacted and the
+//! log mask all split a server URL with [`split_user_info`], so their readings cannot drift.
 //!
 //! async-nats parses credentials written into `broker.nats.url` but never sends them, so a
 //! server with authorization would refuse the connection; the bridge reads them itself
@@ -12,10 +12,10 @@ pub(crate) enum Reading {
     /// or `#`, and the last `@` inside it ends the user info. Empty user info (`amqp://@h`) is
     /// none: a URL parser reads the same empty user name from it as from `amqp://h`.
     Client,
-    /// As the log mask reads it: the scheme is optional (`user:pass@host`), the last `@` of the
-    /// whole URL ends the user info, white space opening it (a list's `a@h, b@h`) left out.
-    /// Greedy on purpose: a password holding an unescaped `/`, `?` or `@` is hidden whole;
-    /// hiding too much is safe, hiding too little leaks a secret.
+    /// As the masks read it (redacted URLs, the log mask): the scheme is optional
+    /// (`user:pass@host`), the last `@` of the whole URL ends the user info, white space opening
+    /// it (a list's `a@h, b@h`) left out. Greedy on purpose: a password holding an unescaped
+    /// `/`, `?` or `@` is hidden whole; hiding too much is safe, hiding too little leaks a secret.
     Mask,
 }
 
