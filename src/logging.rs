@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, Settings, url_auth};
 
 /// The mask written in place of a secret.
 const MASK: &str = "***";
@@ -122,13 +122,12 @@ pub(crate) fn secrets_of(settings: &Settings) -> Vec<String> {
     secrets
 }
 
-/// The password (or lone token) of each `[scheme://]userinfo@host` in a comma-separated list;
-/// the same reading of the user info as [`crate::config::redact_url`].
+/// The password (or lone token) of each `[scheme://]userinfo@host` in a comma-separated list,
+/// read as [`crate::config::redact_url`] reads it ([`url_auth::Reading::Mask`]).
 fn url_secrets(url: &str) -> Vec<String> {
     url.split(',')
         .filter_map(|part| {
-            let rest = &part[part.find("://").map_or(0, |i| i + 3)..];
-            let userinfo = rest[..rest.rfind('@')?].trim_start();
+            let (_, userinfo, _) = url_auth::split_user_info(part, url_auth::Reading::Mask)?;
             Some(match userinfo.split_once(':') {
                 // A password equal to its user name (a demo's `pusher:pusher`) protects
                 // nothing the line does not show already; masking it would mask the name in
@@ -145,10 +144,7 @@ fn url_secrets(url: &str) -> Vec<String> {
 /// The ways `secret` can appear in a log line.
 fn forms(secret: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for s in [
-        secret.to_string(),
-        crate::config::url_auth::percent_decode(secret),
-    ] {
+    for s in [secret.to_string(), url_auth::percent_decode(secret)] {
         let debug = format!("{s:?}");
         out.push(debug[1..debug.len() - 1].to_string());
         let json = serde_json::Value::String(s.clone()).to_string();

@@ -20,6 +20,7 @@ pub(crate) mod servers;
 pub(crate) mod url_auth;
 mod validate;
 
+use url_auth::{Reading, split_user_info};
 pub(crate) use validate::usable_traces_url;
 
 /// Prefix of the environment variables that override file keys.
@@ -101,32 +102,18 @@ impl SecretUrl {
     }
 }
 
-/// Replaces the password of every `scheme://user:password@host` in `url` (comma-separated server
-/// lists included, with or without a scheme: `user:pass@host` too) with `***`; a lone
-/// `token@host` becomes `***@host`. The last `@` of each part ends the user info, so a password
-/// holding `/`, `?` or `@` is hidden whole (an `@` elsewhere only hides more).
+/// Replaces the password of every `[scheme://]user:password@host` in `url` (comma-separated
+/// server lists included) with `***`, `token@host` with `***@host`; read greedily
+/// ([`Reading::Mask`]), so a password holding `/`, `?` or `@` is hidden whole.
 pub(crate) fn redact_url(url: &str) -> String {
     url.split(',')
-        .map(|part| {
-            let authority_start = part.find("://").map_or(0, |i| i + 3);
-            let rest = &part[authority_start..];
-            let Some(at) = rest.rfind('@') else {
-                return part.to_string();
-            };
-            let userinfo = &rest[..at];
-            let lead = userinfo.len() - userinfo.trim_start().len();
-            let masked = match userinfo.trim_start().split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
+        .map(|part| match split_user_info(part, Reading::Mask) {
+            Some((before, userinfo, rest)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{before}{user}:***{rest}"),
                 // A lone token (`nats://token@host`) is itself the secret.
-                None => "***".to_string(),
-            };
-            format!(
-                "{}{}{}{}",
-                &part[..authority_start],
-                &userinfo[..lead],
-                masked,
-                &rest[at..]
-            )
+                None => format!("{before}***{rest}"),
+            },
+            None => part.to_string(),
         })
         .collect::<Vec<_>>()
         .join(",")

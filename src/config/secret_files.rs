@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use super::url_auth::{Reading, split_user_info};
 use super::{ConfigError, Secret, SecretUrl, Settings, invalid};
 
 /// The value of the secret file `path` (for the key `key`), one trailing newline trimmed.
@@ -78,29 +79,22 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         .map(str::trim)
         .filter(|u| !u.is_empty())
     {
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        if !url.contains("://") {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
-        };
-        let rest = &url[scheme_end..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let Some(at) = rest[..authority_end].rfind('@') else {
+        }
+        let Some((scheme, user, rest)) = split_user_info(url, Reading::Client) else {
             return Err(invalid(
                 KEY,
                 "broker.amqp.url must name the user the password is for (amqp://user@host/vhost)",
             ));
         };
-        let user = &rest[..at];
         if user.contains(':') {
             return Err(invalid(
                 KEY,
                 "set the password in broker.amqp.url or broker.amqp.password_file, not both",
             ));
         }
-        out.push(format!(
-            "{}{user}:{encoded}{}",
-            &url[..scheme_end],
-            &rest[at..]
-        ));
+        out.push(format!("{scheme}{user}:{encoded}{rest}"));
     }
     Ok(SecretUrl::new(out.join(",")))
 }
@@ -207,6 +201,22 @@ mod tests {
         .to_string();
         assert!(e.contains("broker.amqp.password_file"), "{e}");
         assert!(!e.contains("inline"), "a password in an error: {e}");
+    }
+
+    #[test]
+    fn every_url_must_name_the_user_the_password_is_for() {
+        // An empty user (`amqp://@h`) names none: the AMQP client would log in as `guest` with
+        // the file's password.
+        let f = file("pw\n");
+        for url in ["amqp://h/%2f", "amqp://@h/%2f", "amqp://u@h1, amqp://@h2"] {
+            let e = Settings::from_toml(&format!(
+                "[broker.amqp]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+                toml_path(&f)
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("must name the user"), "{url}: {e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,37 @@
-//! Credentials written into `broker.nats.url` (`nats://user:password@host`,
-//! `nats://token@host`). async-nats parses such URLs but never sends their user info, so a
-//! server with authorization would refuse the connection; the bridge reads the credentials
-//! itself and passes them as connect options.
+//! User info in URLs (`scheme://user:password@host`, `scheme://token@host`), read once: the
+//! NATS credentials, the password put into `broker.amqp.url`, the URLs shown redacted and the
+//! log mask all split a server URL with [`split_user_info`], so their readings cannot drift.
+//!
+//! async-nats parses credentials written into `broker.nats.url` but never sends them, so a
+//! server with authorization would refuse the connection; the bridge reads them itself
+//! ([`url_credentials`]) and passes them as connect options.
+
+/// Where the user info of a URL ends: the clients and the log mask need different answers.
+pub(crate) enum Reading {
+    /// As the clients read it: a scheme is required, the authority ends at the first `/`, `?`
+    /// or `#`, and the last `@` inside it ends the user info. Empty user info (`amqp://@h`) is
+    /// none: a URL parser reads the same empty user name from it as from `amqp://h`.
+    Client,
+    /// As the masks read it (redacted URLs, the log mask): the scheme is optional
+    /// (`user:pass@host`), the last `@` of the whole URL ends the user info, white space opening
+    /// it (a list's `a@h, b@h`) left out. Greedy on purpose: a password holding an unescaped
+    /// `/`, `?` or `@` is hidden whole; hiding too much is safe, hiding too little leaks a secret.
+    Mask,
+}
+
+/// One server URL (one entry of a comma-separated list) split around its user info: what
+/// comes before it, the user info, and the rest from its `@` on. `None` without user info (and,
+/// read as a client, without a scheme or with empty user info).
+pub(crate) fn split_user_info(url: &str, reading: Reading) -> Option<(&str, &str, &str)> {
+    let greedy = matches!(reading, Reading::Mask);
+    let start = url.find("://").map(|i| i + 3).or(greedy.then_some(0))?;
+    let ends: &[char] = if greedy { &[] } else { &['/', '?', '#'] };
+    let rest = &url[start..];
+    let at = start + rest[..rest.find(ends).unwrap_or(rest.len())].rfind('@')?;
+    let info = &url[start..at];
+    let info = if greedy { info.trim_start() } else { info };
+    (greedy || !info.is_empty()).then(|| (&url[..at - info.len()], info, &url[at..]))
+}
 
 /// User info found in a NATS URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -24,12 +54,7 @@ impl std::fmt::Debug for UrlCredentials {
 /// The user info of the first server in `urls` (comma-separated) that has one, percent-decoded.
 pub(crate) fn url_credentials(urls: &str) -> Option<UrlCredentials> {
     urls.split(',').find_map(|url| {
-        let rest = &url.trim()[url.trim().find("://")? + 3..];
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        let userinfo = &authority[..authority.rfind('@')?];
-        if userinfo.is_empty() {
-            return None;
-        }
+        let (_, userinfo, _) = split_user_info(url, Reading::Client)?;
         Some(match userinfo.split_once(':') {
             Some((user, password)) => {
                 UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
@@ -51,6 +76,79 @@ pub(crate) fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_readings_split_one_url_around_its_user_info() {
+        use Reading::{Client, Mask};
+        // (url, as a client reads it, as the mask reads it)
+        let cases = [
+            ("nats://u:p@h:1", Some(("nats://", "u:p", "@h:1"))),
+            ("nats://tok@h:1", Some(("nats://", "tok", "@h:1"))),
+            ("nats://h:1", None),
+            ("amqp://u:p@ss@h", Some(("amqp://", "u:p@ss", "@h"))),
+            ("", None),
+        ];
+        for (url, both) in cases {
+            assert_eq!(split_user_info(url, Client), both, "{url}");
+            assert_eq!(split_user_info(url, Mask), both, "{url}");
+        }
+        let cases = [
+            // An unescaped `/` or `?` ends the authority for a client, not for the mask.
+            (
+                "amqp://u:pa/ss@h/%2f",
+                None,
+                Some(("amqp://", "u:pa/ss", "@h/%2f")),
+            ),
+            ("amqp://u:p?w@h", None, Some(("amqp://", "u:p?w", "@h"))),
+            ("amqp://u:p#w@h", None, Some(("amqp://", "u:p#w", "@h"))),
+            // An `@` after the authority: the mask hides more.
+            ("nats://h:1/x@y", None, Some(("nats://", "h:1/x", "@y"))),
+            // Empty user info: none for a client, nothing to hide for the mask.
+            ("nats://@h:1", None, Some(("nats://", "", "@h:1"))),
+            (
+                "nats://u:p@h:1/x@y",
+                Some(("nats://", "u:p", "@h:1/x@y")),
+                Some(("nats://", "u:p@h:1/x", "@y")),
+            ),
+            // No scheme: only the mask reads one.
+            ("u:p@h:1", None, Some(("", "u:p", "@h:1"))),
+            ("tok@h", None, Some(("", "tok", "@h"))),
+            // Entries of a list with spaces: the mask leaves the space out of the user info.
+            (" tok@h:2", None, Some((" ", "tok", "@h:2"))),
+            (
+                " nats://u:p@h",
+                Some((" nats://", "u:p", "@h")),
+                Some((" nats://", "u:p", "@h")),
+            ),
+            (
+                "nats:// u:p@h",
+                Some(("nats://", " u:p", "@h")),
+                Some(("nats:// ", "u:p", "@h")),
+            ),
+            (" ", None, None),
+        ];
+        for (url, client, mask) in cases {
+            assert_eq!(split_user_info(url, Client), client, "{url}");
+            assert_eq!(split_user_info(url, Mask), mask, "{url}");
+        }
+    }
+
+    #[test]
+    fn the_parts_are_the_whole_url() {
+        for list in [
+            "nats://a:1, tok@h:2,, v:p@w/d@h3 ,amqp://u:p?@h/%2f",
+            "nats://@h:1",
+        ] {
+            for url in list.split(',') {
+                for reading in [Reading::Client, Reading::Mask] {
+                    if let Some((before, user_info, rest)) = split_user_info(url, reading) {
+                        assert_eq!(format!("{before}{user_info}{rest}"), url);
+                        assert!(rest.starts_with('@'), "{url}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn user_password_token_and_none() {
