@@ -1231,6 +1231,10 @@ mod tests {
         assert_eq!(redact_url("tok3n@h:1, v:pw@h2"), "***@h:1, v:***@h2");
         assert_eq!(redact_url("amqp://u:pa/ss@h/%2f"), "amqp://u:***@h/%2f");
         assert_eq!(redact_url("amqp://u:p@ss@h"), "amqp://u:***@h");
+        // A `://` that follows no scheme is part of the password or the path.
+        assert_eq!(redact_url("u:p@h/?r=http://x"), "u:***@h/?r=http://x");
+        assert_eq!(redact_url("u:a://b@h"), "u:***@h");
+        assert_eq!(redact_url(" nats+tls://u:p@h"), " nats+tls://u:***@h");
     }
 
     #[test]
