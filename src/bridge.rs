@@ -191,6 +191,11 @@ impl Bridge {
         // Asked first, whatever the broker: while the disk refused its last write this probes
         // it, so a refusal that is over is not reported when the broker drops next.
         let disk = self.spool.write_refused();
+        if let Some(panic) = self.spool.writer_stopped() {
+            return Err(format!(
+                "the spool writer stopped ({panic}): the bridge cannot make events durable; restart it"
+            ));
+        }
         if self.spool.is_stalled() {
             return Err("the spool is not draining although the broker is up".into());
         }
@@ -522,6 +527,16 @@ mod tests {
         // The sweeper is counted, not a reason to take the replica out of the load balancer.
         rig.bridge.task_health().set("retention_sweeper", true);
         assert_eq!(rig.bridge.readiness(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn readiness_is_red_for_good_once_the_spool_writer_panicked() {
+        let rig = Rig::new().await;
+        rig.bridge.spool().panic_writer().await;
+        // The broker is up: the spool is still needed for the next outage.
+        let why = rig.bridge.readiness().unwrap_err();
+        assert!(why.contains("the spool writer stopped"), "{why}");
+        assert!(why.contains("restart"), "{why}");
     }
 
     #[tokio::test]

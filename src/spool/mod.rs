@@ -148,6 +148,8 @@ struct Shared {
     refused: Mutex<Option<String>>,
     /// When readiness last asked the writer to probe a refusing disk.
     probed_at: Mutex<Option<std::time::Instant>>,
+    /// The writer thread panicked (with its message): the spool takes nothing any more.
+    writer_stopped: Mutex<Option<String>>,
     /// Held for the life of the spool: one process per directory.
     _lock: File,
 }
@@ -156,6 +158,14 @@ impl Shared {
     /// Notes the disk's answer to the last write (`None`: it went through).
     fn set_refused(&self, why: Option<String>) {
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// Notes that the writer thread panicked.
+    fn set_writer_stopped(&self, panic: String) {
+        *self
+            .writer_stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(panic);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -234,6 +244,7 @@ impl Spool {
                 stalled: std::sync::atomic::AtomicBool::new(false),
                 refused: Mutex::new(None),
                 probed_at: Mutex::new(None),
+                writer_stopped: Mutex::new(None),
                 _lock: lock,
             });
             shared.update_gauges(&shared.state());
@@ -377,6 +388,25 @@ impl Spool {
         !self.tx.is_closed()
             && self.write_refused().is_none()
             && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
+    }
+
+    /// The writer thread's panic message, when it panicked: the spool takes no more events
+    /// until the bridge is restarted (`/readyz` says so).
+    pub(crate) fn writer_stopped(&self) -> Option<String> {
+        self.shared
+            .writer_stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes the writer thread panic, and waits until it has (tests of what a bug there does).
+    #[cfg(test)]
+    pub(crate) async fn panic_writer(&self) {
+        let _ = self.tx.send(writer::Request::Panic).await;
+        while self.writer_stopped().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// The disk's answer when the spool's last write failed (a full disk, say), else `None`.

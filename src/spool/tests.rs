@@ -315,3 +315,20 @@ async fn damage_found_while_draining_skips_only_that_record() {
     assert!(spool.is_empty(), "{} left", spool.events());
     spool.close().await;
 }
+
+#[tokio::test]
+async fn a_writer_that_panicked_is_said_and_refuses_every_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(&settings(dir.path())).await;
+    spool.append(&records(0..2)).await.unwrap();
+    assert_eq!(spool.writer_stopped(), None);
+    spool.panic_writer().await;
+    assert_eq!(
+        spool.writer_stopped().as_deref(),
+        Some("a test asked the spool writer to panic")
+    );
+    assert!(spool.append(&records(2..3)).await.is_err());
+    assert!(!spool.has_room());
+    // What was committed before is still read.
+    assert_eq!(drain_all(&spool).await, records(0..2));
+}

@@ -42,6 +42,9 @@ pub(super) enum Request {
     },
     /// Finish what is queued, then stop and let go of the spool (its lock included).
     Close(oneshot::Sender<()>),
+    /// Panics in the writer thread (a test of what a bug there does to the bridge).
+    #[cfg(test)]
+    Panic,
 }
 
 /// Starts the writer thread on `file` (the empty active segment).
@@ -51,6 +54,9 @@ pub(super) fn start(
     segment_bytes: u64,
 ) -> Result<mpsc::Sender<Request>, SpoolError> {
     let (tx, rx) = mpsc::channel(QUEUE);
+    // Weak: the spool (its directory lock included) is let go at `Close`, before the thread
+    // ends, so the directory can be opened again at once.
+    let watched = Arc::downgrade(&shared);
     let w = Writer {
         shared,
         file,
@@ -60,7 +66,23 @@ pub(super) fn start(
     };
     std::thread::Builder::new()
         .name("spool-writer".into())
-        .spawn(move || w.run(rx))
+        .spawn(move || {
+            // A panic here is a bug, and the thread cannot be started again over a state it
+            // left half-way: it is said once and readiness turns red for good (the appends
+            // waiting and every later one fail as `Closed`).
+            let run = std::panic::AssertUnwindSafe(|| w.run(rx));
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %why, "the spool writer panicked; the spool takes no more events: restart the bridge");
+                if let Some(shared) = watched.upgrade() {
+                    shared.set_writer_stopped(why);
+                }
+            }
+        })
         .map_err(|e| SpoolError::Io {
             what: "cannot start the spool writer".into(),
             source: Arc::new(e),
@@ -116,6 +138,8 @@ impl Writer {
                         close = Some(reply);
                         break;
                     }
+                    #[cfg(test)]
+                    Request::Panic => panic!("a test asked the spool writer to panic"),
                 }
                 if bytes < GROUP_BYTES {
                     next = rx.try_recv().ok();
