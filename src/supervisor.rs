@@ -29,6 +29,7 @@ const RAN_A_WHILE: Duration = Duration::from_secs(60);
 pub struct TaskHealth(Arc<Mutex<BTreeSet<&'static str>>>);
 
 impl TaskHealth {
+    /// Notes whether `task` is down (between its end and its restart) or running again.
     pub(crate) fn set(&self, task: &'static str, down: bool) {
         let mut set = self
             .0

@@ -54,13 +54,21 @@ pub(crate) enum Attr {
 /// One finished span.
 #[derive(Clone, Debug)]
 pub(crate) struct SpanData {
+    /// What the span did (`POST <path>`, `<operation> <destination>`), as a trace viewer lists it.
     pub name: String,
+    /// Server (a webhook) or producer (a published event).
     pub kind: Kind,
+    /// The trace it belongs to.
     pub trace_id: TraceId,
+    /// Its own id, which the messages it produced carry in their `traceparent`.
     pub span_id: SpanId,
+    /// The span it runs under (the caller's, or the webhook's), if any.
     pub parent: Option<SpanId>,
+    /// When it began.
     pub start: SystemTime,
+    /// When it ended.
     pub end: SystemTime,
+    /// OpenTelemetry's semantic attributes (`messaging.*`, `http.*`, the bridge's own).
     pub attributes: Vec<(&'static str, Attr)>,
     /// Spans this one follows from (a drained event's: the producer span it was spooled under).
     pub links: Vec<(TraceId, SpanId)>,
