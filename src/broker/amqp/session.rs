@@ -295,3 +295,37 @@ async fn watch_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher of a connection that never reports anything again (a half-open socket)
+    /// still ends with its session: it listens to the session's stop, not only to the
+    /// connection's events.
+    #[tokio::test]
+    async fn the_event_watcher_ends_with_its_session() {
+        let metrics = Arc::new(Metrics::new());
+        let log = Arc::new(ConnectionLog::new(
+            "RabbitMQ",
+            "amqp",
+            "amqp://h".into(),
+            metrics.clone(),
+        ));
+        let (stop, ended) = shutdown::channel();
+        let watcher = tokio::spawn(watch_events(
+            futures::stream::pending(),
+            Arc::new(Notify::new()),
+            metrics,
+            log,
+            ended,
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!watcher.is_finished());
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(1), watcher)
+            .await
+            .expect("the watcher ended with its session")
+            .expect("it did not panic");
+    }
+}
