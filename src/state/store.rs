@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use super::StateError;
 use super::keys::{self, Parsed};
 use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
+use crate::backoff::Backoff;
 use crate::broker::nats::streams::{self, Owned, StreamSpec};
 use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
 
@@ -41,10 +42,20 @@ const MAX_ATTEMPTS: u32 = 50;
 /// (see the module doc): well past the time a write spends in flight on a healthy cluster (a
 /// write delayed by an election is applied by the new leader before it answers reads).
 const VERIFY_AFTER: Duration = Duration::from_millis(200);
-/// Tries again after a failed read, this many times, after [`READ_PAUSE`], twice that, ...
+/// The pause before a writer that lost a compare-and-set race reads and merges again: 2 ms
+/// doubling up to 20 ms, each drawn between its half and its whole, so that replicas that
+/// collided on a key come back apart instead of colliding again in step. Short because the
+/// race was lost to a write that has just landed, which the next read sees; capped at 20 ms so
+/// that [`MAX_ATTEMPTS`] lost races give up (and leave the event to its redelivery) within
+/// about a second.
+const CONFLICT: Backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(20));
+/// Tries again after a failed read, this many times, after the pauses of [`READ_RETRY`].
 const READ_TRIES: u32 = 3;
-/// The first pause before reading again.
-const READ_PAUSE: Duration = Duration::from_millis(50);
+/// The pauses before reading again: 50 ms, 100 ms, then 150 ms, jittered so that replicas that
+/// hit the same blip (a leader election, a bucket created a moment ago) do not ask again
+/// together. A blip lasts a moment; the cap keeps the [`READ_TRIES`] pauses within 300 ms, so a
+/// read that keeps failing is reported promptly (its event is redelivered later).
+const READ_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(150));
 /// A filtered read gives up after this long.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -227,10 +238,9 @@ impl StateStore {
                     if e.kind() == kv::UpdateErrorKind::WrongLastRevision
                         || is_wrong_last_sequence(&e) =>
                 {
-                    // Another writer got there first: read its value and merge again. A short,
-                    // growing pause spreads replicas that keep colliding.
-                    let pause = Duration::from_millis(u64::from(attempt.min(10)) * 2);
-                    tokio::time::sleep(pause).await;
+                    // Another writer got there first: read its value and merge again, after a
+                    // short jittered pause that spreads replicas that keep colliding.
+                    tokio::time::sleep(CONFLICT.delay(attempt + 1)).await;
                 }
                 Err(e) => return Err(kv_err("cannot write a state record")(e)),
             }
@@ -256,7 +266,7 @@ impl StateStore {
                             == async_nats::connection::State::Connected =>
                 {
                     tries += 1;
-                    tokio::time::sleep(READ_PAUSE * tries).await;
+                    tokio::time::sleep(READ_RETRY.delay(tries)).await;
                 }
                 Err(e) => return Err(kv_err("cannot read a state record")(e)),
             }
