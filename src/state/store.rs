@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
@@ -32,7 +32,7 @@ use super::StateError;
 use super::keys::{self, Parsed};
 use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
 use crate::backoff::Backoff;
-use crate::broker::nats::streams::{self, Owned, StreamSpec};
+use crate::broker::nats::streams::{self, StreamSpec};
 use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
 
 /// How often a write is retried after losing a compare-and-set race before it counts as failed
@@ -90,39 +90,14 @@ pub struct StateStore {
     verify_writes: bool,
 }
 
-/// The KV stream as the KV convention wants it (history 1), created by hand: async-nats'
-/// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
-/// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
-/// Direct gets (reads from any replica) are on in a bucket it creates on a server that answers
-/// them with current values, and turned off in an existing one only on a server known to be
-/// older: NATS before 2.9.17 lets a restarted replica answer them before it has caught up
-/// (nats-server#4162), and a cluster test on 2.9.10 saw a count stuck at an old value for a
-/// minute after a node restart. A server whose version is not known yet changes nothing.
+/// The state bucket's stream ([`streams::kv_bucket`]: the KV convention and its workarounds),
+/// with deletes allowed: tombstones are dropped by message sequence (see the module doc). Of
+/// a bucket that exists (made by an earlier version, or by `nats kv add`), the bridge owns only
+/// what `kv_bucket` owns: its subject and, on a server that needs it, direct gets off.
 fn bucket_spec(bucket: &str, replicas: usize, version: Option<ServerVersion>) -> StreamSpec {
-    let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
-    let subject = format!("$KV.{bucket}.>");
-    let create = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("pusher-bridge channel state".into()),
-        subjects: vec![subject.clone()],
-        max_messages_per_subject: 1,
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        allow_rollup: true,
-        deny_delete: false,
-        allow_direct: direct,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    // Of a bucket that exists (made by an earlier version, or by `nats kv add`), the bridge
-    // owns only its subject and, on a server that needs it, direct gets off: the KV client
-    // reads from the leader only when the stream config it reads at open says so.
-    let owned = Owned {
-        subjects: vec![subject],
-        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
-            .then_some(false),
-        ..Owned::default()
-    };
+    let (mut create, owned) =
+        streams::kv_bucket(bucket, "pusher-bridge channel state", replicas, version);
+    create.deny_delete = false;
     StreamSpec::new(&create, owned)
 }
 
