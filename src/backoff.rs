@@ -1,5 +1,6 @@
 //! The one backoff of every retry loop (the NATS client's reconnects, the stream declaration,
-//! the RabbitMQ recovery loop, the deliverer's retries): doubling from a first pause up to a
+//! the RabbitMQ recovery loop, the deliverer's retries, the supervisor's restarts, the channel
+//! state's writes, reads and reconnects): doubling from a first pause up to a
 //! cap, each pause drawn between its half and its whole ("equal jitter"), so that the replicas
 //! that lost a broker at the same moment do not all come back at the same moment either.
 //! Imports nothing of the crate.

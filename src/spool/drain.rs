@@ -327,25 +327,31 @@ impl Drainer {
                 self.spool.update_gauges();
                 continue;
             }
-            tokio::select! {
+            let result = tokio::select! {
                 () = shutdown.wait() => break,
-                result = self.drain_once() => match result {
-                    Ok(r) if r.published + r.dead_lettered + r.quarantined > 0 => {
-                        handled = r.published + r.dead_lettered + r.quarantined;
-                        tracing::info!(
-                            published = r.published,
-                            dead_lettered = r.dead_lettered,
-                            quarantined = r.quarantined,
-                            left = self.spool.events(),
-                            "drained spooled events"
-                        );
+                result = self.drain_once() => result,
+            };
+            match result {
+                Ok(r) if r.published + r.dead_lettered + r.quarantined > 0 => {
+                    handled = r.published + r.dead_lettered + r.quarantined;
+                    tracing::info!(
+                        published = r.published,
+                        dead_lettered = r.dead_lettered,
+                        quarantined = r.quarantined,
+                        left = self.spool.events(),
+                        "drained spooled events"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "spool drain failed; retrying");
+                    // A failing spool is not retried in a tight loop, and a shutdown does not
+                    // wait for the pause.
+                    tokio::select! {
+                        () = shutdown.wait() => break,
+                        () = tokio::time::sleep(self.interval) => {}
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "spool drain failed; retrying");
-                        tokio::time::sleep(self.interval).await;
-                    }
-                },
+                }
             }
         }
     }

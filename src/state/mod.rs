@@ -21,6 +21,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::broker::{Broker, BrokerError, cause};
 use crate::config::{NatsSettings, Settings};
 use crate::metrics::Metrics;
@@ -77,15 +78,27 @@ pub async fn connect(nats: &NatsSettings) -> Result<async_nats::Client, StateErr
     Ok(crate::broker::nats::connect_client(nats, "pusher-bridge-state").await?)
 }
 
+/// The pauses between tries to open the bucket while connected: 1 s doubling to 2 s, jittered.
+/// An open fails while JetStream is not ready (a cluster electing its leaders, the bucket
+/// being created by another replica), which takes seconds, not milliseconds; the jitter keeps
+/// replicas started together from asking together, and the low cap opens the bucket soon
+/// after the server is ready.
+const OPEN_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(2));
+/// The pauses between looks at a connection that is not up yet (start-up): 20 ms doubling to
+/// 40 ms, jittered. Only the client's local state is read (it reconnects by itself), so looking
+/// often costs nothing and opens the bucket within moments of the connect.
+const CONNECT_POLL: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(40));
+
 /// Opens the bucket once the KV's server has answered (its version decides how the store
-/// writes), retrying every second until it opens or `shutdown`.
+/// writes), retrying after [`OPEN_RETRY`] until it opens or `shutdown`.
 async fn open_store(
     client: &async_nats::Client,
     settings: &Settings,
     shutdown: &mut Shutdown,
 ) -> Option<StateStore> {
+    let (mut failures, mut polls) = (0u32, 0u32);
     loop {
-        if client.connection_state() == async_nats::connection::State::Connected {
+        let pause = if client.connection_state() == async_nats::connection::State::Connected {
             match StateStore::open(
                 client.clone(),
                 &settings.state.bucket,
@@ -96,12 +109,12 @@ async fn open_store(
                 Ok(s) => return Some(s),
                 Err(e) => tracing::warn!(error = %e, "state: bucket not open yet, retrying"),
             }
-        }
-        let pause = if client.connection_state() == async_nats::connection::State::Connected {
-            Duration::from_secs(1)
+            failures = failures.saturating_add(1);
+            OPEN_RETRY.delay(failures)
         } else {
             // Not connected yet (start-up): look again soon rather than a second late.
-            Duration::from_millis(20)
+            polls = polls.saturating_add(1);
+            CONNECT_POLL.delay(polls)
         };
         tokio::select! {
             () = shutdown.wait() => return None,

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
@@ -31,7 +31,8 @@ use serde::de::DeserializeOwned;
 use super::StateError;
 use super::keys::{self, Parsed};
 use super::merge::{self, Change, ChannelRecord, MemberRecord, Merged, Update};
-use crate::broker::nats::streams::{self, Owned, StreamSpec};
+use crate::backoff::Backoff;
+use crate::broker::nats::streams::{self, StreamSpec};
 use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
 
 /// How often a write is retried after losing a compare-and-set race before it counts as failed
@@ -41,10 +42,20 @@ const MAX_ATTEMPTS: u32 = 50;
 /// (see the module doc): well past the time a write spends in flight on a healthy cluster (a
 /// write delayed by an election is applied by the new leader before it answers reads).
 const VERIFY_AFTER: Duration = Duration::from_millis(200);
-/// Tries again after a failed read, this many times, after [`READ_PAUSE`], twice that, ...
+/// The pause before a writer that lost a compare-and-set race reads and merges again: 2 ms
+/// doubling up to 20 ms, each drawn between its half and its whole, so that replicas that
+/// collided on a key come back apart instead of colliding again in step. Short because the
+/// race was lost to a write that has just landed, which the next read sees; capped at 20 ms so
+/// that [`MAX_ATTEMPTS`] lost races give up (and leave the event to its redelivery) within
+/// about a second.
+const CONFLICT: Backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(20));
+/// Tries again after a failed read, this many times, after the pauses of [`READ_RETRY`].
 const READ_TRIES: u32 = 3;
-/// The first pause before reading again.
-const READ_PAUSE: Duration = Duration::from_millis(50);
+/// The pauses before reading again: 50 ms, 100 ms, then 150 ms, jittered so that replicas that
+/// hit the same blip (a leader election, a bucket created a moment ago) do not ask again
+/// together. A blip lasts a moment; the cap keeps the [`READ_TRIES`] pauses within 300 ms, so a
+/// read that keeps failing is reported promptly (its event is redelivered later).
+const READ_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(150));
 /// A filtered read gives up after this long.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -79,39 +90,14 @@ pub struct StateStore {
     verify_writes: bool,
 }
 
-/// The KV stream as the KV convention wants it (history 1), created by hand: async-nats'
-/// `create_key_value` first asks for the account info, whose NATS 2.9 answer it cannot parse.
-/// Deletes are allowed: tombstones are dropped by message sequence (see the module doc).
-/// Direct gets (reads from any replica) are on in a bucket it creates on a server that answers
-/// them with current values, and turned off in an existing one only on a server known to be
-/// older: NATS before 2.9.17 lets a restarted replica answer them before it has caught up
-/// (nats-server#4162), and a cluster test on 2.9.10 saw a count stuck at an old value for a
-/// minute after a node restart. A server whose version is not known yet changes nothing.
+/// The state bucket's stream ([`streams::kv_bucket`]: the KV convention and its workarounds),
+/// with deletes allowed: tombstones are dropped by message sequence (see the module doc). Of
+/// a bucket that exists (made by an earlier version, or by `nats kv add`), the bridge owns only
+/// what `kv_bucket` owns: its subject and, on a server that needs it, direct gets off.
 fn bucket_spec(bucket: &str, replicas: usize, version: Option<ServerVersion>) -> StreamSpec {
-    let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
-    let subject = format!("$KV.{bucket}.>");
-    let create = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some("pusher-bridge channel state".into()),
-        subjects: vec![subject.clone()],
-        max_messages_per_subject: 1,
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        allow_rollup: true,
-        deny_delete: false,
-        allow_direct: direct,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    // Of a bucket that exists (made by an earlier version, or by `nats kv add`), the bridge
-    // owns only its subject and, on a server that needs it, direct gets off: the KV client
-    // reads from the leader only when the stream config it reads at open says so.
-    let owned = Owned {
-        subjects: vec![subject],
-        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
-            .then_some(false),
-        ..Owned::default()
-    };
+    let (mut create, owned) =
+        streams::kv_bucket(bucket, "pusher-bridge channel state", replicas, version);
+    create.deny_delete = false;
     StreamSpec::new(&create, owned)
 }
 
@@ -227,10 +213,9 @@ impl StateStore {
                     if e.kind() == kv::UpdateErrorKind::WrongLastRevision
                         || is_wrong_last_sequence(&e) =>
                 {
-                    // Another writer got there first: read its value and merge again. A short,
-                    // growing pause spreads replicas that keep colliding.
-                    let pause = Duration::from_millis(u64::from(attempt.min(10)) * 2);
-                    tokio::time::sleep(pause).await;
+                    // Another writer got there first: read its value and merge again, after a
+                    // short jittered pause that spreads replicas that keep colliding.
+                    tokio::time::sleep(CONFLICT.delay(attempt + 1)).await;
                 }
                 Err(e) => return Err(kv_err("cannot write a state record")(e)),
             }
@@ -256,7 +241,7 @@ impl StateStore {
                             == async_nats::connection::State::Connected =>
                 {
                     tries += 1;
-                    tokio::time::sleep(READ_PAUSE * tries).await;
+                    tokio::time::sleep(READ_RETRY.delay(tries)).await;
                 }
                 Err(e) => return Err(kv_err("cannot read a state record")(e)),
             }

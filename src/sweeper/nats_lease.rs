@@ -12,14 +12,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::{LeaseStatus, SweepError, op_err};
-use crate::broker::nats::streams::{self, Owned, StreamSpec};
-use crate::broker::nats::{ServerVersion, is_wrong_last_sequence, version};
+use crate::broker::nats::streams::{self, StreamSpec};
+use crate::broker::nats::{ServerVersion, is_wrong_last_sequence};
 use crate::config::Settings;
 
 const LEASE_KEY: &str = "lease";
@@ -53,15 +53,11 @@ pub fn cursor_bucket(settings: &Settings) -> String {
     bucket_name(settings, "sweeper_state")
 }
 
-/// The JetStream stream behind a KV bucket, as the KV convention wants it (history 1), and
-/// what the bridge owns of it when it exists: its subject, `max_age` (the lease's expiry, zero
-/// for the cursor), replicas raised to `broker.nats.replicas`, and direct gets off on a server
-/// known to be older than 2.9.17, which lets a restarted replica answer them before it has
-/// caught up (nats-server#4162) when a lease decision needs the latest value. A bucket it
-/// creates has direct gets on from 2.9.17. Every other field stays as it is (see [`streams`]).
-///
-/// Built by hand rather than with `create_key_value`: that call first asks for the account info,
-/// whose NATS 2.9 answer this client version cannot parse.
+/// A sweeper bucket's stream ([`streams::kv_bucket`]: the KV convention and its workarounds,
+/// direct gets off only on a server known to need it, since a lease decision needs the latest
+/// value), with `max_age` (the lease's expiry, zero for the cursor) set at creation and owned
+/// when it exists, and replicas raised to `broker.nats.replicas`. Every other field stays as
+/// it is (see [`streams`]).
 fn bucket_spec(
     bucket: &str,
     max_age: Duration,
@@ -69,30 +65,10 @@ fn bucket_spec(
     description: &str,
     version: Option<ServerVersion>,
 ) -> StreamSpec {
-    let direct = version::has(version, ServerVersion::DIRECT_GETS_CURRENT);
-    let subject = format!("$KV.{bucket}.>");
-    let create = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some(description.to_string()),
-        subjects: vec![subject.clone()],
-        max_messages_per_subject: 1,
-        max_age,
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: direct,
-        discard: stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    let owned = Owned {
-        subjects: vec![subject],
-        replicas,
-        max_age: Some(max_age),
-        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
-            .then_some(false),
-        ..Owned::default()
-    };
+    let (mut create, mut owned) = streams::kv_bucket(bucket, description, replicas, version);
+    create.max_age = max_age;
+    owned.max_age = Some(max_age);
+    owned.replicas = replicas;
     StreamSpec::new(&create, owned)
 }
 

@@ -18,6 +18,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
+use super::version::{self, ServerVersion};
+
 /// A stream config as the server sent it: each field's JSON text as it came.
 pub(crate) type RawConfig = BTreeMap<String, Box<RawValue>>;
 
@@ -76,6 +78,51 @@ impl StreamSpec {
             create: map,
         }
     }
+}
+
+/// The stream behind KV bucket `bucket` as the KV convention wants it (`KV_<bucket>` on
+/// `$KV.<bucket>.>`, history 1, rollups, deletes denied, no expiry), created with `replicas`,
+/// and what the bridge owns of it when it exists: its subject and, on a server that needs it,
+/// direct gets off. The caller adds what its bucket needs on top (deletes, an expiry, replicas
+/// raised) before [`StreamSpec::new`]. One function for every bucket the bridge keeps (channel
+/// state, the sweeper's lease and cursor), so the workarounds below are made once:
+///
+/// - Built by hand rather than with async-nats' `create_key_value`: that call first asks for
+///   the account info, whose NATS 2.9 answer this client version cannot parse.
+/// - Direct gets (reads from any replica) are on in a bucket it creates on a server that
+///   answers them with current values, and turned off in an existing one only on a server known
+///   to be older: NATS before 2.9.17 lets a restarted replica answer them before it has caught
+///   up (nats-server#4162), and a cluster test on 2.9.10 saw a state count stuck at an old value
+///   for a minute after a node restart. The KV client reads from the leader only when the
+///   stream config it reads at open says so. A server whose version is not known yet changes
+///   nothing.
+pub(crate) fn kv_bucket(
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+    version: Option<ServerVersion>,
+) -> (jetstream::stream::Config, Owned) {
+    let subject = format!("$KV.{bucket}.>");
+    let create = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_string()),
+        subjects: vec![subject.clone()],
+        max_messages_per_subject: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: version::has(version, ServerVersion::DIRECT_GETS_CURRENT),
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    let owned = Owned {
+        subjects: vec![subject],
+        allow_direct: version::known_before(version, ServerVersion::DIRECT_GETS_CURRENT)
+            .then_some(false),
+        ..Owned::default()
+    };
+    (create, owned)
 }
 
 /// What [`ensure`] did.
@@ -436,5 +483,34 @@ mod tests {
         assert_eq!(spec.create["subjects"], serde_json::json!(["p.>"]));
         let plain = StreamSpec::new(&cfg, owned());
         assert!(!plain.create.contains_key("allow_msg_ttl"));
+    }
+
+    /// nats-server#4162: direct gets are on in a bucket created on a server that answers them
+    /// with current values, off in an existing one only where the server is known to be older,
+    /// and left alone while the version is unknown.
+    #[test]
+    fn a_kv_bucket_turns_direct_gets_off_only_where_the_server_needs_it() {
+        // (on at creation, owned) for a server of version `v`.
+        let direct = |v| {
+            let (create, owned) = kv_bucket("b", "d", 0, v);
+            let spec = StreamSpec::new(&create, owned);
+            let on = spec.create.get("allow_direct").and_then(|d| d.as_bool());
+            (on.unwrap_or(false), spec.owned.allow_direct)
+        };
+        assert_eq!(
+            direct(Some(ServerVersion::new(2, 9, 10))),
+            (false, Some(false))
+        );
+        assert_eq!(
+            direct(Some(ServerVersion::DIRECT_GETS_CURRENT)),
+            (true, None)
+        );
+        assert_eq!(direct(None), (false, None));
+        let (create, owned) = kv_bucket("b", "d", 0, None);
+        assert_eq!(create.name, "KV_b");
+        assert_eq!(create.subjects, owned.subjects);
+        assert_eq!(owned.subjects, ["$KV.b.>"]);
+        assert_eq!(create.num_replicas, 1);
+        assert!(create.deny_delete, "the KV convention");
     }
 }

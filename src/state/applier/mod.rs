@@ -27,6 +27,7 @@ use serde::Deserialize;
 use super::StateError;
 use super::merge::{Change, Stamp, Update};
 use super::store::{Applied, StateStore};
+use crate::backoff::Backoff;
 use crate::broker::nats::ServerVersion;
 use crate::message::now_ms;
 use crate::metrics::{Metrics, StateOutcome};
@@ -47,6 +48,15 @@ pub(crate) const STATE_EVENTS: [&str; 5] = [
 const CONCURRENCY: usize = 256;
 /// A message whose KV write failed comes back after this pause.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// The pauses before a source's consumer is set up again after it ended or failed: 1 s
+/// doubling to 2 s, jittered, so that the replicas that lost the same server do not all come
+/// back at the same moment. A consumer ends when its server or connection goes, which the
+/// client's own reconnect (or the RabbitMQ node list) mends within seconds; the low cap takes
+/// the events up again soon after.
+const RECONNECT: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(2));
+/// A consumer that ran this long before it ended had been working: the next ends start over
+/// at the first pause of [`RECONNECT`].
+const RAN_A_WHILE: Duration = Duration::from_secs(60);
 
 /// Why a message cannot become a state update (it is dropped: retrying cannot help).
 #[derive(Debug, thiserror::Error)]
@@ -445,23 +455,31 @@ pub(crate) async fn run_nats(
 }
 
 /// The reconnect loop of both sources: runs `consume` (which returns at `shutdown`, or when
-/// its connection or consumer ends or fails) again a second after it ended, until `shutdown`.
+/// its connection or consumer ends or fails) again after a pause of [`RECONNECT`], until
+/// `shutdown`.
 pub(super) async fn keep_consuming<F, Fut>(mut shutdown: Shutdown, consume: F)
 where
     F: Fn(Shutdown) -> Fut,
     Fut: Future<Output = Result<(), StateError>>,
 {
+    let mut ends: u32 = 0;
     loop {
+        let started = tokio::time::Instant::now();
         let result = consume(shutdown.clone()).await;
         if shutdown.is_triggered() {
             return;
         }
+        if started.elapsed() >= RAN_A_WHILE {
+            ends = 0;
+        }
+        ends = ends.saturating_add(1);
+        let pause = RECONNECT.delay(ends);
         if let Err(e) = result {
-            tracing::warn!(error = %e, "state applier: retrying in 1 s");
+            tracing::warn!(error = %e, "state applier: retrying in {pause:.1?}");
         }
         tokio::select! {
             () = shutdown.wait() => return,
-            () = tokio::time::sleep(RETRY_PAUSE) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
