@@ -8,6 +8,10 @@
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
+/// A loop that ran this long before it ended had been working: its next pause is the first
+/// one again (the supervisor's restarts, the channel state's consumers).
+pub(crate) const RAN_A_WHILE: Duration = Duration::from_secs(60);
+
 /// Pauses that double from `first` up to `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Backoff {

@@ -14,15 +14,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, RAN_A_WHILE};
 use crate::metrics::{Metrics, TaskLabels};
 use crate::shutdown::Shutdown;
 
 /// Pauses before a task that ended is started again: 100 ms doubling up to 30 s.
 const RESTART: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-/// A task that ran this long before it ended counts as healthy again: its next restart pause
-/// is the first one.
-const RAN_A_WHILE: Duration = Duration::from_secs(60);
 
 /// Which supervised tasks are down right now (for `/readyz`).
 #[derive(Clone, Debug, Default)]

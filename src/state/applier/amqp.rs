@@ -141,7 +141,7 @@ async fn consume_once(
                 }
                 Settle::Retry => {
                     // Requeued at once it would come straight back: pause first.
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(crate::backoff::jitter(RETRY_PAUSE)).await;
                     delivery
                         .nack(BasicNackOptions {
                             requeue: true,

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use super::StateError;
 use super::merge::{Change, Stamp, Update};
 use super::store::{Applied, StateStore};
-use crate::backoff::Backoff;
+use crate::backoff::{self, Backoff, RAN_A_WHILE};
 use crate::broker::nats::ServerVersion;
 use crate::message::now_ms;
 use crate::metrics::{Metrics, StateOutcome};
@@ -46,7 +46,8 @@ pub(crate) const STATE_EVENTS: [&str; 5] = [
 /// Messages applied at once per replica (the KV round trips overlap; on a replicated bucket
 /// each write also waits for its read-back, see `store`, so the room is generous).
 const CONCURRENCY: usize = 256;
-/// A message whose KV write failed comes back after this pause.
+/// A message whose KV write failed comes back after this pause (jittered: the messages that
+/// failed together when the KV went away do not all come back at the same moment).
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The pauses before a source's consumer is set up again after it ended or failed: 1 s
 /// doubling to 2 s, jittered, so that the replicas that lost the same server do not all come
@@ -54,9 +55,6 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// client's own reconnect (or the RabbitMQ node list) mends within seconds; the low cap takes
 /// the events up again soon after.
 const RECONNECT: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(2));
-/// A consumer that ran this long before it ended had been working: the next ends start over
-/// at the first pause of [`RECONNECT`].
-const RAN_A_WHILE: Duration = Duration::from_secs(60);
 
 /// Why a message cannot become a state update (it is dropped: retrying cannot help).
 #[derive(Debug, thiserror::Error)]
@@ -421,7 +419,7 @@ async fn consume_nats_once(
                 .map(|v| v.as_str().to_string());
             let kind = match apply_message(store, metrics, &msg.payload, id.as_deref()).await {
                 Settle::Ack => AckKind::Ack,
-                Settle::Retry => AckKind::Nak(Some(RETRY_PAUSE)),
+                Settle::Retry => AckKind::Nak(Some(backoff::jitter(RETRY_PAUSE))),
                 Settle::Drop => AckKind::Term,
             };
             if let Err(e) = msg.ack_with(kind).await {
