@@ -1,6 +1,7 @@
 //! User info in URLs (`scheme://user:password@host`, `scheme://token@host`), read once: the
-//! NATS credentials, the password put into `broker.amqp.url`, the URLs shown redacted and the
-//! log mask all split a server URL with [`split_user_info`], so their readings cannot drift.
+//! NATS credentials, the password put into `broker.amqp.url`, the URLs shown redacted
+//! ([`redact_url`]) and the log mask all split a server URL with [`split_user_info`], so their
+//! readings cannot drift.
 //!
 //! async-nats parses credentials written into `broker.nats.url` but never sends them, so a
 //! server with authorization would refuse the connection; the bridge reads them itself
@@ -84,6 +85,23 @@ pub(crate) fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// Replaces the password of every `[scheme://]user:password@host` in `url` (comma-separated
+/// server lists included) with `***`, `token@host` with `***@host`; read greedily
+/// ([`Reading::Mask`]), so a password holding `/`, `?` or `@` is hidden whole.
+pub(crate) fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| match split_user_info(part, Reading::Mask) {
+            Some((before, userinfo, rest)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{before}{user}:***{rest}"),
+                // A lone token (`nats://token@host`) is itself the secret.
+                None => format!("{before}***{rest}"),
+            },
+            None => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -199,5 +217,23 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
         let t = url_credentials("nats://hunter2@h:1").unwrap();
         assert!(!format!("{t:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn redact_url_handles_tokens_and_lists() {
+        assert_eq!(redact_url("nats://tok@h:1"), "nats://***@h:1");
+        assert_eq!(
+            redact_url("nats://a:b@h:1,nats://h2:2"),
+            "nats://a:***@h:1,nats://h2:2"
+        );
+        assert_eq!(redact_url("nats://h:1"), "nats://h:1");
+        assert_eq!(redact_url("u:p4ss@h:1"), "u:***@h:1");
+        assert_eq!(redact_url("tok3n@h:1, v:pw@h2"), "***@h:1, v:***@h2");
+        assert_eq!(redact_url("amqp://u:pa/ss@h/%2f"), "amqp://u:***@h/%2f");
+        assert_eq!(redact_url("amqp://u:p@ss@h"), "amqp://u:***@h");
+        // A `://` that follows no scheme is part of the password or the path.
+        assert_eq!(redact_url("u:p@h/?r=http://x"), "u:***@h/?r=http://x");
+        assert_eq!(redact_url("u:a://b@h"), "u:***@h");
+        assert_eq!(redact_url(" nats+tls://u:p@h"), " nats+tls://u:***@h");
     }
 }

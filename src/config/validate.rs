@@ -308,3 +308,122 @@ pub(crate) fn usable_traces_url(url: &str) -> Result<(), &'static str> {
         _ => Err("must be an http:// URL with a host"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueType;
+
+    #[test]
+    fn zero_overrides_are_rejected() {
+        let err = Settings::from_toml("[retention.events.overrides]\nclient_event = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("retention.events.overrides.client_event"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Settings::from_toml("[broker.nats]\nstream = \"a.b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.stream"), "{err}");
+        let err = Settings::from_toml("[server]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn a_nats_server_list_is_checked_without_showing_its_password() {
+        let ok = Settings::from_toml(
+            "[broker.nats]\nurl = \"nats://a:1, nats://b:2,nats://c:3\"\nreplicas = 3\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = Settings::from_toml("[broker.nats]\nurl = \"nats://u:hunter2@a:1,nats://b:x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.url"), "{err}");
+        assert!(err.contains("server 2"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nreplicas = 0\n").is_err());
+        assert!(Settings::from_toml("[broker.nats]\nreplicas = 7\n").is_err());
+        let q = Settings::from_toml("[broker.amqp]\nqueue_type = \"quorum\"\n").unwrap();
+        assert_eq!(q.broker.amqp.queue_type, QueueType::Quorum);
+        assert!(Settings::from_toml("[broker.amqp]\nqueue_type = \"mirrored\"\n").is_err());
+    }
+
+    #[test]
+    fn an_amqp_node_list_is_checked_at_load_without_showing_its_password() {
+        let amqp = |url: &str| {
+            Settings::from_toml(&format!(
+                "[broker]\nkind = \"amqp\"\n[broker.amqp]\nurl = \"{url}\"\n"
+            ))
+        };
+        let s = amqp("amqp://u:pw1@h1:5672/%2f, amqp://u:pw2@h2:5672/%2f,amqps://u:pw3@h3/%2f")
+            .expect("a list of three nodes");
+        let shown = s.to_redacted_toml();
+        assert!(
+            shown.contains(
+                "url = \"amqp://u:***@h1:5672/%2f, amqp://u:***@h2:5672/%2f,amqps://u:***@h3/%2f\""
+            ),
+            "{shown}"
+        );
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(
+                !shown.contains(pw) && !format!("{s:?}").contains(pw),
+                "{shown}"
+            );
+        }
+        for (bad, words) in [
+            ("amqp://u:hunter2@h1/%2f,nats://u:hunter2@h2:4222", "URL 2"),
+            (
+                "amqp://u:hunter2@h1/%2f,amqp://u:hunter2@h2/prod",
+                "same vhost",
+            ),
+            (
+                "amqp://u:hunter2@h1/%2f,amqp://u:hunter2@h1/%2f",
+                "same node",
+            ),
+            (" , ", "names no URL"),
+        ] {
+            let e = amqp(bad).unwrap_err().to_string();
+            assert!(e.contains("broker.amqp.url") && e.contains(words), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        // Only the broker in use is checked (as for broker.nats.url).
+        assert!(Settings::from_toml("[broker.amqp]\nurl = \"nats://h\"\n").is_ok());
+    }
+
+    #[test]
+    fn the_state_nats_url_is_checked_at_load_like_the_brokers() {
+        let err = Settings::from_toml(
+            "[state]\nenabled = true\nnats_url = \"nats://u:hunter2@a:1,nats://b:x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("state.nats_url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Settings::from_toml("[state]\nnats_url = \"nats://a:1,nats://b:2\"\n").is_ok());
+    }
+
+    #[test]
+    fn nats_user_needs_a_password() {
+        let err = Settings::from_toml("[broker.nats]\nuser = \"bridge\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.nats.password"), "{err}");
+        assert!(Settings::from_toml("[broker.nats]\nuser = \"u\"\npassword = \"p\"\n").is_ok());
+    }
+
+    #[test]
+    fn override_names_must_be_event_names() {
+        let err = Settings::from_toml("[retention.events.overrides]\n\">\" = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.events.overrides"), "{err}");
+    }
+}
