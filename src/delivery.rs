@@ -54,7 +54,8 @@ pub(crate) enum Budget {
         /// Kept back for the dead-letter publish after a refusal.
         reserve: Duration,
     },
-    /// The drainer: tries left for a refusal that may pass.
+    /// The paths without a deadline (the drainer, `dlq replay`): tries left for a refusal that
+    /// may pass.
     Tries(u32),
 }
 
@@ -400,7 +401,12 @@ impl Deliverer {
     }
 
     /// Delivers dead letters (malformed events, spooled letters) to the dead-letter queue, in
-    /// chunks of `broker.max_in_flight`, each failure as `policy` says. One fate per letter.
+    /// chunks of this deliverer's `max_in_flight` (`broker.max_in_flight` on the webhook path,
+    /// [`DRAIN_BATCH`] for the drainer, [`REPLAY_WINDOW`] for replay), each failure as `policy`
+    /// says. One fate per letter.
+    ///
+    /// [`DRAIN_BATCH`]: crate::spool::DRAIN_BATCH
+    /// [`REPLAY_WINDOW`]: crate::dlq::REPLAY_WINDOW
     ///
     /// Chunks, not one permit per letter: all of them awaited in one `join_all` grew with the
     /// square of the count (each wake-up of the join re-polled every waiting acquire, and
