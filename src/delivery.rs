@@ -764,6 +764,79 @@ mod tests {
             );
         }
 
+        fn letter(subject: &str) -> DeadLetter {
+            DeadLetter {
+                message: msg(subject),
+                reason: DlqReason::Malformed,
+                detail: String::new(),
+                attempts: 0,
+                first_failure_ms: 1,
+            }
+        }
+
+        #[tokio::test]
+        async fn the_webhook_path_keeps_what_finds_no_in_flight_room_by_its_deadline() {
+            let d = deliverer();
+            let _all = d.in_flight.acquire_many(8).await.unwrap();
+            let budget = Duration::from_millis(50);
+            let policy = Policy::webhook(Instant::now() + budget, budget);
+            let started = Instant::now();
+            let m = msg("a");
+            let fates = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut fates = d
+                    .events(&Pending::fresh(std::slice::from_ref(&m)), policy)
+                    .await;
+                fates.extend(d.dead_letters(vec![letter("b")], policy).await);
+                fates
+            })
+            .await
+            .expect("the webhook path waits for room only until its deadline");
+            assert!(started.elapsed() < Duration::from_millis(500));
+            let no_room = PublishError::Unavailable("too many publishes in flight".into());
+            assert_eq!(
+                fates,
+                [
+                    Fate::Kept {
+                        item: Kept::Event(m),
+                        why: no_room.clone()
+                    },
+                    Fate::Kept {
+                        item: Kept::DeadLetter(letter("b")),
+                        why: no_room
+                    },
+                ]
+            );
+            assert_eq!(fake(&d).tries("a"), 0, "not sent without room");
+            assert!(fake(&d).dead_letters().is_empty());
+        }
+
+        #[tokio::test]
+        async fn the_paths_without_a_deadline_wait_for_in_flight_room() {
+            for policy in [Policy::drain(), Policy::replay()] {
+                let d = deliverer();
+                let all = d.in_flight.acquire_many(8).await.unwrap();
+                let release = async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(all);
+                };
+                let m = msg("a");
+                let deliver = async {
+                    let mut fates = d
+                        .events(&Pending::fresh(std::slice::from_ref(&m)), policy)
+                        .await;
+                    fates.extend(d.dead_letters(vec![letter("b")], policy).await);
+                    fates
+                };
+                let (fates, ()) = tokio::join!(deliver, release);
+                assert_eq!(
+                    fates,
+                    [Fate::Published, Fate::DeadLettered(DlqReason::Malformed)],
+                    "{policy:?}"
+                );
+                assert_eq!(fake(&d).published(), ["a"]);
+            }
+        }
+
         #[tokio::test]
         async fn a_spooled_events_first_failure_is_when_it_was_spooled() {
             let d = deliverer();
