@@ -315,6 +315,17 @@ impl Deliverer {
         }
     }
 
+    /// All of this deliverer's in-flight room, held until the permit is dropped: for tests of a
+    /// path that finds none.
+    #[cfg(test)]
+    pub(crate) async fn take_all_room(&self) -> SemaphorePermit<'_> {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        self.in_flight
+            .acquire_many(all)
+            .await
+            .unwrap_or_else(|_| unreachable!("the semaphore is never closed"))
+    }
+
     /// How long one try may wait for its ack.
     fn try_timeout(&self, policy: &Policy) -> Duration {
         match policy.budget {
