@@ -259,3 +259,175 @@ pub async fn replay(
     broker.close().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    //! `replay_store` against an in-memory store of letters and the in-memory broker
+    //! ([`crate::broker::fake`]): which letters are removed, which kept, and what is said.
+
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::broker::BoxError;
+    use crate::broker::fake::{FakeBroker, refused};
+    use crate::message::DlqReason;
+
+    /// Letters in a list, walked in order; what was removed and kept is written down.
+    #[derive(Default)]
+    struct ListStore {
+        letters: Vec<DeadLetterRecord>,
+        read: usize,
+        removed: Vec<u64>,
+        kept: Vec<u64>,
+        /// Positions whose removal fails.
+        remove_fails: HashSet<u64>,
+        /// Positions this store cannot take back (its `blocker`).
+        blocked: HashSet<u64>,
+        closed: bool,
+    }
+
+    impl LetterStore for &mut ListStore {
+        type Handle = u64;
+        const KIND: &'static str = "list";
+
+        fn count(&self) -> u64 {
+            self.letters.len() as u64
+        }
+
+        async fn next(&mut self) -> Result<Option<(DeadLetterRecord, u64)>, DlqError> {
+            let Some(r) = self.letters.get(self.read).cloned() else {
+                return Ok(None);
+            };
+            self.read += 1;
+            let position = r.position;
+            Ok(Some((r, position)))
+        }
+
+        fn blocker(&self, r: &DeadLetterRecord) -> Option<&'static str> {
+            self.blocked
+                .contains(&r.position)
+                .then_some("this store cannot take it back")
+        }
+
+        async fn remove(&mut self, position: u64) -> Result<(), BoxError> {
+            if self.remove_fails.contains(&position) {
+                return Err("the store went away".into());
+            }
+            self.removed.push(position);
+            Ok(())
+        }
+
+        fn keep(&mut self, position: u64) {
+            self.kept.push(position);
+        }
+
+        async fn close(self) {
+            self.closed = true;
+        }
+    }
+
+    /// A letter at `position` of an event to `subject` (empty: a letter with no subject).
+    fn letter(position: u64, subject: &str, reason: &str) -> DeadLetterRecord {
+        DeadLetterRecord::from_headers(
+            position,
+            |name| match name {
+                "Pusher-Bridge-Subject" => Some(subject.to_string()),
+                "Pusher-Bridge-Msg-Id" => Some(format!("id-{position}")),
+                "Pusher-Bridge-Reason" => Some(reason.to_string()),
+                _ => None,
+            },
+            None,
+            Bytes::from_static(b"{}"),
+        )
+    }
+
+    fn deliverer() -> Deliverer {
+        Deliverer::new(
+            Arc::new(Broker::Fake(Box::default())),
+            Duration::from_millis(100),
+            REPLAY_WINDOW,
+        )
+    }
+
+    fn fake(d: &Deliverer) -> &FakeBroker {
+        match &**d.broker() {
+            Broker::Fake(f) => f,
+            _ => unreachable!("the fake broker"),
+        }
+    }
+
+    async fn replay(store: &mut ListStore, d: &Deliverer) -> ReplaySummary {
+        replay_store(store, d, &ProgressBar::hidden()).await
+    }
+
+    #[tokio::test]
+    async fn acked_letters_are_removed_and_the_rest_kept_in_place() {
+        let mut store = ListStore {
+            letters: vec![
+                letter(1, "a", "unroutable"),
+                letter(2, "", "malformed"),
+                letter(3, "c", "no_stream"),
+                letter(4, "d", "no_stream"),
+                letter(5, "e", "nacked"),
+            ],
+            blocked: HashSet::from([3]),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        fake(&d).script("d", vec![refused(DlqReason::TooLarge)]);
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(store.removed, [1, 5]);
+        assert_eq!(store.kept, [2, 3, 4]);
+        assert!(store.closed);
+        assert_eq!(fake(&d).published(), ["a", "e"]);
+        assert_eq!(fake(&d).tries("c"), 0, "a blocked letter is not published");
+        assert!(
+            fake(&d).dead_letters().is_empty(),
+            "nothing is dead-lettered again"
+        );
+        assert_eq!(
+            (summary.total, summary.seen, summary.replayed, summary.left),
+            (5, 5, 2, 3)
+        );
+        assert_eq!(summary.stopped, None);
+        let why: Vec<(u64, &str)> = summary
+            .left_letters
+            .iter()
+            .map(|l| (l.position, l.why.as_str()))
+            .collect();
+        assert_eq!(why[0].0, 2);
+        assert!(why[0].1.contains("malformed"), "{why:?}");
+        assert_eq!(why[1], (3, "this store cannot take it back"));
+        assert_eq!(why[2].0, 4);
+        assert!(
+            why[2].1.starts_with("refused again: ") && why[2].1.contains("too_large"),
+            "{why:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_letter_published_but_not_removed_is_said_and_not_counted_replayed() {
+        let mut store = ListStore {
+            letters: vec![letter(1, "a", "no_stream"), letter(2, "b", "no_stream")],
+            remove_fails: HashSet::from([1]),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(fake(&d).published(), ["a", "b"]);
+        assert_eq!(store.removed, [2]);
+        assert!(store.kept.is_empty());
+        assert_eq!((summary.seen, summary.replayed, summary.left), (2, 1, 1));
+        assert!(!summary.all_replayed());
+        let left = &summary.left_letters[0];
+        assert_eq!(left.position, 1);
+        assert_eq!(
+            left.why,
+            "published, but could not be removed from the dead-letter list: the store went away"
+        );
+    }
+}
