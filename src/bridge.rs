@@ -329,11 +329,11 @@ impl Bridge {
             });
         }
         self.await_first_connect(budget / 2).await;
-        let mut fates = self
+        let (mut fates, letters) = self
             .deliverer
-            .events(&Pending::fresh(&messages), policy)
+            .events_and_dead_letters(&Pending::fresh(&messages), dead, policy)
             .await;
-        fates.extend(self.deliverer.dead_letters(dead, policy).await);
+        fates.extend(letters);
         self.metrics
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
@@ -709,6 +709,23 @@ mod tests {
         assert_eq!(
             spooled(&rig).await,
             [(false, subject("a")), (true, String::new())]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_dead_letters_of_a_webhook_do_not_wait_for_its_events() {
+        let rig = Rig::new().await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Nacked)]);
+        let events = [
+            r#"{"name":"channel_occupied","channel":"a"}"#.to_string(),
+            malformed(),
+        ];
+        assert_eq!(rig.post_events(&events).await.unwrap(), accepted(1, 1, 0));
+        assert_eq!(
+            rig.fake().acks(),
+            ["dlq:".to_string(), subject("a")],
+            "the malformed event's letter is acked while the event waits to be tried again"
         );
     }
 }

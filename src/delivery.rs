@@ -4,7 +4,8 @@
 //!
 //! [`Deliverer::events`] hands a batch to the broker in order with every ack awaited together
 //! ([`Broker::publish_in_order`]), then follows [`next_step`] for each failure;
-//! [`Deliverer::dead_letters`] publishes dead letters the same way. Each event ends in a
+//! [`Deliverer::dead_letters`] publishes dead letters the same way, and a path with both hands
+//! them over together ([`Deliverer::events_and_dead_letters`]). Each event ends in a
 //! [`Fate`]. What differs between the paths is a [`Policy`], each difference named with its
 //! reason: the webhook path has a time budget (its answer is due) and retries an unavailable
 //! broker within it; the drainer and replay count tries and leave what the broker cannot take
@@ -409,6 +410,24 @@ impl Deliverer {
                 why: error,
             },
         }
+    }
+
+    /// Delivers a batch's events ([`Deliverer::events`]) and its dead letters
+    /// ([`Deliverer::dead_letters`]) at once, each as `policy` says: the way every path that has
+    /// both (the webhook path: its malformed events; the drainer: the spool's letters) delivers
+    /// them. The letters go to another destination and owe the events no order, so they do not
+    /// wait for the events' tries (a retry's backoff, a slow ack), nor spend the answer's budget
+    /// after them. The fates of the events, then of the letters, each in order.
+    pub(crate) async fn events_and_dead_letters(
+        &self,
+        events: &[Pending<'_>],
+        letters: Vec<DeadLetter>,
+        policy: Policy,
+    ) -> (Vec<Fate>, Vec<Fate>) {
+        tokio::join!(
+            self.events(events, policy),
+            self.dead_letters(letters, policy)
+        )
     }
 
     /// Delivers dead letters (malformed events, spooled letters) to the dead-letter queue, in
@@ -845,6 +864,22 @@ mod tests {
                     "{policy:?}"
                 );
                 assert_eq!(fake(&d).published(), ["a"]);
+            }
+        }
+
+        #[tokio::test]
+        async fn dead_letters_do_not_wait_for_the_events_on_the_paths_with_both() {
+            for policy in [webhook(), Policy::drain()] {
+                let d = deliverer();
+                // The event's retry waits a backoff: the letter is acked meanwhile.
+                fake(&d).script("a", vec![refused(DlqReason::Nacked)]);
+                let m = msg("a");
+                let (events, letters) = d
+                    .events_and_dead_letters(&Pending::fresh(&[m]), vec![letter("b")], policy)
+                    .await;
+                assert_eq!(events, [Fate::Published], "{policy:?}");
+                assert_eq!(letters, [Fate::DeadLettered(DlqReason::Malformed)]);
+                assert_eq!(fake(&d).acks(), ["dlq:b", "a"], "{policy:?}");
             }
         }
 

@@ -246,10 +246,10 @@ impl Drainer {
                 failed_since_ms: Some(*at),
             })
             .collect();
-        let (events, letters) = tokio::join!(
-            self.deliverer.events(&events, policy),
-            self.deliverer.dead_letters(letters, policy)
-        );
+        let (events, letters) = self
+            .deliverer
+            .events_and_dead_letters(&events, letters, policy)
+            .await;
         // Only a try that settled the event is recorded: a record that stays on the spool is
         // tried again every pass, and a span per pass would crowd the webhooks' spans out of
         // the export queue.
@@ -586,5 +586,25 @@ mod tests {
         assert_eq!(kept[1].0, "gone");
         assert_eq!(kept[1].1, DlqReason::Unroutable);
         assert!(kept[1].2.contains("; dead-letter queue: "), "{}", kept[1].2);
+    }
+
+    #[tokio::test]
+    async fn spooled_dead_letters_do_not_wait_for_the_events() {
+        let rig = Rig::new(&["a"]).await;
+        let letter = DeadLetter {
+            message: msg("q"),
+            reason: DlqReason::TooLarge,
+            detail: String::new(),
+            attempts: 1,
+            first_failure_ms: 1,
+        };
+        rig.spool
+            .append(&[Record::DeadLetter(letter)])
+            .await
+            .unwrap();
+        rig.fake().script("a", vec![refused(DlqReason::Nacked)]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!((report.published, report.dead_lettered), (1, 1));
+        assert_eq!(rig.fake().acks(), ["dlq:q", "a"]);
     }
 }
