@@ -233,7 +233,7 @@ impl DeadLetter {
     }
 }
 
-/// One stored dead letter, read back from its headers ([`DeadLetter::headers`] and the event
+/// One stored dead letter, read back from its headers (`DeadLetter::headers` and the event
 /// headers wrote them) and its body: what the `dlq` tools list, replay and purge. Missing or
 /// unreadable values are empty or 0: letters from other tools are listed as far as they go.
 #[derive(Clone, Debug, PartialEq, Eq)]
