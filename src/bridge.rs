@@ -335,11 +335,11 @@ impl Bridge {
             });
         }
         self.await_first_connect(budget / 2).await;
-        let mut fates = self
+        let (mut fates, letters) = self
             .deliverer
-            .events(&Pending::fresh(&messages), policy)
+            .events_and_dead_letters(&Pending::fresh(&messages), dead, policy)
             .await;
-        fates.extend(self.deliverer.dead_letters(dead, policy).await);
+        fates.extend(letters);
         self.metrics
             .publish_duration
             .observe(started.elapsed().as_secs_f64());
@@ -456,11 +456,16 @@ mod tests {
 
     impl Rig {
         async fn new() -> Self {
+            Self::with_spool("").await
+        }
+
+        /// A rig whose `[spool]` section has `spool` too.
+        async fn with_spool(spool: &str) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let toml = format!(
                 "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\
                  [broker]\nresponse_budget = \"400ms\"\npublish_timeout = \"100ms\"\n\
-                 [spool]\ndir = {:?}\n",
+                 [spool]\ndir = {:?}\n{spool}",
                 dir.path().display().to_string()
             );
             let settings = Arc::new(Settings::from_toml(&toml).unwrap());
@@ -493,6 +498,11 @@ mod tests {
                 .iter()
                 .map(|c| format!(r#"{{"name":"channel_occupied","channel":"{c}"}}"#))
                 .collect();
+            self.post_events(&events).await
+        }
+
+        /// Posts one webhook with these events (JSON texts).
+        async fn post_events(&self, events: &[String]) -> Result<Accepted, WebhookError> {
             let body = format!(
                 r#"{{"time_ms":{},"events":[{}]}}"#,
                 now_ms(),
@@ -631,5 +641,107 @@ mod tests {
         assert_eq!(rig.post(&["a"]).await.unwrap(), accepted(0, 0, 1));
         assert!(rig.fake().dead_letters().is_empty());
         assert_eq!(rig.bridge.spool().events(), 1);
+    }
+
+    /// An event without a channel: a `malformed` dead letter of the webhook.
+    fn malformed() -> String {
+        r#"{"name":"channel_occupied"}"#.to_string()
+    }
+
+    /// What waits on the spool, in order: (whether it is a dead letter, its subject).
+    async fn spooled(rig: &Rig) -> Vec<(bool, String)> {
+        let batch = rig.bridge.spool().read_batch(100).await.unwrap();
+        batch
+            .items
+            .iter()
+            .map(|item| match item {
+                crate::spool::Item::Record(s) => match &s.record {
+                    Record::Event(m) => (false, m.subject.clone()),
+                    Record::DeadLetter(dl) => (true, dl.message.subject.clone()),
+                },
+                crate::spool::Item::Undecodable { error, .. } => panic!("{error}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_the_dlq_refuses_is_spooled_as_a_letter_not_answered_as_settled() {
+        let rig = Rig::new().await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Unroutable)]);
+        // One lasting refusal for the refused event's letter, one for the malformed event's.
+        rig.fake().script_dead(vec![
+            refused(DlqReason::NoStream),
+            refused(DlqReason::NoStream),
+        ]);
+        let events = [
+            r#"{"name":"channel_occupied","channel":"a"}"#.to_string(),
+            malformed(),
+        ];
+        assert_eq!(rig.post_events(&events).await.unwrap(), accepted(0, 0, 2));
+        assert!(rig.fake().dead_letters().is_empty());
+        assert_eq!(
+            spooled(&rig).await,
+            [(true, subject("a")), (true, String::new())],
+            "kept as the letters they are, for the drainer to place"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_the_dlq_refuses_and_the_spool_cannot_take_is_not_accepted() {
+        let rig = Rig::with_spool("max_bytes = 1\n").await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Unroutable)]);
+        rig.fake().script_dead(vec![refused(DlqReason::NoStream)]);
+        let err = rig.post(&["a"]).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WebhookError::NotDurable {
+                    source: SpoolError::Full { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_webhook_that_finds_no_in_flight_room_within_its_budget_is_spooled() {
+        let rig = Rig::new().await;
+        let _all = rig.bridge.deliverer.take_all_room().await;
+        let started = Instant::now();
+        let events = [
+            r#"{"name":"channel_occupied","channel":"a"}"#.to_string(),
+            malformed(),
+        ];
+        assert_eq!(rig.post_events(&events).await.unwrap(), accepted(0, 0, 2));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "answered by the budget"
+        );
+        assert_eq!(rig.fake().tries(&subject("a")), 0, "nothing sent");
+        assert!(rig.fake().dead_letters().is_empty());
+        assert_eq!(
+            spooled(&rig).await,
+            [(false, subject("a")), (true, String::new())]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_dead_letters_of_a_webhook_do_not_wait_for_its_events() {
+        let rig = Rig::new().await;
+        rig.fake()
+            .script(&subject("a"), vec![refused(DlqReason::Nacked)]);
+        let events = [
+            r#"{"name":"channel_occupied","channel":"a"}"#.to_string(),
+            malformed(),
+        ];
+        assert_eq!(rig.post_events(&events).await.unwrap(), accepted(1, 1, 0));
+        assert_eq!(
+            rig.fake().acks(),
+            ["dlq:".to_string(), subject("a")],
+            "the malformed event's letter is acked while the event waits to be tried again"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! [`Deliverer::events`] hands a batch to the broker in order with every ack awaited together
 //! ([`Broker::publish_in_order`]), then follows [`next_step`] for each failure;
-//! [`Deliverer::dead_letters`] publishes dead letters the same way. Each event ends in a
+//! [`Deliverer::dead_letters`] publishes dead letters the same way, and a path with both hands
+//! them over together ([`Deliverer::events_and_dead_letters`]). Each event ends in a
 //! [`Fate`]. What differs between the paths is a [`Policy`], each difference named with its
 //! reason: the webhook path has a time budget (its answer is due) and retries an unavailable
 //! broker within it; the drainer and replay count tries and leave what the broker cannot take
@@ -54,7 +55,8 @@ pub(crate) enum Budget {
         /// Kept back for the dead-letter publish after a refusal.
         reserve: Duration,
     },
-    /// The drainer: tries left for a refusal that may pass.
+    /// The paths without a deadline (the drainer, `dlq replay`): tries left for a refusal that
+    /// may pass.
     Tries(u32),
 }
 
@@ -314,6 +316,17 @@ impl Deliverer {
         }
     }
 
+    /// All of this deliverer's in-flight room, held until the permit is dropped: for tests of a
+    /// path that finds none.
+    #[cfg(test)]
+    pub(crate) async fn take_all_room(&self) -> SemaphorePermit<'_> {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        self.in_flight
+            .acquire_many(all)
+            .await
+            .unwrap_or_else(|_| unreachable!("the semaphore is never closed"))
+    }
+
     /// How long one try may wait for its ack.
     fn try_timeout(&self, policy: &Policy) -> Duration {
         match policy.budget {
@@ -399,8 +412,31 @@ impl Deliverer {
         }
     }
 
+    /// Delivers a batch's events ([`Deliverer::events`]) and its dead letters
+    /// ([`Deliverer::dead_letters`]) at once, each as `policy` says: the way every path that has
+    /// both (the webhook path: its malformed events; the drainer: the spool's letters) delivers
+    /// them. The letters go to another destination and owe the events no order, so they do not
+    /// wait for the events' tries (a retry's backoff, a slow ack), nor spend the answer's budget
+    /// after them. The fates of the events, then of the letters, each in order.
+    pub(crate) async fn events_and_dead_letters(
+        &self,
+        events: &[Pending<'_>],
+        letters: Vec<DeadLetter>,
+        policy: Policy,
+    ) -> (Vec<Fate>, Vec<Fate>) {
+        tokio::join!(
+            self.events(events, policy),
+            self.dead_letters(letters, policy)
+        )
+    }
+
     /// Delivers dead letters (malformed events, spooled letters) to the dead-letter queue, in
-    /// chunks of `broker.max_in_flight`, each failure as `policy` says. One fate per letter.
+    /// chunks of this deliverer's `max_in_flight` (`broker.max_in_flight` on the webhook path,
+    /// [`DRAIN_BATCH`] for the drainer, [`REPLAY_WINDOW`] for replay), each failure as `policy`
+    /// says. One fate per letter.
+    ///
+    /// [`DRAIN_BATCH`]: crate::spool::DRAIN_BATCH
+    /// [`REPLAY_WINDOW`]: crate::dlq::REPLAY_WINDOW
     ///
     /// Chunks, not one permit per letter: all of them awaited in one `join_all` grew with the
     /// square of the count (each wake-up of the join re-polled every waiting acquire, and
@@ -756,6 +792,95 @@ mod tests {
                 ),
                 "{fates:?}"
             );
+        }
+
+        fn letter(subject: &str) -> DeadLetter {
+            DeadLetter {
+                message: msg(subject),
+                reason: DlqReason::Malformed,
+                detail: String::new(),
+                attempts: 0,
+                first_failure_ms: 1,
+            }
+        }
+
+        #[tokio::test]
+        async fn the_webhook_path_keeps_what_finds_no_in_flight_room_by_its_deadline() {
+            let d = deliverer();
+            let _all = d.in_flight.acquire_many(8).await.unwrap();
+            let budget = Duration::from_millis(50);
+            let policy = Policy::webhook(Instant::now() + budget, budget);
+            let started = Instant::now();
+            let m = msg("a");
+            let fates = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut fates = d
+                    .events(&Pending::fresh(std::slice::from_ref(&m)), policy)
+                    .await;
+                fates.extend(d.dead_letters(vec![letter("b")], policy).await);
+                fates
+            })
+            .await
+            .expect("the webhook path waits for room only until its deadline");
+            assert!(started.elapsed() < Duration::from_millis(500));
+            let no_room = PublishError::Unavailable("too many publishes in flight".into());
+            assert_eq!(
+                fates,
+                [
+                    Fate::Kept {
+                        item: Kept::Event(m),
+                        why: no_room.clone()
+                    },
+                    Fate::Kept {
+                        item: Kept::DeadLetter(letter("b")),
+                        why: no_room
+                    },
+                ]
+            );
+            assert_eq!(fake(&d).tries("a"), 0, "not sent without room");
+            assert!(fake(&d).dead_letters().is_empty());
+        }
+
+        #[tokio::test]
+        async fn the_paths_without_a_deadline_wait_for_in_flight_room() {
+            for policy in [Policy::drain(), Policy::replay()] {
+                let d = deliverer();
+                let all = d.in_flight.acquire_many(8).await.unwrap();
+                let release = async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(all);
+                };
+                let m = msg("a");
+                let deliver = async {
+                    let mut fates = d
+                        .events(&Pending::fresh(std::slice::from_ref(&m)), policy)
+                        .await;
+                    fates.extend(d.dead_letters(vec![letter("b")], policy).await);
+                    fates
+                };
+                let (fates, ()) = tokio::join!(deliver, release);
+                assert_eq!(
+                    fates,
+                    [Fate::Published, Fate::DeadLettered(DlqReason::Malformed)],
+                    "{policy:?}"
+                );
+                assert_eq!(fake(&d).published(), ["a"]);
+            }
+        }
+
+        #[tokio::test]
+        async fn dead_letters_do_not_wait_for_the_events_on_the_paths_with_both() {
+            for policy in [webhook(), Policy::drain()] {
+                let d = deliverer();
+                // The event's retry waits a backoff: the letter is acked meanwhile.
+                fake(&d).script("a", vec![refused(DlqReason::Nacked)]);
+                let m = msg("a");
+                let (events, letters) = d
+                    .events_and_dead_letters(&Pending::fresh(&[m]), vec![letter("b")], policy)
+                    .await;
+                assert_eq!(events, [Fate::Published], "{policy:?}");
+                assert_eq!(letters, [Fate::DeadLettered(DlqReason::Malformed)]);
+                assert_eq!(fake(&d).acks(), ["dlq:b", "a"], "{policy:?}");
+            }
         }
 
         #[tokio::test]

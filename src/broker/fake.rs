@@ -4,7 +4,7 @@
 //!
 //! Each publish to a subject takes the next scripted outcome for that subject (an empty script
 //! acknowledges); dead letters take theirs from their own script. What was acknowledged is
-//! kept, so a test sees where every event ended.
+//! kept, and in which order, so a test sees where every event ended and when.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -22,6 +22,7 @@ pub struct FakeBroker {
     published: Mutex<Vec<Message>>,
     dead: Mutex<Vec<DeadLetter>>,
     tries: Mutex<HashMap<String, u32>>,
+    acks: Mutex<Vec<String>>,
 }
 
 /// A publish that got no ack in time, as both brokers report it.
@@ -51,6 +52,7 @@ impl Default for FakeBroker {
             published: Mutex::new(Vec::new()),
             dead: Mutex::new(Vec::new()),
             tries: Mutex::new(HashMap::new()),
+            acks: Mutex::new(Vec::new()),
         }
     }
 }
@@ -96,6 +98,12 @@ impl FakeBroker {
         lock(&self.dead).clone()
     }
 
+    /// Every acknowledgement in the order given: an event's subject, or `dlq:` and the subject
+    /// of a dead letter's event.
+    pub(crate) fn acks(&self) -> Vec<String> {
+        lock(&self.acks).clone()
+    }
+
     /// How many publishes of `subject` were tried.
     pub fn tries(&self, subject: &str) -> u32 {
         lock(&self.tries).get(subject).copied().unwrap_or(0)
@@ -118,6 +126,7 @@ impl FakeBroker {
             .unwrap_or(Ok(()));
         if next.is_ok() {
             lock(&self.published).push(msg.clone());
+            lock(&self.acks).push(msg.subject.clone());
         }
         next
     }
@@ -156,6 +165,7 @@ impl FakeBroker {
         let next = lock(&self.dead_script).pop_front().unwrap_or(Ok(()));
         if next.is_ok() {
             lock(&self.dead).push(dl.clone());
+            lock(&self.acks).push(format!("dlq:{}", dl.message.subject));
         }
         next
     }

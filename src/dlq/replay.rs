@@ -13,7 +13,7 @@ use super::{
 use crate::broker::{Broker, BrokerError};
 use crate::config::{BrokerKind, Settings};
 use crate::delivery::{Deliverer, Fate, Pending, Policy};
-use crate::message::Message;
+use crate::message::{Message, PublishError};
 
 /// A letter a replay left in the dead-letter queue, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +33,9 @@ pub struct LeftLetter {
 pub struct ReplaySummary {
     /// Letters in the dead-letter queue when the replay started (the ones it works on).
     pub total: u64,
-    /// Letters looked at.
+    /// Letters the replay got through: looked at and, when replayable, answered by the broker.
+    /// A letter read while the broker was unavailable is not one of them: it is counted with
+    /// the letters not reached (see [`ReplaySummary::left_total`]).
     pub seen: u64,
     /// Letters published, acknowledged and removed from the dead-letter queue.
     pub replayed: u64,
@@ -41,8 +43,9 @@ pub struct ReplaySummary {
     pub left: u64,
     /// The first `MAX_LEFT_DETAILS` (100) letters that stay, with why.
     pub left_letters: Vec<LeftLetter>,
-    /// Why the replay stopped before the end of the queue (the broker went away, the events
-    /// exchange is missing); letters not reached stay too.
+    /// Why the replay stopped before the end of the queue (the broker became unavailable, the
+    /// events exchange is missing, the dead-letter queue could not be read); letters not
+    /// reached stay too.
     pub stopped: Option<String>,
 }
 
@@ -124,6 +127,12 @@ impl ReplaySummary {
 /// gets them in the DLQ's order (but for a letter that a refusal which may pass made the
 /// deliverer try again: it lands after the ones behind it). A letter is removed after its ack
 /// and kept otherwise.
+///
+/// A broker that is unavailable (not connected, no ack in time) stops the replay after the
+/// window it happened in: the letters it did not take stay in place and are counted as not
+/// reached, and the window's acked letters are removed as usual. Going on would publish the
+/// letters behind before the ones it did not take, out of the DLQ's order, and say of each
+/// that the broker refused it when it was never asked.
 async fn replay_store<S: LetterStore>(
     mut store: S,
     publisher: &Deliverer,
@@ -142,9 +151,9 @@ async fn replay_store<S: LetterStore>(
         });
         let done = next.is_none();
         if let Some((r, handle)) = next {
-            summary.seen += 1;
             match r.replay_blocker().or_else(|| store.blocker(&r)) {
                 Some(why) => {
+                    summary.seen += 1;
                     summary.leave(&r, why);
                     store.keep(handle);
                     progress.inc(1);
@@ -156,25 +165,35 @@ async fn replay_store<S: LetterStore>(
             let results = republish(publisher, batch.iter().map(|(r, _)| r)).await;
             for ((r, handle), result) in batch.drain(..).zip(results) {
                 match result {
-                    Err(e) => {
-                        summary.leave(&r, format!("refused again: {e}"));
+                    Republished::Unavailable(why) => {
+                        summary
+                            .stopped
+                            .get_or_insert_with(|| format!("the broker is unavailable: {why}"));
                         store.keep(handle);
                     }
-                    Ok(()) => match store.remove(handle).await {
-                        Ok(()) => summary.replayed += 1,
-                        Err(e) => summary.leave(
-                            &r,
-                            format!(
-                                "published, but could not be removed from the dead-letter {}: {e}",
-                                S::KIND
+                    Republished::Refused(why) => {
+                        summary.seen += 1;
+                        summary.leave(&r, format!("refused again: {why}"));
+                        store.keep(handle);
+                    }
+                    Republished::Acked => {
+                        summary.seen += 1;
+                        match store.remove(handle).await {
+                            Ok(()) => summary.replayed += 1,
+                            Err(e) => summary.leave(
+                                &r,
+                                format!(
+                                    "published, but could not be removed from the dead-letter {}: {e}",
+                                    S::KIND
+                                ),
                             ),
-                        ),
-                    },
+                        }
+                    }
                 }
                 progress.inc(1);
             }
         }
-        if done {
+        if done || summary.stopped.is_some() {
             break;
         }
     }
@@ -183,23 +202,39 @@ async fn replay_store<S: LetterStore>(
     summary
 }
 
+/// What became of one republished letter.
+enum Republished {
+    /// The broker acknowledged it.
+    Acked,
+    /// The broker refused it again (with why).
+    Refused(String),
+    /// The broker could not be asked: not connected, no ack in time (with why).
+    Unavailable(String),
+}
+
 /// Publishes `letters` as their event messages, in this order, all acks awaited together, as
 /// the deliverer does for every path (with replay's policy: a refusal that may pass is tried a
 /// few times; nothing is dead-lettered again, the letter stays): one result per letter.
 async fn republish<'a>(
     publisher: &Deliverer,
     letters: impl Iterator<Item = &'a DeadLetterRecord>,
-) -> Vec<Result<(), String>> {
+) -> Vec<Republished> {
     let messages: Vec<Message> = letters.map(DeadLetterRecord::to_message).collect();
     publisher
         .events(&Pending::fresh(&messages), Policy::replay())
         .await
         .into_iter()
         .map(|fate| match fate {
-            Fate::Published => Ok(()),
-            Fate::Kept { why, .. } => Err(why.to_string()),
+            Fate::Published => Republished::Acked,
+            Fate::Kept {
+                why: PublishError::Unavailable(why),
+                ..
+            } => Republished::Unavailable(why),
+            Fate::Kept { why, .. } => Republished::Refused(why.to_string()),
             // Replay's policy dead-letters nothing.
-            Fate::DeadLettered(_) | Fate::Unplaceable { .. } => Err("dead-lettered again".into()),
+            Fate::DeadLettered(_) | Fate::Unplaceable { .. } => {
+                Republished::Refused("dead-lettered again".into())
+            }
         })
         .collect()
 }
@@ -210,8 +245,9 @@ const PUBLISHER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `dlq replay`: publishes every replayable dead letter to its original subject / routing key
 /// with its original message id and removes each one once the broker acknowledged it. Letters
-/// that cannot be replayed or are refused again stay. `progress` gets the total and one tick per
-/// letter handled.
+/// that cannot be replayed or are refused again stay; a broker that becomes unavailable stops
+/// the replay ([`ReplaySummary::stopped`]), and the letters it did not take stay too.
+/// `progress` gets the total and one tick per letter handled.
 ///
 /// The letters are read (and removed) by the broker's `LetterStore`; they are published by the
 /// bridge's own [`Broker`], the publisher of live events: the same headers and properties, the
@@ -258,4 +294,244 @@ pub async fn replay(
     };
     broker.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    //! `replay_store` against an in-memory store of letters and the in-memory broker
+    //! ([`crate::broker::fake`]): which letters are removed, which kept, and what is said.
+
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::broker::BoxError;
+    use crate::broker::fake::{FakeBroker, refused, timeout};
+    use crate::message::DlqReason;
+
+    /// Letters in a list, walked in order; what was removed and kept is written down.
+    #[derive(Default)]
+    struct ListStore {
+        letters: Vec<DeadLetterRecord>,
+        read: usize,
+        removed: Vec<u64>,
+        kept: Vec<u64>,
+        /// Positions whose removal fails.
+        remove_fails: HashSet<u64>,
+        /// Positions this store cannot take back (its `blocker`).
+        blocked: HashSet<u64>,
+        closed: bool,
+    }
+
+    impl LetterStore for &mut ListStore {
+        type Handle = u64;
+        const KIND: &'static str = "list";
+
+        fn count(&self) -> u64 {
+            self.letters.len() as u64
+        }
+
+        async fn next(&mut self) -> Result<Option<(DeadLetterRecord, u64)>, DlqError> {
+            let Some(r) = self.letters.get(self.read).cloned() else {
+                return Ok(None);
+            };
+            self.read += 1;
+            let position = r.position;
+            Ok(Some((r, position)))
+        }
+
+        fn blocker(&self, r: &DeadLetterRecord) -> Option<&'static str> {
+            self.blocked
+                .contains(&r.position)
+                .then_some("this store cannot take it back")
+        }
+
+        async fn remove(&mut self, position: u64) -> Result<(), BoxError> {
+            if self.remove_fails.contains(&position) {
+                return Err("the store went away".into());
+            }
+            self.removed.push(position);
+            Ok(())
+        }
+
+        fn keep(&mut self, position: u64) {
+            self.kept.push(position);
+        }
+
+        async fn close(self) {
+            self.closed = true;
+        }
+    }
+
+    /// A letter at `position` of an event to `subject` (empty: a letter with no subject).
+    fn letter(position: u64, subject: &str, reason: &str) -> DeadLetterRecord {
+        DeadLetterRecord::from_headers(
+            position,
+            |name| match name {
+                "Pusher-Bridge-Subject" => Some(subject.to_string()),
+                "Pusher-Bridge-Msg-Id" => Some(format!("id-{position}")),
+                "Pusher-Bridge-Reason" => Some(reason.to_string()),
+                _ => None,
+            },
+            None,
+            Bytes::from_static(b"{}"),
+        )
+    }
+
+    fn deliverer() -> Deliverer {
+        Deliverer::new(
+            Arc::new(Broker::Fake(Box::default())),
+            Duration::from_millis(100),
+            REPLAY_WINDOW,
+        )
+    }
+
+    fn fake(d: &Deliverer) -> &FakeBroker {
+        match &**d.broker() {
+            Broker::Fake(f) => f,
+            _ => unreachable!("the fake broker"),
+        }
+    }
+
+    async fn replay(store: &mut ListStore, d: &Deliverer) -> ReplaySummary {
+        replay_store(store, d, &ProgressBar::hidden()).await
+    }
+
+    #[tokio::test]
+    async fn acked_letters_are_removed_and_the_rest_kept_in_place() {
+        let mut store = ListStore {
+            letters: vec![
+                letter(1, "a", "unroutable"),
+                letter(2, "", "malformed"),
+                letter(3, "c", "no_stream"),
+                letter(4, "d", "no_stream"),
+                letter(5, "e", "nacked"),
+            ],
+            blocked: HashSet::from([3]),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        fake(&d).script("d", vec![refused(DlqReason::TooLarge)]);
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(store.removed, [1, 5]);
+        assert_eq!(store.kept, [2, 3, 4]);
+        assert!(store.closed);
+        assert_eq!(fake(&d).published(), ["a", "e"]);
+        assert_eq!(fake(&d).tries("c"), 0, "a blocked letter is not published");
+        assert!(
+            fake(&d).dead_letters().is_empty(),
+            "nothing is dead-lettered again"
+        );
+        assert_eq!(
+            (summary.total, summary.seen, summary.replayed, summary.left),
+            (5, 5, 2, 3)
+        );
+        assert_eq!(summary.stopped, None);
+        let why: Vec<(u64, &str)> = summary
+            .left_letters
+            .iter()
+            .map(|l| (l.position, l.why.as_str()))
+            .collect();
+        assert_eq!(why[0].0, 2);
+        assert!(why[0].1.contains("malformed"), "{why:?}");
+        assert_eq!(why[1], (3, "this store cannot take it back"));
+        assert_eq!(why[2].0, 4);
+        assert!(
+            why[2].1.starts_with("refused again: ") && why[2].1.contains("too_large"),
+            "{why:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_letter_published_but_not_removed_is_said_and_not_counted_replayed() {
+        let mut store = ListStore {
+            letters: vec![letter(1, "a", "no_stream"), letter(2, "b", "no_stream")],
+            remove_fails: HashSet::from([1]),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(fake(&d).published(), ["a", "b"]);
+        assert_eq!(store.removed, [2]);
+        assert!(store.kept.is_empty());
+        assert_eq!((summary.seen, summary.replayed, summary.left), (2, 1, 1));
+        assert!(!summary.all_replayed());
+        let left = &summary.left_letters[0];
+        assert_eq!(left.position, 1);
+        assert_eq!(
+            left.why,
+            "published, but could not be removed from the dead-letter list: the store went away"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_broker_stops_the_replay_and_keeps_every_letter_it_did_not_take() {
+        // More letters than a window: the outage is in the first one.
+        let n = REPLAY_WINDOW as u64 + 6;
+        let mut store = ListStore {
+            letters: (1..=n)
+                .map(|i| letter(i, &format!("s{i}"), "no_stream"))
+                .collect(),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        fake(&d).script("s3", vec![refused(DlqReason::TooLarge)]);
+        fake(&d).script("s4", vec![timeout()]);
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(fake(&d).published(), ["s1", "s2"]);
+        assert_eq!(
+            store.removed,
+            [1, 2],
+            "only what was republished is removed"
+        );
+        let window: Vec<u64> = (3..=REPLAY_WINDOW as u64).collect();
+        assert_eq!(store.kept, window, "the rest of the window stays in place");
+        assert_eq!(
+            store.read, REPLAY_WINDOW,
+            "no letter is read after the window the broker went away in"
+        );
+        assert!(store.closed);
+        let why = summary.stopped.clone().expect("the replay stopped");
+        assert!(why.contains("broker is unavailable"), "{why}");
+        assert!(why.contains("no ack in time"), "{why}");
+        assert!(!summary.all_replayed(), "exit code 2");
+        assert_eq!(summary.replayed, 2);
+        assert_eq!(summary.left_total(), n - 2, "{}", summary.report());
+        // The refused letter is left with its refusal; the outage is said once, not per letter.
+        assert_eq!(summary.left, 1);
+        assert_eq!(summary.left_letters[0].position, 3);
+        assert!(
+            summary.left_letters[0].why.contains("too_large"),
+            "{:?}",
+            summary.left_letters
+        );
+        let line = summary.line();
+        assert!(
+            line.starts_with(&format!(
+                "replayed 2 of {n} dead letters; {} left in the dead-letter queue; stopped early: ",
+                n - 2
+            )),
+            "{line}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_goes_down_stops_the_replay() {
+        let mut store = ListStore {
+            letters: vec![letter(1, "a", "no_stream"), letter(2, "b", "no_stream")],
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        fake(&d).set_up(false);
+        let summary = replay(&mut store, &d).await;
+        assert!(store.removed.is_empty());
+        assert_eq!(store.kept, [1, 2]);
+        assert_eq!(summary.replayed, 0);
+        assert_eq!(summary.left_total(), 2);
+        let why = summary.stopped.expect("the replay stopped");
+        assert!(why.contains("broker is unavailable"), "{why}");
+    }
 }

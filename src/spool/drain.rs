@@ -246,10 +246,10 @@ impl Drainer {
                 failed_since_ms: Some(*at),
             })
             .collect();
-        let (events, letters) = tokio::join!(
-            self.deliverer.events(&events, policy),
-            self.deliverer.dead_letters(letters, policy)
-        );
+        let (events, letters) = self
+            .deliverer
+            .events_and_dead_letters(&events, letters, policy)
+            .await;
         // Only a try that settled the event is recorded: a record that stays on the spool is
         // tried again every pass, and a span per pass would crowd the webhooks' spans out of
         // the export queue.
@@ -531,5 +531,86 @@ mod tests {
             1,
             "the refused record waits for the DLQ"
         );
+    }
+
+    #[tokio::test]
+    async fn what_the_dead_letter_queue_refuses_for_good_goes_to_the_quarantine_file() {
+        let rig = Rig::new(&[]).await;
+        let letter = DeadLetter {
+            message: msg("q"),
+            reason: DlqReason::TooLarge,
+            detail: "too big".into(),
+            attempts: 1,
+            first_failure_ms: 1,
+        };
+        rig.spool
+            .append(&[
+                Record::DeadLetter(letter),
+                Record::Event(msg("gone")),
+                Record::Event(msg("b")),
+            ])
+            .await
+            .unwrap();
+        rig.fake()
+            .script("gone", vec![refused(DlqReason::Unroutable)]);
+        // Both letters (the spooled one, the refused event's) are refused for good.
+        rig.fake().script_dead(vec![
+            refused(DlqReason::NoStream),
+            refused(DlqReason::NoStream),
+        ]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!(
+            report,
+            DrainReport {
+                published: 1,
+                dead_lettered: 0,
+                quarantined: 2,
+                interrupted: false,
+            },
+            "set aside, not blocking the record behind"
+        );
+        assert_eq!(rig.fake().published(), ["b"]);
+        assert!(rig.fake().dead_letters().is_empty());
+        assert!(rig.spool.is_empty());
+        let kept: Vec<(String, DlqReason, String)> = super::super::read_quarantine(rig.spool.dir())
+            .unwrap()
+            .into_iter()
+            .map(|q| match q.record.unwrap().record {
+                Record::DeadLetter(dl) => (dl.message.subject, dl.reason, dl.detail),
+                Record::Event(m) => panic!("an event in the quarantine file: {}", m.subject),
+            })
+            .collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert_eq!(kept[0].0, "q");
+        assert_eq!(kept[0].1, DlqReason::TooLarge);
+        assert!(
+            kept[0].2.starts_with("too big; dead-letter queue: ")
+                && kept[0].2.contains("no_stream"),
+            "{}",
+            kept[0].2
+        );
+        assert_eq!(kept[1].0, "gone");
+        assert_eq!(kept[1].1, DlqReason::Unroutable);
+        assert!(kept[1].2.contains("; dead-letter queue: "), "{}", kept[1].2);
+    }
+
+    #[tokio::test]
+    async fn spooled_dead_letters_do_not_wait_for_the_events() {
+        let rig = Rig::new(&["a"]).await;
+        let letter = DeadLetter {
+            message: msg("q"),
+            reason: DlqReason::TooLarge,
+            detail: String::new(),
+            attempts: 1,
+            first_failure_ms: 1,
+        };
+        rig.spool
+            .append(&[Record::DeadLetter(letter)])
+            .await
+            .unwrap();
+        rig.fake().script("a", vec![refused(DlqReason::Nacked)]);
+        let report = rig.drainer.drain_once().await.unwrap();
+        assert_eq!((report.published, report.dead_lettered), (1, 1));
+        assert_eq!(rig.fake().acks(), ["dlq:q", "a"]);
     }
 }
