@@ -502,7 +502,7 @@ mod tests {
         }
 
         /// Posts one webhook with these events (JSON texts).
-        async fn post_events(&self, events: &[String]) -> Result<Accepted, WebhookError> {
+        async fn post_events(&self, events: &[String]) -> Result<Accepted, BridgeError> {
             let body = format!(
                 r#"{{"time_ms":{},"events":[{}]}}"#,
                 now_ms(),
@@ -697,7 +697,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                WebhookError::NotDurable {
+                BridgeError::NotDurable {
                     source: SpoolError::Full { .. },
                     ..
                 }
