@@ -113,7 +113,7 @@ pub(crate) fn next_step(
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Policy {
     /// How much trying is left.
-    pub budget: Limit,
+    pub limit: Limit,
     /// Try an unavailable broker again while it is connected. The webhook path does, within
     /// its answer's budget (a blip should not cost the spool a write). The drainer and replay
     /// do not: the event stays where it waits (the spool, the dead-letter queue) and their next
@@ -124,7 +124,8 @@ pub(crate) struct Policy {
     pub dead_letter: bool,
 }
 
-/// The budget of a [`Policy`].
+/// How long a [`Policy`] may try: until a deadline, or a number of tries ([`Budget`] is what
+/// is left of it after each try).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Limit {
     /// Until the answer is due, keeping `reserve` for the dead-letter publish a refusal needs.
@@ -145,7 +146,7 @@ impl Policy {
     /// The webhook path: until `deadline`, a quarter of `budget` kept for dead letters.
     pub(crate) fn webhook(deadline: Instant, budget: Duration) -> Self {
         Self {
-            budget: Limit::Until {
+            limit: Limit::Until {
                 deadline,
                 reserve: budget / 4,
             },
@@ -157,7 +158,7 @@ impl Policy {
     /// The spool drainer.
     pub(crate) fn drain() -> Self {
         Self {
-            budget: Limit::Tries(REFUSAL_TRIES),
+            limit: Limit::Tries(REFUSAL_TRIES),
             retry_unavailable: false,
             dead_letter: true,
         }
@@ -173,7 +174,7 @@ impl Policy {
 
     /// The budget left after `attempt` tries.
     fn left(&self, attempt: u32) -> Budget {
-        match self.budget {
+        match self.limit {
             Limit::Until { deadline, reserve } => Budget::Time {
                 remaining: deadline.saturating_duration_since(Instant::now()),
                 reserve,
@@ -184,7 +185,7 @@ impl Policy {
 
     /// The deadline to take in-flight room by (`None`: wait).
     fn deadline(&self) -> Option<Instant> {
-        match self.budget {
+        match self.limit {
             Limit::Until { deadline, .. } => Some(deadline),
             Limit::Tries(_) => None,
         }
@@ -329,7 +330,7 @@ impl Deliverer {
 
     /// How long one try may wait for its ack.
     fn try_timeout(&self, policy: &Policy) -> Duration {
-        match policy.budget {
+        match policy.limit {
             Limit::Until { deadline, .. } => deadline
                 .saturating_duration_since(Instant::now())
                 .min(self.publish_timeout),

@@ -75,14 +75,14 @@ pub struct DrainReport {
     pub interrupted: bool,
 }
 
-impl Outcome {
+impl RecordFate {
     /// What a record's fate means for the spool: a letter the dead-letter queue refuses for
     /// good goes to the quarantine file.
     fn of(fate: Fate) -> Self {
         match fate {
-            Fate::Published => Outcome::Published,
-            Fate::DeadLettered(reason) => Outcome::DeadLettered(reason),
-            Fate::Kept { .. } => Outcome::Unavailable,
+            Fate::Published => RecordFate::Published,
+            Fate::DeadLettered(reason) => RecordFate::DeadLettered(reason),
+            Fate::Kept { .. } => RecordFate::Unavailable,
             Fate::Unplaceable {
                 letter: dl,
                 refusal,
@@ -100,14 +100,14 @@ impl Outcome {
                 );
                 let mut frame = Vec::new();
                 record::encode_into(&mut frame, now_ms(), &record::Record::DeadLetter(dl));
-                Outcome::Quarantine(frame)
+                RecordFate::Quarantine(frame)
             }
         }
     }
 }
 
 /// Where one record ended up.
-enum Outcome {
+enum RecordFate {
     Published,
     DeadLettered(DlqReason),
     /// No broker destination takes it: keep this frame aside.
@@ -171,7 +171,7 @@ impl Drainer {
             // The cursor moves only over an unbroken run of handled records.
             let done = outcomes
                 .iter()
-                .position(|o| matches!(o, Outcome::Unavailable))
+                .position(|o| matches!(o, RecordFate::Unavailable))
                 .unwrap_or(outcomes.len());
             let mut quarantine = Vec::new();
             let mut quarantined = 0;
@@ -182,23 +182,23 @@ impl Drainer {
                     Item::Undecodable { .. } => None,
                 };
                 match outcome {
-                    Outcome::Published => {
+                    RecordFate::Published => {
                         report.published += 1;
                         if let Some(m) = message {
                             self.metrics.published(&m.app_id, &m.event);
                         }
                     }
-                    Outcome::DeadLettered(reason) => {
+                    RecordFate::DeadLettered(reason) => {
                         report.dead_lettered += 1;
                         let app = message.map_or("unknown", |m| &*m.app_id);
                         self.metrics.dead_lettered(app, reason.as_str());
                     }
-                    Outcome::Quarantine(frame) => {
+                    RecordFate::Quarantine(frame) => {
                         report.quarantined += 1;
                         quarantined += 1;
                         quarantine.extend_from_slice(frame);
                     }
-                    Outcome::Unavailable => {}
+                    RecordFate::Unavailable => {}
                 }
             }
             if !quarantine.is_empty() {
@@ -216,7 +216,7 @@ impl Drainer {
 
     /// Delivers one batch with the drainer's policy: its events in order (each failed since it
     /// was spooled), its dead letters to the dead-letter queue; one outcome per record, in order.
-    async fn deliver(&self, batch: &Batch) -> Vec<Outcome> {
+    async fn deliver(&self, batch: &Batch) -> Vec<RecordFate> {
         let policy = Policy::drain();
         let mut spooled = Vec::new();
         let mut letters = Vec::new();
@@ -268,13 +268,13 @@ impl Drainer {
                         record::Record::Event(_) => events.next(),
                         record::Record::DeadLetter(_) => letters.next(),
                     };
-                    fate.map_or(Outcome::Unavailable, Outcome::of)
+                    fate.map_or(RecordFate::Unavailable, RecordFate::of)
                 }
                 Item::Undecodable { payload, error } => {
                     tracing::error!(%error, "spool record cannot be decoded; keeping it in the quarantine file");
                     let mut frame = Vec::new();
                     record::frame_into(&mut frame, payload);
-                    Outcome::Quarantine(frame)
+                    RecordFate::Quarantine(frame)
                 }
             })
             .collect()
