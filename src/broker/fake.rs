@@ -23,6 +23,8 @@ pub struct FakeBroker {
     dead: Mutex<Vec<DeadLetter>>,
     tries: Mutex<HashMap<String, u32>>,
     acks: Mutex<Vec<String>>,
+    /// The subject whose next publish takes the broker down (the connection lost under it).
+    outage_at: Mutex<Option<String>>,
 }
 
 /// A publish that got no ack in time, as both brokers report it.
@@ -53,6 +55,7 @@ impl Default for FakeBroker {
             dead: Mutex::new(Vec::new()),
             tries: Mutex::new(HashMap::new()),
             acks: Mutex::new(Vec::new()),
+            outage_at: Mutex::new(None),
         }
     }
 }
@@ -69,6 +72,12 @@ impl FakeBroker {
     /// The next dead-letter publishes fail with `outcomes`, in order.
     pub(crate) fn script_dead(&self, outcomes: Vec<PublishError>) {
         lock(&self.dead_script).extend(outcomes.into_iter().map(Err));
+    }
+
+    /// The next publish to `subject` loses the connection: it fails as `Unavailable`, and the
+    /// broker is down from then on.
+    pub(crate) fn go_down_at(&self, subject: &str) {
+        *lock(&self.outage_at) = Some(subject.to_string());
     }
 
     /// Connects or disconnects the broker (`is_up`; a down broker answers every publish
@@ -119,6 +128,13 @@ impl FakeBroker {
         *lock(&self.tries).entry(msg.subject.clone()).or_default() += 1;
         if !self.is_up() {
             return Err(PublishError::Unavailable("not connected".into()));
+        }
+        if lock(&self.outage_at)
+            .take_if(|at| *at == msg.subject)
+            .is_some()
+        {
+            self.set_up(false);
+            return Err(PublishError::Unavailable("connection lost".into()));
         }
         let next = lock(&self.script)
             .get_mut(&msg.subject)

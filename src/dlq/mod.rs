@@ -3,7 +3,8 @@
 //! Both brokers store a dead letter the same way: the body is the event's message body (for a
 //! `malformed` event the raw event JSON) and the headers of [`crate::broker::headers`] say where
 //! it was going and why it did not get there. [`DeadLetterRecord`] is one letter read back from
-//! those headers (`record`); `format` writes records for people (`write_table_header`,
+//! those headers (on the ground floor, `crate::message`, beside the code that writes them;
+//! `record` adds what the tools ask of it); `format` writes records for people (`write_table_header`,
 //! `write_table_row`) and machines (`write_json_array`); `held` keeps a listing's output until
 //! the listing succeeded; this module lists, `replay` replays and `purge` removes, over the
 //! configured broker's store of letters (`LetterStore`: [`nats`] for JetStream, [`amqp`] for

@@ -43,9 +43,8 @@ pub struct ReplaySummary {
     pub left: u64,
     /// The first `MAX_LEFT_DETAILS` (100) letters that stay, with why.
     pub left_letters: Vec<LeftLetter>,
-    /// Why the replay stopped before the end of the queue (the broker became unavailable, the
-    /// events exchange is missing, the dead-letter queue could not be read); letters not
-    /// reached stay too.
+    /// Why the replay stopped before the end of the queue (the broker went away, the
+    /// dead-letter queue could not be read); letters not reached stay too.
     pub stopped: Option<String>,
 }
 
@@ -128,11 +127,12 @@ impl ReplaySummary {
 /// deliverer try again: it lands after the ones behind it). A letter is removed after its ack
 /// and kept otherwise.
 ///
-/// A broker that is unavailable (not connected, no ack in time) stops the replay after the
+/// A broker that went away (not connected after the window) stops the replay after the
 /// window it happened in: the letters it did not take stay in place and are counted as not
-/// reached, and the window's acked letters are removed as usual. Going on would publish the
-/// letters behind before the ones it did not take, out of the DLQ's order, and say of each
-/// that the broker refused it when it was never asked.
+/// reached, and the window's acked letters are removed as usual. Going on would only find it
+/// away again, and publish the letters behind before those it did not take. A letter that
+/// failed while the broker stayed up (no ack in time, a channel the broker closed) is left
+/// with why, and the replay goes on: stopping there would stop every run at the same letter.
 async fn replay_store<S: LetterStore>(
     mut store: S,
     publisher: &Deliverer,
@@ -165,10 +165,15 @@ async fn replay_store<S: LetterStore>(
             let results = republish(publisher, batch.iter().map(|(r, _)| r)).await;
             for ((r, handle), result) in batch.drain(..).zip(results) {
                 match result {
-                    Republished::Unavailable(why) => {
+                    Republished::Unavailable(why) if !publisher.broker().is_up() => {
                         summary
                             .stopped
                             .get_or_insert_with(|| format!("the broker is unavailable: {why}"));
+                        store.keep(handle);
+                    }
+                    Republished::Unavailable(why) => {
+                        summary.seen += 1;
+                        summary.leave(&r, format!("not taken this time: {why}"));
                         store.keep(handle);
                     }
                     Republished::Refused(why) => {
@@ -208,7 +213,7 @@ enum Republished {
     Acked,
     /// The broker refused it again (with why).
     Refused(String),
-    /// The broker could not be asked: not connected, no ack in time (with why).
+    /// The broker did not take it: not connected, no ack in time (with why).
     Unavailable(String),
 }
 
@@ -479,7 +484,7 @@ mod tests {
         };
         let d = deliverer();
         fake(&d).script("s3", vec![refused(DlqReason::TooLarge)]);
-        fake(&d).script("s4", vec![timeout()]);
+        fake(&d).go_down_at("s4");
         let summary = replay(&mut store, &d).await;
         assert_eq!(fake(&d).published(), ["s1", "s2"]);
         assert_eq!(
@@ -496,7 +501,7 @@ mod tests {
         assert!(store.closed);
         let why = summary.stopped.clone().expect("the replay stopped");
         assert!(why.contains("broker is unavailable"), "{why}");
-        assert!(why.contains("no ack in time"), "{why}");
+        assert!(why.contains("connection lost"), "{why}");
         assert!(!summary.all_replayed(), "exit code 2");
         assert_eq!(summary.replayed, 2);
         assert_eq!(summary.left_total(), n - 2, "{}", summary.report());
@@ -516,6 +521,38 @@ mod tests {
             )),
             "{line}"
         );
+    }
+
+    /// A letter the broker did not take while it stayed up (no ack in time) is left with why,
+    /// and the replay goes on: stopping would stop every run at that letter.
+    #[tokio::test]
+    async fn a_letter_not_taken_while_the_broker_stays_up_is_left_and_the_replay_goes_on() {
+        let n = REPLAY_WINDOW as u64 + 6;
+        let mut store = ListStore {
+            letters: (1..=n)
+                .map(|i| letter(i, &format!("s{i}"), "no_stream"))
+                .collect(),
+            ..ListStore::default()
+        };
+        let d = deliverer();
+        fake(&d).script("s4", vec![timeout()]);
+        let summary = replay(&mut store, &d).await;
+        assert_eq!(summary.stopped, None);
+        // s4 and the rest of its window were not sent after it (in order); the next window
+        // went.
+        let window = REPLAY_WINDOW as u64;
+        assert_eq!(store.kept, (4..=window).collect::<Vec<_>>());
+        assert_eq!(summary.replayed, n - (window - 3));
+        assert_eq!(summary.left, window - 3);
+        assert!(
+            summary.left_letters[0]
+                .why
+                .starts_with("not taken this time: no ack in time"),
+            "{:?}",
+            summary.left_letters[0]
+        );
+        assert!(!summary.all_replayed(), "exit code 2");
+        assert!(store.closed);
     }
 
     #[tokio::test]
