@@ -235,16 +235,21 @@ pub async fn run_with(
             export.clone().run(shutdown)
         });
     }
-    // The server stops when `shutdown` completes, or when the broker finds it cannot do what
-    // the configuration asks (the error is then `run`'s answer; the spool keeps what waits).
-    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel();
+    // The server stops when `shutdown` completes, when the broker finds it cannot do what the
+    // configuration asks, or when the spool's writer panicked (the error is then `run`'s
+    // answer; the spool keeps what waits).
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<StartError>();
+    let spool = bridge.spool().clone();
     let broker = bridge.broker().clone();
     let (stop_servers, servers) = shutdown::channel();
     let shutdown = async move {
         tokio::select! {
             () = shutdown => {}
             e = broker.fatal() => {
-                let _ = fatal_tx.send(e);
+                let _ = fatal_tx.send(e.into());
+            }
+            e = spool.writer_lost() => {
+                let _ = fatal_tx.send(e.into());
             }
         }
         stop_servers.trigger();
@@ -288,7 +293,7 @@ pub async fn run_with(
     bridge.spool().close().await;
     bridge.broker().close().await;
     match fatal_rx.try_recv() {
-        Ok(e) => Err(e.into()),
+        Ok(e) => Err(e),
         Err(_) => Ok(()),
     }
 }

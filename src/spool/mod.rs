@@ -72,6 +72,10 @@ pub enum SpoolError {
     /// The writer thread has stopped (shutdown).
     #[error("the spool writer has stopped")]
     Closed,
+    /// The writer thread panicked (a bug): nothing can be made durable any more, so the bridge
+    /// stops with this error and its orchestrator starts it again.
+    #[error("the spool writer panicked ({0}): no event can be made durable any more")]
+    WriterPanicked(String),
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> SpoolError {
@@ -149,7 +153,7 @@ struct Shared {
     /// When readiness last asked the writer to probe a refusing disk.
     probed_at: Mutex<Option<std::time::Instant>>,
     /// The writer thread panicked (with its message): the spool takes nothing any more.
-    writer_stopped: Mutex<Option<String>>,
+    writer_stopped: tokio::sync::watch::Sender<Option<String>>,
     /// Held for the life of the spool: one process per directory.
     _lock: File,
 }
@@ -162,10 +166,7 @@ impl Shared {
 
     /// Notes that the writer thread panicked.
     fn set_writer_stopped(&self, panic: String) {
-        *self
-            .writer_stopped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(panic);
+        self.writer_stopped.send_replace(Some(panic));
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -244,7 +245,7 @@ impl Spool {
                 stalled: std::sync::atomic::AtomicBool::new(false),
                 refused: Mutex::new(None),
                 probed_at: Mutex::new(None),
-                writer_stopped: Mutex::new(None),
+                writer_stopped: tokio::sync::watch::Sender::new(None),
                 _lock: lock,
             });
             shared.update_gauges(&shared.state());
@@ -390,14 +391,25 @@ impl Spool {
             && self.disk_bytes() + self.shared.room_min <= self.shared.max_bytes
     }
 
-    /// The writer thread's panic message, when it panicked: the spool takes no more events
-    /// until the bridge is restarted (`/readyz` says so).
+    /// The writer thread's panic message, when it panicked: the spool takes no more events,
+    /// `/readyz` says so, and the bridge stops ([`Spool::writer_lost`]).
     pub(crate) fn writer_stopped(&self) -> Option<String> {
-        self.shared
-            .writer_stopped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.writer_stopped.borrow().clone()
+    }
+
+    /// Resolves once the writer thread panicked, with the error the bridge stops with; pending
+    /// for ever otherwise.
+    pub(crate) async fn writer_lost(&self) -> SpoolError {
+        let mut stopped = self.shared.writer_stopped.subscribe();
+        // The spool itself gone (only at the very end) is nothing to report.
+        let panic = match stopped.wait_for(Option::is_some).await {
+            Ok(panic) => panic.clone(),
+            Err(_) => None,
+        };
+        match panic {
+            Some(panic) => SpoolError::WriterPanicked(panic),
+            None => std::future::pending().await,
+        }
     }
 
     /// Makes the writer thread panic, and waits until it has (tests of what a bug there does).

@@ -319,10 +319,25 @@ async fn damage_found_while_draining_skips_only_that_record() {
 #[tokio::test]
 async fn a_writer_that_panicked_is_said_and_refuses_every_append() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = open(&settings(dir.path())).await;
+    let spool = Arc::new(open(&settings(dir.path())).await);
     spool.append(&records(0..2)).await.unwrap();
     assert_eq!(spool.writer_stopped(), None);
+    // What the bridge stops on (`crate::run`).
+    let lost = tokio::spawn({
+        let spool = spool.clone();
+        async move { spool.writer_lost().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(!lost.is_finished());
     spool.panic_writer().await;
+    let e = tokio::time::timeout(std::time::Duration::from_secs(1), lost)
+        .await
+        .expect("the bridge is told at once")
+        .unwrap();
+    assert!(
+        matches!(&e, SpoolError::WriterPanicked(p) if p == "a test asked the spool writer to panic"),
+        "{e}"
+    );
     assert_eq!(
         spool.writer_stopped().as_deref(),
         Some("a test asked the spool writer to panic")

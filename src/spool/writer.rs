@@ -68,8 +68,9 @@ pub(super) fn start(
         .name("spool-writer".into())
         .spawn(move || {
             // A panic here is a bug, and the thread cannot be started again over a state it
-            // left half-way: it is said once and readiness turns red for good (the appends
-            // waiting and every later one fail as `Closed`).
+            // left half-way: it is said once, the appends waiting and every later one fail as
+            // `Closed`, readiness turns red, and the bridge stops with an error so that its
+            // orchestrator starts it again (what was committed is read back at start).
             let run = std::panic::AssertUnwindSafe(|| w.run(rx));
             if let Err(panic) = std::panic::catch_unwind(run) {
                 let why = panic
@@ -77,7 +78,7 @@ pub(super) fn start(
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                tracing::error!(panic = %why, "the spool writer panicked; the spool takes no more events: restart the bridge");
+                tracing::error!(panic = %why, "the spool writer panicked; the spool takes no more events: the bridge stops");
                 if let Some(shared) = watched.upgrade() {
                     shared.set_writer_stopped(why);
                 }
