@@ -96,7 +96,7 @@ impl BrokerStatus {
             ),
             Self::Connecting => format!(
                 "the bridge's connection to {who} is still coming up (was it just started?): the \
-                 spooled events are published once it is up; ask again in a few seconds"
+                 spooled events are published once it is up, a few seconds after a start"
             ),
             Self::JetStreamOff(_) => format!(
                 "{who} is up but JetStream is off{words}: start nats-server with -js (or enable \
@@ -230,7 +230,10 @@ mod tests {
         says(
             BrokerStatus::Connecting,
             BrokerKind::Nats,
-            &["NATS at nats://u:***@h:4222 is still coming up", "again"],
+            &[
+                "NATS at nats://u:***@h:4222 is still coming up",
+                "a few seconds",
+            ],
         );
         says(
             BrokerStatus::JetStreamOff("no responders".into()),

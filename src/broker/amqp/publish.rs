@@ -223,7 +223,9 @@ impl ChannelPublisher {
         // A collector that panicked is said here; the session sees it ended (`is_open`) and
         // replaces the channel.
         let collector = tokio::spawn(async move {
-            if let Err(e) = collecting.await {
+            if let Err(e) = collecting.await
+                && e.is_panic()
+            {
                 tracing::error!(error = %e, "a RabbitMQ channel's confirm collector panicked; the channel is replaced");
             }
         });
