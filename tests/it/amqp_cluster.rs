@@ -11,6 +11,10 @@
 //! behaviour that failover meets: a channel that first publishes to a quorum queue during its
 //! election is nacked for good (why the bridge replaces a channel nacked before any ack).
 //!
+//! The last runs one node with a small `max_message_size`: RabbitMQ closes the channel of a
+//! message over it, failing every publish in flight on that channel with the same error; only
+//! that message may be `too_large`.
+//!
 //! Runs alone (see `.config/nextest.toml`): three RabbitMQ nodes and a bridge under load need
 //! the whole 2-core machine. Prints `FIGURE ...`: `cargo nextest run --test amqp_cluster
 //! --no-capture`.
@@ -531,4 +535,61 @@ async fn a_channel_first_publishing_while_the_quorum_leader_is_down_is_nacked_fo
         "ack",
         "a channel opened after"
     );
+}
+
+/// One webhook whose third event is over the node's `max_message_size`, the others small, all
+/// sent in order on one channel: RabbitMQ closes the channel at the large one, and every
+/// publish in flight on it fails with "message size N is larger than configured max size".
+/// Only the large one is too large: the small ones beside it are tried again on a new channel
+/// and published, none is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_message_over_the_max_size_is_too_large_not_those_beside_it() {
+    let Some(cluster) = RabbitCluster::start_nodes_with(1, "max_message_size = 2048\n").await
+    else {
+        eprintln!("skipped: this machine cannot start private RabbitMQ nodes");
+        return;
+    };
+    let mut s = settings_for(BrokerKind::Amqp);
+    s.broker.amqp.url = SecretUrl::new(cluster.url(0));
+    let app = TestApp::spawn_ready(s.clone()).await;
+    let small = |i: usize| {
+        format!(
+            r#"{{"name":"client_event","channel":"private-a","event":"client-{i}","data":"{{}}","socket_id":"1.{i}"}}"#
+        )
+    };
+    let large = format!(
+        r#"{{"name":"client_event","channel":"private-a","event":"client-large","data":"{}","socket_id":"1.9"}}"#,
+        "x".repeat(4000)
+    );
+    let events = [small(1), small(2), large, small(3), small(4), small(5)];
+    let events: Vec<&str> = events.iter().map(String::as_str).collect();
+    let answer = app
+        .post_signed(&webhook_body(pusher_bridge::broker::now_ms(), &events))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // An event RabbitMQ stored before the channel closed, whose confirm was lost with it, is
+    // published again (RabbitMQ has no duplicate window): the copies share their message id.
+    let stored = messages_in(&cluster.url(0), &s.broker.amqp.queue).await;
+    let mut names: HashMap<String, String> = HashMap::new();
+    for (id, body) in &stored {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let name = v["event"].as_str().unwrap_or_default().to_string();
+        let first = names.entry(id.clone()).or_insert_with(|| name.clone());
+        assert_eq!(*first, name, "one message id, one event");
+    }
+    let mut names: Vec<String> = names.into_values().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["client-1", "client-2", "client-3", "client-4", "client-5"],
+        "every small event is published ({})",
+        answer.body
+    );
+    let dead = messages_in(&cluster.url(0), &s.broker.amqp.dlq_queue).await;
+    assert!(
+        dead.iter().all(|(_, body)| body.len() > 2048),
+        "no small event is dead-lettered: {} letters",
+        dead.len()
+    );
+    app.stop().await;
 }

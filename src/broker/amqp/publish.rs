@@ -71,6 +71,8 @@ struct Settled {
     msg_id: String,
     /// The exchange it was published to (to tell its own channel error from another's).
     exchange: String,
+    /// Its body's size in bytes (the same, for a message RabbitMQ found too large).
+    size: usize,
     reply: oneshot::Sender<Result<(), PublishError>>,
     answer: Answer,
     /// The returned message lapin attached to this confirm: its `message_id` and reply text.
@@ -351,6 +353,7 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
     in_flight.push(Box::pin(async move {
         let Request { out, reply } = req;
         let exchange = out.exchange.to_string();
+        let size = out.body.len();
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -389,6 +392,7 @@ fn start(channel: &Channel, in_flight: &mut InFlight, req: Request, cap: usize) 
         Settled {
             msg_id: out.msg_id,
             exchange,
+            size,
             reply,
             answer,
             carried,
@@ -425,7 +429,7 @@ async fn settle(
         for s in undecided.drain(..) {
             let returned = returns.take(&s.msg_id);
             let was_returned = returned.is_some();
-            let verdict = decide(&s.answer, &s.exchange, returned);
+            let verdict = decide(&s.answer, &s.exchange, s.size, returned);
             let _ = s.reply.send(health.judge(&s.answer, was_returned, verdict));
         }
         if fresh.is_empty() {
@@ -491,11 +495,16 @@ impl ReturnBook {
     }
 }
 
-/// The verdict of one publish to `exchange` from the broker's answer and its own return (if
-/// any).
-fn decide(answer: &Answer, exchange: &str, returned: Option<String>) -> Result<(), PublishError> {
+/// The verdict of one publish of `size` bytes to `exchange` from the broker's answer and its
+/// own return (if any).
+fn decide(
+    answer: &Answer,
+    exchange: &str,
+    size: usize,
+    returned: Option<String>,
+) -> Result<(), PublishError> {
     match (answer, returned) {
-        (Answer::Failed(e), _) => Err(classify(e, exchange)),
+        (Answer::Failed(e), _) => Err(classify(e, exchange, size)),
         (_, Some(detail)) => Err(PublishError::Refused {
             reason: DlqReason::Unroutable,
             detail: format!("returned by the broker: {detail}"),
@@ -508,17 +517,19 @@ fn decide(answer: &Answer, exchange: &str, returned: Option<String>) -> Result<(
     }
 }
 
-/// Maps a lapin error of a publish to `exchange` to retry (unavailable) or give up (refused).
-/// Channel-level errors are the broker's answer about a message (the exchange is missing,
-/// access is refused, the message is too large); everything else is the connection. A channel
-/// error closes the channel for every publish in flight on it, so an error that names another
-/// exchange was caused by another publish: this one is retried (on a reopened channel).
-pub(crate) fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
+/// Maps a lapin error of a publish of `size` bytes to `exchange` to retry (unavailable) or give
+/// up (refused). Channel-level errors are the broker's answer about a message (the exchange is
+/// missing, access is refused, the message is too large); everything else is the connection. A
+/// channel error closes the channel for every publish in flight on it, so an error that names
+/// another exchange, or another message size, was caused by another publish: this one is
+/// retried (on a reopened channel).
+pub(crate) fn classify(e: &lapin::Error, exchange: &str, size: usize) -> PublishError {
     let detail = e.to_string();
     let ErrorKind::ProtocolError(amqp) = e.kind() else {
         return PublishError::Unavailable(detail);
     };
-    if names_other_exchange(amqp.get_message().as_str(), exchange) {
+    let text = amqp.get_message().as_str();
+    if names_other_exchange(text, exchange) || names_other_size(text, size) {
         return PublishError::Unavailable(format!(
             "the channel was closed by another publish: {detail}"
         ));
@@ -550,6 +561,19 @@ pub(crate) fn classify(e: &lapin::Error, exchange: &str) -> PublishError {
     }
 }
 
+/// Whether RabbitMQ's error text (`PRECONDITION_FAILED - message size 200 is larger than
+/// configured max size 100`; the size is the body's) is about a message of another size.
+fn names_other_size(text: &str, size: usize) -> bool {
+    let Some(at) = text.find("message size ") else {
+        return false;
+    };
+    let digits = text[at + "message size ".len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or("");
+    digits.parse::<usize>().is_ok_and(|named| named != size)
+}
+
 /// Whether RabbitMQ's error text (`NOT_FOUND - no exchange 'x' in vhost '/'`) is about an
 /// exchange other than `exchange`.
 fn names_other_exchange(text: &str, exchange: &str) -> bool {
@@ -577,6 +601,7 @@ mod tests {
         Settled {
             msg_id: id.into(),
             exchange: "x".into(),
+            size: 0,
             reply: oneshot::channel().0,
             answer: Answer::Ack,
             carried: carried.map(|c| (c.to_string(), "312 NO_ROUTE".to_string())),
@@ -585,7 +610,7 @@ mod tests {
 
     #[test]
     fn a_nack_before_any_ack_retires_the_channel_and_while_settling_is_no_refusal() {
-        let nacked = || decide(&Answer::Nack, "x", None);
+        let nacked = || decide(&Answer::Nack, "x", 0, None);
         let is_nacked = |r: &Result<(), PublishError>| {
             matches!(
                 r,
@@ -626,7 +651,7 @@ mod tests {
         let r = returned.judge(
             &Answer::Nack,
             true,
-            decide(&Answer::Nack, "x", Some("312 NO_ROUTE".into())),
+            decide(&Answer::Nack, "x", 0, Some("312 NO_ROUTE".into())),
         );
         assert!(matches!(
             r,
@@ -670,12 +695,12 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert!(decide(&Answer::Ack, "x", None).is_ok());
-        match decide(&Answer::Nack, "x", None) {
+        assert!(decide(&Answer::Ack, "x", 0, None).is_ok());
+        match decide(&Answer::Nack, "x", 0, None) {
             Err(PublishError::Refused { reason, .. }) => assert_eq!(reason, DlqReason::Nacked),
             other => panic!("{other:?}"),
         }
-        match decide(&Answer::Ack, "x", Some("312 NO_ROUTE".into())) {
+        match decide(&Answer::Ack, "x", 0, Some("312 NO_ROUTE".into())) {
             Err(PublishError::Refused { reason, detail }) => {
                 assert_eq!(reason, DlqReason::Unroutable);
                 assert!(detail.contains("NO_ROUTE"), "{detail}");
@@ -685,7 +710,7 @@ mod tests {
         let closed: lapin::Error =
             ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
         assert!(
-            decide(&Answer::Failed(closed), "x", None)
+            decide(&Answer::Failed(closed), "x", 0, None)
                 .unwrap_err()
                 .is_transient()
         );
@@ -693,7 +718,7 @@ mod tests {
 
     #[test]
     fn classify_channel_errors_as_refusals_and_the_rest_as_unavailable() {
-        let reason = |e: &lapin::Error| match classify(e, "x") {
+        let reason = |e: &lapin::Error| match classify(e, "x", 200) {
             PublishError::Refused { reason, .. } => Some(reason),
             PublishError::Unavailable(_) => None,
         };
@@ -718,6 +743,14 @@ mod tests {
                 "PRECONDITION_FAILED - message size 200 is larger than configured max size 100"
             )),
             Some(DlqReason::TooLarge)
+        );
+        // Another, larger message closed the shared channel: this one (200 bytes) is retried.
+        assert_eq!(
+            reason(&protocol(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - message size 5000 is larger than configured max size 100"
+            )),
+            None
         );
         assert_eq!(
             reason(&protocol(

@@ -58,6 +58,12 @@ impl RabbitCluster {
 
     /// Starts `n` nodes (the second and later join the first).
     pub async fn start_nodes(n: usize) -> Option<Self> {
+        Self::start_nodes_with(n, "").await
+    }
+
+    /// Starts `n` nodes with `conf` added to each node's `rabbitmq.conf` (lines of
+    /// `key = value`).
+    pub async fn start_nodes_with(n: usize, conf: &str) -> Option<Self> {
         let is_root = Command::new("id")
             .arg("-u")
             .output()
@@ -84,7 +90,7 @@ impl RabbitCluster {
             std::fs::create_dir_all(&n.dir).unwrap();
             std::fs::write(
                 n.dir.join("rabbitmq.conf"),
-                format!("listeners.tcp.local = 127.0.0.1:{}\n", n.port),
+                format!("listeners.tcp.local = 127.0.0.1:{}\n{conf}", n.port),
             )
             .unwrap();
             std::fs::write(n.dir.join("env.conf"), "ERL_EPMD_ADDRESS=127.0.0.1\n").unwrap();
