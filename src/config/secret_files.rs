@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::url_auth::{Reading, split_user_info};
+use super::url_auth::{Reading, authority_start, split_user_info};
 use super::{ConfigError, Secret, SecretUrl, Settings, invalid};
 
 /// The value of the secret file `path` (for the key `key`), one trailing newline trimmed.
@@ -79,7 +79,7 @@ fn with_password(urls: &SecretUrl, password: &str) -> Result<SecretUrl, ConfigEr
         .map(str::trim)
         .filter(|u| !u.is_empty())
     {
-        if !url.contains("://") {
+        if authority_start(url).is_none() {
             return Err(invalid(KEY, "broker.amqp.url has no scheme (amqp://)"));
         }
         let Some((scheme, user, rest)) = split_user_info(url, Reading::Client) else {
@@ -216,6 +216,16 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(e.contains("must name the user"), "{url}: {e}");
+        }
+        // A `://` that follows no scheme is no scheme.
+        for url in ["h/%2f", "u:a://b@h/%2f"] {
+            let e = Settings::from_toml(&format!(
+                "[broker.amqp]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+                toml_path(&f)
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("has no scheme"), "{url}: {e}");
         }
     }
 

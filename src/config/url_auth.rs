@@ -20,25 +20,25 @@ pub(crate) enum Reading {
     Mask,
 }
 
+/// Where the authority of `url` starts: after `scheme://`, where a `://` counts only after a
+/// scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`; white space before it
+/// allowed): in `u:a://b@h` or `u:p@h/?r=http://x` it is part of the password or the path.
+pub(crate) fn authority_start(url: &str) -> Option<usize> {
+    let at = url.find("://")?;
+    let head = url[..at].trim_start();
+    let scheme = head.starts_with(|c: char| c.is_ascii_alphabetic())
+        && head
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    scheme.then_some(at + 3)
+}
+
 /// One server URL (one entry of a comma-separated list) split around its user info: what
 /// comes before it, the user info, and the rest from its `@` on. `None` without user info (and,
 /// read as a client, without a scheme or with empty user info).
 pub(crate) fn split_user_info(url: &str, reading: Reading) -> Option<(&str, &str, &str)> {
     let greedy = matches!(reading, Reading::Mask);
-    // A `://` counts only after a scheme (RFC 3986: a letter, then letters, digits, `+`, `-`,
-    // `.`): in `u:a://b@h` or `u:p@h/?r=http://x` it is part of the password or the path.
-    let scheme = |head: &str| {
-        let head = head.trim_start();
-        head.starts_with(|c: char| c.is_ascii_alphabetic())
-            && head
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-    };
-    let start = url
-        .find("://")
-        .filter(|&i| scheme(&url[..i]))
-        .map(|i| i + 3)
-        .or(greedy.then_some(0))?;
+    let start = authority_start(url).or(greedy.then_some(0))?;
     let ends: &[char] = if greedy { &[] } else { &['/', '?', '#'] };
     let rest = &url[start..];
     let at = start + rest[..rest.find(ends).unwrap_or(rest.len())].rfind('@')?;
