@@ -18,6 +18,8 @@
 pub mod amqp;
 mod format;
 mod held;
+#[cfg(test)]
+mod list_store;
 pub mod nats;
 mod purge;
 mod record;

@@ -251,7 +251,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::broker::BoxError;
+    use crate::dlq::list_store::ListStore;
 
     const NOW: u64 = 1_700_000_000_000;
     const DAY_MS: u64 = 86_400_000;
@@ -362,67 +362,6 @@ mod tests {
             purge_line(12, true),
             "would remove 12 dead letters (dry run)"
         );
-    }
-
-    /// A store over a list of letters: removed ones leave it, kept ones stay in order; `fail_at`
-    /// makes `next` fail at that position.
-    struct ListStore {
-        letters: Vec<DeadLetterRecord>,
-        next: usize,
-        kept: Vec<u64>,
-        removed: Vec<u64>,
-        fail_at: Option<u64>,
-        closed: bool,
-    }
-
-    impl ListStore {
-        fn new(letters: Vec<DeadLetterRecord>) -> Self {
-            Self {
-                letters,
-                next: 0,
-                kept: Vec::new(),
-                removed: Vec::new(),
-                fail_at: None,
-                closed: false,
-            }
-        }
-    }
-
-    impl LetterStore for &mut ListStore {
-        type Handle = u64;
-        const KIND: &'static str = "list";
-
-        fn count(&self) -> u64 {
-            self.letters.len() as u64
-        }
-
-        async fn next(&mut self) -> Result<Option<(DeadLetterRecord, u64)>, DlqError> {
-            let Some(r) = self.letters.get(self.next).cloned() else {
-                return Ok(None);
-            };
-            if self.fail_at == Some(r.position) {
-                return Err(DlqError::Operation {
-                    what: "read".into(),
-                    source: None,
-                });
-            }
-            self.next += 1;
-            let position = r.position;
-            Ok(Some((r, position)))
-        }
-
-        async fn remove(&mut self, position: u64) -> Result<(), BoxError> {
-            self.removed.push(position);
-            Ok(())
-        }
-
-        fn keep(&mut self, position: u64) {
-            self.kept.push(position);
-        }
-
-        async fn close(self) {
-            self.closed = true;
-        }
     }
 
     fn six() -> Vec<DeadLetterRecord> {

@@ -313,63 +313,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::broker::BoxError;
     use crate::broker::fake::{FakeBroker, refused, timeout};
+    use crate::dlq::list_store::ListStore;
     use crate::message::DlqReason;
-
-    /// Letters in a list, walked in order; what was removed and kept is written down.
-    #[derive(Default)]
-    struct ListStore {
-        letters: Vec<DeadLetterRecord>,
-        read: usize,
-        removed: Vec<u64>,
-        kept: Vec<u64>,
-        /// Positions whose removal fails.
-        remove_fails: HashSet<u64>,
-        /// Positions this store cannot take back (its `blocker`).
-        blocked: HashSet<u64>,
-        closed: bool,
-    }
-
-    impl LetterStore for &mut ListStore {
-        type Handle = u64;
-        const KIND: &'static str = "list";
-
-        fn count(&self) -> u64 {
-            self.letters.len() as u64
-        }
-
-        async fn next(&mut self) -> Result<Option<(DeadLetterRecord, u64)>, DlqError> {
-            let Some(r) = self.letters.get(self.read).cloned() else {
-                return Ok(None);
-            };
-            self.read += 1;
-            let position = r.position;
-            Ok(Some((r, position)))
-        }
-
-        fn blocker(&self, r: &DeadLetterRecord) -> Option<&'static str> {
-            self.blocked
-                .contains(&r.position)
-                .then_some("this store cannot take it back")
-        }
-
-        async fn remove(&mut self, position: u64) -> Result<(), BoxError> {
-            if self.remove_fails.contains(&position) {
-                return Err("the store went away".into());
-            }
-            self.removed.push(position);
-            Ok(())
-        }
-
-        fn keep(&mut self, position: u64) {
-            self.kept.push(position);
-        }
-
-        async fn close(self) {
-            self.closed = true;
-        }
-    }
 
     /// A letter at `position` of an event to `subject` (empty: a letter with no subject).
     fn letter(position: u64, subject: &str, reason: &str) -> DeadLetterRecord {
