@@ -332,6 +332,15 @@ mod tests {
         )
     }
 
+    /// A store of letters 1..=`n`, each of an event to `s<position>`.
+    fn numbered(n: u64) -> ListStore {
+        ListStore::new(
+            (1..=n)
+                .map(|i| letter(i, &format!("s{i}"), "no_stream"))
+                .collect(),
+        )
+    }
+
     fn deliverer() -> Deliverer {
         Deliverer::new(
             Arc::new(Broker::Fake(Box::default())),
@@ -422,12 +431,7 @@ mod tests {
     async fn an_unavailable_broker_stops_the_replay_and_keeps_every_letter_it_did_not_take() {
         // More letters than a window: the outage is in the first one.
         let n = REPLAY_WINDOW as u64 + 6;
-        let mut store = ListStore {
-            letters: (1..=n)
-                .map(|i| letter(i, &format!("s{i}"), "no_stream"))
-                .collect(),
-            ..ListStore::default()
-        };
+        let mut store = numbered(n);
         let d = deliverer();
         fake(&d).script("s3", vec![refused(DlqReason::TooLarge)]);
         fake(&d).go_down_at("s4");
@@ -474,12 +478,7 @@ mod tests {
     #[tokio::test]
     async fn a_letter_not_taken_while_the_broker_stays_up_is_left_and_the_replay_goes_on() {
         let n = REPLAY_WINDOW as u64 + 6;
-        let mut store = ListStore {
-            letters: (1..=n)
-                .map(|i| letter(i, &format!("s{i}"), "no_stream"))
-                .collect(),
-            ..ListStore::default()
-        };
+        let mut store = numbered(n);
         let d = deliverer();
         fake(&d).script("s4", vec![timeout()]);
         let summary = replay(&mut store, &d).await;
