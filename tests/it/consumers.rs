@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use crate::common::otlp::Receiver;
 use crate::common::{
-    APP_ID, APP_KEY, APP_SECRET, Stored, TestApp, amqp_channel, cleanup, jetstream_ctx, nats_url,
-    read_events, settings_for, sign, webhook_body,
+    APP_ID, APP_KEY, APP_SECRET, Stored, TestApp, amqp_channel, cleanup, delete_queue,
+    jetstream_ctx, nats_url, read_events, settings_for, sign, webhook_body,
 };
 use pusher_bridge::config::{BrokerKind, SecretUrl, Settings};
 
@@ -363,11 +363,7 @@ async fn amqp_example(program: PathBuf, script: &str) {
         "the redelivered copies were dropped"
     );
     assert_bounded_queue(&queue).await;
-    let (conn, ch) = amqp_channel().await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
-    let _ = conn.close(200, "done".into()).await;
+    delete_queue(&queue).await;
     app.stop().await;
     cleanup(BrokerKind::Amqp, &s).await;
 }
@@ -500,11 +496,7 @@ async fn the_example_continues_the_trace(
     }
     assert_eq!(own.len(), 3, "one span per event: {lines:?}");
     if kind == BrokerKind::Amqp {
-        let (conn, ch) = amqp_channel().await;
-        let _ = ch
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-        let _ = conn.close(200, "done".into()).await;
+        delete_queue(&queue).await;
     }
     app.stop().await;
     cleanup(kind, &s).await;
@@ -761,11 +753,7 @@ async fn cloudevents_read_by_the_sdk(kind: BrokerKind, plain_first: bool) {
         BrokerKind::Nats => assert_inactive_threshold(&s, "ce-reader").await,
         BrokerKind::Amqp => {
             assert_bounded_queue(&queue).await;
-            let (conn, ch) = amqp_channel().await;
-            let _ = ch
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
-            let _ = conn.close(200, "done".into()).await;
+            delete_queue(&queue).await;
         }
     }
     app.stop().await;

@@ -141,6 +141,13 @@ pub(super) async fn stored(queue: &str, min: usize) -> Vec<Stored> {
         .collect()
 }
 
+/// Deletes a queue a test (or its consumer) declared.
+pub async fn delete_queue(queue: &str) {
+    let (conn, ch) = amqp_channel().await;
+    let _ = ch.queue_delete(queue.into(), Default::default()).await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
 /// Deletes the test's exchanges and queues (each on its own channel: deleting something that
 /// does not exist may close the channel).
 pub async fn amqp_delete(settings: &Settings) {

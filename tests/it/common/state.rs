@@ -129,9 +129,6 @@ pub async fn cleanup_state(kind: BrokerKind, settings: &Settings) {
         .delete_stream(format!("KV_{}", settings.state.bucket))
         .await;
     if kind == BrokerKind::Amqp {
-        let (conn, ch) = super::amqp_channel().await;
-        let q = pusher_bridge::state::applier::amqp::queue_name(settings);
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        let _ = conn.close(200, "done".into()).await;
+        super::delete_queue(&pusher_bridge::state::applier::amqp::queue_name(settings)).await;
     }
 }
