@@ -448,10 +448,7 @@ async fn the_bridge_recovers_when_the_server_closes_its_connection() {
         .await;
     assert_eq!(after.status, 200, "{}", after.body);
     let stored = read_events(BrokerKind::Amqp, &settings, 2).await;
-    let mut channels: Vec<_> = stored
-        .iter()
-        .map(|m| m.body["channel"].as_str().unwrap().to_string())
-        .collect();
+    let mut channels: Vec<_> = stored.iter().map(Stored::channel).collect();
     channels.sort();
     assert_eq!(channels, ["after", "before"]);
     app.stop().await;
@@ -664,10 +661,7 @@ async fn a_node_list_connects_to_the_first_that_answers_and_fails_over_in_turn()
     assert_eq!(app.metric("pusher_bridge_broker_up").await, 1.0);
 
     let stored = read_events(BrokerKind::Amqp, &settings, 2).await;
-    let mut channels: Vec<_> = stored
-        .iter()
-        .map(|m| m.body["channel"].as_str().unwrap().to_string())
-        .collect();
+    let mut channels: Vec<_> = stored.iter().map(Stored::channel).collect();
     channels.sort();
     assert_eq!(channels, ["on-b", "on-c"]);
     println!("FIGURE amqp-failover (relays): up on the next node {failover:.2?} after the loss");

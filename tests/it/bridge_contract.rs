@@ -31,10 +31,7 @@ async fn a_large_batch_is_stored_in_webhook_order(kind: BrokerKind) {
     let answer = app.post_signed(&webhook_body(7, &refs)).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let stored = read_events(kind, &settings, events.len()).await;
-    let channels: Vec<String> = stored
-        .iter()
-        .map(|m| m.body["channel"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let channels: Vec<&str> = stored.iter().map(Stored::channel).collect();
     let want: Vec<String> = (0..100).map(|i| format!("c-{i}")).collect();
     assert_eq!(channels, want);
     app.stop().await;

@@ -320,6 +320,11 @@ impl Stored {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// The event's channel, from its body (empty when it has none).
+    pub fn channel(&self) -> &str {
+        self.body["channel"].as_str().unwrap_or_default()
+    }
 }
 
 /// Every message of `stream`, in order (waits up to 2 s for at least `min` of them).
