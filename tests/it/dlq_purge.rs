@@ -136,22 +136,7 @@ async fn ids_left(s: &Settings) -> Vec<String> {
 fn tool_env(s: &Settings) -> Env {
     let mut env = process::broker_env(s);
     if s.broker.kind == BrokerKind::Amqp {
-        let a = &s.broker.amqp;
-        let queue_type = match a.queue_type {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        };
-        for (key, value) in [
-            ("KIND", "amqp"),
-            ("AMQP__URL", a.url.expose()),
-            ("AMQP__EXCHANGE", &a.exchange),
-            ("AMQP__QUEUE", &a.queue),
-            ("AMQP__DLQ_EXCHANGE", &a.dlq_exchange),
-            ("AMQP__DLQ_QUEUE", &a.dlq_queue),
-            ("AMQP__QUEUE_TYPE", queue_type),
-        ] {
-            env.push((format!("PUSHER_BRIDGE_BROKER__{key}"), value.to_string()));
-        }
+        env.extend(process::amqp_env(s));
     }
     env
 }

@@ -114,9 +114,13 @@ pub fn broker_env(s: &Settings) -> Env {
 }
 
 /// The environment that points the binary at `s`'s RabbitMQ: `broker.kind = "amqp"`, its
-/// URL, exchanges, queues and connection name.
+/// URL, exchanges, queues (and their type) and connection name.
 pub fn amqp_env(s: &Settings) -> Env {
     let a = &s.broker.amqp;
+    let queue_type = match a.queue_type {
+        pusher_bridge::config::QueueType::Classic => "classic",
+        pusher_bridge::config::QueueType::Quorum => "quorum",
+    };
     [
         ("KIND", "amqp"),
         ("AMQP__URL", a.url.expose()),
@@ -125,6 +129,7 @@ pub fn amqp_env(s: &Settings) -> Env {
         ("AMQP__DLQ_EXCHANGE", &a.dlq_exchange),
         ("AMQP__DLQ_QUEUE", &a.dlq_queue),
         ("AMQP__CONNECTION_NAME", &a.connection_name),
+        ("AMQP__QUEUE_TYPE", queue_type),
     ]
     .into_iter()
     .map(|(k, v)| (format!("PUSHER_BRIDGE_BROKER__{k}"), v.to_string()))
