@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pusher_bridge::broker::{Broker, DeadLetter, DlqReason, Message, now_ms};
-use pusher_bridge::config::{BrokerKind, QueueType, Settings};
+use pusher_bridge::config::{BrokerKind, Settings};
 use pusher_bridge::dlq;
 use pusher_bridge::metrics::Metrics;
 use pusher_bridge::routing;
