@@ -179,11 +179,23 @@ pub async fn run_with(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let Extras { admin, reloads } = extras;
     if settings.apps.is_empty() {
         tracing::warn!("no [[apps]] configured: every webhook will be refused with 401");
     }
     let bridge = build(settings).await?;
+    serve(bridge, listener, extras, shutdown).await
+}
+
+/// Serves a built `bridge` on `listener` (and the admin listener of `extras`) with its
+/// background tasks until `shutdown` completes, the broker finds it cannot do what the
+/// configuration asks, or the spool's writer panicked (then that error is the answer).
+async fn serve(
+    bridge: Arc<Bridge>,
+    listener: TcpListener,
+    extras: Extras,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let Extras { admin, reloads } = extras;
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         listen = %local(&listener),
@@ -332,4 +344,52 @@ async fn start_state(
         )
     });
     Ok(Some(api))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spool writer that panicked cannot make an event durable again: the bridge stops with
+    /// that error (the binary exits 1 with it), instead of a process that lives on without
+    /// a spool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_writer_that_panicked_stops_the_bridge_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\
+             [retention.events]\nenabled = false\n[retention.dlq]\nenabled = false\n\
+             [spool]\ndir = {:?}\n",
+            dir.path().display().to_string()
+        );
+        let settings = Arc::new(Settings::from_toml(&toml).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let spool = Arc::new(
+            Spool::open(&settings.spool, 1024, metrics.clone())
+                .await
+                .unwrap(),
+        );
+        let broker = Arc::new(Broker::Fake(Box::default()));
+        let bridge = Arc::new(Bridge::new(settings, broker, metrics, spool));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = tokio::spawn(serve(
+            bridge.clone(),
+            listener,
+            Extras::default(),
+            std::future::pending(),
+        ));
+        bridge.spool().panic_writer().await;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), served)
+            .await
+            .expect("the bridge stopped")
+            .unwrap();
+        assert!(
+            matches!(
+                &answer,
+                Err(StartError::Spool(SpoolError::WriterPanicked(p)))
+                    if p == "a test asked the spool writer to panic"
+            ),
+            "{answer:?}"
+        );
+    }
 }
