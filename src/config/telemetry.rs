@@ -44,7 +44,7 @@ impl TracingSettings {
 
     /// [`TracingSettings::traces_url`] and what set it: the key, or the variable's name. The
     /// environment counts only while it does not turn OpenTelemetry off
-    /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`) or name gRPC.
+    /// (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`).
     pub fn traces_url_from(&self) -> Option<(String, &'static str)> {
         let base = |b: &str| format!("{}/v1/traces", b.trim_end_matches('/'));
         if let Some(e) = &self.otlp_endpoint {
@@ -56,11 +56,7 @@ impl TracingSettings {
                 .filter(|v: &String| !v.trim().is_empty())
         };
         let off = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"))
-            || OTLP_PROTOCOL_ENVS
-                .iter()
-                .find_map(|k| env(k))
-                .is_some_and(|p| p.trim().eq_ignore_ascii_case("grpc"));
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
         if off {
             return None;
         }
@@ -68,6 +64,17 @@ impl TracingSettings {
             .map(|u| (u, OTLP_TRACES_ENDPOINT_ENV))
             .or_else(|| env(OTLP_ENDPOINT_ENV).map(|b| (base(&b), OTLP_ENDPOINT_ENV)))
     }
+}
+
+/// Why the environment's endpoint cannot be used by the exporter for its protocol: it names
+/// gRPC (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` first, as the SDKs read them). The key
+/// `tracing.otlp_endpoint` is always OTLP/HTTP.
+pub(crate) fn env_protocol_unusable() -> Option<&'static str> {
+    OTLP_PROTOCOL_ENVS
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+        .filter(|p| p.trim().eq_ignore_ascii_case("grpc"))
+        .map(|_| "the protocol is grpc: the exporter speaks OTLP/HTTP (http/json) only")
 }
 
 impl Default for TracingSettings {

@@ -48,7 +48,13 @@ impl Tracer {
         let Some((url, from)) = settings.tracing.traces_url_from() else {
             return (Self::off(), None);
         };
-        if let Err(why) = crate::config::usable_traces_url(&url) {
+        let from_env = from != "tracing.otlp_endpoint";
+        let unusable = crate::config::usable_traces_url(&url).err().or_else(|| {
+            from_env
+                .then(crate::config::env_protocol_unusable)
+                .flatten()
+        });
+        if let Some(why) = unusable {
             // Only the environment gets here (the key is refused when the config loads).
             tracing::warn!(variable = from, why, "tracing stays off");
             return (Self::off(), None);

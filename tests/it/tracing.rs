@@ -283,6 +283,18 @@ async fn the_opentelemetry_environment_is_honoured_and_never_stops_the_bridge() 
         "{}",
         bridge.stdout()
     );
+    // A gRPC protocol is an endpoint the exporter cannot talk to either: said, not silent.
+    let mut grpc = settings_env(&s);
+    grpc.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()));
+    grpc.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()));
+    let mut bridge = BridgeProcess::start(&["serve"], grpc);
+    bridge.wait_ready().await;
+    assert_eq!(bridge.terminate().await, Some(0));
+    let out = bridge.stdout();
+    assert!(
+        out.contains("tracing stays off") && out.contains("grpc"),
+        "{out}"
+    );
     env.push((
         "PUSHER_BRIDGE_TRACING__OTLP_ENDPOINT".into(),
         "https://api.vendor.example".into(),
