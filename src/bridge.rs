@@ -539,6 +539,37 @@ mod tests {
         assert_eq!(rig.bridge.readiness(), Ok(()));
     }
 
+    /// The `/readyz` answers in the words of the README's operations table.
+    #[tokio::test]
+    async fn readiness_says_why_in_the_words_operators_read() {
+        // Less room than the rig's smallest webhook (1,024 bytes): the spool takes none.
+        let rig = Rig::with_spool("max_bytes = 1000\n").await;
+        assert_eq!(
+            rig.bridge.readiness(),
+            Ok(()),
+            "the broker takes the events"
+        );
+        rig.fake().set_up(false);
+        let why = rig.bridge.readiness().unwrap_err();
+        assert!(
+            why.starts_with("no spool room, and the broker is not up: "),
+            "{why}"
+        );
+        rig.fake().set_up(true);
+        rig.bridge.spool().set_stalled(true);
+        assert_eq!(
+            rig.bridge.readiness(),
+            Err("the spool is not draining although the broker is up".into())
+        );
+        rig.bridge.spool().set_stalled(false);
+        // The broker's own loops count as much as the drainer.
+        rig.bridge.task_health().set("nats_topology", true);
+        assert_eq!(
+            rig.bridge.readiness(),
+            Err("background task(s) stopped and restarting: nats_topology".into())
+        );
+    }
+
     #[tokio::test]
     async fn readiness_is_red_for_good_once_the_spool_writer_panicked() {
         let rig = Rig::new().await;
