@@ -406,6 +406,10 @@ async fn the_command_line_lists_as_table_and_json_and_exits_by_what_is_left() {
     let (code, _, err) = run_cli(cfg.path(), &["dlq", "list"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("does not exist"), "{err}");
+    // The same for a replay: an error before anything was replayed is 1, not 2.
+    let (code, out, err) = run_cli(cfg.path(), &["dlq", "replay"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("does not exist"), "{err}");
     b.close().await;
 }
 
