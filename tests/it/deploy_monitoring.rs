@@ -10,7 +10,7 @@ use crate::common::deploy::{
     exported_family, exported_samples, metric_names, promtool, read, repo, s, seq, yaml,
 };
 use crate::common::process::{BridgeProcess, post_signed, run, settings_env};
-use crate::common::{delete_streams, jetstream_ctx, nats_settings};
+use crate::common::{TestApp, cleanup, delete_streams, jetstream_ctx, nats_settings};
 use serde_yaml::Value;
 
 const DASHBOARD: &str = "deploy/grafana/dashboards/pusher-bridge.json";
@@ -596,4 +596,36 @@ async fn metrics_pass_the_standard_parsers_in_both_formats() {
         }
         _ => println!("NOTICE: prometheus_client not installed in tests/sdk/venv: not parsed"),
     }
+}
+
+/// `/metrics` says which format it answers in, as interface.md names them: the Prometheus text
+/// format by default, OpenMetrics for a scraper whose `Accept` asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_name_their_format_in_the_content_type() {
+    let s = nats_settings();
+    let app = TestApp::spawn(s.clone()).await;
+    let text = app.get("/metrics").await;
+    assert_eq!(text.status, 200);
+    assert_eq!(
+        text.content_type.as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let om = app
+        .request(
+            hyper::Request::get(format!("http://{}/metrics", app.addr))
+                .header(
+                    "Accept",
+                    "application/openmetrics-text;version=1.0.0,*/*;q=0.1",
+                )
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        om.content_type.as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(om.body.trim_end().ends_with("# EOF"), "{}", om.body);
+    app.stop().await;
+    cleanup(pusher_bridge::config::BrokerKind::Nats, &s).await;
 }

@@ -108,6 +108,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// Body text.
     pub body: String,
+    /// The `Content-Type` header, when there is one.
+    pub content_type: Option<String>,
 }
 
 impl TestApp {
@@ -189,10 +191,16 @@ impl TestApp {
             .expect("request timed out")
             .expect("request failed");
         let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Answer {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
+            content_type,
         }
     }
 
