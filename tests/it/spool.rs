@@ -446,6 +446,10 @@ async fn a_full_spool_answers_503_and_everything_accepted_arrives_later() {
             503 => {
                 refused = true;
                 assert!(a.body.contains("spool is full"), "{}", a.body);
+                // Why the broker did not take them, as a spooled 200 says it.
+                let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+                assert_eq!(v["broker"], "unreachable", "{}", a.body);
+                assert!(v["broker_error"].is_string(), "{}", a.body);
                 break;
             }
             s => panic!("{s}: {}", a.body),
