@@ -116,6 +116,22 @@ async fn the_trace_continues_into_every_message(kind: BrokerKind) {
     for b in receiver.bodies.lock().unwrap().iter() {
         assert!(!b.contains(APP_SECRET) && !b.contains("u-1"), "{b}");
     }
+    // The export is counted once the collector answered; nothing was dropped, and the
+    // drop series exists at 0.
+    let mut exported = 0.0;
+    for _ in 0..100 {
+        exported = app.metric("pusher_bridge_trace_spans_exported_total").await;
+        if exported >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(exported >= 3.0, "{exported}");
+    let text = app.get("/metrics").await.body;
+    assert!(
+        text.contains(r#"pusher_bridge_trace_spans_dropped_total{reason="queue_full"} 0"#),
+        "{text}"
+    );
     app.stop().await;
     cleanup(kind, &s).await;
 }
