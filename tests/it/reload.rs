@@ -81,6 +81,11 @@ async fn sighup_applies_apps_and_level_under_load_and_keeps_the_running_config_o
     let failed = r#"pusher_bridge_config_reloads_total{outcome="failure"}"#;
     assert_eq!(wait_metric(port, ok, 0.0).await, 0.0);
     assert_eq!(
+        wait_metric(port, failed, 0.0).await,
+        0.0,
+        "exists from start-up"
+    );
+    assert_eq!(
         wait_metric(port, "pusher_bridge_config_last_reload_successful", 1.0).await,
         1.0
     );
