@@ -47,8 +47,8 @@ pub use secret::{Secret, SecretUrl};
 pub use server::{AppSettings, ServerSettings};
 pub use spool::SpoolSettings;
 pub use state::StateSettings;
-pub(crate) use telemetry::env_protocol_unusable;
 pub use telemetry::{OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, TracingSettings};
+pub(crate) use telemetry::{OTLP_ENDPOINT_KEY, env_protocol_unusable};
 pub(crate) use url_auth::redact_url;
 pub(crate) use validate::usable_traces_url;
 

@@ -24,6 +24,10 @@ pub struct TracingSettings {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`: the OTLP base URL (spans go to `<it>/v1/traces`), honoured
 /// when `tracing.otlp_endpoint` is unset, as every OpenTelemetry SDK does.
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The key of the endpoint, as [`TracingSettings::traces_url_from`] names it: the one source
+/// that is checked when the configuration loads (the environment's is checked where tracing
+/// starts).
+pub(crate) const OTLP_ENDPOINT_KEY: &str = "tracing.otlp_endpoint";
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the full traces URL, used as it is.
 pub const OTLP_TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
@@ -48,7 +52,7 @@ impl TracingSettings {
     pub fn traces_url_from(&self) -> Option<(String, &'static str)> {
         let base = |b: &str| format!("{}/v1/traces", b.trim_end_matches('/'));
         if let Some(e) = &self.otlp_endpoint {
-            return Some((base(e.expose()), "tracing.otlp_endpoint"));
+            return Some((base(e.expose()), OTLP_ENDPOINT_KEY));
         }
         let env = |k| {
             std::env::var(k)

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use super::{BrokerKind, ConfigError, RetentionMethod, Settings, invalid, servers};
+use super::{
+    BrokerKind, ConfigError, OTLP_ENDPOINT_KEY, RetentionMethod, Settings, invalid, servers,
+};
 use crate::message::is_subject_token;
 
 impl Settings {
@@ -48,8 +50,8 @@ impl Settings {
         // The key is checked here; a URL from the environment (set for every container of a
         // namespace, perhaps) is checked where tracing starts, which then warns and stays off
         // rather than keep the bridge from starting.
-        if let Some((url, "tracing.otlp_endpoint")) = t.traces_url_from() {
-            usable_traces_url(&url).map_err(|why| invalid("tracing.otlp_endpoint", why))?;
+        if let Some((url, OTLP_ENDPOINT_KEY)) = t.traces_url_from() {
+            usable_traces_url(&url).map_err(|why| invalid(OTLP_ENDPOINT_KEY, why))?;
         }
         let mut keys = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {

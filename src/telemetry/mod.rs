@@ -48,7 +48,7 @@ impl Tracer {
         let Some((url, from)) = settings.tracing.traces_url_from() else {
             return (Self::off(), None);
         };
-        let from_env = from != "tracing.otlp_endpoint";
+        let from_env = from != crate::config::OTLP_ENDPOINT_KEY;
         let unusable = crate::config::usable_traces_url(&url).err().or_else(|| {
             from_env
                 .then(crate::config::env_protocol_unusable)
