@@ -174,12 +174,7 @@ async fn out_of_order_webhooks_converge_and_the_api_answers_as_pusher() {
 
     // 12 events (the duplicate webhook dropped by JetStream); whatever the order of applying,
     // at least 6 writes are needed, the rest were stale.
-    let applied = app
-        .metric("pusher_bridge_state_updates_total{outcome=\"applied\"}")
-        .await;
-    let stale = app
-        .metric("pusher_bridge_state_updates_total{outcome=\"stale\"}")
-        .await;
+    let (applied, stale) = updates(&app).await;
     assert!(
         applied >= 6.0 && applied + stale >= 12.0,
         "{applied} {stale}"
@@ -292,12 +287,8 @@ async fn two_replicas_writing_one_channel_at_once_lose_nothing() {
     // from the same durable consumers), none failed.
     let mut processed = 0.0;
     for app in [&a, &b] {
-        processed += app
-            .metric("pusher_bridge_state_updates_total{outcome=\"applied\"}")
-            .await;
-        processed += app
-            .metric("pusher_bridge_state_updates_total{outcome=\"stale\"}")
-            .await;
+        let (applied, stale) = updates(app).await;
+        processed += applied + stale;
         assert_eq!(
             app.metric("pusher_bridge_state_updates_total{outcome=\"failed\"}")
                 .await,
@@ -883,12 +874,7 @@ async fn a_spooled_member_removed_is_not_swept_before_a_late_older_member_added(
     // Four events in all: wait until the late one is applied or found stale.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let applied = app
-            .metric("pusher_bridge_state_updates_total{outcome=\"applied\"}")
-            .await;
-        let stale = app
-            .metric("pusher_bridge_state_updates_total{outcome=\"stale\"}")
-            .await;
+        let (applied, stale) = updates(&app).await;
         if applied + stale >= 4.0 {
             break;
         }
@@ -911,4 +897,13 @@ async fn a_spooled_member_removed_is_not_swept_before_a_late_older_member_added(
     assert_eq!(members[0].record.at.time_ms, removed_at as i64);
     app.stop().await;
     cleanup_state(BrokerKind::Nats, &s).await;
+}
+
+/// `pusher_bridge_state_updates_total` for `applied` and for `stale`.
+async fn updates(app: &TestApp) -> (f64, f64) {
+    let of = |outcome| format!("pusher_bridge_state_updates_total{{outcome=\"{outcome}\"}}");
+    (
+        app.metric(&of("applied")).await,
+        app.metric(&of("stale")).await,
+    )
 }
