@@ -28,6 +28,15 @@ fn hup(bridge: &BridgeProcess) {
 }
 
 /// The value of the metric line starting with `series` (waits up to 5 s for `want`).
+/// `pusher-bridge serve` against `s`'s broker with the configuration file `file`, ready.
+async fn serve_with(s: &pusher_bridge::Settings, file: &std::path::Path) -> BridgeProcess {
+    let mut env = broker_env(s);
+    env.push(("PUSHER_BRIDGE_CONFIG".into(), file.display().to_string()));
+    let mut bridge = BridgeProcess::start(&["serve"], env);
+    bridge.wait_ready().await;
+    bridge
+}
+
 async fn wait_metric(port: u16, series: &str, want: f64) -> f64 {
     let mut last = f64::NAN;
     for _ in 0..250 {
@@ -72,10 +81,7 @@ async fn sighup_applies_apps_and_level_under_load_and_keeps_the_running_config_o
         format!("{}[log]\nlevel = \"info\"\n", app(APP, "k1", "s1")),
     )
     .expect("config");
-    let mut env = broker_env(&s);
-    env.push(("PUSHER_BRIDGE_CONFIG".into(), file.display().to_string()));
-    let mut bridge = BridgeProcess::start(&["serve"], env);
-    bridge.wait_ready().await;
+    let mut bridge = serve_with(&s, &file).await;
     let port = bridge.port;
     let ok = r#"pusher_bridge_config_reloads_total{outcome="success"}"#;
     let failed = r#"pusher_bridge_config_reloads_total{outcome="failure"}"#;
@@ -235,10 +241,7 @@ async fn sighup_reads_the_secret_files_again() {
         ),
     )
     .expect("config");
-    let mut env = broker_env(&s);
-    env.push(("PUSHER_BRIDGE_CONFIG".into(), file.display().to_string()));
-    let mut bridge = BridgeProcess::start(&["serve"], env);
-    bridge.wait_ready().await;
+    let mut bridge = serve_with(&s, &file).await;
     let port = bridge.port;
     assert_eq!(status(port, "k1", "first-secret", "before").await, 200);
 
