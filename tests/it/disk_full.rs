@@ -101,7 +101,13 @@ async fn readiness_is_503_while_the_disk_refuses_the_spool_and_200_once_it_has_r
         "{}",
         ready.body
     );
-    assert!(ready.body.contains("refuses writes"), "{}", ready.body);
+    assert!(
+        ready.body.contains("the spool's disk refuses writes (")
+            && ready.body.contains("No space left on device")
+            && ready.body.contains("), and the broker is not up: "),
+        "{}",
+        ready.body
+    );
 
     // Room again: readiness finds out by itself (a load balancer sends no webhook meanwhile).
     std::fs::remove_file(&filler).expect("filler removed");
